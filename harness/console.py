@@ -1,0 +1,234 @@
+"""Serial consoles of a lab machine, driven with pexpect.
+
+QEMU serves each serial port on a unix socket and writes its own transcript of it
+(``logfile=``), so the log survives whatever happens to the harness.  A reader thread
+drains the socket all the time (the guest never stalls on a full socket, and the
+transcript stays complete), and :meth:`SerialConsole.expect` searches what arrived with a
+deadline per step and failure patterns (``Kernel panic``, ``FATAL:``) that end the wait
+at once.  :meth:`SerialConsole.abort` ends any wait from outside, e.g. on a QMP
+``GUEST_PANICKED`` event.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pexpect
+from pexpect.spawnbase import SpawnBase
+
+from harness.errors import ConsoleError, ConsoleTimeout
+
+LOG = logging.getLogger(__name__)
+
+#: Patterns that end a wait on the root console as a failure.
+ROOT_FAILURES = (r"Kernel panic - not syncing[^\r\n]*", r"jhlab: boot failed[^\r\n]*")
+#: Patterns that end a wait on the hypervisor / cell console as a failure.
+CELL_FAILURES = (r"FATAL:[^\r\n]*",)
+#: Default deadline of one console wait (seconds).
+EXPECT_TIMEOUT = 30.0
+
+
+class ConsoleFailure(ConsoleError):
+    """A failure pattern appeared on the console.
+
+    :param line: the matching text
+    :param tail: the last console lines
+    """
+
+    def __init__(self, console: str, line: str, tail: str) -> None:
+        self.console = console
+        self.line = line
+        self.tail = tail
+        super().__init__(f"{console}: {line.strip()}\n--- last console lines ---\n{tail}")
+
+
+class _StreamSpawn(SpawnBase):  # type: ignore[misc]
+    """pexpect over the bytes the reader thread collects (no file descriptor of its own)."""
+
+    def __init__(self, console: SerialConsole) -> None:
+        super().__init__(timeout=EXPECT_TIMEOUT, maxread=65536, encoding="utf-8",
+                         codec_errors="replace")
+        self._console = console
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> str:
+        if timeout == -1:
+            timeout = self.timeout
+        data = self._console._take(size, timeout)
+        text = self._utf8.decode(data)
+        self._log(text, "read")
+        return text
+
+    def send(self, s: str | bytes) -> int:
+        data = s.encode() if isinstance(s, str) else s
+        self._console._write(data)
+        return len(data)
+
+    def sendline(self, s: str = "") -> int:
+        return self.send(s + "\r")
+
+
+class SerialConsole:
+    """One serial port of a lab machine.
+
+    Lifecycle: ``connect()`` (right after QEMU starts, before the guest runs) → waits and
+    sends → ``close()`` (idempotent).
+
+    :param name: shown in errors, e.g. ``"serial0 (root console)"``
+    :param socket_path: QEMU's chardev socket
+    :param transcript: QEMU's log file of this port
+    :param failures: regular expressions that end any wait as a failure
+    """
+
+    def __init__(self, name: str, socket_path: Path, transcript: Path,
+                 failures: Sequence[str] = ()) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.transcript = transcript
+        self.failures = tuple(failures)
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._buffer = bytearray()
+        self._cond = threading.Condition()
+        self._eof = False
+        self._aborted: BaseException | None = None
+        self._spawn = _StreamSpawn(self)
+        self.received = 0
+
+    def __repr__(self) -> str:
+        return f"SerialConsole({self.name!r}, {'open' if self._sock else 'closed'})"
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect to QEMU's socket and start draining it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.socket_path))
+                break
+            except OSError as exc:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise ConsoleError(f"{self.name}: cannot connect to {self.socket_path}: "
+                                       f"{exc.strerror}") from exc
+                time.sleep(0.05)
+        self._sock = sock
+        self._reader = threading.Thread(target=self._drain, name=f"{self.name}-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        sock = self._sock
+        assert sock is not None  # set before the thread starts
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            with self._cond:
+                if not data:
+                    self._eof = True
+                    self._cond.notify_all()
+                    return
+                self._buffer += data
+                self.received += len(data)
+                self._cond.notify_all()
+
+    def _take(self, size: int, timeout: float | None) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._buffer:
+                if self._aborted is not None:
+                    raise self._aborted
+                if self._eof:
+                    raise pexpect.EOF(f"{self.name}: QEMU closed the serial port")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise pexpect.TIMEOUT(f"{self.name}: nothing new")
+                self._cond.wait(remaining)
+            data = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            return data
+
+    def _write(self, data: bytes) -> None:
+        if self._sock is None:
+            raise ConsoleError(f"{self.name}: not connected")
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise ConsoleError(f"{self.name}: write failed: {exc.strerror}") from exc
+
+    def abort(self, error: BaseException) -> None:
+        """Make the current and every later wait raise ``error`` (e.g. guest panicked)."""
+        with self._cond:
+            self._aborted = error
+            self._cond.notify_all()
+
+    def expect(self, patterns: str | Sequence[str], timeout: float = EXPECT_TIMEOUT,
+               *, failures: Sequence[str] | None = None) -> re.Match[str]:
+        """Wait until one of ``patterns`` (regular expressions) appears.
+
+        :param failures: patterns that end the wait as a failure (default: the console's)
+        :return: the match; ``match.re.pattern`` tells which pattern matched
+        :raise ConsoleTimeout: when none appears within ``timeout`` seconds
+        :raise ConsoleFailure: when a failure pattern appears first
+        :raise ConsoleError: when QEMU closed the port
+        """
+        wanted = [patterns] if isinstance(patterns, str) else list(patterns)
+        bad = list(self.failures if failures is None else failures)
+        try:
+            index = self._spawn.expect([re.compile(p) for p in wanted + bad], timeout=timeout)
+        except pexpect.TIMEOUT:
+            raise ConsoleTimeout(self.name, " | ".join(wanted), timeout, self.tail()) from None
+        except pexpect.EOF:
+            raise ConsoleError(f"{self.name}: QEMU closed the port while waiting for "
+                               f"{' | '.join(wanted)!r}\n--- last console lines ---\n"
+                               f"{self.tail()}") from None
+        match = self._spawn.match
+        if index >= len(wanted):
+            raise ConsoleFailure(self.name, match.group(0), self.tail())
+        return match  # type: ignore[no-any-return]
+
+    def send(self, text: str) -> None:
+        """Type ``text`` (no newline)."""
+        self._spawn.send(text)
+
+    def sendline(self, text: str = "") -> None:
+        """Type ``text`` and Enter."""
+        self._spawn.sendline(text)
+
+    def discard(self) -> None:
+        """Forget everything received so far (waits then see only new output)."""
+        with self._cond:
+            self._buffer.clear()
+        self._spawn.buffer = ""
+        self._spawn.before = ""
+
+    def tail(self, lines: int = 25) -> str:
+        """The last ``lines`` lines of the transcript."""
+        try:
+            data = self.transcript.read_bytes()[-16384:]
+        except OSError:
+            return "(no transcript)"
+        text = data.decode("utf-8", "replace").replace("\r", "")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        """Disconnect (idempotent); the transcript stays."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError as exc:
+                LOG.debug("%s: shutdown: %s", self.name, exc)
+            sock.close()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None

@@ -1,0 +1,428 @@
+"""Images of the lab: the root-cell kernel, its initramfs and root file system.
+
+Everything is built from the recipes in ``images/`` and Debian's packages (through the
+machine's configured apt sources; no mirror is named here) into a cache directory keyed
+by content hash, so an unchanged recipe is never built twice and two builds racing for
+the same artefact wait for each other (a lock file per artefact) instead of colliding.
+
+Cache layout (``$JHLAB_CACHE``, else ``$XDG_CACHE_HOME/jhlab``, else ``~/.cache/jhlab``)::
+
+    images/kernel-<package>_<version>/     vmlinuz, config, lib/modules/<release>/
+    images/rootfs-<hash>.img               ext4, label jhlab-root, mounted read-only
+    images/initramfs-<hash>.cpio.gz        busybox, storage modules, stage-1 init
+    locks/<artefact>.lock
+    accel.json                             accelerator probe results
+
+The per-boot guest payload (the hvmodel package, guest tools, the lab's SSH key) is a
+second, tiny cpio archive appended to the initramfs at launch, so changing the model's
+code never forces an image rebuild.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import ImageError, MissingToolError
+from harness.progress import Step, step
+
+LOG = logging.getLogger(__name__)
+
+#: Bump when the build procedure changes in a way the hashed inputs do not show.
+RECIPE_VERSION = "1"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES = REPO_ROOT / "images"
+KERNEL_META_PACKAGE = "linux-image-amd64"
+DEBIAN_SUITE = "bookworm"
+#: Busybox for the initramfs: the host's static build (package busybox-static).
+HOST_BUSYBOX = Path("/bin/busybox")
+
+TOOLS = {
+    "apt-get": "apt",
+    "apt-cache": "apt",
+    "dpkg-deb": "dpkg",
+    "mmdebstrap": "mmdebstrap",
+    "depmod": "kmod",
+    "mkfs.ext4": "e2fsprogs",
+    "cpio": "cpio",
+}
+
+
+def cache_dir() -> Path:
+    """The cache directory of built artefacts (created on demand)."""
+    if env := os.environ.get("JHLAB_CACHE"):
+        base = Path(env)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        base = Path(xdg) / "jhlab"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def require_tool(tool: str, purpose: str = "to build images") -> str:
+    """Return the path of ``tool`` or raise :class:`MissingToolError` naming its package."""
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    if path is None:
+        raise MissingToolError(tool, TOOLS.get(tool, tool), purpose)
+    return path
+
+
+def run_tool(cmd: Sequence[str], *, cwd: Path | None = None, what: str = "") -> str:
+    """Run a build command; on failure raise :class:`ImageError` with its output."""
+    exe = require_tool(cmd[0])
+    LOG.debug("running %s", " ".join(cmd))
+    proc = subprocess.run(
+        [exe, *cmd[1:]], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise ImageError(
+            f"{what or cmd[0]} failed (exit status {proc.returncode}): "
+            f"{' '.join(cmd)}\n{tail}"
+        )
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock on artefact ``name`` (waits for a concurrent builder)."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _hash_files(digest: hashlib._Hash, paths: Iterable[Path], root: Path) -> None:
+    for path in sorted(paths):
+        rel = path.relative_to(root).as_posix()
+        digest.update(f"{rel}\0{path.stat().st_mode & 0o777:o}\0".encode())
+        digest.update(path.read_bytes())
+
+
+def _recipe_lines(path: Path) -> list[str]:
+    """Non-empty, non-comment lines of a recipe list."""
+    lines = []
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """An extracted Debian kernel package."""
+
+    package: str
+    version: str
+    root: Path
+
+    @property
+    def release(self) -> str:
+        """``uname -r`` of this kernel, e.g. ``6.1.0-56-amd64``."""
+        return self.package.removeprefix("linux-image-")
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "vmlinuz"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def modules(self) -> Path:
+        return self.root / "lib" / "modules" / self.release
+
+    @property
+    def ident(self) -> str:
+        return f"{self.package}_{self.version}"
+
+    def module_closure(self, names: Iterable[str]) -> list[str]:
+        """Module files (relative to :attr:`modules`) for ``names`` and everything they
+        need, in an order that can be loaded front to back.  Built-in modules are
+        skipped; an unknown name raises :class:`ImageError`."""
+        deps: dict[str, list[str]] = {}
+        for line in (self.modules / "modules.dep").read_text().splitlines():
+            module, _, needs = line.partition(":")
+            deps[module] = needs.split()
+        by_name = {_module_name(m): m for m in deps}
+        builtin = {
+            _module_name(line.strip())
+            for line in (self.modules / "modules.builtin").read_text().splitlines()
+        }
+        order: list[str] = []
+
+        def visit(module: str) -> None:
+            if module in order:
+                return
+            for dep in deps[module]:
+                visit(dep)
+            order.append(module)
+
+        for name in names:
+            key = name.replace("-", "_")
+            if key in by_name:
+                visit(by_name[key])
+            elif key not in builtin:
+                raise ImageError(f"kernel {self.release} has no module {name!r}")
+        return order
+
+
+def _module_name(path: str) -> str:
+    return path.rsplit("/", 1)[-1].split(".ko", 1)[0].replace("-", "_")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Everything a lab machine boots."""
+
+    kernel: Kernel
+    initramfs: Path
+    rootfs: Path
+
+
+class ImageBuilder:
+    """Builds (or finds in the cache) the kernel, initramfs and root file system.
+
+    :param quiet: log progress only, print nothing
+    """
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.dir = cache_dir() / "images"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def build(self) -> ImageSet:
+        """Return the image set, building whatever is missing."""
+        kernel = self.kernel()
+        return ImageSet(kernel=kernel, initramfs=self.initramfs(kernel), rootfs=self.rootfs(kernel))
+
+    # -- kernel ---------------------------------------------------------------------
+
+    def resolve_kernel_package(self) -> tuple[str, str]:
+        """The concrete kernel package behind ``linux-image-amd64`` and its version."""
+        out = run_tool(
+            ["apt-cache", "depends", "--important", KERNEL_META_PACKAGE],
+            what="looking up the kernel package",
+        )
+        packages = [
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.strip().startswith("Depends:") and "linux-image-" in line
+        ]
+        if not packages:
+            raise ImageError(
+                f"apt knows no {KERNEL_META_PACKAGE}: run 'apt-get update' (scripts/setup does)"
+            )
+        package = packages[0]
+        policy = run_tool(["apt-cache", "policy", package], what="looking up the kernel version")
+        for line in policy.splitlines():
+            if line.strip().startswith("Candidate:"):
+                version = line.split(":", 1)[1].strip()
+                if version and version != "(none)":
+                    return package, version
+        raise ImageError(f"apt has no installable version of {package}: run 'apt-get update'")
+
+    def kernel(self) -> Kernel:
+        """The extracted kernel package (downloaded once, never installed on the host)."""
+        package, version = self.resolve_kernel_package()
+        kernel = Kernel(package, version, self.dir / f"kernel-{package}_{version}")
+        with cache_lock(kernel.root.name):
+            if (kernel.root / "vmlinuz").exists():
+                return kernel
+            with step(f"Fetching kernel {package} {version}", quiet=self.quiet) as st:
+                self._extract_kernel(kernel, st)
+        return kernel
+
+    def _extract_kernel(self, kernel: Kernel, st: Step) -> None:
+        with tempfile.TemporaryDirectory(dir=self.dir, prefix="tmp-kernel-") as tmp:
+            work = Path(tmp)
+            st.note("apt-get download")
+            run_tool(["apt-get", "download", f"{kernel.package}={kernel.version}"], cwd=work,
+                     what="downloading the kernel package")
+            debs = list(work.glob("*.deb"))
+            if len(debs) != 1:
+                raise ImageError(f"expected one kernel package in {work}, found {debs}")
+            st.note("extracting")
+            tree = work / "tree"
+            run_tool(["dpkg-deb", "-x", str(debs[0]), str(tree)], what="extracting the kernel")
+            staged = work / "kernel"
+            (staged / "lib" / "modules").mkdir(parents=True)
+            release = kernel.release
+            shutil.copy2(tree / "boot" / f"vmlinuz-{release}", staged / "vmlinuz")
+            shutil.copy2(tree / "boot" / f"config-{release}", staged / "config")
+            shutil.move(tree / "lib" / "modules" / release, staged / "lib" / "modules" / release)
+            st.note("depmod")
+            run_tool(["depmod", "-b", str(staged), release], what="depmod")
+            staged.rename(kernel.root)
+            st.result = release
+
+    # -- root file system -------------------------------------------------------------
+
+    def rootfs_key(self, kernel: Kernel) -> str:
+        digest = hashlib.sha256(f"{RECIPE_VERSION}\0{kernel.ident}\0{DEBIAN_SUITE}\0".encode())
+        base = RECIPES / "rootfs"
+        files = [p for p in base.rglob("*") if p.is_file()]
+        _hash_files(digest, files, base)
+        return digest.hexdigest()[:16]
+
+    def rootfs(self, kernel: Kernel) -> Path:
+        """The root file system image (ext4, read-only in the guest)."""
+        image = self.dir / f"rootfs-{self.rootfs_key(kernel)}.img"
+        with cache_lock(image.name):
+            if image.exists():
+                return image
+            with step("Building root file system (mmdebstrap)", quiet=self.quiet) as st:
+                self._build_rootfs(kernel, image, st)
+        return image
+
+    def _build_rootfs(self, kernel: Kernel, image: Path, st: Step) -> None:
+        recipe = RECIPES / "rootfs"
+        packages = _recipe_lines(recipe / "packages.txt")
+        with tempfile.TemporaryDirectory(dir=self.dir, prefix="tmp-rootfs-") as tmp:
+            tree = Path(tmp) / "root"
+            st.note(f"mmdebstrap {DEBIAN_SUITE} ({len(packages)} packages)")
+            run_tool(
+                ["mmdebstrap", "--variant=minbase", "--quiet",
+                 f"--include={','.join(packages)}",
+                 "--dpkgopt=path-exclude=/usr/share/doc/*",
+                 "--dpkgopt=path-exclude=/usr/share/man/*",
+                 "--dpkgopt=path-exclude=/usr/share/locale/*",
+                 DEBIAN_SUITE, str(tree)],
+                what="mmdebstrap",
+            )
+            st.note("kernel modules")
+            self._install_modules(kernel, tree)
+            st.note("overlay")
+            shutil.copytree(recipe / "overlay", tree, dirs_exist_ok=True, symlinks=True)
+            (tree / "etc" / "machine-id").write_text("")
+            (tree / "opt" / "jhlab").mkdir(parents=True, exist_ok=True)
+            st.note("mkfs.ext4")
+            used = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
+            size_mb = int(used * 1.3 / 2**20) + 64
+            partial = image.with_suffix(".partial")
+            run_tool(
+                ["mkfs.ext4", "-q", "-F", "-L", "jhlab-root", "-d", str(tree),
+                 "-E", "root_owner=0:0", "-O", "^has_journal", str(partial), f"{size_mb}M"],
+                what="mkfs.ext4",
+            )
+            partial.rename(image)
+            st.result = f"{size_mb} MiB"
+
+    def _install_modules(self, kernel: Kernel, tree: Path) -> None:
+        wanted = _recipe_lines(RECIPES / "rootfs" / "modules.txt")
+        dest = tree / "lib" / "modules" / kernel.release
+        dest.mkdir(parents=True, exist_ok=True)
+        for module in kernel.module_closure(wanted):
+            target = dest / module
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(kernel.modules / module, target)
+        for meta in kernel.modules.glob("modules.builtin*"):
+            shutil.copy2(meta, dest / meta.name)
+        shutil.copy2(kernel.modules / "modules.order", dest / "modules.order")
+        run_tool(["depmod", "-b", str(tree), kernel.release], what="depmod (root file system)")
+        (tree / "boot").mkdir(exist_ok=True)
+        shutil.copy2(kernel.config, tree / "boot" / f"config-{kernel.release}")
+
+    # -- initramfs ----------------------------------------------------------------------
+
+    def initramfs_key(self, kernel: Kernel) -> str:
+        digest = hashlib.sha256(f"{RECIPE_VERSION}\0{kernel.ident}\0".encode())
+        base = RECIPES / "initramfs"
+        _hash_files(digest, [p for p in base.rglob("*") if p.is_file()], base)
+        digest.update(self._busybox().read_bytes())
+        return digest.hexdigest()[:16]
+
+    def _busybox(self) -> Path:
+        if not HOST_BUSYBOX.exists():
+            raise MissingToolError("busybox", "busybox-static", "for the initramfs")
+        return HOST_BUSYBOX
+
+    def initramfs(self, kernel: Kernel) -> Path:
+        """The stage-1 initramfs (gzip'd newc cpio, reproducible)."""
+        image = self.dir / f"initramfs-{self.initramfs_key(kernel)}.cpio.gz"
+        with cache_lock(image.name):
+            if image.exists():
+                return image
+            with step("Building initramfs", quiet=self.quiet) as st:
+                with tempfile.TemporaryDirectory(dir=self.dir, prefix="tmp-initramfs-") as tmp:
+                    tree = Path(tmp)
+                    for sub in ("bin", "etc", "proc", "sys", "dev", "lib/modules"):
+                        (tree / sub).mkdir(parents=True)
+                    shutil.copy2(self._busybox(), tree / "bin" / "busybox")
+                    shutil.copy2(RECIPES / "initramfs" / "init", tree / "init")
+                    wanted = _recipe_lines(RECIPES / "initramfs" / "modules.txt")
+                    order = []
+                    for module in kernel.module_closure(wanted):
+                        name = Path(module).name
+                        shutil.copy2(kernel.modules / module, tree / "lib" / "modules" / name)
+                        order.append(name)
+                    (tree / "etc" / "modules.load").write_text("\n".join(order) + "\n")
+                    write_cpio(tree, image)
+                    st.result = f"{image.stat().st_size // 1024} KiB"
+        return image
+
+
+def write_cpio(tree: Path, dest: Path) -> None:
+    """Pack ``tree`` as a gzip'd newc cpio archive: sorted, owned by root, no timestamps."""
+    names = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*"))
+    for name in names:
+        os.utime(tree / name, (0, 0), follow_symlinks=False)
+    proc = subprocess.run(
+        [require_tool("cpio"), "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"],
+        input=("\n".join(names) + "\n").encode(), cwd=tree, capture_output=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise ImageError(f"cpio failed: {proc.stderr.decode(errors='replace')}")
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, compresslevel=6) as packed:
+        packed.write(proc.stdout)
+    partial = dest.with_suffix(".partial")
+    partial.write_bytes(buffer.getvalue())
+    partial.rename(dest)
+
+
+def build_payload(dest: Path, *, authorized_key: str, extra: dict[str, bytes] | None = None) -> Path:
+    """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
+    and copied to ``/opt/jhlab`` in the root cell.
+
+    It holds the hypervisor model (``lib/harness/hvmodel``), the guest tools
+    (``bin/``, from ``images/guest/bin`` when present) and the lab's SSH public key.
+    """
+    with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
+        root = Path(tmp) / "jhlab"
+        lib = root / "lib" / "harness"
+        lib.mkdir(parents=True)
+        shutil.copy2(REPO_ROOT / "harness" / "__init__.py", lib / "__init__.py")
+        shutil.copytree(
+            REPO_ROOT / "harness" / "hvmodel", lib / "hvmodel",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        guest_bin = RECIPES / "guest" / "bin"
+        (root / "bin").mkdir()
+        if guest_bin.is_dir():
+            shutil.copytree(guest_bin, root / "bin", dirs_exist_ok=True)
+        (root / "authorized_keys").write_text(authorized_key.strip() + "\n")
+        for rel, data in (extra or {}).items():
+            target = root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        write_cpio(Path(tmp), dest)
+    return dest

@@ -1,0 +1,277 @@
+"""A lab: one object tying images, the machine, its consoles and root-cell shells.
+
+::
+
+    with Lab("default") as lab:          # builds/finds images, boots, waits for ready
+        print(lab.summary)
+        lab.run("lspci", check=True)
+        data = lab.qmp.read_phys(0x3a000000, 64)
+
+Lifecycle: ``up()`` → use → ``down()`` (idempotent; also on ``__exit__``).  A failed
+``up()`` leaves nothing running and says where the logs are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.console import SerialConsole
+from harness.errors import ConsoleError, JhlabError, MachineError
+from harness.images import ImageBuilder, ImageSet, build_payload, cache_dir
+from harness.labfile import LabSpec, load_lab
+from harness.machine import Machine, choose_accel
+from harness.progress import step
+from harness.qmp import QmpSession
+from harness.ssh import CommandResult, SerialShell, SshShell, generate_key
+
+LOG = logging.getLogger(__name__)
+
+READY = r"jhlab: root cell ready"
+
+
+def state_dir() -> Path:
+    """Where logs of lab runs are kept (``$XDG_STATE_HOME/jhlab``)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    path = Path(base) / "jhlab"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_log_dir(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = state_dir() / "logs" / f"{name}-{stamp}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class LabSummary:
+    """What ``jhlab up`` reports once the root cell is ready."""
+
+    name: str
+    accel: str
+    accel_reason: str
+    boot_seconds: float
+    kernel: str
+    cpu_features: tuple[str, ...]
+    iommu_groups: int
+    kvm_in_guest: bool
+    reserve: str
+    ssh_port: int
+    pid: int
+    log_dir: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def nested_virtualization(self) -> bool:
+        return bool({"vmx", "svm"} & set(self.cpu_features)) and self.kvm_in_guest
+
+
+class LabState(enum.Enum):
+    DOWN = "down"
+    BOOTING = "booting"
+    READY = "ready"
+
+
+class Lab:
+    """A lab machine with its root cell.
+
+    :param lab: built-in lab name, lab file path, or a parsed :class:`LabSpec`
+    :param accel: override the lab's accelerator choice (``auto``, ``kvm``, ``tcg``)
+    :param log_dir: where to keep logs (default: a new folder under the state dir)
+    :param ssh_port: host port for the root cell's sshd (default: a free one)
+    :param quiet: log progress only
+    """
+
+    def __init__(self, lab: str | Path | LabSpec = "default", *, accel: str | None = None,
+                 log_dir: Path | None = None, ssh_port: int | None = None,
+                 quiet: bool = False) -> None:
+        self.spec = lab if isinstance(lab, LabSpec) else load_lab(lab)
+        self.accel_request = accel or self.spec.accel
+        self.log_dir = log_dir
+        self.ssh_port = ssh_port
+        self.quiet = quiet
+        self.state = LabState.DOWN
+        self.images: ImageSet | None = None
+        self.machine: Machine | None = None
+        self.summary: LabSummary | None = None
+        self._ssh: SshShell | None = None
+        self._serial: SerialShell | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __repr__(self) -> str:
+        return f"Lab({self.spec.name!r}, {self.state.value})"
+
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # -- channels -------------------------------------------------------------------------
+
+    def _machine(self) -> Machine:
+        if self.machine is None or self.state is LabState.DOWN:
+            raise MachineError(f"{self!r}: the lab is not up")
+        return self.machine
+
+    @property
+    def qmp(self) -> QmpSession:
+        qmp = self._machine().qmp
+        assert qmp is not None  # connected by Machine.launch()
+        return qmp
+
+    @property
+    def console(self) -> SerialConsole:
+        """Serial 0: the root cell's console."""
+        console = self._machine().console
+        assert console is not None  # connected by Machine.launch()
+        return console
+
+    @property
+    def cell_console(self) -> SerialConsole:
+        """Serial 1: the cells' UART (0x2f8)."""
+        console = self._machine().cell_console
+        assert console is not None  # connected by Machine.launch()
+        return console
+
+    @property
+    def key_path(self) -> Path:
+        return cache_dir() / "labs" / self.spec.name / "id_rsa"
+
+    def run(self, command: str, *, timeout: float = 120.0, check: bool = False,
+            stdin: str | None = None) -> CommandResult:
+        """Run ``command`` in the root cell (SSH, or the root console if SSH is down)."""
+        machine = self._machine()
+        machine.check_alive()
+        if machine.panicked is not None:
+            raise MachineError(f"{self!r}: the guest panicked; logs in {machine.log_dir}")
+        if self._ssh is not None:
+            try:
+                return self._ssh.run(command, timeout=timeout, check=check, stdin=stdin)
+            except ConsoleError as exc:
+                machine.check_alive()
+                LOG.warning("ssh failed (%s); using the root console", exc)
+                self._ssh = None
+        if self._serial is None:
+            self._serial = SerialShell(self.console)
+        return self._serial.run(command, timeout=timeout, check=check, stdin=stdin)
+
+    @property
+    def ssh(self) -> SshShell:
+        if self._ssh is None:
+            raise ConsoleError(f"{self!r}: ssh is not connected")
+        return self._ssh
+
+    # -- up / down ------------------------------------------------------------------------
+
+    def up(self) -> LabSummary:
+        """Build or find images, boot the machine and wait until the root cell is ready."""
+        if self.state is LabState.READY and self.summary is not None:
+            return self.summary
+        self.state = LabState.BOOTING
+        try:
+            return self._up()
+        except BaseException:
+            self.down()
+            raise
+
+    def _up(self) -> LabSummary:
+        spec = self.spec
+        log_dir = self.log_dir or new_log_dir(spec.name)
+        self.log_dir = log_dir
+        self.images = ImageBuilder(quiet=self.quiet).build()
+        with step("Choosing accelerator", quiet=self.quiet) as st:
+            accel = choose_accel(self.accel_request, self.images, log_dir=log_dir)
+            st.result = f"{accel.accel} ({accel.reason})"
+        public_key = self._lab_key()
+        tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="jhlab-")))
+        payload = build_payload(tmp / "payload.cpio.gz", authorized_key=public_key)
+        self.machine = Machine(spec, self.images, accel, log_dir=log_dir, payload=payload,
+                               ssh_port=self.ssh_port)
+        with step(f"Booting lab {spec.name} ({accel.accel}, {spec.cpus} CPUs, "
+                  f"{spec.memory_mib} MiB)", quiet=self.quiet) as st:
+            self.machine.launch()
+            features, groups, kvm = self._wait_ready(st)
+            boot = time.monotonic() - self.machine.started_at
+            st.result = f"root cell ready after {boot:.1f} s"
+        self._ssh = SshShell(self.machine.ssh_port or 0, self.key_path)
+        try:
+            self._ssh.connect(timeout=60)
+        except ConsoleError as exc:
+            LOG.warning("%s; commands will use the root console", exc)
+            self._ssh = None
+        self.summary = LabSummary(
+            name=spec.name, accel=accel.accel, accel_reason=accel.reason, boot_seconds=boot,
+            kernel=self.images.kernel.release, cpu_features=features, iommu_groups=groups,
+            kvm_in_guest=kvm, reserve=str(spec.reserve) if spec.reserve else "none",
+            ssh_port=self.machine.ssh_port or 0, pid=self.machine.pid or 0,
+            log_dir=str(log_dir),
+        )
+        self.state = LabState.READY
+        return self.summary
+
+    def _wait_ready(self, st: Any) -> tuple[tuple[str, ...], int, bool]:
+        assert self.machine is not None and self.machine.console is not None  # launched
+        console = self.machine.console
+        deadline = time.monotonic() + self.spec.boot_timeout
+        found: dict[str, str] = {}
+        patterns = {
+            "features": r"jhlab: cpu features: ([^\r\n]*)\r?\n",
+            "groups": r"jhlab: iommu groups: (\d+)",
+            "kvm": r"jhlab: kvm: (yes|no)",
+            "ready": READY,
+        }
+        st.note("kernel booting")
+        while "ready" not in found:
+            remaining = deadline - time.monotonic()
+            try:
+                match = console.expect(list(patterns.values()), timeout=max(remaining, 0.1))
+            except ConsoleError:
+                self.machine.check_alive()
+                raise
+            for key, pattern in patterns.items():
+                if match.re.pattern == pattern:
+                    found[key] = match.group(1) if match.groups() else ""
+                    st.note({"features": "root cell up", "groups": "modules loaded"}.get(
+                        key, "almost ready"))
+        return (tuple(found.get("features", "").split()), int(found.get("groups", 0)),
+                found.get("kvm") == "yes")
+
+    def _lab_key(self) -> str:
+        key = self.key_path
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not key.exists() or not key.with_suffix(".pub").exists():
+            return generate_key(key)
+        return key.with_suffix(".pub").read_text().strip()
+
+    def down(self) -> None:
+        """Stop the machine (idempotent); logs stay in :attr:`log_dir`."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self._serial = None
+        if self.machine is not None:
+            self.machine.shutdown()
+        self._stack.close()
+        self.state = LabState.DOWN
+
+
+def describe_failure(exc: BaseException, lab: Lab) -> str:
+    """One paragraph for a user: what failed and where the logs are."""
+    text = str(exc) if isinstance(exc, JhlabError) else f"{type(exc).__name__}: {exc}"
+    if lab.log_dir is not None:
+        text += f"\nlogs: {lab.log_dir}"
+    return re.sub(r"\n{3,}", "\n\n", text)

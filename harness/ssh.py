@@ -1,0 +1,203 @@
+"""Commands in the root cell: over SSH (paramiko), or over the root console as fallback.
+
+Both shells return the same :class:`CommandResult` and raise :class:`CommandError` on a
+non-zero status when asked to check.  SSH uses the lab's own key pair (generated per lab
+run directory) and pins the root file system's host key recorded at image build time.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from harness.console import SerialConsole
+from harness.errors import CommandError, ConsoleError
+
+LOG = logging.getLogger(__name__)
+COMMANDS_LOG = logging.getLogger("jhlab.commands")
+
+#: Default deadline of one command (seconds).
+COMMAND_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command in the root cell did."""
+
+    command: str
+    status: int
+    stdout: str
+    stderr: str = ""
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def check(self) -> CommandResult:
+        """Raise :class:`CommandError` unless the status is 0; return self."""
+        if self.status != 0:
+            raise CommandError(self.command, self.status, self.output)
+        return self
+
+
+def _log_result(via: str, result: CommandResult) -> None:
+    # one record per command, so parallel runs do not interleave
+    COMMANDS_LOG.info("[%s] $ %s\n(status %d)\n%s", via, result.command, result.status,
+                      result.output.rstrip())
+
+
+def generate_key(path: Path) -> str:
+    """Create an RSA key pair at ``path`` (private, mode 0600) and ``path.pub``;
+    return the public key line."""
+    key = paramiko.RSAKey.generate(2048)
+    path.touch(mode=0o600)
+    key.write_private_key_file(str(path))
+    public = f"{key.get_name()} {key.get_base64()} jhlab"
+    path.with_suffix(".pub").write_text(public + "\n")
+    return public
+
+
+class SshShell:
+    """Run commands in the root cell over SSH.
+
+    :param port: the host port forwarded to the guest's port 22 (on 127.0.0.1)
+    :param key_path: the lab's private key
+    :param host_keys: known_hosts-style file with the guest's host keys, if recorded
+    """
+
+    def __init__(self, port: int, key_path: Path, host_keys: Path | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port
+        self.key_path = key_path
+        self.host_keys = host_keys
+        self._client: paramiko.SSHClient | None = None
+
+    def __repr__(self) -> str:
+        return f"SshShell({self.host}:{self.port}, {'open' if self._client else 'closed'})"
+
+    def connect(self, timeout: float = 60.0) -> None:
+        """Connect, retrying until sshd answers or ``timeout`` passes."""
+        if self._client is not None:
+            return
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            client = paramiko.SSHClient()
+            if self.host_keys is not None and self.host_keys.exists():
+                client.load_host_keys(str(self.host_keys))
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            else:
+                client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            try:
+                client.connect(
+                    self.host, port=self.port, username="root", key_filename=str(self.key_path),
+                    timeout=min(10.0, max(1.0, deadline - time.monotonic())),
+                    banner_timeout=10, auth_timeout=10, look_for_keys=False, allow_agent=False,
+                )
+                self._client = client
+                return
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                client.close()
+                if isinstance(exc, paramiko.BadHostKeyException):
+                    raise ConsoleError(f"ssh: the lab's host key does not match "
+                                       f"{self.host_keys}: {exc}") from exc
+                last = exc
+                time.sleep(0.5)
+        raise ConsoleError(f"ssh: root cell did not answer on {self.host}:{self.port} within "
+                           f"{timeout:.0f} s: {last}")
+
+    def run(self, command: str, *, timeout: float = COMMAND_TIMEOUT, check: bool = False,
+            stdin: str | None = None) -> CommandResult:
+        """Run ``command`` with ``sh -c`` semantics and wait for its exit status."""
+        if self._client is None:
+            self.connect()
+        assert self._client is not None  # connect() sets it or raises
+        try:
+            chan_in, chan_out, chan_err = self._client.exec_command(command, timeout=timeout)
+            if stdin is not None:
+                chan_in.write(stdin)
+            chan_in.channel.shutdown_write()
+            out = chan_out.read().decode("utf-8", "replace")
+            err = chan_err.read().decode("utf-8", "replace")
+            status = chan_out.channel.recv_exit_status()
+        except TimeoutError as exc:
+            raise CommandError(command, -1, f"no exit status within {timeout:.0f} s") from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise ConsoleError(f"ssh: connection lost while running {command!r}: {exc}") from exc
+        result = CommandResult(command, status, out, err)
+        _log_result("ssh", result)
+        return result.check() if check else result
+
+    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the root cell."""
+        if self._client is None:
+            self.connect()
+        assert self._client is not None  # connect() sets it or raises
+        with self._client.open_sftp() as sftp:
+            with sftp.open(path, "wb") as remote:
+                remote.write(data)
+            sftp.chmod(path, mode)
+
+    def get(self, path: str) -> bytes:
+        """Read ``path`` from the root cell."""
+        if self._client is None:
+            self.connect()
+        assert self._client is not None  # connect() sets it or raises
+        with self._client.open_sftp() as sftp, sftp.open(path, "rb") as remote:
+            return bytes(remote.read())
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class SerialShell:
+    """Run commands on the root console's shell (fallback when SSH is not available).
+
+    Output and status are framed by a random marker, so the shell's echo of the command
+    line never matches.
+    """
+
+    PROMPT = r"jhlab# "
+
+    def __init__(self, console: SerialConsole) -> None:
+        self.console = console
+        self._ready = False
+
+    def _prepare(self, timeout: float) -> None:
+        if self._ready:
+            return
+        self.console.sendline("")
+        self.console.expect(self.PROMPT, timeout=timeout)
+        self.console.sendline("stty -echo")
+        self.console.expect(self.PROMPT, timeout=timeout)
+        self._ready = True
+
+    def run(self, command: str, *, timeout: float = COMMAND_TIMEOUT, check: bool = False,
+            stdin: str | None = None) -> CommandResult:
+        """Run ``command`` in the console shell; output is stdout and stderr merged."""
+        self._prepare(min(timeout, 30.0))
+        tag = secrets.token_hex(4)
+        wrapped = f"sh -c {shlex.quote(command)}"
+        if stdin is not None:
+            wrapped = f"printf %s {shlex.quote(stdin)} | {wrapped}"
+        self.console.discard()
+        self.console.sendline(
+            f"{wrapped} 2>&1; printf '\\n%s%d%s\\n' '<<{tag}:' \"$?\" ':{tag}>>'"
+        )
+        match = self.console.expect(rf"<<{tag}:(\d+):{tag}>>", timeout=timeout)
+        before = str(self.console._spawn.before).replace("\r", "")
+        output = before[:-1] if before.endswith("\n") else before
+        result = CommandResult(command, int(match.group(1)), output)
+        _log_result("serial", result)
+        return result.check() if check else result
+
