@@ -1,0 +1,456 @@
+"""``jhlab``: bring labs up and down, reach their root cell, build images, work with
+Jailhouse configs, run suites and benchmarks.
+
+Exit status: 0 ok, 1 failure, 2 usage.  Errors are one paragraph; ``-v`` adds logs and
+tracebacks.
+
+A lab brought up with ``jhlab up`` keeps running after the command returns: a small
+supervisor process owns QEMU (and QEMU dies with it, whatever kills it) until
+``jhlab down``.  Its state (ssh port, key, log folder) is in the runtime directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from harness.errors import JhlabError
+from harness.progress import console
+
+LOG = logging.getLogger("jhlab")
+
+READY_MARK = "JHLAB-SUPERVISOR-READY"
+
+
+def runtime_dir() -> Path:
+    """Per-user directory of running labs' state files (mode 0700)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "jhlab" if base else Path(f"/tmp/jhlab-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def state_file(name: str) -> Path:
+    return runtime_dir() / f"{name}.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(name: str) -> dict[str, Any] | None:
+    """The state of running lab ``name``, or ``None`` (stale state files are removed)."""
+    path = state_file(name)
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(int(state.get("supervisor", 0))):
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def _lab_name(lab: str) -> str:
+    from harness.labfile import load_lab
+
+    return load_lab(lab).name
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    features = " ".join(summary["cpu_features"]) or "none"
+    kvm = "KVM available in the root cell" if summary["kvm_in_guest"] else "no /dev/kvm inside"
+    table.add_row("accelerator", f"{summary['accel']} — {summary['accel_reason']}")
+    table.add_row("boot", f"{summary['boot_seconds']:.1f} s to root cell ready")
+    table.add_row("guest kernel", summary["kernel"])
+    table.add_row("virtualization", f"{features} ({kvm})")
+    table.add_row("IOMMU groups", str(summary["iommu_groups"]))
+    table.add_row("reserved", summary["reserve"])
+    table.add_row("ssh", f"jhlab shell {summary['name']}  (127.0.0.1:{summary['ssh_port']})")
+    table.add_row("logs", summary["log_dir"])
+    console.print(f"[bold green]Lab {summary['name']} is up[/]")
+    console.print(table)
+
+
+# -- up / down / status --------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    name = _lab_name(args.lab)
+    running = read_state(name)
+    if running is not None:
+        console.print(f"Lab {name} is already up (supervisor pid {running['supervisor']}).")
+        if args.json:
+            print(json.dumps(running["summary"], indent=2))
+        else:
+            _print_summary(running["summary"])
+        return 0
+    if args.foreground:
+        return _up_foreground(args)
+    cmd = [sys.executable, "-m", "harness.cli", "_supervise", args.lab, "--state",
+           str(state_file(name))]
+    if args.accel:
+        cmd += ["--accel", args.accel]
+    if args.ssh_port:
+        cmd += ["--ssh-port", str(args.ssh_port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+    assert proc.stdout is not None  # PIPE requested
+    ready = False
+    try:
+        for line in proc.stdout:
+            if line.strip() == READY_MARK:
+                ready = True
+                break
+            sys.stderr.write(line)
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(30)
+        raise
+    finally:
+        proc.stdout.close()
+    if not ready:
+        status = proc.wait(60)
+        console.print(f"[red]jhlab up: lab {name} did not come up (supervisor status {status})[/]")
+        return 1
+    state = read_state(name)
+    if state is None:
+        console.print(f"[red]jhlab up: lab {name} stopped right after it came up[/]")
+        return 1
+    if args.json:
+        print(json.dumps(state["summary"], indent=2))
+    else:
+        _print_summary(state["summary"])
+    return 0
+
+
+def _up_foreground(args: argparse.Namespace) -> int:
+    from harness.lab import Lab
+
+    lab = Lab(args.lab, accel=args.accel, ssh_port=args.ssh_port)
+    with lab:
+        summary = lab.summary
+        assert summary is not None  # set by up()
+        state_file(lab.spec.name).write_text(json.dumps(_state_of(lab), indent=1))
+        try:
+            _print_summary(summary.as_dict())
+            console.print("Lab runs in the foreground; Ctrl-C stops it.")
+            _wait_while_alive(lab)
+        except KeyboardInterrupt:
+            console.print("stopping ...")
+        finally:
+            state_file(lab.spec.name).unlink(missing_ok=True)
+    return 0
+
+
+def _state_of(lab: Any) -> dict[str, Any]:
+    return {"supervisor": os.getpid(), "qemu": lab.machine.pid,
+            "summary": lab.summary.as_dict(), "key": str(lab.key_path),
+            "lab": lab.spec.source}
+
+
+def _wait_while_alive(lab: Any) -> None:
+    while lab.machine.alive():
+        time.sleep(1)
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    """Hidden: own one lab until SIGTERM (started by ``jhlab up``)."""
+    from harness.lab import Lab
+
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    state_path = Path(args.state)
+    lab = Lab(args.lab, accel=args.accel, ssh_port=args.ssh_port)
+    try:
+        lab.up()
+    except JhlabError as exc:
+        from harness.lab import describe_failure
+
+        print(f"jhlab up: {describe_failure(exc, lab)}", flush=True)
+        return 1
+    assert lab.log_dir is not None  # set by up()
+    state_path.write_text(json.dumps(_state_of(lab), indent=1))
+    print(READY_MARK, flush=True)
+    # From here on nobody reads our output: send it to the lab's log folder.
+    with open(lab.log_dir / "supervisor.log", "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        while not stop and lab.machine is not None and lab.machine.alive():
+            time.sleep(0.5)
+        if not stop:
+            LOG.warning("QEMU exited on its own; supervisor ends")
+    finally:
+        lab.down()
+        state_path.unlink(missing_ok=True)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    name = _lab_name(args.lab)
+    state = read_state(name)
+    if state is None:
+        console.print(f"Lab {name} is not up.")
+        return 0
+    pid = int(state["supervisor"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        console.print(f"supervisor {pid} did not stop in 30 s; killing it (QEMU dies with it)")
+        os.kill(pid, signal.SIGKILL)
+    state_file(name).unlink(missing_ok=True)
+    console.print(f"Lab {name} is down; logs in {state['summary']['log_dir']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    states = {}
+    for path in sorted(runtime_dir().glob("*.json")):
+        state = read_state(path.stem)
+        if state is not None:
+            states[path.stem] = state
+    if args.json:
+        print(json.dumps({k: v["summary"] | {"supervisor": v["supervisor"], "qemu": v["qemu"]}
+                          for k, v in states.items()}, indent=2))
+        return 0
+    if not states:
+        console.print("No lab is up.")
+        return 0
+    table = Table("lab", "accel", "ssh", "supervisor", "qemu", "logs")
+    for name, state in states.items():
+        summary = state["summary"]
+        table.add_row(name, summary["accel"], f"127.0.0.1:{summary['ssh_port']}",
+                      str(state["supervisor"]), str(state["qemu"]), summary["log_dir"])
+    console.print(table)
+    return 0
+
+
+def _running(lab: str) -> dict[str, Any]:
+    name = _lab_name(lab)
+    state = read_state(name)
+    if state is None:
+        raise JhlabError(f"lab {name} is not up: start it with 'jhlab up {lab}'")
+    return state
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    state = _running(args.lab)
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise JhlabError("ssh (openssh-client) is needed for an interactive shell: "
+                         "apt-get install openssh-client, or use 'jhlab run'")
+    argv = [ssh, "-i", state["key"], "-p", str(state["summary"]["ssh_port"]),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "root@127.0.0.1", *args.command]
+    os.execv(ssh, argv)
+    return 1  # not reached
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.ssh import SshShell
+
+    state = _running(args.lab)
+    if not args.command:
+        raise JhlabError("jhlab run: give a command after --, e.g. jhlab run -- uname -a")
+    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    try:
+        result = shell.run(" ".join(args.command), timeout=args.timeout)
+    finally:
+        shell.close()
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.status
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    state = _running(args.lab)
+    log = Path(state["summary"]["log_dir"]) / ("serial1.log" if args.cell else "serial0.log")
+    with open(log, "rb") as handle:
+        sys.stdout.buffer.write(handle.read())
+        sys.stdout.flush()
+        while args.follow:
+            chunk = handle.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return 0
+
+
+# -- images, config, test, bench -------------------------------------------------------------
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from harness.images import ImageBuilder
+
+    images = ImageBuilder().build()
+    print(f"kernel     {images.kernel.vmlinuz}  ({images.kernel.release})")
+    print(f"initramfs  {images.initramfs}")
+    print(f"rootfs     {images.rootfs}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from harness.hvmodel.config.cli import main as config_main
+
+    return config_main(list(args.rest))
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    import pytest
+
+    from harness.images import REPO_ROOT
+
+    target = REPO_ROOT / "test_suites"
+    if args.suite:
+        target = target / args.suite
+        if not target.exists():
+            suites = sorted(p.name for p in (REPO_ROOT / "test_suites").iterdir() if p.is_dir()
+                            and not p.name.startswith("_"))
+            raise JhlabError(f"no suite {args.suite!r} (suites: {', '.join(suites)})")
+    pytest_args = [str(target)]
+    if args.junit:
+        pytest_args.append(f"--junitxml={args.junit}")
+    return int(pytest.main(pytest_args + list(args.pytest_args)))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.bench import main as bench_main
+
+    return bench_main(list(args.rest))
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jhlab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="logs and tracebacks")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="bring a lab up and report its readiness")
+    up.add_argument("lab", nargs="?", default="default", help="built-in lab name or lab file")
+    up.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="override the lab's choice")
+    up.add_argument("--ssh-port", type=int, help="host port for the root cell's ssh")
+    up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops")
+    up.add_argument("--json", action="store_true", help="print the summary as JSON")
+    up.set_defaults(func=cmd_up)
+
+    sup = sub.add_parser("_supervise")
+    sup.add_argument("lab")
+    sup.add_argument("--state", required=True)
+    sup.add_argument("--accel")
+    sup.add_argument("--ssh-port", type=int)
+    sup.set_defaults(func=cmd_supervise)
+
+    for verb, func, text in (("down", cmd_down, "stop a lab (logs are kept)"),):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("lab", nargs="?", default="default")
+        p.set_defaults(func=func)
+
+    status = sub.add_parser("status", help="list labs that are up")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    shell = sub.add_parser("shell", help="interactive shell in the root cell (ssh)")
+    shell.add_argument("lab", nargs="?", default="default")
+    shell.add_argument("command", nargs="*", help=argparse.SUPPRESS)
+    shell.set_defaults(func=cmd_shell)
+
+    run = sub.add_parser("run", help="run a command in the root cell: jhlab run [LAB] -- CMD")
+    run.add_argument("lab", nargs="?", default="default")
+    run.add_argument("--timeout", type=float, default=300.0)
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(func=cmd_run)
+
+    cons = sub.add_parser("console", help="print a serial transcript (root console by default)")
+    cons.add_argument("lab", nargs="?", default="default")
+    cons.add_argument("--cell", action="store_true", help="serial 1, the cells' UART")
+    cons.add_argument("-f", "--follow", action="store_true")
+    cons.set_defaults(func=cmd_console)
+
+    images = sub.add_parser("images", help="build (or find cached) lab images")
+    images.add_argument("action", choices=["build"])
+    images.set_defaults(func=cmd_images)
+
+    config = sub.add_parser("config", help="Jailhouse configs: show, check, compile, ...",
+                            add_help=False)
+    config.add_argument("rest", nargs=argparse.REMAINDER)
+    config.set_defaults(func=cmd_config)
+
+    test = sub.add_parser("test", help="run test suites (pytest)")
+    test.add_argument("suite", nargs="?", help="unit, hvmodel, integration, e2e (default all)")
+    test.add_argument("--junit", help="write a JUnit XML report")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.set_defaults(func=cmd_test)
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
+                           add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "jhlab run [LAB] -- CMD ...": everything after "--" is the command
+    command: list[str] | None = None
+    if argv[:1] in (["run"], ["shell"]) and "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+    args = parser.parse_args(argv)
+    if command is not None:
+        args.command = command
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    try:
+        return int(args.func(args))
+    except JhlabError as exc:
+        if args.verbose:
+            LOG.exception("jhlab %s failed", args.cmd)
+        console.print(f"[red]jhlab {args.cmd}: {exc}[/]")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
