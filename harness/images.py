@@ -426,3 +426,28 @@ def build_payload(dest: Path, *, authorized_key: str, extra: dict[str, bytes] | 
             target.write_bytes(data)
         write_cpio(Path(tmp), dest)
     return dest
+
+
+def check_kernel_config(fragment: str, config: str) -> list[str]:
+    """Options of a ``kernel_configs`` fragment that ``config`` (a kernel .config) does
+    not satisfy, each as ``"CONFIG_X: want y|m, have n"``.  Fragment values may list
+    alternatives separated by ``|``."""
+    have: dict[str, str] = {}
+    for line in config.splitlines():
+        line = line.strip()
+        if line.startswith("CONFIG_") and "=" in line:
+            key, value = line.split("=", 1)
+            have[key] = value
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            have[line[2:].split()[0]] = "n"
+    problems = []
+    for line in fragment.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, wanted = line.partition("=")
+        allowed = wanted.split("|")
+        value = have.get(key, "n")
+        if value not in allowed:
+            problems.append(f"{key}: want {wanted}, have {value}")
+    return problems

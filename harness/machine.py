@@ -239,6 +239,7 @@ class Machine:
                 assert port is not None  # chosen above
                 try:
                     self._start_process(self.command_line(self.run_dir, initrd, port))
+                    self._connect_channels()
                     break
                 except LaunchError as exc:
                     if auto_port and "hostfwd" in exc.output and attempt < 2:
@@ -252,7 +253,6 @@ class Machine:
                         ) from exc
                     raise
             self.ssh_port = port
-            self._connect_channels()
             assert self.qmp is not None  # set by _connect_channels
             self.qmp.execute("cont")
             self.started_at = time.monotonic()
@@ -286,6 +286,29 @@ class Machine:
             return ""
 
     def _connect_channels(self) -> None:
+        """Connect QMP and both consoles; a QEMU that exits meanwhile is a LaunchError."""
+        try:
+            self._open_channels()
+        except (QmpError, ConsoleError) as exc:
+            assert self.process is not None  # started before
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(2)
+            self._close_channels()
+            if self.process.poll() is not None:
+                raise LaunchError("QEMU exited during launch", exitcode=self.process.returncode,
+                                  command=list(self.process.args),  # type: ignore[arg-type]
+                                  output=self._qemu_output()) from exc
+            raise
+
+    def _close_channels(self) -> None:
+        for console in (self.console, self.cell_console):
+            if console is not None:
+                console.close()
+        if self.qmp is not None:
+            self.qmp.close()
+        self.qmp = self.console = self.cell_console = None
+
+    def _open_channels(self) -> None:
         assert self.run_dir is not None  # created by launch()
         self.qmp = QmpSession(self.run_dir / "qmp.sock", event_log=self.log_dir / "qmp-events.jsonl",
                               name=f"{self.spec.name}-qmp")

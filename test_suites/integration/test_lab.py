@@ -1,0 +1,198 @@
+"""The lab machine end to end: a real VM booted from the lab's images, checked from
+the host (QMP, serial transcripts) and from inside (ssh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.console import ConsoleFailure
+from harness.errors import GuestPanic, LaunchError, MachineDied, MachineError
+from harness.images import REPO_ROOT, check_kernel_config
+from harness.lab import Lab
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+WINDOW = 0x3A000000  # start of the default lab's reserved window (memmap=82M$0x3a000000)
+
+
+def test_summary_shows_nested_virtualization_and_iommu(lab: Lab) -> None:
+    """The readiness summary reports what the root cell really sees."""
+    summary = lab.summary
+    assert summary is not None
+    assert summary.nested_virtualization, summary
+    assert summary.iommu_groups >= 1
+    assert summary.reserve.startswith("82M at 0x3a000000")
+    flags = lab.run("grep -m1 '^flags' /proc/cpuinfo", check=True).stdout.split()
+    assert {"svm", "vmx"} & set(flags) == {"svm", "vmx"} & set(summary.cpu_features)
+    assert lab.run("test -c /dev/kvm && ls /sys/kernel/iommu_groups | wc -l",
+                   check=True).stdout.strip() == str(summary.iommu_groups)
+
+
+def test_reserved_window_written_in_guest_is_read_by_host(lab: Lab) -> None:
+    """Guest writes a pattern to physical memory through /dev/mem; QMP reads it back."""
+    pattern = secrets.token_bytes(64)
+    offset = 0x5000
+    script = (
+        "import mmap, os, sys\n"
+        f"fd = os.open('/dev/mem', os.O_RDWR)\n"
+        f"m = mmap.mmap(fd, 0x10000, offset={WINDOW:#x})\n"
+        f"m[{offset}:{offset + len(pattern)}] = bytes.fromhex('{pattern.hex()}')\n"
+    )
+    lab.run("python3 -", stdin=script, check=True)
+    assert lab.qmp.read_phys(WINDOW + offset, len(pattern)) == pattern
+
+
+def test_window_is_hidden_from_the_root_kernel(lab: Lab) -> None:
+    """memmap= keeps the window out of the kernel's System RAM."""
+    iomem = lab.run("cat /proc/iomem", check=True).stdout
+    for line in iomem.splitlines():
+        if "System RAM" in line:
+            start, end = (int(x, 16) for x in line.split(":")[0].strip().split("-"))
+            assert end < WINDOW or start >= WINDOW + 82 * 2**20, line
+
+
+def test_edu_sits_alone_in_its_iommu_group_and_binds_to_vfio(lab: Lab) -> None:
+    """The lab's edu device is in its own IOMMU group and can be handed to vfio-pci."""
+    dev = "/sys/bus/pci/devices/0000:00:05.0"
+    vendor = lab.run(f"cat {dev}/vendor {dev}/device", check=True).stdout.split()
+    assert vendor == ["0x1234", "0x11e8"]
+    group = lab.run(f"basename $(readlink {dev}/iommu_group)", check=True).stdout.strip()
+    members = lab.run(f"ls /sys/kernel/iommu_groups/{group}/devices", check=True).stdout.split()
+    assert members == ["0000:00:05.0"]
+    lab.run(f"echo vfio-pci > {dev}/driver_override && echo 0000:00:05.0 > "
+            "/sys/bus/pci/drivers_probe", check=True)
+    try:
+        driver = lab.run(f"basename $(readlink {dev}/driver)", check=True).stdout.strip()
+        assert driver == "vfio-pci"
+        assert lab.run(f"test -c /dev/vfio/{group}").status == 0
+    finally:
+        lab.run(f"echo 0000:00:05.0 > {dev}/driver/unbind; echo > {dev}/driver_override")
+
+
+def test_qmp_sees_the_lab_devices_at_jailhouse_slots(lab: Lab) -> None:
+    """Devices sit where Jailhouse's qemu-x86 config expects them."""
+    devices = {d["bdf"]: d for d in lab.qmp.pci_devices()}
+    expected = {"00:01.0": 0x1111, "00:02.0": 0x10D3, "00:03.0": 0x000E, "00:1b.0": 0x2668,
+                "00:1f.0": 0x2918, "00:1f.2": 0x2922, "00:1f.3": 0x2930, "00:05.0": 0x11E8}
+    for bdf, device_id in expected.items():
+        assert bdf in devices, f"{bdf} missing: {sorted(devices)}"
+        assert devices[bdf]["id"]["device"] == device_id, (bdf, devices[bdf]["id"])
+
+
+def test_kernel_matches_config_fragment(lab: Lab) -> None:
+    """The root-cell kernel has every option kernel_configs/root-cell.config asks for."""
+    release = lab.run("uname -r", check=True).stdout.strip()
+    assert lab.summary is not None and release == lab.summary.kernel
+    config = lab.run(f"cat /boot/config-{release}", check=True).stdout
+    fragment = (REPO_ROOT / "kernel_configs" / "root-cell.config").read_text()
+    assert check_kernel_config(fragment, config) == []
+
+
+def test_logs_record_serial_and_qmp_events(lab: Lab) -> None:
+    """Transcripts and the QMP event log land in the lab's log folder."""
+    assert lab.log_dir is not None
+    marker = f"jhlab-log-check-{secrets.token_hex(4)}"
+    lab.run(f"echo {marker} > /dev/ttyS0", check=True)
+    lab.console.expect(marker, timeout=20)
+    assert marker in (lab.log_dir / "serial0.log").read_text(errors="replace")
+    lab.qmp.execute("stop")
+    lab.qmp.execute("cont")
+    lab.qmp.events.wait_for("RESUME", timeout=10, since=0)
+    events = [json.loads(line)["event"] for line in
+              (lab.log_dir / "qmp-events.jsonl").read_text().splitlines()]
+    assert "STOP" in events and "RESUME" in events
+
+
+def test_serial_fallback_runs_commands(lab: Lab) -> None:
+    """Without ssh, commands run on the root console with their exit status."""
+    from harness.ssh import SerialShell
+
+    shell = SerialShell(lab.console)
+    result = shell.run("echo hello; echo oops >&2; exit 7")
+    assert result.status == 7
+    assert result.stdout.splitlines() == ["hello", "oops"]
+
+
+def test_guest_panic_is_reported_at_once(lab_factory) -> None:
+    """A panicking guest ends a console wait immediately with the panic's tail, and a
+    dead QEMU is reported as such."""
+    crashing = lab_factory()
+    mark = crashing.qmp.events.mark()
+    crashing.console.sendline("")
+    crashing.console.sendline("echo c > /proc/sysrq-trigger")
+    started = time.monotonic()
+    with pytest.raises((GuestPanic, ConsoleFailure)) as info:
+        crashing.console.expect("this never appears", timeout=120)
+    assert time.monotonic() - started < 60
+    assert "Kernel panic" in str(info.value)
+    # pvpanic tells QEMU, which keeps the guest paused for inspection
+    crashing.qmp.events.wait_for("GUEST_PANICKED", timeout=60, since=mark)
+    assert crashing.qmp.status() == "guest-panicked"
+    with pytest.raises(MachineError, match="panicked"):
+        crashing.run("true")
+    # a VM that dies: QEMU killed behind the harness's back
+    assert crashing.machine is not None and crashing.machine.pid is not None
+    os.kill(crashing.machine.pid, signal.SIGKILL)
+    crashing.machine.process.wait(10)
+    with pytest.raises(MachineDied, match="QEMU exited"):
+        crashing.machine.check_alive()
+
+
+def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path, request) -> None:
+    """QEMU dies with the process that launched it, even on SIGKILL."""
+    accel = request.config.getoption("--accel") or "auto"
+    script = f"""
+import pathlib, time
+from harness.images import ImageBuilder
+from harness.labfile import load_lab
+from harness.machine import Machine, choose_accel
+images = ImageBuilder(quiet=True).build()
+log = pathlib.Path({str(tmp_path)!r})
+machine = Machine(load_lab("default"), images, choose_accel({accel!r}, images, log_dir=log),
+                  log_dir=log)
+machine.launch()
+print(machine.pid, flush=True)
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    qemu_pid = int(proc.stdout.readline())
+    assert _alive(qemu_pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _alive(qemu_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(qemu_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """A taken ssh port fails the launch at once, names the port, leaves nothing."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        lab = Lab("default", accel="tcg", ssh_port=port, log_dir=tmp_path, quiet=True)
+        with pytest.raises(LaunchError, match=f"127.0.0.1:{port}.*in use"):
+            lab.up()
+    assert lab.machine is not None and not lab.machine.alive()
+    assert lab.machine.run_dir is None
+    assert (tmp_path / "qemu.log").exists()
