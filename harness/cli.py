@@ -295,6 +295,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.status
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Copy this checkout's guest code into a running lab's /opt/jhlab (no reboot)."""
+    import tempfile
+
+    from harness.images import build_payload
+    from harness.ssh import SshShell
+
+    state = _running(args.lab)
+    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    try:
+        with tempfile.TemporaryDirectory(prefix="jhlab-sync-") as tmp:
+            key = Path(state["key"]).with_suffix(".pub").read_text()
+            payload = build_payload(Path(tmp) / "payload.cpio.gz", authorized_key=key)
+            shell.put(payload.read_bytes(), "/tmp/jhlab-sync.cpio.gz")
+        shell.run("cd / && gzip -dc /tmp/jhlab-sync.cpio.gz | busybox cpio -idmu 2>/dev/null && "
+                  "rm -rf /opt/jhlab/lib /opt/jhlab/bin && cp -a /jhlab/. /opt/jhlab/ && "
+                  "rm -rf /jhlab /tmp/jhlab-sync.cpio.gz", check=True)
+    finally:
+        shell.close()
+    console.print(f"guest code of lab {state['summary']['name']} updated from this checkout")
+    return 0
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     state = _running(args.lab)
     log = Path(state["summary"]["log_dir"]) / ("serial1.log" if args.cell else "serial0.log")
@@ -396,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=300.0)
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(func=cmd_run)
+
+    sync = sub.add_parser("sync", help="copy this checkout's guest code into a running lab")
+    sync.add_argument("lab", nargs="?", default="default")
+    sync.set_defaults(func=cmd_sync)
 
     cons = sub.add_parser("console", help="print a serial transcript (root console by default)")
     cons.add_argument("lab", nargs="?", default="default")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: parse + check of the default lab's system config (harness.hvmodel.config).
 
 Measures, over many repeats, the time to parse the binary qemu-x86 system config (compiled
@@ -9,8 +8,7 @@ Method: the binary is compiled once; each sample is one parse + check; samples a
 with time.perf_counter_ns after a warm-up; the garbage collector stays on (as in use).
 Timings are noisy on shared machines: compare figures from one run, side by side.
 
-Usage: python3 scripts/bench_config.py [--repeats N]
-``bench()`` is the function the scripts/bench driver calls.
+Run with ``jhlab bench config`` (or ``scripts/bench config``).
 """
 
 from __future__ import annotations
@@ -21,13 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from harness.hvmodel.config import check, load_source, parse_system
 
-from harness.hvmodel.config import check, load_source, parse_system  # noqa: E402
-
-SOURCE = ROOT / "harness" / "configs" / "qemu-x86.toml"
+SOURCE = Path(__file__).resolve().parent.parent / "configs" / "qemu-x86.toml"
 GOAL_MS = 1.0
 
 

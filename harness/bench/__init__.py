@@ -1,0 +1,129 @@
+"""Benchmarks of jhlab (``jhlab bench`` / ``scripts/bench``).
+
+Timings on shared machines are noisy, so every figure is min/median/max over repeats,
+and every comparison is a ratio of two things measured side by side in the same run
+(interleaved), never an absolute number from another day.  Absolute seconds are printed
+together with the machine they came from.
+
+Benchmarks: ``config`` (parse + check of the default system config), ``model``
+(create/destroy pairs per second of the pure hypervisor model), ``boot`` (lab cold boot
+through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured quantity: min/median/max over repeats, and the goal it is held to."""
+
+    name: str
+    unit: str
+    min: float
+    median: float
+    max: float
+    repeats: int
+    goal: str = ""
+    met: bool | None = None
+
+    @classmethod
+    def of(cls, name: str, unit: str, samples: Sequence[float], goal: str = "",
+           met: Callable[[float], bool] | None = None) -> Figure:
+        median = statistics.median(samples)
+        return cls(name, unit, min(samples), median, max(samples), len(samples), goal,
+                   met(median) if met else None)
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}"
+
+
+def _bench_config(repeats: int) -> list[Figure]:
+    from harness.bench import config
+
+    results = config.bench(repeats=max(repeats, 200))
+    return [
+        Figure(f"config {name}", "ms", r["min"], r["median"], r["max"], max(repeats, 200),
+               "< 1 ms" if name == "parse+check" else "",
+               r["median"] < config.GOAL_MS if name == "parse+check" else None)
+        for name, r in results.items()
+    ]
+
+
+def _bench_model(repeats: int) -> list[Figure]:
+    from harness.bench import model
+
+    r = model.bench(repeats=max(repeats, 3))
+    return [Figure("model create/destroy pairs", "pairs/s", r["min"], r["median"], r["max"],
+                   max(repeats, 3), ">= 10000/s", r["median"] >= model.GOAL)]
+
+
+def _bench_boot(repeats: int) -> list[Figure]:
+    from harness.bench import boot
+
+    return boot.bench(repeats=repeats)
+
+
+BENCHES: dict[str, Callable[[int], list[Figure]]] = {
+    "config": _bench_config,
+    "model": _bench_model,
+    "boot": _bench_boot,
+}
+
+
+def render(figures: list[Figure], out: Console) -> None:
+    table = Table("figure", "unit", "min", "median", "max", "n", "goal", "")
+    for f in figures:
+        verdict = "" if f.met is None else ("[green]met[/]" if f.met else "[red]MISSED[/]")
+        table.add_row(f.name, f.unit, f"{f.min:.4g}", f"{f.median:.4g}", f"{f.max:.4g}",
+                      str(f.repeats), f.goal, verdict)
+    out.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jhlab bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", default=[],
+                        help=f"benchmarks to run (default: all): {', '.join(BENCHES)}")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of slow benchmarks")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)} (known: {', '.join(BENCHES)})")
+    out = Console(width=None if sys.stdout.isatty() else 140)
+    out.print(f"machine: {machine_description()}")
+    figures: list[Figure] = []
+    for name in args.names or list(BENCHES):
+        out.print(f"[bold]{name}[/] ...")
+        figures += BENCHES[name](args.repeats)
+    render(figures, out)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": machine_description(),
+                       "figures": [asdict(f) for f in figures]}, handle, indent=1)
+    return 0 if all(f.met is not False for f in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
