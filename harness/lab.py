@@ -14,6 +14,7 @@ Lifecycle: ``up()`` → use → ``down()`` (idempotent; also on ``__exit__``).  
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -28,7 +29,7 @@ from harness.console import SerialConsole
 from harness.errors import ConsoleError, JhlabError, MachineError
 from harness.images import ImageBuilder, ImageSet, build_payload, cache_dir
 from harness.labfile import LabSpec, load_lab
-from harness.machine import Machine, choose_accel
+from harness.machine import AccelChoice, Machine, Snapshot, choose_accel
 from harness.progress import step
 from harness.qmp import QmpSession
 from harness.ssh import CommandResult, SerialShell, SshShell, generate_key
@@ -106,6 +107,8 @@ class Lab:
         self.images: ImageSet | None = None
         self.machine: Machine | None = None
         self.summary: LabSummary | None = None
+        self.accel: AccelChoice | None = None
+        self.snapshot_point: Snapshot | None = None
         self._ssh: SshShell | None = None
         self._serial: SerialShell | None = None
         self._stack = contextlib.ExitStack()
@@ -196,6 +199,7 @@ class Lab:
         with step("Choosing accelerator", quiet=self.quiet) as st:
             accel = choose_accel(self.accel_request, self.images, log_dir=log_dir)
             st.result = f"{accel.accel} ({accel.reason})"
+        self.accel = accel
         public_key = self._lab_key()
         tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="jhlab-")))
         payload = build_payload(tmp / "payload.cpio.gz", authorized_key=public_key)
@@ -257,6 +261,43 @@ class Lab:
             return generate_key(key)
         return key.with_suffix(".pub").read_text().strip()
 
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Save the lab's current state as its reset point (the guest runs on)."""
+        if self.state is not LabState.READY:
+            raise MachineError(f"{self!r}: snapshot needs a ready lab")
+        folder = Path(self._stack.enter_context(
+            tempfile.TemporaryDirectory(prefix=f"jhlab-{self.spec.name}-snap-")))
+        with step("Saving reset point", quiet=self.quiet) as st:
+            self.snapshot_point = self._machine().save_snapshot(folder)
+            st.result = f"{self.snapshot_point.size // 2**20} MiB"
+        return self.snapshot_point
+
+    def reset(self) -> float:
+        """Put the lab back to its reset point (taken by :meth:`snapshot`, or now if
+        there is none): QEMU is replaced by one restored from the snapshot, far faster
+        than a boot.  Returns the seconds it took."""
+        if self.snapshot_point is None:
+            self.snapshot()
+        assert self.snapshot_point is not None and self.images is not None  # ready lab
+        assert self.accel is not None and self.log_dir is not None
+        started = time.monotonic()
+        if self._ssh is not None:
+            self._ssh.close()
+        self._serial = None
+        self._machine().shutdown(hard=True)
+        self.machine = Machine(self.spec, self.images, self.accel, log_dir=self.log_dir,
+                               incoming=self.snapshot_point)
+        with step("Restoring reset point", quiet=self.quiet) as st:
+            self.machine.launch()
+            st.result = f"pid {self.machine.pid}"
+        self._ssh = SshShell(self.machine.ssh_port or 0, self.key_path)
+        if self.summary is not None:
+            self.summary = dataclasses.replace(self.summary, pid=self.machine.pid or 0,
+                                               ssh_port=self.machine.ssh_port or 0)
+        return time.monotonic() - started
+
     def down(self) -> None:
         """Stop the machine (idempotent); logs stay in :attr:`log_dir`."""
         if self._ssh is not None:
@@ -265,6 +306,7 @@ class Lab:
         self._serial = None
         if self.machine is not None:
             self.machine.shutdown()
+        self.snapshot_point = None  # its files go with the stack
         self._stack.close()
         self.state = LabState.DOWN
 

@@ -22,12 +22,14 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,16 @@ class AccelChoice:
 TCG = AccelChoice("tcg", "max", "")
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved machine state (QEMU migration stream) and the initrd it was booted with
+    (a restore must present byte-identical boot ROMs)."""
+
+    state: Path
+    initrd: Path
+    size: int
+
+
 class MachineState(enum.Enum):
     """Lifecycle of a :class:`Machine`."""
 
@@ -124,11 +136,12 @@ class Machine:
     :param log_dir: where QEMU's output, serial transcripts and the QMP event log go
     :param payload: this boot's guest payload (appended to the initramfs)
     :param ssh_port: host port forwarded to the guest's sshd; ``None`` picks a free one
+    :param incoming: start from this snapshot instead of booting
     """
 
     def __init__(self, spec: LabSpec, images: ImageSet, accel: AccelChoice, *, log_dir: Path,
                  payload: Path | None = None, ssh_port: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), incoming: Snapshot | None = None) -> None:
         self.spec = spec
         self.images = images
         self.accel = accel
@@ -136,6 +149,7 @@ class Machine:
         self.payload = payload
         self.ssh_port = ssh_port
         self.extra_args = extra_args
+        self.incoming = incoming
         self.state = MachineState.IDLE
         self.run_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -213,6 +227,8 @@ class Machine:
             cmd += ["-netdev", f"user,id={netdev.id},restrict={'on' if netdev.restrict else 'off'}"]
         for device in spec.devices:
             cmd += ["-device", device.qemu_arg()]
+        if self.incoming is not None:
+            cmd += ["-incoming", "defer"]
         return cmd + list(self.extra_args)
 
     # -- launch ---------------------------------------------------------------------------
@@ -229,10 +245,13 @@ class Machine:
             rollback.callback(self._cleanup)
             self.run_dir = Path(tempfile.mkdtemp(prefix=f"jhlab-{self.spec.name}-"))
             initrd = self.run_dir / "initrd.img"
-            with open(initrd, "wb") as out:
-                out.write(self.images.initramfs.read_bytes())
-                if self.payload is not None:
-                    out.write(self.payload.read_bytes())
+            if self.incoming is not None:
+                shutil.copyfile(self.incoming.initrd, initrd)
+            else:
+                with open(initrd, "wb") as out:
+                    out.write(self.images.initramfs.read_bytes())
+                    if self.payload is not None:
+                        out.write(self.payload.read_bytes())
             auto_port = self.ssh_port is None
             for attempt in range(3):
                 port = free_port() if auto_port else self.ssh_port
@@ -254,6 +273,8 @@ class Machine:
                     raise
             self.ssh_port = port
             assert self.qmp is not None  # set by _connect_channels
+            if self.incoming is not None:
+                self._migrate_in(self.incoming)
             self.qmp.execute("cont")
             self.started_at = time.monotonic()
             rollback.pop_all()
@@ -345,6 +366,53 @@ class Machine:
                 f"lab {self.spec.name}: QEMU exited with status {self.process.returncode}; "
                 f"logs in {self.log_dir}\n{self._qemu_output()[-1500:]}"
             )
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def save_snapshot(self, folder: Path, *, timeout: float = 120.0) -> Snapshot:
+        """Save the running machine's whole state to ``folder`` and let it run on.
+
+        The guest is paused while its RAM is streamed out (QMP ``migrate`` to a file),
+        then resumed.
+        """
+        self._require(MachineState.RUNNING)
+        assert self.qmp is not None and self.run_dir is not None  # running
+        folder.mkdir(parents=True, exist_ok=True)
+        state = folder / "state.bin"
+        initrd = folder / "initrd.img"
+        shutil.copyfile(self.run_dir / "initrd.img", initrd)
+        self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
+            "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"}), timeout, "save")
+        self.qmp.execute("cont")
+        return Snapshot(state=state, initrd=initrd, size=state.stat().st_size)
+
+    def _migrate_in(self, snapshot: Snapshot, timeout: float = 120.0) -> None:
+        assert self.qmp is not None  # connected
+        self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
+            "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snapshot.state))}"}),
+            timeout, "restore")
+
+    def _migrate(self, start: Callable[[], object], timeout: float, what: str) -> None:
+        assert self.qmp is not None  # connected
+        self.qmp.execute("migrate-set-capabilities",
+                         {"capabilities": [{"capability": "events", "state": True}]})
+        mark = self.qmp.events.mark()
+        start()
+        deadline = time.monotonic() + timeout
+        while True:
+            done = [e.data.get("status") for e in self.qmp.events.find("MIGRATION", since=mark)
+                    if e.data.get("status") in ("completed", "failed", "cancelled")]
+            if done:
+                break
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise MachineError(f"lab {self.spec.name}: snapshot {what} took more than "
+                                   f"{timeout:.0f} s")
+            time.sleep(0.05)
+        if done[0] != "completed":
+            info = self.qmp.execute("query-migrate")
+            raise MachineError(f"lab {self.spec.name}: snapshot {what} {done[0]}: "
+                               f"{info.get('error-desc', info)}")
 
     # -- shutdown -------------------------------------------------------------------------
 

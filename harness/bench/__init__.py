@@ -7,7 +7,8 @@ together with the machine they came from.
 
 Benchmarks: ``config`` (parse + check of the default system config), ``model``
 (create/destroy pairs per second of the pure hypervisor model), ``boot`` (lab cold boot
-through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker).
+through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker),
+``reset`` (restoring a lab's snapshot vs a cold boot of the same lab).
 """
 
 from __future__ import annotations
@@ -85,10 +86,17 @@ def _bench_boot(repeats: int) -> list[Figure]:
     return boot.bench(repeats=repeats)
 
 
+def _bench_reset(repeats: int) -> list[Figure]:
+    from harness.bench import boot
+
+    return boot.bench_reset(repeats=max(repeats, 3))
+
+
 BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "config": _bench_config,
     "model": _bench_model,
     "boot": _bench_boot,
+    "reset": _bench_reset,
 }
 
 

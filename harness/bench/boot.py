@@ -132,3 +132,32 @@ def bench(repeats: int = 3) -> list[Figure]:
         Figure.of(f"jhlab boot to ssh-ready, cached images {name}", "s", ready, "< 20 s",
                   lambda median: median < 20.0),
     ]
+
+
+def bench_reset(repeats: int = 3) -> list[Figure]:
+    """Lab reset by snapshot restore against a cold boot of the same lab, in one run:
+    cold boot (``Lab.up()`` to ssh-ready) once per repeat, interleaved with resets
+    (restore plus the first command over ssh, i.e. until the lab is usable again)."""
+    with tempfile.TemporaryDirectory(prefix="jhlab-bench-") as tmp:
+        cold, resets, ratios = [], [], []
+        lab = Lab("default", log_dir=Path(tmp) / "lab", quiet=True)
+        try:
+            for _ in range(repeats):
+                lab.down()
+                started = time.monotonic()
+                lab.up()
+                cold.append(time.monotonic() - started)
+                lab.snapshot()
+                lab.run("true", check=True)
+                started = time.monotonic()
+                lab.reset()
+                lab.run("true", check=True)
+                resets.append(time.monotonic() - started)
+                ratios.append(resets[-1] / cold[-1])
+        finally:
+            lab.down()
+    return [
+        Figure.of("lab cold boot to ssh-ready (default lab)", "s", cold),
+        Figure.of("lab reset by snapshot, until a command ran", "s", resets),
+        Figure.of("reset / cold boot ratio", "x", ratios, "< 0.10", lambda m: m < 0.10),
+    ]

@@ -196,3 +196,21 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert lab.machine is not None and not lab.machine.alive()
     assert lab.machine.run_dir is None
     assert (tmp_path / "qemu.log").exists()
+
+
+def test_reset_restores_the_snapshot(lab: Lab) -> None:
+    """A reset brings back the saved state: files written later are gone, the consoles,
+    QMP and ssh work again on the restored machine."""
+    token = secrets.token_hex(4)
+    lab.run(f"echo {token} > /root/reset-marker", check=True)
+    old_pid = lab.machine.pid if lab.machine else None
+    lab.snapshot()
+    lab.run("echo changed > /root/reset-marker; touch /root/after-snapshot", check=True)
+    lab.reset()
+    assert lab.machine is not None and lab.machine.pid != old_pid
+    assert lab.run("cat /root/reset-marker", check=True).stdout.strip() == token
+    assert lab.run("test -e /root/after-snapshot").status == 1
+    assert lab.qmp.status() == "running"
+    lab.run("echo restored-console > /dev/ttyS0", check=True)
+    lab.console.expect("restored-console", timeout=20)
+    assert lab.qmp.read_phys(0, 4) == lab.qmp.read_phys(0, 4)
