@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: cell create/destroy pairs per second of the pure hypervisor model.
 
 Builds the default lab's hypervisor (qemu-x86, compiled from harness/configs/qemu-x86.toml)
@@ -12,8 +11,7 @@ Method: one warm-up batch, then ``--repeats`` batches of ``--pairs`` pairs, each
 timed with time.perf_counter_ns; the figure of a batch is pairs / elapsed. The garbage
 collector stays on. Timings are noisy on shared machines: compare figures from one run.
 
-Usage: python3 scripts/bench_model.py [--pairs N] [--repeats N] [--cell NAME]
-``bench()`` is the function a scripts/bench driver can call.
+Run with ``jhlab bench model`` (or ``scripts/bench model``).
 """
 
 from __future__ import annotations
@@ -25,17 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from harness.hvmodel.abi import Hypercall
+from harness.hvmodel.arch.oracle import OracleArch
+from harness.hvmodel.config import CellConfig, SystemConfig
+from harness.hvmodel.config.toml import load_source
+from harness.hvmodel.control import Hypervisor
 
-from harness.hvmodel.abi import Hypercall  # noqa: E402
-from harness.hvmodel.arch.oracle import OracleArch  # noqa: E402
-from harness.hvmodel.config import CellConfig, SystemConfig  # noqa: E402
-from harness.hvmodel.config.toml import load_source  # noqa: E402
-from harness.hvmodel.control import Hypervisor  # noqa: E402
-
-CONFIGS = ROOT / "harness" / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 GOAL = 10_000.0
 
 
