@@ -1,0 +1,79 @@
+"""Image helpers: module dependency order, kernel config checks, reproducible cpio,
+cache locking."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import images
+from harness.errors import ImageError
+from harness.images import Kernel, check_kernel_config, write_cpio
+
+
+def _kernel(tmp_path: Path) -> Kernel:
+    kernel = Kernel("linux-image-6.1.0-99-amd64", "1", tmp_path)
+    kernel.modules.mkdir(parents=True)
+    (kernel.modules / "modules.dep").write_text(
+        "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n"
+        "kernel/lib/crc16.ko:\n"
+        "kernel/fs/mbcache.ko:\n"
+        "kernel/fs/jbd2/jbd2.ko:\n"
+        "kernel/drivers/ata/ahci.ko: kernel/drivers/ata/libahci.ko kernel/drivers/ata/libata.ko\n"
+        "kernel/drivers/ata/libahci.ko: kernel/drivers/ata/libata.ko\n"
+        "kernel/drivers/ata/libata.ko:\n")
+    (kernel.modules / "modules.builtin").write_text("kernel/drivers/virtio/virtio.ko\n")
+    return kernel
+
+
+def test_module_closure_loads_dependencies_first(tmp_path: Path) -> None:
+    order = _kernel(tmp_path).module_closure(["ahci", "ext4", "virtio"])
+    names = [p.rsplit("/", 1)[1] for p in order]
+    assert names.index("libata.ko") < names.index("libahci.ko") < names.index("ahci.ko")
+    assert names[-1] == "ext4.ko" and {"crc16.ko", "jbd2.ko", "mbcache.ko"} < set(names)
+    assert len(names) == len(set(names))
+    with pytest.raises(ImageError, match="no module 'nosuch'"):
+        _kernel(tmp_path / "k2").module_closure(["nosuch"])
+
+
+def test_kernel_config_check() -> None:
+    config = "CONFIG_KVM=m\nCONFIG_CPUSETS=y\n# CONFIG_KVM_XEN is not set\n"
+    fragment = "# comment\nCONFIG_KVM=y|m\nCONFIG_CPUSETS=y\nCONFIG_KVM_XEN=y\nCONFIG_DEVPORT=y\n"
+    assert check_kernel_config(fragment, config) == [
+        "CONFIG_KVM_XEN: want y, have n", "CONFIG_DEVPORT: want y, have n"]
+
+
+def test_cpio_is_reproducible(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "tool").write_text("#!/bin/sh\n")
+    (tree / "init").write_text("init")
+    write_cpio(tree, tmp_path / "a.cpio.gz")
+    time.sleep(1.1)
+    (tree / "init").write_text("init")  # new mtime
+    write_cpio(tree, tmp_path / "b.cpio.gz")
+    assert (tmp_path / "a.cpio.gz").read_bytes() == (tmp_path / "b.cpio.gz").read_bytes()
+    raw = gzip.decompress((tmp_path / "a.cpio.gz").read_bytes())
+    assert raw.startswith(b"070701") and b"bin/tool" in raw and b"TRAILER!!!" in raw
+
+
+def test_cache_lock_serializes_builders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JHLAB_CACHE", str(tmp_path))
+    events: list[str] = []
+
+    def builder(name: str) -> None:
+        with images.cache_lock("artefact"):
+            events.append(f"{name} in")
+            time.sleep(0.2)
+            events.append(f"{name} out")
+
+    threads = [threading.Thread(target=builder, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert events[0].endswith("in") and events[1] == events[0].replace("in", "out")
