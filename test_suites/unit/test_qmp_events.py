@@ -38,7 +38,7 @@ def test_wait_for_times_out_with_recent_events() -> None:
     recorder = EventRecorder()
     recorder.record("STOP", {}, 0.0)
     started = time.monotonic()
-    with pytest.raises(QmpError, match="GUEST_PANICKED.*last events: STOP"):
+    with pytest.raises(QmpError, match=r"GUEST_PANICKED.*last events: STOP"):
         recorder.wait_for("GUEST_PANICKED", timeout=0.3)
     assert time.monotonic() - started < 2
 
