@@ -348,9 +348,49 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """``jhlab config ...``: the config CLI of :mod:`harness.hvmodel.config`.
+
+    ``create`` gets a host side: ``--lab NAME`` (default ``default``) picks a running lab;
+    without ``--facts`` the collector runs in that lab's root cell over ssh (its source is
+    sent along, so labs booted from older code work too) and the generator gets its
+    document. For the default lab (Jailhouse's QEMU target) the ivshmem devices come from
+    ``harness/configs/qemu-x86.toml`` unless ``--ivshmem-from`` says otherwise (``''``:
+    none).
+    """
+    import tempfile
+
+    from harness.hvmodel.config import collect as collect_module
     from harness.hvmodel.config.cli import main as config_main
 
-    return config_main(list(args.rest))
+    prog = "jhlab config"
+    rest = list(args.rest)
+    if rest[:1] != ["create"] or any(a in ("-h", "--help") for a in rest):
+        return config_main(rest, prog)
+    picker = argparse.ArgumentParser(add_help=False)
+    picker.add_argument("--lab", default="default")
+    known, create_args = picker.parse_known_args(rest[1:])
+    name = _lab_name(known.lab)
+    given = {a.split("=", 1)[0] for a in create_args}
+    if "--ivshmem-from" not in given and name == "default":
+        reference = Path(__file__).resolve().parent / "configs" / "qemu-x86.toml"
+        create_args += ["--ivshmem-from", str(reference)]
+    if "--facts" in given:
+        return config_main(["create", *create_args], prog)
+    from harness.ssh import SshShell
+
+    state = _running(known.lab)
+    source = Path(collect_module.__file__).read_text(encoding="utf-8")
+    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    try:
+        result = shell.run("python3 -", stdin=source, timeout=120, check=True)
+    finally:
+        shell.close()
+    sys.stderr.write(result.stderr)
+    with tempfile.TemporaryDirectory(prefix="jhlab-config-") as tmp:
+        facts = Path(tmp) / "facts.json"
+        facts.write_text(result.stdout, encoding="utf-8")
+        return config_main(["create", "--facts", str(facts), "--facts-label",
+                            f"collected in lab {name}", *create_args], prog)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -434,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("action", choices=["build"])
     images.set_defaults(func=cmd_images)
 
-    config = sub.add_parser("config", help="Jailhouse configs: show, check, compile, ...",
+    config = sub.add_parser("config", help="Jailhouse configs: show, check, compile, create, ...",
                             add_help=False)
     config.add_argument("rest", nargs=argparse.REMAINDER)
     config.set_defaults(func=cmd_config)

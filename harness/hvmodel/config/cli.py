@@ -8,7 +8,11 @@
   jhlab's checks; exit status 1 on findings;
 * ``compile SOURCE.toml [-o OUT.cell]``: TOML source to binary;
 * ``decompile FILE.cell [-o OUT.toml]``: binary to an editable TOML source that compiles
-  back to the same bytes.
+  back to the same bytes;
+* ``create [--facts FACTS.json] [-o OUT.cell] [--toml OUT.toml] [...]``: ``jailhouse config
+  create``: a system config for this machine (facts collected here, as root) or for the
+  machine a facts document describes (:mod:`.create`); the TOML source goes to stdout when
+  neither output is named. The host's ``jhlab config create`` collects in a running lab.
 
 Exit status: 0 ok, 1 failure or findings, 2 usage. Errors are one line on stderr.
 """
@@ -16,6 +20,7 @@ Exit status: 0 ok, 1 failure or findings, 2 usage. Errors are one line on stderr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +29,16 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .check import check, render_check
+from .create import (
+    DEFAULT_MEM_HV,
+    DEFAULT_NAME,
+    CreateOptions,
+    Facts,
+    create,
+    load_facts,
+    parse_size,
+    render_toml,
+)
 from .model import CellConfig, SystemConfig
 from .parser import load
 from .show import render_text, to_dict
@@ -55,6 +70,30 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     dec = sub.add_parser("decompile", help="turn a binary config into a TOML source")
     dec.add_argument("file", metavar="FILE", help=".cell file")
     dec.add_argument("-o", "--output", metavar="OUT", help="output file (default: stdout)")
+    cre = sub.add_parser(
+        "create", help="generate a system config from what the root cell sees",
+        epilog="On the host, 'jhlab config create' takes --lab NAME (default: default) and, "
+               "without --facts, collects in that running lab over ssh; for the default lab "
+               "--ivshmem-from defaults to harness/configs/qemu-x86.toml ('' for none).")
+    cre.add_argument("--facts", metavar="FACTS.json",
+                     help="facts collected before (default: collect here, needs root)")
+    cre.add_argument("-o", "--output", metavar="OUT.cell", help="write the binary config")
+    cre.add_argument("--toml", metavar="OUT.toml",
+                     help="write the commented TOML source (stdout without -o and --toml)")
+    cre.add_argument("--name", default=DEFAULT_NAME, help=f"root cell name ({DEFAULT_NAME})")
+    cre.add_argument("--mem-hv", default="6M", metavar="SIZE",
+                     help="hypervisor memory at the start of the memmap= window (6M)")
+    cre.add_argument("--mem-inmates", metavar="SIZE",
+                     help="inmate RAM after it (default: the rest of the window)")
+    cre.add_argument("--ivshmem-from", metavar="SYSCONFIG",
+                     help="copy the ivshmem devices and their shared-memory layout of this "
+                          "system config (.cell or .toml)")
+    cre.add_argument("--console", default="ttyS0", metavar="TTY",
+                     help="the debug console's UART (ttyS0)")
+    cre.add_argument("--no-quirks", action="store_true",
+                     help="do not add jhlab's known driver needs (PCI_QUIRKS)")
+    cre.add_argument("--save-facts", metavar="FILE", help="also write the facts used")
+    cre.add_argument("--facts-label", help=argparse.SUPPRESS)  # names --facts in messages
     return parser
 
 
@@ -100,7 +139,60 @@ def _run(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
         return 0
+    if args.command == "create":
+        return _create(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse restricts choices
+
+
+def _size_arg(value: str | None, option: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=option) from exc
+
+
+def _create(args: argparse.Namespace) -> int:
+    if args.facts:
+        facts = load_facts(args.facts)
+        if args.facts_label:
+            facts = dataclasses.replace(facts, source=args.facts_label)
+        raw = None
+    else:
+        from .collect import collect  # lazy: keeps "python3 -m ...collect" free of warnings
+
+        raw = collect()
+        facts = Facts.from_json(raw, "<collected here>")
+    if args.save_facts:
+        if raw is None:
+            raw = json.loads(Path(args.facts).read_text(encoding="utf-8"))
+        _write(args.save_facts, (json.dumps(raw, indent=1) + "\n").encode("utf-8"))
+    template: SystemConfig | None = None
+    if args.ivshmem_from:
+        loaded = load(args.ivshmem_from)
+        if not isinstance(loaded, SystemConfig):
+            raise ConfigError("not a system configuration", source=args.ivshmem_from)
+        template = loaded
+    options = CreateOptions(
+        name=args.name, mem_hv=_size_arg(args.mem_hv, "--mem-hv") or DEFAULT_MEM_HV,
+        mem_inmates=_size_arg(args.mem_inmates, "--mem-inmates"), ivshmem_from=template,
+        console=args.console, quirks=not args.no_quirks)
+    result = create(facts, options)
+    text = render_toml(result)
+    if args.output:
+        _write(args.output, result.config.to_bytes())
+    if args.toml and args.toml != "-":
+        _write(args.toml, text.encode("utf-8"))
+    elif args.toml == "-" or not args.output:
+        sys.stdout.write(text)
+    for warning in result.warnings:
+        sys.stderr.write(f"WARNING: {warning}\n")
+    report = check(result.config, system_source=args.output or "<generated>")
+    if not report.ok:
+        sys.stderr.write("The generated config does not pass config check:\n")
+        sys.stderr.write(render_check(report))
+    return report.exit_status
 
 
 def main(argv: Sequence[str] | None = None, prog: str = DEFAULT_PROG) -> int:
