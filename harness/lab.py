@@ -30,6 +30,7 @@ from harness.errors import ConsoleError, JhlabError, MachineError
 from harness.images import ImageBuilder, ImageSet, build_payload, cache_dir
 from harness.labfile import LabSpec, load_lab
 from harness.machine import AccelChoice, Machine, Snapshot, choose_accel
+from harness.net import PrivateNetwork
 from harness.progress import step
 from harness.qmp import QmpSession
 from harness.ssh import CommandResult, SerialShell, SshShell, generate_key
@@ -108,6 +109,7 @@ class Lab:
         self.machine: Machine | None = None
         self.summary: LabSummary | None = None
         self.accel: AccelChoice | None = None
+        self.network: PrivateNetwork | None = None
         self.snapshot_point: Snapshot | None = None
         self._ssh: SshShell | None = None
         self._serial: SerialShell | None = None
@@ -203,11 +205,20 @@ class Lab:
         public_key = self._lab_key()
         tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="jhlab-")))
         payload = build_payload(tmp / "payload.cpio.gz", authorized_key=public_key)
+        taps = [n for n in spec.netdevs if n.type == "tap"]
+        if taps:
+            self.network = PrivateNetwork(spec.name)
+            self._stack.callback(self.network.close)
+        tap_fds = {n.id: self.network.tap(n.ifname, n.address or None)
+                   for n in taps} if self.network else {}
         self.machine = Machine(spec, self.images, accel, log_dir=log_dir, payload=payload,
-                               ssh_port=self.ssh_port)
+                               ssh_port=self.ssh_port, tap_fds=tap_fds)
         with step(f"Booting lab {spec.name} ({accel.accel}, {spec.cpus} CPUs, "
                   f"{spec.memory_mib} MiB)", quiet=self.quiet) as st:
-            self.machine.launch()
+            try:
+                self.machine.launch()
+            finally:
+                _close_fds(tap_fds)  # QEMU holds its own copies
             features, groups, kvm = self._wait_ready(st)
             boot = time.monotonic() - self.machine.started_at
             st.result = f"root cell ready after {boot:.1f} s"
@@ -287,10 +298,15 @@ class Lab:
             self._ssh.close()
         self._serial = None
         self._machine().shutdown(hard=True)
+        tap_fds = {n.id: self.network.attach(n.ifname) for n in self.spec.netdevs
+                   if n.type == "tap"} if self.network else {}
         self.machine = Machine(self.spec, self.images, self.accel, log_dir=self.log_dir,
-                               incoming=self.snapshot_point)
+                               incoming=self.snapshot_point, tap_fds=tap_fds)
         with step("Restoring reset point", quiet=self.quiet) as st:
-            self.machine.launch()
+            try:
+                self.machine.launch()
+            finally:
+                _close_fds(tap_fds)
             st.result = f"pid {self.machine.pid}"
         self._ssh = SshShell(self.machine.ssh_port or 0, self.key_path)
         if self.summary is not None:
@@ -308,7 +324,16 @@ class Lab:
             self.machine.shutdown()
         self.snapshot_point = None  # its files go with the stack
         self._stack.close()
+        self.network = None
         self.state = LabState.DOWN
+
+
+def _close_fds(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError as exc:
+            LOG.debug("closing tap fd %d: %s", fd, exc)
 
 
 def describe_failure(exc: BaseException, lab: Lab) -> str:

@@ -21,9 +21,12 @@ machine Jailhouse's ``qemu-x86.cell`` was written for.  Keys::
     addr = "02.0"                    # any other key becomes a device property
     netdev = "lan"
 
-    [[netdev]]                       # QEMU user-mode networks for lab devices
+    [[netdev]]                       # networks for lab devices
     id = "lan"
-    restrict = true                  # no connection to the outside
+    type = "user"                    # user: QEMU user-mode network
+    restrict = true                  #   no connection to the outside
+    # type = "tap"                   # tap: host end in a private network namespace
+    # address = "192.168.77.1/24"    #   the host end's address
 """
 
 from __future__ import annotations
@@ -97,10 +100,18 @@ class DeviceSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class NetdevSpec:
-    """A QEMU user-mode network a lab device attaches to."""
+    """A network a lab device attaches to: QEMU user-mode, or a tap whose host end sits
+    in the lab's private network namespace."""
 
     id: str
+    type: str = "user"
     restrict: bool = True
+    address: str = ""
+
+    @property
+    def ifname(self) -> str:
+        """Name of the tap in the lab's namespace."""
+        return f"{self.id}0"[:15]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,8 +231,18 @@ def parse_lab(text: str, source: str = "<lab>") -> LabSpec:
     for index, entry in enumerate(_expect(data, "netdev", list, source, "", [])):
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             raise LabFileError(source, f'netdev[{index}] needs id = "..."')
-        _check_keys(entry, {"id", "restrict"}, source, f"netdev[{index}]")
-        netdevs.append(NetdevSpec(id=entry["id"], restrict=bool(entry.get("restrict", True))))
+        here = f"netdev[{index}]"
+        _check_keys(entry, {"id", "type", "restrict", "address"}, source, here)
+        kind = entry.get("type", "user")
+        if kind not in ("user", "tap"):
+            raise LabFileError(source, f'{here}.type must be "user" or "tap", not {kind!r}')
+        address = entry.get("address", "")
+        if address and not re.match(r"^\d+\.\d+\.\d+\.\d+/\d+$", str(address)):
+            raise LabFileError(source, f"{here}.address must look like 192.168.77.1/24")
+        if address and kind != "tap":
+            raise LabFileError(source, f"{here}.address only applies to type = \"tap\"")
+        netdevs.append(NetdevSpec(id=entry["id"], type=kind, address=str(address),
+                                  restrict=bool(entry.get("restrict", True))))
     known = {n.id for n in netdevs}
     for spec in devices:
         netdev = spec.prop("netdev")

@@ -137,11 +137,13 @@ class Machine:
     :param payload: this boot's guest payload (appended to the initramfs)
     :param ssh_port: host port forwarded to the guest's sshd; ``None`` picks a free one
     :param incoming: start from this snapshot instead of booting
+    :param tap_fds: for each tap netdev of the lab, a descriptor QEMU inherits
     """
 
     def __init__(self, spec: LabSpec, images: ImageSet, accel: AccelChoice, *, log_dir: Path,
                  payload: Path | None = None, ssh_port: int | None = None,
-                 extra_args: tuple[str, ...] = (), incoming: Snapshot | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), incoming: Snapshot | None = None,
+                 tap_fds: dict[str, int] | None = None) -> None:
         self.spec = spec
         self.images = images
         self.accel = accel
@@ -150,6 +152,7 @@ class Machine:
         self.ssh_port = ssh_port
         self.extra_args = extra_args
         self.incoming = incoming
+        self.tap_fds = dict(tap_fds or {})
         self.state = MachineState.IDLE
         self.run_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -224,7 +227,13 @@ class Machine:
             "-device", f"virtio-net-pci,netdev=mgmt,addr={spec.management_nic},id=mgmt",
         ]
         for netdev in spec.netdevs:
-            cmd += ["-netdev", f"user,id={netdev.id},restrict={'on' if netdev.restrict else 'off'}"]
+            if netdev.type == "tap":
+                if netdev.id not in self.tap_fds:
+                    raise MachineError(f"lab {spec.name}: no tap descriptor for netdev {netdev.id}")
+                cmd += ["-netdev", f"tap,id={netdev.id},fd={self.tap_fds[netdev.id]}"]
+            else:
+                restrict = "on" if netdev.restrict else "off"
+                cmd += ["-netdev", f"user,id={netdev.id},restrict={restrict}"]
         for device in spec.devices:
             cmd += ["-device", device.qemu_arg()]
         if self.incoming is not None:
@@ -288,6 +297,7 @@ class Machine:
             self.process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_die_with_parent,
+                pass_fds=tuple(self.tap_fds.values()),
             )
         qmp_sock = self.run_dir / "qmp.sock"
         deadline = time.monotonic() + LAUNCH_TIMEOUT

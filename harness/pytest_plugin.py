@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from harness.lab import Lab, state_dir
+from harness.labfile import LabSpec
 
 LAB_KEY = pytest.StashKey[list[Lab]]()
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -88,10 +89,11 @@ def _attach_artifacts(item: pytest.Item, report: pytest.TestReport, lab: Lab) ->
     report.sections.append((f"lab {lab.spec.name}: artefacts", str(dest)))
 
 
-def _new_lab(config: pytest.Config, lab: str | None = None, tag: str = "") -> Lab:
-    name = lab or config.getoption("--lab")
-    folder = log_root(config) / f"lab-{Path(str(name)).stem}{tag}-{time.strftime('%H%M%S')}"
-    return Lab(name, accel=config.getoption("--accel"), log_dir=folder, quiet=True)
+def _new_lab(config: pytest.Config, lab: str | LabSpec | None = None, tag: str = "") -> Lab:
+    which = lab or config.getoption("--lab")
+    label = which.name if isinstance(which, LabSpec) else Path(str(which)).stem
+    folder = log_root(config) / f"lab-{label}{tag}-{time.strftime('%H%M%S')}"
+    return Lab(which, accel=config.getoption("--accel"), log_dir=folder, quiet=True)
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +119,7 @@ def lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     """Boot extra labs (owned by the test, stopped at teardown)."""
     made: list[Lab] = []
 
-    def make(lab: str | None = None, *, up: bool = True, **kwargs: Any) -> Lab:
+    def make(lab: str | LabSpec | None = None, *, up: bool = True, **kwargs: Any) -> Lab:
         new = _new_lab(request.config, lab, tag=f"-extra{len(made)}")
         for key, value in kwargs.items():
             setattr(new, key, value)
