@@ -54,6 +54,9 @@ def test_sizes() -> None:
      'addr = "05.0"\n', "already taken by edu"),
     (MINIMAL + '[[device]]\ndriver = "e1000e"\nnetdev = "lan"\n', "no \\[\\[netdev\\]\\] defines"),
     (MINIMAL + '[[device]]\ndriver = "edu"\nid = "mgmt"\n', "reserved for the harness"),
+    (MINIMAL + '[[netdev]]\nid = "lan"\ntype = "vde"\n', 'must be "user" or "tap"'),
+    (MINIMAL + '[[netdev]]\nid = "lan"\naddress = "10.0.0.1/24"\n', "only applies to type"),
+    (MINIMAL + '[[netdev]]\nid = "lan"\ntype = "tap"\naddress = "10.0.0.1"\n', "must look like"),
 ])
 def test_bad_lab_files_name_the_problem(text: str, message: str) -> None:
     """Each malformed lab file fails with an error naming the key and the fix."""
