@@ -526,7 +526,7 @@ def choose_accel(requested: str, images: ImageSet, *, log_dir: Path) -> AccelCho
     return choice
 
 
-def _probe_kvm(images: ImageSet, log_dir: Path) -> AccelChoice:
+def _probe_kvm(images: ImageSet, log_dir: Path, timeout: float = PROBE_TIMEOUT) -> AccelChoice:
     from harness.labfile import LabSpec  # the probe machine is minimal: no devices
 
     spec = LabSpec(name="kvm-probe", cpus=1, memory=512 * 2**20, iommu="none")
@@ -535,11 +535,11 @@ def _probe_kvm(images: ImageSet, log_dir: Path) -> AccelChoice:
     try:
         probe.launch()
         assert probe.console is not None  # set by launch()
-        match = probe.console.expect(r"jhlab: cpu features: ([^\r\n]*)", timeout=PROBE_TIMEOUT)
+        match = probe.console.expect(r"jhlab: cpu features: ([^\r\n]*)", timeout=timeout)
         features = set(match.group(1).split())
     except (ConsoleError, MachineError) as exc:
         LOG.info("KVM probe failed: %s", exc)
-        reason = f"a KVM probe boot did not reach the root cell within {PROBE_TIMEOUT:.0f} s"
+        reason = f"a KVM probe boot did not reach the root cell within {timeout:.0f} s"
         if Path("/sys/module/kvm_pvm").exists():
             reason += " (this host's /dev/kvm is PVM, which cannot boot a stock kernel)"
         return AccelChoice("tcg", "max", reason)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from collections.abc import Callable
 from typing import Final
 
@@ -65,7 +66,8 @@ class Console:
 
     Writes go to the sink at once and are logged per complete line; the ring and the
     line history are brought up to date when read (writes only queue the text), which
-    keeps ``printk`` cheap on the hot paths.
+    keeps ``printk`` cheap on the hot paths.  Thread-safe: cell CPUs of the executor
+    print from their own threads while the root reads the ring.
 
     :param sink: receives every written chunk (the debug UART), or None
     :param history: how many complete lines :attr:`lines` keeps
@@ -78,6 +80,8 @@ class Console:
         self._pending: list[str] = []
         self._lines: collections.deque[str] = collections.deque(maxlen=history)
         self._log_partial = ""
+        # one writer or reader at a time; the sink runs under it so UART order is text order
+        self._lock = threading.RLock()
         #: total characters ever written
         self.written = 0
 
@@ -85,18 +89,19 @@ class Console:
         """Append ``text`` (``printk``): sink, logging, and (on read) ring and history."""
         if not text:
             return
-        self.written += len(text)
-        pending = self._pending
-        pending.append(text)
-        if len(pending) > 512:
-            self._flush()
-        if self._sink is not None:
-            self._sink(text)
-        if LOG.isEnabledFor(logging.INFO):
-            joined = self._log_partial + text
-            *complete, self._log_partial = joined.split("\n")
-            for line in complete:
-                LOG.info("%s", line)
+        with self._lock:
+            self.written += len(text)
+            pending = self._pending
+            pending.append(text)
+            if len(pending) > 512:
+                self._flush()
+            if self._sink is not None:
+                self._sink(text)
+            if LOG.isEnabledFor(logging.INFO):
+                joined = self._log_partial + text
+                *complete, self._log_partial = joined.split("\n")
+                for line in complete:
+                    LOG.info("%s", line)
 
     def _flush(self) -> None:
         pending = self._pending
@@ -119,27 +124,31 @@ class Console:
     @property
     def lines(self) -> collections.deque[str]:
         """The most recent complete lines, oldest first, without newlines."""
-        self._flush()
-        return self._lines
+        with self._lock:
+            self._flush()
+            return self._lines
 
     @property
     def content(self) -> str:
         """The ring as the root reads it: at most the last 2048 bytes."""
-        self._flush()
-        return bytes(self._ring).decode("latin-1")
+        with self._lock:
+            self._flush()
+            return bytes(self._ring).decode("latin-1")
 
     def text(self) -> str:
         """All complete lines in the history plus the unfinished one, joined."""
-        lines = self.lines
-        body = "\n".join(lines)
-        if lines:
-            body += "\n"
-        return body + self._partial
+        with self._lock:
+            lines = self.lines
+            body = "\n".join(lines)
+            if lines:
+                body += "\n"
+            return body + self._partial
 
     def clear(self) -> None:
         """Empty the ring and the history (a fresh enable)."""
-        self._flush()
-        self._ring.clear()
-        self._partial = ""
-        self._lines.clear()
-        self.written = 0
+        with self._lock:
+            self._flush()
+            self._ring.clear()
+            self._partial = ""
+            self._lines.clear()
+            self.written = 0

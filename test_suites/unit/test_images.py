@@ -77,3 +77,11 @@ def test_cache_lock_serializes_builders(tmp_path: Path, monkeypatch: pytest.Monk
     for t in threads:
         t.join()
     assert events[0].endswith("in") and events[1] == events[0].replace("in", "out")
+
+
+def test_missing_build_tool_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.errors import MissingToolError
+
+    monkeypatch.setattr(images.shutil, "which", lambda *args, **kwargs: None)
+    with pytest.raises(MissingToolError, match="mmdebstrap not found.*apt-get install mmdebstrap"):
+        images.require_tool("mmdebstrap")
