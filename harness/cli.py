@@ -307,10 +307,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="jhlab-sync-") as tmp:
             key = Path(state["key"]).with_suffix(".pub").read_text()
-            payload = build_payload(Path(tmp) / "payload.cpio.gz", authorized_key=key)
+            from harness.images import ImageBuilder
+
+            inmates = ImageBuilder(quiet=True).inmates()
+            payload = build_payload(Path(tmp) / "payload.cpio.gz", authorized_key=key,
+                                    inmates=inmates)
             shell.put(payload.read_bytes(), "/tmp/jhlab-sync.cpio.gz")
         shell.run("cd / && gzip -dc /tmp/jhlab-sync.cpio.gz | busybox cpio -idmu 2>/dev/null && "
-                  "rm -rf /opt/jhlab/lib /opt/jhlab/bin && cp -a /jhlab/. /opt/jhlab/ && "
+                  "rm -rf /opt/jhlab/lib /opt/jhlab/bin /opt/jhlab/configs /opt/jhlab/libexec && "
+                  "cp -a /jhlab/. /opt/jhlab/ && "
                   "rm -rf /jhlab /tmp/jhlab-sync.cpio.gz", check=True)
     finally:
         shell.close()
@@ -405,10 +410,21 @@ def cmd_test(args: argparse.Namespace) -> int:
             suites = sorted(p.name for p in (REPO_ROOT / "test_suites").iterdir() if p.is_dir()
                             and not p.name.startswith("_"))
             raise JhlabError(f"no suite {args.suite!r} (suites: {', '.join(suites)})")
+    # "jhlab test e2e --junit F": argparse's REMAINDER after SUITE swallows --junit too.
+    extra = list(args.pytest_args)
+    junit = args.junit
+    while "--junit" in extra[: extra.index("--") if "--" in extra else len(extra)]:
+        at = extra.index("--junit")
+        if at + 1 >= len(extra):
+            raise JhlabError("--junit needs a file name")
+        junit = extra[at + 1]
+        del extra[at:at + 2]
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
     pytest_args = [str(target)]
-    if args.junit:
-        pytest_args.append(f"--junitxml={args.junit}")
-    return int(pytest.main(pytest_args + list(args.pytest_args)))
+    if junit:
+        pytest_args.append(f"--junitxml={junit}")
+    return int(pytest.main(pytest_args + extra))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -10,12 +10,15 @@ Cache layout (``$JHLAB_CACHE``, else ``$XDG_CACHE_HOME/jhlab``, else ``~/.cache/
     images/kernel-<package>_<version>/     vmlinuz, config, lib/modules/<release>/
     images/rootfs-<hash>.img               ext4, label jhlab-root, mounted read-only
     images/initramfs-<hash>.cpio.gz        busybox, storage modules, stage-1 init
+    images/inmates-<hash>/                 demo inmates (flat binaries and map files)
     locks/<artefact>.lock
     accel.json                             accelerator probe results
 
-The per-boot guest payload (the hvmodel package, guest tools, the lab's SSH key) is a
-second, tiny cpio archive appended to the initramfs at launch, so changing the model's
-code never forces an image rebuild.
+The per-boot guest payload (the hvmodel package, guest tools, compiled cell configs,
+demo inmates, the lab's SSH key) is a second, small cpio archive appended to the
+initramfs at launch, so changing the model's code never forces an image rebuild.  In the
+root cell it appears where Jailhouse's images put things: configs in ``/etc/jailhouse``,
+demos in ``/usr/libexec/jailhouse/demos`` (with Jailhouse's demo names as aliases).
 """
 
 from __future__ import annotations
@@ -57,6 +60,18 @@ TOOLS = {
     "depmod": "kmod",
     "mkfs.ext4": "e2fsprogs",
     "cpio": "cpio",
+    "make": "make",
+    "gcc": "gcc",
+}
+
+#: Jailhouse's demo names for our inmates, so scripts written for Jailhouse find them.
+DEMO_ALIASES = {
+    "tiny-demo": "hello",
+    "apic-demo": "apic-timer",
+    "smp-demo": "smp",
+    "pci-demo": "pci-probe",
+    "ivshmem-demo": "ivshmem",
+    "e1000-demo": "e1000e",
 }
 
 
@@ -111,8 +126,16 @@ def cache_lock(name: str) -> Iterator[None]:
 def _hash_files(digest: hashlib._Hash, paths: Iterable[Path], root: Path) -> None:
     for path in sorted(paths):
         rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            digest.update(f"{rel}\0->{os.readlink(path)}\0".encode())
+            continue
         digest.update(f"{rel}\0{path.stat().st_mode & 0o777:o}\0".encode())
         digest.update(path.read_bytes())
+
+
+def _recipe_files(base: Path) -> list[Path]:
+    """Files and symlinks under ``base`` (a recipe folder)."""
+    return [p for p in base.rglob("*") if p.is_symlink() or p.is_file()]
 
 
 def _recipe_lines(path: Path) -> list[str]:
@@ -191,11 +214,12 @@ def _module_name(path: str) -> str:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Everything a lab machine boots."""
+    """Everything a lab machine boots, and the inmates its cells run."""
 
     kernel: Kernel
     initramfs: Path
     rootfs: Path
+    inmates: Path | None = None
 
 
 class ImageBuilder:
@@ -212,7 +236,8 @@ class ImageBuilder:
     def build(self) -> ImageSet:
         """Return the image set, building whatever is missing."""
         kernel = self.kernel()
-        return ImageSet(kernel=kernel, initramfs=self.initramfs(kernel), rootfs=self.rootfs(kernel))
+        return ImageSet(kernel=kernel, initramfs=self.initramfs(kernel), rootfs=self.rootfs(kernel),
+                        inmates=self.inmates())
 
     # -- kernel ---------------------------------------------------------------------
 
@@ -279,8 +304,7 @@ class ImageBuilder:
     def rootfs_key(self, kernel: Kernel) -> str:
         digest = hashlib.sha256(f"{RECIPE_VERSION}\0{kernel.ident}\0{DEBIAN_SUITE}\0".encode())
         base = RECIPES / "rootfs"
-        files = [p for p in base.rglob("*") if p.is_file()]
-        _hash_files(digest, files, base)
+        _hash_files(digest, _recipe_files(base), base)
         return digest.hexdigest()[:16]
 
     def rootfs(self, kernel: Kernel) -> Path:
@@ -346,7 +370,7 @@ class ImageBuilder:
     def initramfs_key(self, kernel: Kernel) -> str:
         digest = hashlib.sha256(f"{RECIPE_VERSION}\0{kernel.ident}\0".encode())
         base = RECIPES / "initramfs"
-        _hash_files(digest, [p for p in base.rglob("*") if p.is_file()], base)
+        _hash_files(digest, _recipe_files(base), base)
         digest.update(self._busybox().read_bytes())
         return digest.hexdigest()[:16]
 
@@ -380,6 +404,46 @@ class ImageBuilder:
         return image
 
 
+    # -- inmates --------------------------------------------------------------------------
+
+    def inmates_key(self) -> str:
+        digest = hashlib.sha256(f"{RECIPE_VERSION}\0".encode())
+        base = RECIPES / "inmates"
+        files = [p for p in _recipe_files(base) if "build" not in p.relative_to(base).parts]
+        _hash_files(digest, files, base)
+        return digest.hexdigest()[:16]
+
+    def inmates(self) -> Path:
+        """The demo inmates, built from ``images/inmates`` (reproducible flat binaries)."""
+        folder = self.dir / f"inmates-{self.inmates_key()}"
+        with cache_lock(folder.name):
+            if folder.is_dir():
+                return folder
+            with step("Building inmates", quiet=self.quiet) as st:
+                require_tool("gcc", "to build the inmates")
+                with tempfile.TemporaryDirectory(dir=self.dir, prefix="tmp-inmates-") as tmp:
+                    out = Path(tmp) / "out"
+                    run_tool(["make", "-s", "-C", str(RECIPES / "inmates"), f"O={out}"],
+                             what="building the inmates")
+                    for junk in out.rglob("*.o"):
+                        junk.unlink()
+                    out.rename(folder)
+                st.result = f"{len(list(folder.glob('*.bin')))} demos"
+        return folder
+
+
+def compiled_configs() -> dict[str, bytes]:
+    """Every shipped cell config compiled to ``.cell`` bytes: Jailhouse's QEMU configs
+    (``harness/configs``) and the demo inmates' cells (``images/inmates/cells``)."""
+    from harness.hvmodel.config import load_source
+
+    configs: dict[str, bytes] = {}
+    for folder in (REPO_ROOT / "harness" / "configs", RECIPES / "inmates" / "cells"):
+        for source in sorted(folder.glob("*.toml")):
+            configs[f"{source.stem}.cell"] = load_source(source).to_bytes()
+    return configs
+
+
 def write_cpio(tree: Path, dest: Path) -> None:
     """Pack ``tree`` as a gzip'd newc cpio archive: sorted, owned by root, no timestamps."""
     names = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*"))
@@ -399,12 +463,15 @@ def write_cpio(tree: Path, dest: Path) -> None:
     partial.rename(dest)
 
 
-def build_payload(dest: Path, *, authorized_key: str, extra: dict[str, bytes] | None = None) -> Path:
+def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = None,
+                  extra: dict[str, bytes] | None = None) -> Path:
     """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
     and copied to ``/opt/jhlab`` in the root cell.
 
     It holds the hypervisor model (``lib/harness/hvmodel``), the guest tools
-    (``bin/``, from ``images/guest/bin`` when present) and the lab's SSH public key.
+    (``bin/``, from ``images/guest/bin``), the compiled cell configs (``configs/``, seen
+    as ``/etc/jailhouse``), the demo inmates (``libexec/demos/``, seen as
+    ``/usr/libexec/jailhouse/demos``) and the lab's SSH public key.
     """
     with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
         root = Path(tmp) / "jhlab"
@@ -420,6 +487,18 @@ def build_payload(dest: Path, *, authorized_key: str, extra: dict[str, bytes] | 
         if guest_bin.is_dir():
             shutil.copytree(guest_bin, root / "bin", dirs_exist_ok=True)
         (root / "authorized_keys").write_text(authorized_key.strip() + "\n")
+        configs = root / "configs"
+        configs.mkdir()
+        for name, data in compiled_configs().items():
+            (configs / name).write_bytes(data)
+        if inmates is not None:
+            demos = root / "libexec" / "demos"
+            demos.mkdir(parents=True)
+            for binary in sorted(inmates.glob("*.bin")):
+                shutil.copy2(binary, demos / binary.name)
+            for alias, demo in DEMO_ALIASES.items():
+                if (inmates / f"{demo}.bin").exists():
+                    shutil.copy2(inmates / f"{demo}.bin", demos / f"{alias}.bin")
         for rel, data in (extra or {}).items():
             target = root / rel
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,8 @@ class Lab:
         self.accel = accel
         public_key = self._lab_key()
         tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="jhlab-")))
-        payload = build_payload(tmp / "payload.cpio.gz", authorized_key=public_key)
+        payload = build_payload(tmp / "payload.cpio.gz", authorized_key=public_key,
+                                inmates=self.images.inmates)
         taps = [n for n in spec.netdevs if n.type == "tap"]
         if taps:
             self.network = PrivateNetwork(spec.name)

@@ -114,7 +114,8 @@ def bench(repeats: int = 3) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="jhlab-bench-") as tmp:
         root = Path(tmp)
         accel = choose_accel(load_lab("default").accel, images, log_dir=root)
-        payload = build_payload(root / "payload.cpio.gz", authorized_key="ssh-rsa AAAA bench")
+        payload = build_payload(root / "payload.cpio.gz", authorized_key="ssh-rsa AAAA bench",
+                                inmates=images.inmates)
         bare, marked, ready, ratios = [], [], [], []
         for index in range(repeats):
             b = bare_boot(images, accel, payload, root / f"bare{index}")
