@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 import logging
 import os
 import re
@@ -111,6 +112,9 @@ class Lab:
         self.accel: AccelChoice | None = None
         self.network: PrivateNetwork | None = None
         self.snapshot_point: Snapshot | None = None
+        #: PCI state at the reset point: QEMU's BARs per BDF and the guest's config headers
+        self._snapshot_bars: dict[str, list[tuple[int, int]]] = {}
+        self._snapshot_headers: dict[str, str] = {}
         self._ssh: SshShell | None = None
         self._serial: SerialShell | None = None
         self._stack = contextlib.ExitStack()
@@ -282,9 +286,39 @@ class Lab:
         folder = Path(self._stack.enter_context(
             tempfile.TemporaryDirectory(prefix=f"jhlab-{self.spec.name}-snap-")))
         with step("Saving reset point", quiet=self.quiet) as st:
+            self._snapshot_headers = self._guest_pci_headers()
+            self._snapshot_bars = self._qemu_pci_bars()
             self.snapshot_point = self._machine().save_snapshot(folder)
             st.result = f"{self.snapshot_point.size // 2**20} MiB"
         return self.snapshot_point
+
+    def _qemu_pci_bars(self) -> dict[str, list[tuple[int, int]]]:
+        """The BARs QEMU decodes per device, as ``(bar, address)``."""
+        return {dev["bdf"]: [(r["bar"], r["address"]) for r in dev.get("regions", [])]
+                for dev in self.qmp.pci_devices()}
+
+    def _guest_pci_headers(self) -> dict[str, str]:
+        """The first 64 bytes of every PCI function's config space, as the guest reads
+        them (hex, keyed by ``BB:DD.F``)."""
+        result = self.run(_READ_PCI_HEADERS, check=True, timeout=60)
+        return {bdf[5:]: header for bdf, header in json.loads(result.stdout).items()}
+
+    def _repair_pci_state(self) -> None:
+        """Devices without migration state in QEMU (``edu``) come back from a restore
+        as if reset: BARs unassigned, decoding off. Write their config headers back from
+        what the guest had at the reset point, then check QEMU decodes them again."""
+        lost = sorted(bdf for bdf, bars in self._qemu_pci_bars().items()
+                      if bars != self._snapshot_bars.get(bdf, bars) and bdf in self._snapshot_headers)
+        if not lost:
+            return
+        LOG.info("%r: restoring the PCI config of %s (no migration state in QEMU)", self, ", ".join(lost))
+        script = _WRITE_PCI_HEADERS % json.dumps({f"0000:{b}": self._snapshot_headers[b] for b in lost})
+        self.run(script, check=True, timeout=60)
+        after = self._qemu_pci_bars()
+        broken = [bdf for bdf in lost if after.get(bdf) != self._snapshot_bars[bdf]]
+        if broken:
+            raise MachineError(f"{self!r}: after restoring the reset point, the BARs of "
+                               f"{', '.join(broken)} stay unassigned; use a fresh lab (down, up)")
 
     def reset(self) -> float:
         """Put the lab back to its reset point (taken by :meth:`snapshot`, or now if
@@ -313,6 +347,7 @@ class Lab:
         if self.summary is not None:
             self.summary = dataclasses.replace(self.summary, pid=self.machine.pid or 0,
                                                ssh_port=self.machine.ssh_port or 0)
+        self._repair_pci_state()
         return time.monotonic() - started
 
     def down(self) -> None:
@@ -327,6 +362,24 @@ class Lab:
         self._stack.close()
         self.network = None
         self.state = LabState.DOWN
+
+
+#: prints {"DDDD:BB:DD.F": "<64 bytes of config space, hex>"} for every PCI function
+_READ_PCI_HEADERS = (
+    "python3 -c 'import json, os; d = \"/sys/bus/pci/devices\"; "
+    "print(json.dumps({b: open(os.path.join(d, b, \"config\"), \"rb\").read(64).hex() "
+    "for b in sorted(os.listdir(d))}))'"
+)
+#: writes saved headers back: BARs, ROM BAR and interrupt line first, the command last
+_WRITE_PCI_HEADERS = '''python3 - <<'EOF'
+import json
+for bdf, text in json.loads(%r).items():
+    header = bytes.fromhex(text)
+    with open(f"/sys/bus/pci/devices/{bdf}/config", "r+b", buffering=0) as config:
+        for offset, size in [(0x10 + 4 * n, 4) for n in range(6)] + [(0x30, 4), (0x3c, 1), (0x04, 2)]:
+            config.seek(offset)
+            config.write(header[offset:offset + size])
+EOF'''
 
 
 def _close_fds(fds: dict[str, int]) -> None:

@@ -200,7 +200,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_reset_restores_the_snapshot(lab: Lab) -> None:
     """A reset brings back the saved state: files written later are gone, the consoles,
-    QMP and ssh work again on the restored machine."""
+    QMP and ssh work again on the restored machine, and devices QEMU cannot migrate
+    (``edu``) decode their BARs again where the guest had put them."""
     token = secrets.token_hex(4)
     lab.run(f"echo {token} > /root/reset-marker", check=True)
     old_pid = lab.machine.pid if lab.machine else None
@@ -214,3 +215,43 @@ def test_reset_restores_the_snapshot(lab: Lab) -> None:
     lab.run("echo restored-console > /dev/ttyS0", check=True)
     lab.console.expect("restored-console", timeout=20)
     assert lab.qmp.read_phys(0, 4) == lab.qmp.read_phys(0, 4)
+    edu = next(dev for dev in lab.qmp.pci_devices() if dev["bdf"] == "00:05.0")
+    bar0 = lab.run("setpci -s 00:05.0 BASE_ADDRESS_0", check=True).stdout.strip()
+    assert edu["regions"][0]["address"] == int(bar0, 16) & ~0xF != 0
+
+
+def test_guest_tools_are_on_the_path_over_ssh(lab: Lab) -> None:
+    """Commands over ssh find the guest tools and the model like the console shell does."""
+    out = lab.run("command -v jailhouse; python3 -c 'import harness.hvmodel.control'",
+                  check=True)
+    assert out.stdout.strip() == "/opt/jhlab/bin/jailhouse"
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm here")
+def test_kvm_probe_boot_decides_from_what_the_guest_shows(tmp_path: Path) -> None:
+    """The probe really boots the lab kernel on KVM; it picks KVM only if the root cell
+    comes up and shows vmx/svm, and otherwise falls back to TCG saying why."""
+    from harness.images import ImageBuilder
+    from harness.machine import _host_virt_flags, _probe_kvm
+
+    images = ImageBuilder(quiet=True).build()
+    choice = _probe_kvm(images, tmp_path, timeout=20)
+    assert (tmp_path / "kvm-probe" / "qemu-cmdline.txt").read_text().count("-accel kvm") == 1
+    if choice.accel == "kvm":
+        assert {"vmx", "svm"} & set(choice.reason.split())
+    else:
+        assert choice.cpu == "max" and choice.reason
+        if not _host_virt_flags():
+            assert "did not reach the root cell" in choice.reason or "no vmx/svm" in choice.reason
+    assert not list(Path("/tmp").glob("jhlab-kvm-probe-*"))
+
+
+def test_configs_and_demos_sit_where_jailhouse_images_put_them(lab: Lab) -> None:
+    """Scripts written for Jailhouse's images find /etc/jailhouse/*.cell and the demos."""
+    from harness.images import compiled_configs
+
+    expected = compiled_configs()["qemu-x86.cell"]
+    assert lab.ssh.get("/etc/jailhouse/qemu-x86.cell") == expected
+    demos = lab.run("ls /usr/libexec/jailhouse/demos", check=True).stdout.split()
+    assert {"apic-demo.bin", "tiny-demo.bin", "hello.bin", "apic-timer.bin"} <= set(demos)
+    assert lab.ssh.get("/usr/libexec/jailhouse/demos/apic-demo.bin")[:2] != b""

@@ -83,5 +83,5 @@ def test_missing_build_tool_names_its_package(monkeypatch: pytest.MonkeyPatch) -
     from harness.errors import MissingToolError
 
     monkeypatch.setattr(images.shutil, "which", lambda *args, **kwargs: None)
-    with pytest.raises(MissingToolError, match="mmdebstrap not found.*apt-get install mmdebstrap"):
+    with pytest.raises(MissingToolError, match=r"mmdebstrap not found.*apt-get install mmdebstrap"):
         images.require_tool("mmdebstrap")

@@ -1,0 +1,256 @@
+"""Pieces of the driver daemon and the ``jailhouse`` command, in process: Jailhouse's
+argument parsing (``strtoll``, ``parse_cell_id``), the console ring as the driver reads it,
+the 8250 debug console protocol, the sysfs file writer, host probing helpers, the usage
+text, ``cell stats`` rendering and ``hardware check``."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from harness.hvmodel.daemon import (
+    ConsoleRing,
+    DaemonError,
+    SysfsWriter,
+    Uart8250,
+    dump_delta,
+    make_arch,
+    parse_cpu_list,
+    parse_memmap,
+)
+from harness.hvmodel.ipc import CELL_ID_UNUSED, CellId, RunDir
+from harness.hvmodel.tool import USAGE, CellStats, HardwareCheck, Tool, strtoll
+
+#: ``help()`` of Jailhouse's tools/jailhouse.c (master) for the built-in commands
+JAILHOUSE_USAGE = """Usage: jailhouse { COMMAND | --help | --version }
+
+Available commands:
+   enable SYSCONFIG
+   disable
+   console [-f | --follow]
+   cell create CELLCONFIG
+   cell list
+   cell load { ID | [--name] NAME } { IMAGE | { -s | --string } "STRING" }
+             [-a | --address ADDRESS] ...
+   cell start { ID | [--name] NAME }
+   cell shutdown { ID | [--name] NAME }
+   cell destroy { ID | [--name] NAME }
+"""
+
+
+def test_usage_is_jailhouse_help_text() -> None:
+    """The built-in part of the usage is Jailhouse's, byte for byte."""
+    assert USAGE % "jailhouse" == JAILHOUSE_USAGE
+
+
+@pytest.mark.parametrize(("text", "value", "ok"), [
+    ("1", 1, True), ("0", 0, True), ("", 0, True), ("0x10", 16, True), ("0X1f", 31, True),
+    ("010", 8, True), ("08", 0, False), ("-1", -1, True), ("+7", 7, True), ("  12", 12, True),
+    ("12 ", 12, False), ("0x", 0, False), ("x1", 0, False), ("-", 0, False), (" ", 0, False),
+    ("1a", 1, False), ("9223372036854775807", (1 << 63) - 1, True),
+    ("9223372036854775808", (1 << 63) - 1, False), ("-9223372036854775808", -(1 << 63), True),
+    ("0x3ef00000", 0x3EF00000, True), ("apic-demo", 0, False),
+])
+def test_strtoll_base0(text: str, value: int, ok: bool) -> None:
+    """``strtoll(text, &end, 0)`` with the ``errno``/``*end`` check of jailhouse.c."""
+    assert strtoll(text) == (value, ok)
+
+
+@pytest.mark.parametrize(("args", "cell", "used"), [
+    ([], CellId(), 0),
+    (["1"], CellId(1, ""), 1),
+    (["0x2", "x"], CellId(2, ""), 1),
+    ([""], CellId(0, ""), 1),
+    (["apic-demo"], CellId(CELL_ID_UNUSED, "apic-demo"), 1),
+    (["-1"], CellId(CELL_ID_UNUSED, "-1"), 1),
+    (["--name"], CellId(), 0),
+    (["--name", "7"], CellId(CELL_ID_UNUSED, "7"), 2),
+    (["4294967297"], CellId(1, ""), 1),
+    (["2147483648"], CellId(CELL_ID_UNUSED, "2147483648"), 1),
+    (["n" * 40], CellId(CELL_ID_UNUSED, "n" * 31), 1),
+])
+def test_parse_cell_id(args: list[str], cell: CellId, used: int) -> None:
+    """Numbers (base 0, >= 0 as a 32-bit int) are ids, the rest or ``--name X`` names
+    (cut to 31 bytes); no argument, or ``--name`` alone, names nothing."""
+    assert Tool.parse_cell_id(args) == (cell, used)
+
+
+def test_cell_id_wire_round_trip() -> None:
+    """``struct jailhouse_cell_id`` on the wire; names longer than 31 bytes are cut."""
+    assert CellId.from_wire(CellId(3, "").to_wire()) == CellId(3, "")
+    assert CellId.from_wire({"id": -1, "name": "x" * 40}) == CellId(-1, "x" * 31)
+    with pytest.raises(ValueError):
+        CellId.from_wire({"id": "1"})
+
+
+def test_dump_delta_follows_the_driver() -> None:
+    """Nothing new: empty; new bytes up to the buffer size; a reader left behind by more
+    than the 2048-byte ring first gets the missed-bytes notice, then the ring."""
+    content = bytes(range(256)) * 8
+    assert dump_delta(100, content[:100], 100, 128) == (b"", 100)
+    assert dump_delta(100, content[:100], 40, 128) == (content[40:100], 100)
+    assert dump_delta(100, content[:100], 0, 30) == (content[:30], 30)
+    tail = 5000
+    notice, head = dump_delta(tail, content, 0, 4096)
+    assert notice == b"<missed 2952 bytes of console log>\n"
+    assert head == 2952
+    assert dump_delta(tail, content, head, 4096) == (content, tail)
+
+
+def test_console_ring_keeps_the_last_2048_bytes() -> None:
+    """The ring holds the newest bytes, counts all of them, and tells what was added."""
+    ring = ConsoleRing()
+    ring.append(b"a" * 2000)
+    mark = ring.tail
+    ring.append(b"b" * 100)
+    assert ring.tail == 2100
+    assert ring.snapshot() == (2100, b"a" * 1948 + b"b" * 100)
+    assert ring.since(mark) == b"b" * 100
+    assert ring.read(0, 100) == (b"<missed 52 bytes of console log>\n", 52)
+    assert not ring.wait_beyond(2100, 0.01)
+    assert ring.wait_beyond(2000, 0.01)
+
+
+class FakePorts:
+    """Port backend recording accesses; LSR reports 'busy' ``busy`` times per character."""
+
+    def __init__(self, busy: int = 0) -> None:
+        self.busy = busy
+        self.pending = busy
+        self.log: list[tuple[str, int, int]] = []
+        self.closed = False
+
+    def inb(self, port: int) -> int:
+        if port == 0x3FD:
+            if self.pending:
+                self.pending -= 1
+                return 0x00
+            return 0x60
+        return 0xFF
+
+    def outb(self, port: int, value: int) -> None:
+        self.log.append(("out", port, value))
+        if port == 0x3F8:
+            self.pending = self.busy
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_uart_8250_protocol() -> None:
+    """Each character waits for THRE, goes to THR; a line feed is sent as CR LF."""
+    ports = FakePorts(busy=2)
+    uart = Uart8250(ports, 0x3F8)
+    uart.write(b"ok\n")
+    assert [value for _, port, value in ports.log if port == 0x3F8] == [0x6F, 0x6B, 0x0D, 0x0A]
+    assert uart.thre_timeouts == 0
+    uart.close()
+    assert ports.closed
+
+
+def test_uart_8250_divider_programs_the_baud_rate() -> None:
+    """A non-zero divider is programmed first (``uart_init``): DLAB, DLL, DLM, 8N1."""
+    ports = FakePorts()
+    Uart8250(ports, 0x2F8, divider=1)
+    assert ports.log == [("out", 0x2FB, 0x80), ("out", 0x2F8, 1), ("out", 0x2F9, 0), ("out", 0x2FB, 0x03)]
+
+
+def test_sysfs_writer_adds_changes_and_prunes(tmp_path: Path) -> None:
+    """Files appear read-only, change in place, and vanish with their empty directories."""
+    root = tmp_path / "sys" / "devices" / "jailhouse"
+    writer = SysfsWriter(root)
+    writer.write({"enabled": "1\n", "cells/1/name": "x\n", "cells/1/statistics/cpu3/vmexits_total": "0\n"})
+    assert (root / "cells/1/name").read_text() == "x\n"
+    assert stat.S_IMODE(os.stat(root / "enabled").st_mode) == 0o444
+    writer.write({"enabled": "0\n"})
+    assert (root / "enabled").read_text() == "0\n"
+    assert not (root / "cells").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["enabled"]
+    writer.clear()
+    assert not root.exists()
+
+
+def test_host_probe_helpers() -> None:
+    """CPU lists and ``memmap=`` reservations as Linux writes them."""
+    assert parse_cpu_list("0-2,5\n") == {0, 1, 2, 5}
+    assert parse_cpu_list("") == set()
+    cmdline = "console=ttyS0,115200 memmap=82M$0x3a000000 intel_iommu=on memmap=4K$4G,1M!2G"
+    assert parse_memmap(cmdline) == ((0x3A000000, 82 << 20), (4 << 30, 4096))
+
+
+def test_make_arch_choices() -> None:
+    """The oracle on request; an unknown arch is refused."""
+    _arch, name = make_arch("oracle", {"apic-demo": "deny-first-shutdown"})
+    assert name == "oracle"
+    with pytest.raises(DaemonError):
+        make_arch("qemu")
+
+
+def _tool(tmp_path: Path) -> tuple[Tool, io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    return Tool(["jailhouse"], RunDir(tmp_path), out, err), out, err
+
+
+def test_cell_stats_layout(tmp_path: Path) -> None:
+    """Title, blank line, COUNTER/SUM/PER SEC header at columns 0/30/40, rows ordered by
+    change, then value, then name."""
+    tool, _, _ = _tool(tmp_path)
+    stats = CellStats(tool, [])
+    old = {"vmexits_total": 10, "vmexits_pio": 4, "vmexits_mmio": 9}
+    new = {"vmexits_total": 20, "vmexits_pio": 10, "vmexits_mmio": 9}
+    assert stats.render("apic-demo", new, old, 2.0) == (
+        "Statistics for apic-demo cell\n"
+        "\n"
+        "COUNTER                              SUM   PER SEC\n"
+        "vmexits_total                         20         5\n"
+        "vmexits_pio                           10         3\n"
+        "vmexits_mmio                           9         0\n"
+    )
+    assert stats.render("x", new, None, 0.0).splitlines()[3:] == [
+        "vmexits_total                         20",
+        "vmexits_pio                           10",
+        "vmexits_mmio                           9",
+    ]
+
+
+def test_hardware_check_format(tmp_path: Path) -> None:
+    """``%-32s`` feature lines; a missing requirement fails the check with exit 2."""
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text(
+        "processor\t: 0\nflags\t\t: fpu lm svm npt x2apic\n\n"
+        "processor\t: 1\nflags\t\t: fpu lm svm npt x2apic\n")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/mem").write_text("")
+    (tmp_path / "dev/port").write_text("")
+    (tmp_path / "sys/kernel/iommu_groups/0").mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup").mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup/cgroup.controllers").write_text("cpuset cpu io memory\n")
+    out, err = io.StringIO(), io.StringIO()
+    status = HardwareCheck(out, err, root=os.fspath(tmp_path)).run()
+    assert out.getvalue() == (
+        "Feature                         Availability\n"
+        "------------------------------  ------------------\n"
+        "Number of CPUs > 1              ok\n"
+        "Long mode                       ok\n"
+        "x2APIC                          ok\n"
+        "\n"
+        "AMD-V (SVM)                     ok\n"
+        "  NPT                           ok\n"
+        "  Decode assist                 missing (optional)\n"
+        "KVM (/dev/kvm)                  MISSING\n"
+        "\n"
+        "IOMMU (VT-d or AMD-Vi)          ok\n"
+        "  VFIO (/dev/vfio/vfio)         missing (optional)\n"
+        "\n"
+        "/dev/mem                        ok\n"
+        "/dev/port                       ok\n"
+        "cgroup2 cpuset                  ok\n"
+        "\n"
+        "Check FAILED!\n"
+    )
+    assert status == 2
+    assert err.getvalue() == ""
