@@ -224,7 +224,9 @@ class Machine:
             ]
         cmd += [
             "-netdev", f"user,id=mgmt,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-            "-device", f"virtio-net-pci,netdev=mgmt,addr={spec.management_nic},id=mgmt",
+            # No option ROM (the lab boots with -kernel): a ROM BAR would shift the
+            # firmware's BAR layout away from the one Jailhouse's qemu-x86 config lists.
+            "-device", f"virtio-net-pci,netdev=mgmt,addr={spec.management_nic},id=mgmt,romfile=",
         ]
         for netdev in spec.netdevs:
             if netdev.type == "tap":

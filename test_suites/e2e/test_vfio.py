@@ -1,7 +1,7 @@
 """VFIO passthrough of QEMU's ``edu`` device in a live lab, through ``harness.hvmodel.arch.vfio``.
 
 Each test sends a Python script to the lab's root cell (``python3 -`` in
-``/opt/jhlab/lib``); the script claims ``00:05.0`` for ``vfio-pci``, drives the device
+``/opt/jhlab/lib``); the script claims ``01:01.0`` for ``vfio-pci``, drives the device
 through VFIO, releases it in a ``finally`` block and prints one ``RESULT`` line of JSON,
 which the test checks. A fixture checks afterwards, from a shell, that the device is back
 as it was: no driver (or the one it had), no ``driver_override``, nothing new bound to
@@ -31,7 +31,7 @@ from harness.lab import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-EDU = "0000:00:05.0"
+EDU = "0000:01:01.0"
 EDU_SYSFS = f"/sys/bus/pci/devices/{EDU}"
 EDU_ID = 0x010000ED
 #: A page range of the lab's memmap= window (0x3a000000-0x3f200000) no shipped cell config uses.
@@ -45,7 +45,7 @@ logging.basicConfig(level=logging.INFO)
 from harness.hvmodel.arch import vfio
 from harness.hvmodel.arch.kvm import PhysMapping, anonymous_memory
 
-EDU = "00:05.0"
+EDU = "01:01.0"
 ID, LIVENESS, FACTORIAL, STATUS, IRQ_STATUS, IRQ_RAISE, IRQ_ACK = 0x00, 0x04, 0x08, 0x20, 0x24, 0x60, 0x64
 DMA_SRC, DMA_DST, DMA_COUNT, DMA_CMD = 0x80, 0x88, 0x90, 0x98
 STATUS_COMPUTING, STATUS_IRQ_FACT = 0x01, 0x80
@@ -207,7 +207,7 @@ finally:
 result["released"] = {"driver": stub.driver_of(EDU), "override": stub.override_of(EDU)}
 
 import ctypes, mmap, os
-fd = os.open("/sys/bus/pci/devices/0000:00:05.0/resource0", os.O_RDWR | os.O_SYNC)
+fd = os.open("/sys/bus/pci/devices/0000:01:01.0/resource0", os.O_RDWR | os.O_SYNC)
 try:
     window = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     cell = ctypes.c_uint32.from_buffer(window, 0)
@@ -323,12 +323,12 @@ def test_release_rebinds_the_original_driver(lab: Lab, edu: dict[str, str]) -> N
         pytest.skip(f"the lab's kernel has no {STAND_IN_DRIVER} driver")
     body = r"""
 import os
-DEV = "/sys/bus/pci/devices/0000:00:05.0"
+DEV = "/sys/bus/pci/devices/0000:01:01.0"
 def write(path, value):
     with open(path, "w") as file:
         file.write(value)
 write(DEV + "/driver_override", PARAMS["stand_in"])
-write("/sys/bus/pci/drivers_probe", "0000:00:05.0")
+write("/sys/bus/pci/drivers_probe", "0000:01:01.0")
 result["root_driver"] = stub.driver_of(EDU)
 try:
     claim = stub.claim(EDU)
@@ -347,7 +347,7 @@ finally:
     if EDU in [a.short for a in stub.claims]:
         stub.release(EDU)
     if stub.driver_of(EDU):
-        write(DEV + "/driver/unbind", "0000:00:05.0")
+        write(DEV + "/driver/unbind", "0000:01:01.0")
     write(DEV + "/driver_override", "\n")
 result["final"] = [stub.driver_of(EDU), stub.override_of(EDU)]
 """
@@ -355,7 +355,7 @@ result["final"] = [stub.driver_of(EDU), stub.override_of(EDU)]
     assert doc["root_driver"] == STAND_IN_DRIVER
     assert doc["claim"] == [STAND_IN_DRIVER, STAND_IN_DRIVER, "vfio-pci"]
     assert doc["id"] == EDU_ID
-    assert doc["busy"].startswith("00:05.0: release: /dev/vfio/")
+    assert doc["busy"].startswith("01:01.0: release: /dev/vfio/")
     assert "is still open by pid" in doc["busy"]
     assert doc["after"] == [STAND_IN_DRIVER, STAND_IN_DRIVER]
     assert doc["final"] == [None, None]

@@ -161,11 +161,11 @@ def test_memory_rules() -> None:
     assert (0x100000, 0x39F00000, RAM) in mapped  # kernel code/data merged in
     assert (0xC0000, 0x20000, RW) in mapped  # option ROMs as one region
     assert (0x3FFDF000, 0x21000, R) in mapped  # the reserved range with the ACPI tables
-    e1000e_bar3 = 0xFEBD0000
+    e1000e_bar3 = 0xFEA90000
     assert (e1000e_bar3 + 0x1000, 0x3000, RW) in mapped  # after its MSI-X table page
     for start, end in ((0xB0000000, 0xC0000000), (0xFEC00000, 0xFEC01000),
                        (0xFED90000, 0xFED91000), (0xFEE00000, 0xFEE01000),
-                       (0xFEBDA000, 0xFEBDB000), (e1000e_bar3, e1000e_bar3 + 0x1000),
+                       (0xFEA9B000, 0xFEA9C000), (e1000e_bar3, e1000e_bar3 + 0x1000),
                        (0x3A000000, 0x3A600000)):
         assert not any(s < end and start < s + n for s, n, _ in mapped), hex(start)
     notes = {n.text: n for n in result.regions}
@@ -188,13 +188,13 @@ def test_pci_devices_and_capabilities() -> None:
     system = create(facts()).config
     root = system.root_cell
     assert [d.bdf_str for d in root.pci_devices] == [
-        "00:00.0", "00:01.0", "00:02.0", "00:03.0", "00:04.0", "00:05.0", "00:1b.0",
-        "00:1f.0", "00:1f.2", "00:1f.3"]
+        "00:00.0", "00:01.0", "00:02.0", "00:03.0", "00:1b.0", "00:1f.0", "00:1f.2",
+        "00:1f.3", "00:1f.7", "01:01.0"]
     e1000e = device(system, 0x10)
     assert e1000e.bar_mask == (0xFFFE0000, 0xFFFE0000, 0xFFFFFFE0, 0xFFFFC000, 0, 0)
     assert (e1000e.num_msi_vectors, e1000e.msi_64bits, e1000e.msi_maskable) == (1, True, False)
     assert (e1000e.num_msix_vectors, e1000e.msix_region_size, e1000e.msix_address) == \
-        (5, 0x1000, 0xFEBD0000)
+        (5, 0x1000, 0xFEA90000)
     assert [(c.id, c.start, c.len, c.flags) for c in root.caps_of(e1000e)] == [
         (0x01, 0xC8, 8, 1), (0x05, 0xD0, 14, 1), (0x10, 0xE0, 20, 1), (0x11, 0xA0, 12, 1),
         (0x8001, 0x100, 64, 0), (0x8003, 0x140, 12, 0)]
@@ -203,9 +203,9 @@ def test_pci_devices_and_capabilities() -> None:
     assert [(c.id, c.start, c.len) for c in root.caps_of(bridge)] == [
         (0x05, 0x8C, 24), (0x01, 0x84, 8), (0x10, 0x48, 60), (0x0C, 0x40, 2),
         (0x8001, 0x100, 64)]
-    virtio = device(system, 0x20)
+    virtio = device(system, 0xFF)
     assert virtio.bar_mask[4:] == (0xFFFFC000, 0xFFFFFFFF)  # 16K, 64-bit
-    assert virtio.msix_address == 0xFEBDA000 and virtio.num_msix_vectors == 4
+    assert virtio.msix_address == 0xFEA9B000 and virtio.num_msix_vectors == 4
 
 
 def test_quirks_can_be_turned_off() -> None:
@@ -221,13 +221,13 @@ def test_quirks_can_be_turned_off() -> None:
 def test_identical_cap_lists_are_shared_and_include_all_units() -> None:
     """A second edu shares the first one's capability entry; INCLUDE_PCI_ALL covers it."""
     doc = raw_facts()
-    edu = next(p for p in doc["pci"] if p["slot"] == "0000:00:05.0")
-    doc["pci"].append(dict(edu, slot="0000:00:06.0"))
+    edu = next(p for p in doc["pci"] if p["slot"] == "0000:01:01.0")
+    doc["pci"].append(dict(edu, slot="0000:01:02.0"))
     dmar = bytearray.fromhex(doc["acpi_tables"]["DMAR"])
     dmar[52] |= 1  # DRHD flags: INCLUDE_PCI_ALL
     doc["acpi_tables"]["DMAR"] = dmar.hex()
     system = create(facts(doc)).config
-    first, second = device(system, 0x28), device(system, 0x30)
+    first, second = device(system, 0x108), device(system, 0x110)
     assert (second.caps_start, second.num_caps) == (first.caps_start, first.num_caps) == \
         (second.caps_start, 1)
     assert second.iommu == 0
@@ -237,13 +237,13 @@ def test_device_outside_every_iommu_scope() -> None:
     """A function no DMAR scope names is refused, as Jailhouse's tool does."""
     doc = raw_facts()
     dmar = bytes.fromhex(doc["acpi_tables"]["DMAR"])
-    scope = bytes.fromhex("0108000000000500")  # endpoint 00:05.0
+    scope = bytes.fromhex("0108000000001b00")  # endpoint 00:1b.0
     index = dmar.index(scope)
     cut = bytearray(dmar[:index] + dmar[index + 8:])
     struct.pack_into("<I", cut, 4, len(cut))
     struct.pack_into("<H", cut, 50, struct.unpack_from("<H", cut, 50)[0] - 8)
     doc["acpi_tables"]["DMAR"] = cut.hex()
-    with pytest.raises(ConfigError, match=r"0000:00:05\.0 outside the scope of an IOMMU"):
+    with pytest.raises(ConfigError, match=r"0000:00:1b\.0 outside the scope of an IOMMU"):
         create(facts(doc))
 
 
@@ -270,7 +270,7 @@ def test_ivshmem_template_bdf_taken() -> None:
     template = qemu_x86()
     root = template.root_cell
     moved = tuple(d if not d.is_ivshmem or d.bdf != 0x160 else
-                  type(d)(**{**{f: getattr(d, f) for f in d.__slots__}, "bdf": 0x28})
+                  type(d)(**{**{f: getattr(d, f) for f in d.__slots__}, "bdf": 0x108})
                   for d in root.pci_devices)
     template = type(template)(**{**{f: getattr(template, f) for f in template.__slots__},
                                  "root_cell": type(root)(**{**{f: getattr(root, f)

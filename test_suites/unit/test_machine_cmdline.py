@@ -36,7 +36,8 @@ def test_default_command_line(tmp_path: Path) -> None:
     assert f"logfile={tmp_path / 'serial0.log'}" in joined
     assert f"logfile={tmp_path / 'serial1.log'}" in joined
     assert "-S" in cmd and "panic=pause" in cmd
-    assert "e1000e,addr=02.0,netdev=lan" in cmd and "edu,addr=05.0,id=edu" in cmd
+    assert "e1000e,addr=02.0,netdev=lan" in cmd and "edu,bus=pcibr1,addr=01.0,id=edu" in cmd
+    assert "virtio-net-pci,netdev=mgmt,addr=1f.7,id=mgmt,romfile=" in cmd
 
 
 def test_no_iommu_lab(tmp_path: Path) -> None:

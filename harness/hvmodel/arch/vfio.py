@@ -47,8 +47,9 @@ is the device's ``COMMAND`` register, which the cell (or :meth:`Device.set_bus_m
 sets; without it the device neither DMAs nor sends MSIs.
 
 Facts measured with this binding in the default lab (Linux 6.1, QEMU 7.2 intel-iommu,
-TCG; ``test_suites/e2e/test_vfio.py``): the edu device at 00:05.0 claims and releases
-cleanly (group 5, alone); BAR0 mmaps whole (no sparse areas) and reads ``0x010000ed``;
+TCG; ``test_suites/e2e/test_vfio.py``): the edu device at 01:01.0 (behind the
+pcie-pci-bridge, in one group with that driverless bridge) claims and releases cleanly;
+BAR0 mmaps whole (no sparse areas) and reads ``0x010000ed``;
 its MSI (1 vector) fires an eventfd, and through :class:`MsiRouter` lands in a KVM vCPU's
 APIC IRR; DMA works both ways through an anonymous mmap and through a ``/dev/mem``
 window of the ``memmap=`` reserve mapped at a cell's ``virt_start`` (type1 accepts the
@@ -428,10 +429,10 @@ class VfioIommuType1DmaUnmap(ctypes.Structure):
 class VfioError(HvError):
     """A VFIO step failed, for one device, group or container.
 
-    ``str()`` reads ``"<who>: <message>"``, e.g. ``"00:05.0: VFIO_DEVICE_SET_IRQS failed:
+    ``str()`` reads ``"<who>: <message>"``, e.g. ``"01:01.0: VFIO_DEVICE_SET_IRQS failed:
     EINVAL (Invalid argument): enable MSI, 2 vectors"``.
 
-    :param who: the device (``00:05.0``), ``group 5`` or ``container``
+    :param who: the device (``01:01.0``), ``group 5`` or ``container``
     :param message: the step and what went wrong
     :param os_errno: the kernel's errno (0 when the failure was detected here)
     :param code: the Jailhouse errno (default: ``os_errno`` when Jailhouse has it, else EIO)
@@ -499,8 +500,8 @@ _PCI_NAME = re.compile(
 class PciAddress:
     """A PCI function: ``domain:bus:slot.function``.
 
-    ``str()`` is the sysfs name (``0000:00:05.0``); :attr:`short` is Jailhouse's way of
-    printing it (``00:05.0``, with the domain only when it is not 0).
+    ``str()`` is the sysfs name (``0000:01:01.0``); :attr:`short` is Jailhouse's way of
+    printing it (``01:01.0``, with the domain only when it is not 0).
     """
 
     domain: int
@@ -519,7 +520,7 @@ class PciAddress:
 
     @classmethod
     def parse(cls, text: str | PciAddress) -> PciAddress:
-        """From ``0000:00:05.0`` or ``00:05.0`` (or an address, returned as is)."""
+        """From ``0000:01:01.0`` or ``01:01.0`` (or an address, returned as is)."""
         if isinstance(text, PciAddress):
             return text
         match = _PCI_NAME.match(text.strip())

@@ -2,12 +2,12 @@
  * edu: drives QEMU's "edu" teaching device (1234:11e8) passed through to
  * the cell: MMIO registers, factorial unit, DMA engine and MSI.
  *
- *   edu: 00:05.0, BAR0 0xfe800000
+ *   edu: 01:01.0, BAR0 0xfe800000
  *   edu: ID register 0x010000ed: ok
  *   edu: liveness check: ok
  *   edu: 10! = 3628800: ok (MSI, status 0x1)
  *   edu: raised interrupt 0x4000: ok (MSI)
- *   edu: DMA RAM -> device -> RAM, 4096 bytes: ok (MSI, status 0x100)
+ *   edu: DMA RAM -> device -> RAM, 2048 bytes to 0x...: ok (MSI, status 0x100)
  *   edu: PASSED
  *
  * Register map (QEMU docs/specs/edu.txt): 0x00 ID, 0x04 liveness (reads
@@ -16,7 +16,11 @@
  * 0x64 acknowledge, 0x80/0x88/0x90/0x98 DMA source, destination, count,
  * command (bit 0 start, bit 1 device-to-RAM, bit 2 interrupt when done);
  * the device's DMA buffer is at 0x40000 (4 KiB). DMA uses cell addresses,
- * so the cell RAM must carry the DMA flag.
+ * so the cell RAM must carry the DMA flag. A transfer must end strictly
+ * inside the device buffer: QEMU 7.2 aborts the whole machine otherwise (its
+ * range check is off by one), so 2 KiB move. The destination buffer holds
+ * (i * 7 + 3) & 0xff at byte i afterwards; its cell address is printed so a
+ * host can read it back.
  *
  * Command line: bdf=N (default: first 1234:11e8 on buses 0-1), wait-ms=N
  * (per step, default 5000).
@@ -43,7 +47,7 @@
 #define  EDU_DMA_TO_RAM		0x02
 #define  EDU_DMA_IRQ		0x04
 #define EDU_DMA_BUFFER		0x40000
-#define DMA_SIZE		4096
+#define DMA_SIZE		2048
 #define EDU_VECTOR		0x60
 
 static volatile u8 *edu;
@@ -177,8 +181,8 @@ void inmate_main(void)
 	ok &= step;
 	msi = wait_irqs(before + 2, wait_ns) && irq_status == 0x100;
 	ok &= msi;
-	printk("edu: DMA RAM -> device -> RAM, %u bytes: %s (%s, status "
-	       "0x%x)\n", DMA_SIZE, step ? "ok" : "WRONG",
+	printk("edu: DMA RAM -> device -> RAM, %u bytes to 0x%lx: %s (%s, "
+	       "status 0x%x)\n", DMA_SIZE, (u64)dst, step ? "ok" : "WRONG",
 	       msi ? "MSI" : "no MSI", irq_status);
 
 	disable_irqs();

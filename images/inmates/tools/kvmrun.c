@@ -23,7 +23,7 @@
  *   - --ivshmem ID:PEERS adds an ivshmem v2 endpoint (reference 4.8) at
  *     01:0e.0 with its shared memory at 0x3f0f0000 and a simulated peer
  *     that plays the ivshmem demo's part, and --edu adds QEMU's edu device
- *     (ID, liveness, factorial, DMA against cell RAM, MSI) at 00:05.0;
+ *     (ID, liveness, factorial, DMA against cell RAM, MSI) at 01:01.0;
  *   - every other exit is reported on stderr.
  *
  * It can also play the hypervisor's part in the message protocol
@@ -193,7 +193,7 @@ static uint32_t pm_timer_value(void)
 #define IVSHMEM_RW_SIZE		0x9000
 #define IVSHMEM_OUT_SIZE	0x2000
 #define IVSHMEM_VECTORS		16
-#define EDU_BDF			0x0028		/* 00:05.0 */
+#define EDU_BDF			0x0108		/* 01:01.0, as in the lab */
 #define EDU_BAR0		0xfe800000U
 
 struct pci_dev {
@@ -463,8 +463,20 @@ static void edu_dma(void)
 	uint64_t off;
 
 	edu.dma_cmd &= ~1ULL;
-	if (edu.dma_count > sizeof(edu.buffer))
-		return;
+	/*
+	 * QEMU 7.2 checks that the transfer ends strictly before the end of
+	 * the buffer and aborts the whole machine (hw_error) otherwise: treat
+	 * such a transfer as the fatal error it is in the lab.
+	 */
+	off = (edu.dma_cmd & 2 ? edu.dma_src : edu.dma_dst) - 0x40000;
+	if (off >= sizeof(edu.buffer) ||
+	    off + edu.dma_count >= sizeof(edu.buffer)) {
+		fprintf(stderr, "kvmrun: edu DMA of %llu bytes at buffer offset "
+			"%#llx would abort QEMU\n",
+			(unsigned long long)edu.dma_count,
+			(unsigned long long)off);
+		exit(3);
+	}
 	if (edu.dma_cmd & 2) {		/* device -> RAM */
 		off = edu.dma_src - 0x40000;
 		ram = guest_ram(edu.dma_dst, edu.dma_count);
@@ -898,7 +910,7 @@ static void usage(void)
 "      --revision N       comm region ABI revision (default 2)\n"
 "      --ivshmem ID:PEERS ivshmem v2 device 01:0e.0 as peer ID, shared memory\n"
 "                         at 0x3f0f0000, the ivshmem demo's target simulated\n"
-"      --edu              QEMU edu device at 00:05.0, BAR0 0xfe800000\n"
+"      --edu              QEMU edu device at 01:01.0, BAR0 0xfe800000\n"
 "  -e, --expect STR       stop with 0 once all expected strings appeared\n"
 "  -f, --fail STR         stop with 3 when STR appears\n"
 "  -s, --shutdown-at SEC  send SHUTDOWN_REQUEST at SEC (repeatable)\n"
