@@ -78,8 +78,8 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from harness.errors import JhlabError
-from harness.hvmodel.abi import CellState, CommOffset, Message, Reply, comm_write_u32
-from harness.hvmodel.arch.oracle import OracleArch, Responder, approve_all, deny_first_shutdown
+from harness.hvmodel.abi import CellState, CommOffset, comm_write_u32
+from harness.hvmodel.arch.oracle import OracleArch, responder_for
 from harness.hvmodel.config import load_source
 from harness.hvmodel.daemon import host_from_wire
 from harness.hvmodel.driver import CellRef, Driver, HostInfo, Image
@@ -395,26 +395,6 @@ class _ConsoleOracle(OracleArch):
         self.console_text.append(text)
 
 
-def _responder(policy: str) -> Responder:
-    """The daemon's ``--responder`` policies, for the host oracle."""
-    if policy == "approve":
-        return approve_all
-    if policy == "deny-first-shutdown":
-        return deny_first_shutdown()
-
-    def deny(name: str, message: Message, page: memoryview) -> Reply | None:
-        return Reply.REQUEST_DENIED if message == Message.SHUTDOWN_REQUEST else Reply.RECEIVED
-
-    def silent(name: str, message: Message, page: memoryview) -> Reply | None:
-        return None
-
-    if policy == "deny":
-        return deny
-    if policy == "silent":
-        return silent
-    raise ValueError(f"responder policy {policy!r}: expected approve, deny-first-shutdown, deny or silent")
-
-
 class Oracle:
     """The host-side prediction: what the guest's driver daemon must do and show.
 
@@ -425,10 +405,12 @@ class Oracle:
     (reading the tree costs the root CPU hypercalls, which its statistics count).
 
     :param responders: how cells answer messages (cell name -> daemon responder policy)
+    :param test_device: the hypervisor has ``CONFIG_TEST_DEVICE`` (as the guest's daemon)
     """
 
-    def __init__(self, responders: Mapping[str, str] | None = None) -> None:
+    def __init__(self, responders: Mapping[str, str] | None = None, *, test_device: bool = False) -> None:
         self.responders = dict(responders or {})
+        self.test_device = test_device
         self.driver: Driver | None = None
         self.arch: _ConsoleOracle | None = None
         #: the guest's run directory has a sysfs tree ("the module is loaded")
@@ -474,10 +456,10 @@ class Oracle:
     def _start(self, host: HostInfo) -> Driver:
         arch = _ConsoleOracle()
         for name, policy in self.responders.items():
-            arch.responders[name] = _responder(policy)
+            arch.responders[name] = responder_for(policy)
         self.arch = arch
         self.host = host
-        self.driver = Driver(arch, host)
+        self.driver = Driver(arch, host, test_device=self.test_device)
         self.module_loaded = True
         return self.driver
 
@@ -826,6 +808,9 @@ class CheckedJailhouse:
         debug UART is the root's console (qemu-x86: 0x3f8), and kernel messages printed
         there interleave with the hypervisor's lines character by character; the default
         1 lets only emergencies (panics) through.
+    :param test_device: run the guest's hypervisor (daemon ``--test-device``) and the
+        oracle with ``CONFIG_TEST_DEVICE``: cells with the ``TEST_DEVICE`` flag get the
+        test page after their comm region (``mmio-access``)
     :raise JhlabError: when a driver daemon already runs in the guest
     """
 
@@ -836,7 +821,7 @@ class CheckedJailhouse:
                  files: str = GUEST_FILES, pci_root: str = "/sys/bus/pci/devices",
                  cpuset: str = ROOT_CPUSET,
                  exclusions: Sequence[Exclusion] | None = None,
-                 kernel_console_level: int | None = 1) -> None:
+                 kernel_console_level: int | None = 1, test_device: bool = False) -> None:
         if arch not in ("executor", "oracle"):
             raise ValueError(f"arch {arch!r}: expected executor or oracle")
         self.lab = lab
@@ -852,9 +837,11 @@ class CheckedJailhouse:
         args = list(daemon_args)
         if arch == "oracle":
             args += [f"--responder={name}={policy}" for name, policy in sorted(self.responders.items())]
+        if test_device:
+            args.append("--test-device")
         self.env = {"JAILHOUSE_ARCH": arch, "JAILHOUSE_DAEMON_ARGS": shlex.join(args),
                     **dict(env or {})}
-        self.oracle = Oracle(self.responders)
+        self.oracle = Oracle(self.responders, test_device=test_device)
         self.steps: list[StepResult] = []
         #: set when :meth:`cleanup` could not leave the lab as it found it
         self.dirty = False
@@ -1371,12 +1358,20 @@ class CheckedJailhouse:
             raise ValidationError("look", diffs)
         return view
 
-    def daemon_resources(self) -> dict[str, int]:
-        """The guest daemon's open fds, threads and RSS (KiB), from ``/proc/<pid>``."""
-        view = self.look(resources=True)
-        if view.resources is None:
-            raise JhlabError("no driver daemon runs in the guest")
-        return dict(view.resources)
+    def daemon_resources(self, settle_timeout: float = SETTLE_TIMEOUT) -> dict[str, int]:
+        """The guest daemon's open fds, threads and RSS (KiB), from ``/proc/<pid>``, once
+        no vCPU thread of a destroyed cell is still on its way out (the executor's
+        ``zombies``: a destroy that met a thread inside the model leaves it to a reaper,
+        which ends with it), at most ``settle_timeout`` seconds later."""
+        deadline = time.monotonic() + settle_timeout
+        while True:
+            view = self.look(resources=True)
+            if view.resources is None or view.daemon is None:
+                raise JhlabError("no driver daemon runs in the guest")
+            executor = view.daemon.get("executor") or {}
+            if not executor.get("zombies") or time.monotonic() > deadline:
+                return dict(view.resources)
+            time.sleep(0.5)
 
     # -- inmate output --------------------------------------------------------------------
 

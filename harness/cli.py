@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     test = sub.add_parser("test", help="run test suites (pytest)")
-    test.add_argument("suite", nargs="?", help="unit, hvmodel, integration, e2e (default all)")
+    test.add_argument("suite", nargs="?",
+                      help="unit, hvmodel, inmates, integration, e2e (default: all)")
     test.add_argument("--junit", help="write a JUnit XML report")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     test.set_defaults(func=cmd_test)
@@ -511,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    # "jhlab bench ARGS": the benchmarks parse their own options (-h included)
+    if argv[:1] == ["bench"]:
+        from harness.bench import main as bench_main
+
+        return bench_main(argv[1:])
     # "jhlab run [LAB] -- CMD ...": everything after "--" is the command
     command: list[str] | None = None
     if argv[:1] in (["run"], ["shell"]) and "--" in argv:

@@ -19,6 +19,9 @@ Fixtures (each builds on the one before):
 * ``root_shell``: commands and files in the lab's root cell (:class:`RootShell`).
 * ``inmates`` (session): jhlab's demo inmates, built once (``DIR/<demo>.bin``).
 * ``jailhouse_arch``: ``executor`` for tests marked ``kvm``, else ``--hv-arch``.
+* ``jailhouse_test_device``: whether the guest's hypervisor and the oracle have
+  ``CONFIG_TEST_DEVICE`` (False; a test sets it with
+  ``@pytest.mark.parametrize("jailhouse_test_device", [True])``).
 * ``jailhouse``: a :class:`~harness.checked.CheckedJailhouse` on the session lab (every
   step compared with the oracle); at teardown the cells left are destroyed and the
   hypervisor disabled, or, after a failure, the lab is reset.
@@ -376,10 +379,18 @@ def jailhouse_arch(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def jailhouse(lab: Lab, jailhouse_arch: str, request: pytest.FixtureRequest) -> Iterator[CheckedJailhouse]:
+def jailhouse_test_device() -> bool:
+    """Whether the ``jailhouse`` fixture's hypervisor (guest daemon and oracle) is built
+    with ``CONFIG_TEST_DEVICE``: no (as Jailhouse by default); parametrize it to turn it on."""
+    return False
+
+
+@pytest.fixture
+def jailhouse(lab: Lab, jailhouse_arch: str, jailhouse_test_device: bool,
+              request: pytest.FixtureRequest) -> Iterator[CheckedJailhouse]:
     """A checked driver on the session lab; at teardown the cells left are destroyed and
     the hypervisor disabled (after a failure the lab is reset instead)."""
-    checked = CheckedJailhouse(lab, jailhouse_arch)
+    checked = CheckedJailhouse(lab, jailhouse_arch, test_device=jailhouse_test_device)
     yield checked
     node = request.node
     if _failed(node):

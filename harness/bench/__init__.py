@@ -8,7 +8,9 @@ together with the machine they came from.
 Benchmarks: ``config`` (parse + check of the default system config), ``model``
 (create/destroy pairs per second of the pure hypervisor model), ``boot`` (lab cold boot
 through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker),
-``reset`` (restoring a lab's snapshot vs a cold boot of the same lab).
+``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
+create+load+start to the inmate's first line, and the executor's PIO exits per second
+against a minimal C KVM loop in the same lab VM).
 """
 
 from __future__ import annotations
@@ -92,11 +94,18 @@ def _bench_reset(repeats: int) -> list[Figure]:
     return boot.bench_reset(repeats=max(repeats, 3))
 
 
+def _bench_cells(repeats: int) -> list[Figure]:
+    from harness.bench import cells
+
+    return cells.bench(repeats=max(repeats, 3))
+
+
 BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "config": _bench_config,
     "model": _bench_model,
     "boot": _bench_boot,
     "reset": _bench_reset,
+    "cells": _bench_cells,
 }
 
 

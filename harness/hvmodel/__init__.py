@@ -37,9 +37,12 @@ Deliberate differences from Jailhouse (everything else follows the reference):
   from memory without statistics (in Jailhouse it would not exit at all).
 * Not modelled (left to the executor, which has ``count_exit``, ``handle_cpuid`` and
   ``panic_park`` for them): xAPIC/x2APIC and ICR emulation, INIT/SIPI, MSR, CR and XSETBV
-  exits, MMIO instruction decoding, the register dump after ``FATAL``, the test device
-  (``CONFIG_TEST_DEVICE`` is off by default), the root's VT-d register emulation,
-  ``CONFIG_CRASH_CELL_ON_PANIC``, and the console device's ``<missed N bytes>`` marker.
+  exits, MMIO instruction decoding, the register dump after ``FATAL``, the root's VT-d
+  register emulation, ``CONFIG_CRASH_CELL_ON_PANIC``, and the console device's
+  ``<missed N bytes>`` marker.
+* ``CONFIG_TEST_DEVICE`` (the :mod:`.testdev` unit) is chosen when the hypervisor is
+  built as a model (``HvParams.test_device``, the daemon's ``--test-device``), not at
+  compile time; off by default, as in Jailhouse.
 * Driver: the ``claimed for use in non-root cell`` log line is approximate; the binary
   ``core`` sysfs file is not rendered.
 """

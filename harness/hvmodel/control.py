@@ -93,6 +93,7 @@ from .printk import (
     MSG_UNKNOWN_HYPERCALL,
     Console,
 )
+from .testdev import TestDevice
 from .unit import Unit, UnitRegistry
 
 if TYPE_CHECKING:
@@ -183,6 +184,8 @@ class HvParams:
     :param reply_poll_seconds: duration of one ``msg_reply_timeout`` count (Jailhouse
         counts polling-loop iterations; the model waits this long per count)
     :param console_history: complete console lines kept in :attr:`Console.lines`
+    :param test_device: built with ``CONFIG_TEST_DEVICE``: the test device unit
+        (:mod:`.testdev`) serves cells with the ``TEST_DEVICE`` flag
     """
 
     vendor: str = "intel"
@@ -196,6 +199,7 @@ class HvParams:
     cat: CatHardware | None = None
     reply_poll_seconds: float = 1e-6
     console_history: int = 4096
+    test_device: bool = False
 
     def __post_init__(self) -> None:
         if self.vendor not in ("intel", "amd"):
@@ -265,6 +269,8 @@ class Hypervisor:
         self.pci = PciUnit(self)
         self.ivshmem = Ivshmem(self)
         units: list[Unit] = [self.iommu, self.ioapic]
+        if self.params.test_device:
+            units.append(TestDevice(self.console))
         if self.params.vendor == "intel":
             units.append(self.cat)
         units.append(self.pci)
@@ -366,6 +372,24 @@ class Hypervisor:
             if not result.handled:
                 self._panic_park(cpu_data)
             return result
+
+    def pio_bitmap(self, cpu: int) -> bytearray | None:
+        """The I/O bitmap of the non-root cell ``cpu`` belongs to (1: the port passes
+        through, as in :meth:`handle_pio`), for an Arch that performs those accesses
+        without calling :meth:`handle_pio`, as the CPU's own bitmap check does in
+        Jailhouse (the executor's I/O bitmap loop). None for a root CPU.
+
+        Only ``cell_init`` of that cell writes it (:func:`.pio.cell_init`, before its CPUs
+        run): it stays the same until the cell is destroyed. The caller must not write it,
+        and must stop using it before the CPU changes hands (the executor stops the CPU's
+        thread first). So this reads without the lock: a vCPU thread calls it as its run
+        begins, when a management operation may hold the lock and wait for that thread.
+        """
+        if self.state is not HvState.ENABLED:
+            return None
+        cpu_data = self.cpus.get(cpu)
+        cell = None if cpu_data is None else cpu_data.cell
+        return None if cell is None or cell is self.root else cell.pio_open
 
     def handle_mmio(self, cpu: int, addr: int, size: int, is_write: bool, value: int = 0) -> ExitResult:
         """A guest-physical access of ``cpu`` outside its RAM (EPT violation / NPF).

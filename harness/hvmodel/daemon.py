@@ -72,7 +72,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from . import faults
-from .abi import CellState, Message, Reply
+from .abi import CellState
+from .arch.oracle import RESPONDER_POLICIES
 from .driver import CellRef, Driver, HostInfo, Image
 from .errors import Errno, HvError, JhlabError
 from .ipc import (
@@ -91,7 +92,6 @@ from .sysfs import sysfs_tree
 
 if TYPE_CHECKING:
     from .arch import Arch
-    from .arch.oracle import Responder
 
 __all__ = [
     "EXIT_BUSY",
@@ -614,27 +614,10 @@ def executor_available() -> tuple[bool, str]:
     return True, "executor available"
 
 
-_RESPONDER_POLICIES: Final = ("approve", "deny-first-shutdown", "deny", "silent")
-
-
-def _responder(policy: str) -> Responder:
-    from .arch.oracle import approve_all, deny_first_shutdown
-
-    if policy == "approve":
-        return approve_all
-    if policy == "deny-first-shutdown":
-        return deny_first_shutdown()
-
-    def deny(name: str, message: Message, page: memoryview) -> Reply | None:
-        return Reply.REQUEST_DENIED if message == Message.SHUTDOWN_REQUEST else Reply.RECEIVED
-
-    def silent(name: str, message: Message, page: memoryview) -> Reply | None:
-        return None
-
-    return deny if policy == "deny" else silent
-
-
-def make_arch(choice: str, responders: dict[str, str] | None = None) -> tuple[Arch, str]:
+def make_arch(
+    choice: str, responders: dict[str, str] | None = None, *, rebind_pci: bool = False,
+    native_pio: bool = True,
+) -> tuple[Arch, str]:
     """Build the Arch the daemon runs on.
 
     :param choice: ``executor`` (KVM; fails if unavailable), ``oracle`` (bookkeeping
@@ -642,6 +625,9 @@ def make_arch(choice: str, responders: dict[str, str] | None = None) -> tuple[Ar
         ``harness.hvmodel.arch.executor`` imports, else the oracle)
     :param responders: oracle only: cell name -> policy (``approve``,
         ``deny-first-shutdown``, ``deny``, ``silent``), how scripted cells answer
+    :param rebind_pci: executor only: a passed-through device a cell releases goes back
+        to the root driver it had (Jailhouse leaves it unbound)
+    :param native_pio: executor only: whitelisted port I/O in its I/O bitmap loop
     :return: the Arch and its name
     :raise DaemonError: when the executor was asked for and cannot be had
     """
@@ -652,19 +638,20 @@ def make_arch(choice: str, responders: dict[str, str] | None = None) -> tuple[Ar
         if available:
             module = importlib.import_module(EXECUTOR_MODULE)
             # The daemon owns the debug console (see _ArchTap): the executor's is off.
-            arch = cast("Arch", module.ExecutorArch(console=False))
+            arch = cast("Arch", module.ExecutorArch(console=False, rebind_released=rebind_pci,
+                                                     native_pio=native_pio))
             if responders:
                 LOG.warning("--responder is for the oracle; the executor's cells answer themselves")
             return arch, "executor"
         if choice == "executor":
             raise DaemonError(f"the executor is not available: {why}")
         LOG.info("arch auto: %s; using the oracle", why)
-    from .arch.oracle import OracleArch
+    from .arch.oracle import OracleArch, responder_for
 
     # Not recording: a daemon runs long and nobody reads the event list.
     oracle = OracleArch(record=False)
     for name, policy in (responders or {}).items():
-        oracle.responders[name] = _responder(policy)
+        oracle.responders[name] = responder_for(policy)
     return oracle, "oracle"
 
 
@@ -714,6 +701,11 @@ class DaemonOptions:
         executor only
     :param foreground: keep stdio and log to stderr too (no ready line)
     :param verbose: log at DEBUG
+    :param test_device: the hypervisor is built with ``CONFIG_TEST_DEVICE`` (the test
+        device for cells with the ``TEST_DEVICE`` flag, :mod:`~harness.hvmodel.testdev`)
+    :param rebind_pci: give released passed-through devices back to their root driver
+    :param native_pio: the executor performs whitelisted port I/O in machine code (its
+        I/O bitmap loop); off: every port exit goes through Python
     """
 
     run_dir: RunDir
@@ -726,6 +718,9 @@ class DaemonOptions:
     kmsg: bool | None = None
     foreground: bool = False
     verbose: bool = False
+    test_device: bool = False
+    rebind_pci: bool = False
+    native_pio: bool = True
 
 
 class Daemon:
@@ -788,14 +783,15 @@ class Daemon:
         self._setup_logging()
         LOG.info("daemon %d starting in %s (protocol %d)", os.getpid(), path, PROTOCOL_VERSION)
         faults.load_env()  # test-only fault injection ($JHLAB_FAULT, harness/hvmodel/faults.py)
-        arch, self.arch_name = make_arch(options.arch, options.responders)
+        arch, self.arch_name = make_arch(options.arch, options.responders, rebind_pci=options.rebind_pci,
+                                         native_pio=options.native_pio)
         self.arch = arch
         host_mode = options.host or ("probe" if self.arch_name == "executor" else "model")
         if host_mode not in ("probe", "model"):
             raise DaemonError(f"unknown host mode {host_mode!r}")
         self.host = self._probe_host() if host_mode == "probe" else HostInfo()
         tap = cast("Arch", _ArchTap(arch, self._console_write))
-        driver = self.driver = Driver(tap, self.host)
+        driver = self.driver = Driver(tap, self.host, test_device=options.test_device)
         attach = getattr(arch, "attach", None)
         if callable(attach):
             # The executor's vCPU threads send their exits to the current hypervisor.
@@ -1158,7 +1154,13 @@ class Daemon:
             enabled=enabled, host=host_to_wire(self.host), run_dir=os.fspath(self.run_dir.path),
             debug_console=self.debug_console.description if self.debug_console else "none",
             refresh=self.refresh_interval, cells=cells, console_tail=self.ring.tail,
+            executor=self._executor_status(),
         )
+
+    def _executor_status(self) -> dict[str, Any] | None:
+        """The executor's own state (threads, cells, passthrough), None with the oracle."""
+        status = getattr(self.arch, "status", None)
+        return cast("dict[str, Any]", status()) if callable(status) else None
 
     # -- console and sysfs --------------------------------------------------------------------
 
@@ -1370,11 +1372,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto, none, uart, uart:PORT or file:PATH (default: auto)")
     parser.add_argument("--port-device", default="/dev/port", help="port device for the UART")
     parser.add_argument("--responder", action="append", default=[], metavar="CELL=POLICY",
-                        help="oracle: how CELL answers messages: " + ", ".join(_RESPONDER_POLICIES))
+                        help="oracle: how CELL answers messages: " + ", ".join(RESPONDER_POLICIES))
     parser.add_argument("--refresh", type=float, metavar="SECONDS",
                         help="sysfs refresh period while cells run (0: off)")
     parser.add_argument("--kmsg", action=argparse.BooleanOptionalAction, default=None,
                         help="copy driver messages to /dev/kmsg (default: with the executor)")
+    parser.add_argument("--test-device", action="store_true",
+                        help="the hypervisor has CONFIG_TEST_DEVICE (test page for TEST_DEVICE cells)")
+    parser.add_argument("--rebind-pci", action="store_true",
+                        help="give devices a destroyed cell releases back to their root driver "
+                             "(Jailhouse leaves them unbound)")
+    parser.add_argument("--native-pio", action=argparse.BooleanOptionalAction, default=True,
+                        help="executor: whitelisted port I/O in machine code, not through "
+                             "Python (default: on)")
     parser.add_argument("--foreground", action="store_true", help="keep stdio, log to stderr too")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     return parser
@@ -1384,8 +1394,8 @@ def _options(args: argparse.Namespace) -> DaemonOptions:
     responders: dict[str, str] = {}
     for item in args.responder:
         name, sep, policy = item.partition("=")
-        if not sep or not name or policy not in _RESPONDER_POLICIES:
-            raise DaemonError(f"--responder {item!r}: expected CELL=" + "|".join(_RESPONDER_POLICIES))
+        if not sep or not name or policy not in RESPONDER_POLICIES:
+            raise DaemonError(f"--responder {item!r}: expected CELL=" + "|".join(RESPONDER_POLICIES))
         responders[name] = policy
     mode = args.debug_console
     if not (mode in ("auto", "none", "uart") or mode.startswith(("file:", "uart:"))):
@@ -1399,6 +1409,7 @@ def _options(args: argparse.Namespace) -> DaemonOptions:
         run_dir=RunDir.from_env(args.run_dir), arch=args.arch, host=args.host,
         debug_console=mode, port_device=args.port_device, responders=responders,
         refresh=args.refresh, kmsg=args.kmsg, foreground=args.foreground, verbose=args.verbose,
+        test_device=args.test_device, rebind_pci=args.rebind_pci, native_pio=args.native_pio,
     )
 
 

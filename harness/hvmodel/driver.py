@@ -120,12 +120,17 @@ class Driver:
     :param arch: the machine (executor or oracle), shared with the hypervisor
     :param host: the Linux side
     :param params: passed to the :class:`~harness.hvmodel.control.Hypervisor`
+    :param test_device: the hypervisor is built with ``CONFIG_TEST_DEVICE``
+        (:attr:`HvParams.test_device <harness.hvmodel.control.HvParams.test_device>`,
+        also set in ``params`` when given)
     """
 
-    def __init__(self, arch: Arch, host: HostInfo | None = None, *, params: HvParams | None = None) -> None:
+    def __init__(self, arch: Arch, host: HostInfo | None = None, *, params: HvParams | None = None,
+                 test_device: bool = False) -> None:
         self.arch = arch
         self.host = host or HostInfo()
         self.params = params
+        self.test_device = test_device
         #: the running hypervisor, or None while disabled
         self.hv: Hypervisor | None = None
         #: the system config as the hypervisor got it (timer fields filled in)
@@ -217,6 +222,8 @@ class Driver:
         if not host.firmware:
             raise HvError(Errno.ENOENT, "Missing hypervisor image")
         params = self.params or HvParams(vendor=host.cpu_vendor)
+        if self.test_device and not params.test_device:
+            params = dataclasses.replace(params, test_device=True)
         hv_size = system.hypervisor_memory.size
         percpu = params.percpu_pages * 0x1000
         if (

@@ -17,6 +17,7 @@ from test_model_configs import (
 
 from harness.hvmodel.abi import CellState, CpuStat, Hypercall
 from harness.hvmodel.config import Irqchip, MemoryRegion
+from harness.hvmodel.control import HvParams
 from harness.hvmodel.percpu import EXIT_DONE, ExitResult
 
 
@@ -309,6 +310,79 @@ def test_mmio_table_overflow_warning() -> None:
         cell.mmio.register(0x1000000 * (len(cell.mmio) + 1), 0x1000, lambda a: 1)  # type: ignore
     assert not cell.mmio.register(0x90000000, 0x1000, lambda a: 1)  # type: ignore
     assert last(bench, 1) == ["WARNING: Overflow during MMIO region registration!"]
+
+
+# --- test device (CONFIG_TEST_DEVICE) --------------------------------------------------
+
+TEST_PAGE = 0x101000
+
+
+def with_test_device() -> Bench:
+    bench = Bench(params=HvParams(test_device=True))
+    bench.running(tiny_demo(), 1)
+    return bench
+
+
+def test_test_device_is_off_by_default() -> None:
+    """Without CONFIG_TEST_DEVICE the TEST_DEVICE flag gives nothing: the page after the
+    comm region is not there (FATAL), and no unit says so at enable."""
+    bench = started(tiny_demo())
+    assert "Test device" not in bench.hv.units.names()
+    assert not bench.hv.handle_mmio(2, TEST_PAGE + 0xFF8, 8, True, 1).handled
+    assert last(bench) == ["FATAL: Invalid MMIO/RAM write, addr: 0x0000000000101ff8 size: 8",
+                           'Parking CPU 2 (Cell: "tiny-demo")']
+
+
+def test_test_device_unit_order_and_region() -> None:
+    """The unit sits after the IOAPIC (link order), prints its line at enable and
+    intercepts one page after the comm region of a flagged cell only."""
+    bench = with_test_device()
+    hv = bench.hv
+    assert hv.units.names() == ["VT-d", "IOAPIC", "Test device", "Cache Allocation Technology", "PCI"]
+    assert "Initializing unit: Test device" in hv.console.lines
+    cell = hv.cell_by_id(1)
+    assert cell is not None and (TEST_PAGE, 0x1000) in cell.mmio.regions()
+    assert (TEST_PAGE, 0x1000) not in hv.root.mmio.regions()
+    assert bench.create(apic_demo(), 2) == 0      # no TEST_DEVICE flag
+    other = hv.cell_by_id(2)
+    assert other is not None and all(start != TEST_PAGE for start, _ in other.mmio.regions())
+    assert bench.call(Hypercall.CELL_DESTROY, 1) == 0
+    assert (TEST_PAGE, 0x1000) not in cell.mmio.regions()
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+def test_test_device_register_is_the_comm_page_tail(size: int) -> None:
+    """Offsets 0xff8..0xfff of the test page are bytes 0xff8..0xfff of the comm page
+    (which the cell sees as memory at 0x100ff8); the exits are counted as MMIO."""
+    bench = with_test_device()
+    hv = bench.hv
+    value = 0x8877665544332211 & ((1 << (8 * size)) - 1)
+    offset = 0x1000 - size
+    assert hv.handle_mmio(2, TEST_PAGE + offset, size, True, value) == EXIT_DONE
+    cell = hv.cell_by_id(1)
+    assert cell is not None
+    assert bytes(cell.comm_page[offset:0x1000]) == value.to_bytes(size, "little")
+    assert hv.handle_mmio(2, TEST_PAGE + offset, size, False) == ExitResult(True, value)
+    assert hv.handle_mmio(2, 0x100000 + offset, size, False) == ExitResult(True, value)
+    assert hv.cpus[2].stats[CpuStat.VMEXITS_MMIO] == 2
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "write", "line"),
+    [
+        (0x0, 4, False, "testdev: invalid read, register 0, size 4"),
+        (0xFF4, 4, True, "testdev: invalid write, register ff4, size 4"),
+        # not inside the intercepted page at all: the MMIO dispatcher's FATAL
+        (0xFFC, 8, False, "FATAL: Invalid MMIO/RAM read, addr: 0x0000000000101ffc size: 8"),
+    ],
+    ids=["page-start", "below-window", "beyond-page"],
+)
+def test_test_device_rejects_other_offsets(offset: int, size: int, write: bool, line: str) -> None:
+    """Inside the page but not in its last 8 bytes: the device's own message (no
+    Invalid MMIO line); either way the CPU is parked."""
+    bench = with_test_device()
+    assert not bench.hv.handle_mmio(2, TEST_PAGE + offset, size, write, 1).handled
+    assert last(bench) == [line, 'Parking CPU 2 (Cell: "tiny-demo")']
 
 
 # --- IOAPIC ----------------------------------------------------------------------------

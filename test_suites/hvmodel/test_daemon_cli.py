@@ -373,6 +373,27 @@ def test_without_a_daemon_the_module_is_not_loaded(jh: Setup, files: Files, tmp_
     assert not jh.run.socket.exists()
 
 
+def test_test_device_option_builds_the_unit_in(jh: Setup, files: Files) -> None:
+    """``--test-device`` (CONFIG_TEST_DEVICE): the daemon's hypervisor has the test device
+    unit, initialized between the IOAPIC and CAT as the oracle built the same way
+    predicts; without the option (the fixture's daemon before) it has none."""
+    system = Path(files.system).read_bytes()
+    ok(jh.jailhouse("enable", files.system))
+    ok(jh.jailhouse("disable"))
+    assert b"Initializing unit: Test device" not in jh.uart.read_bytes()
+    jh.uart.unlink()
+    jh.env["JAILHOUSE_DAEMON_ARGS"] += " --test-device"
+    ok(jh.jailhouse("enable", files.system))
+    oracle = Driver(OracleArch(), HostInfo(), test_device=True)
+    oracle.enable(system)
+    assert oracle.hv is not None
+    expected = oracle.hv.console.content
+    assert "Initializing unit: IOAPIC\nInitializing unit: Test device\n" \
+           "Initializing unit: Cache Allocation Technology\n" in expected
+    assert jh.uart.read_bytes() == expected.replace("\n", "\r\n").encode("latin-1")
+    ok(jh.jailhouse("disable"))
+
+
 def test_failed_enable_ends_the_daemon(jh: Setup, files: Files) -> None:
     """A cell config given to ``enable`` is refused (EINVAL, "Not a system configuration")
     and the daemon it started ends; the module then counts as loaded but disabled."""

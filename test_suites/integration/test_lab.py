@@ -275,3 +275,24 @@ def test_configs_and_demos_sit_where_jailhouse_images_put_them(lab: Lab) -> None
     demos = lab.run("ls /usr/libexec/jailhouse/demos", check=True).stdout.split()
     assert {"apic-demo.bin", "tiny-demo.bin", "hello.bin", "apic-timer.bin"} <= set(demos)
     assert lab.ssh.get("/usr/libexec/jailhouse/demos/apic-demo.bin")[:2] != b""
+
+
+def test_kvm_is_held_for_the_labs_life(lab: Lab) -> None:
+    """With KVM inside, one idle VM exists from boot on (the holder), so a hypervisor
+    enable or disable is never KVM's first or last VM."""
+    if not (lab.summary and lab.summary.kvm_in_guest):
+        pytest.skip("no KVM inside the lab")
+    script = (
+        "import os\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n"
+        "        fds = [os.readlink(f'/proc/{pid}/fd/{fd}') for fd in os.listdir(f'/proc/{pid}/fd')]\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    if b'harness.hvmodel.arch.holder' in cmd:\n"
+        "        print(sum(fd == 'anon_inode:kvm-vm' for fd in fds), sum(fd.startswith('anon_inode:kvm-vcpu:') for fd in fds))\n"
+    )
+    vms, vcpu_fds = lab.run("python3 -", stdin=script, check=True).stdout.split()
+    assert vms == "1" and int(vcpu_fds) >= 1
+    assert "holding an idle KVM VM" in lab.run("cat /run/jhlab-kvm-holder.log", check=True).stdout

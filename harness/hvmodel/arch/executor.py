@@ -36,7 +36,11 @@
 * **Exits**: PIO to :meth:`Hypervisor.handle_pio` (whitelist, PCI config, i8042, FATAL);
   what the model passes through reaches the real port (:mod:`.portio`: native ``in``/
   ``out`` with ``ioperm``, else ``/dev/port``), so a cell's UART at 0x2f8 is the lab's
-  serial 1 and the PM timer at 0x608 reads real time. MMIO to
+  serial 1 and the PM timer at 0x608 reads real time. With native ports the accesses the
+  cell's I/O bitmap opens (:meth:`Hypervisor.pio_bitmap`) never reach Python: the vCPU
+  thread runs the guest in :class:`~.portio.IoBitmapLoop`, a machine-code KVM_RUN loop
+  that performs them itself (KVM still exits to user space for each), as the CPU's I/O
+  bitmap lets them through in Jailhouse; every other exit comes back to the thread. MMIO to
   :meth:`Hypervisor.handle_mmio`. Triple fault, failed entry, KVM internal errors and MSRs
   KVM does not know go to :meth:`Hypervisor.panic_park` with Jailhouse's FATAL wording
   for the vendor (SVM: ``Unexpected #VMEXIT, exitcode 7f, ...``; VMX: ``Unhandled
@@ -86,8 +90,13 @@ does, and touches it rarely after boot). Debian's kernel has ``CONFIG_IO_STRICT_
 the kernel is booted with ``iomem=relaxed``; an IOAPIC out of reach is replaced by a
 detached model (24 pins, version 0x11, entries masked, writes kept), with a warning.
 
-**Not done here**: VFIO (DMA remapping and interrupts of passed-through devices; their
-MMIO works through ``/dev/mem`` regions), string port I/O with a count of 1 (KVM does
+**PCI passthrough** (:mod:`.passthrough`): a physical endpoint of a non-root cell is
+claimed for ``vfio-pci`` at ``pci_add_device`` and released at ``pci_remove_device``;
+its BARs become KVM slots on VFIO's own mappings, the cell's DMA regions its IOMMU
+domain, its MSI and MSI-X vectors VFIO eventfds routed into the cell's VM (config space
+and MSI-X table accesses the model lets through go to VFIO or to the shadows there).
+
+**Not done here**: INTx of passed-through devices, string port I/O with a count of 1 (KVM does
 not tell it from a plain IN/OUT), the x86 instruction decoder's FATALs (KVM emulates the
 MMIO instruction), INIT/SIPI emulation (KVM's local APIC does it, without Jailhouse's
 ``CPU %d received SIPI`` line), CAT.
@@ -144,7 +153,8 @@ from .kvm import (
     jailhouse_vcpu_reset,
     jailhouse_vcpu_setup,
 )
-from .portio import PortIo, open_ports
+from .passthrough import Passthrough
+from .portio import IoBitmapLoop, NativePorts, PortIo, open_ports
 
 if TYPE_CHECKING:
     import mmap
@@ -158,6 +168,7 @@ __all__ = ["CpuState", "ExecutorArch", "ExecutorStateError", "ExitHandler", "hos
 LOG = logging.getLogger(__name__)
 
 MEM_WRITE: Final = 0x0002
+MEM_DMA: Final = 0x0008
 MEM_IO: Final = 0x0010
 MEM_COMM_REGION: Final = 0x0020
 #: where KVM may put the real-mode TSS on VMX without unrestricted guest (runner's choice)
@@ -177,6 +188,8 @@ POLL_MAX: Final = 0.005
 UART_LSR: Final = 5
 UART_LSR_THRE: Final = 0x20
 CONSOLE_TYPE_8250: Final = 2
+#: ``JAILHOUSE_PCI_TYPE_DEVICE``: a physical endpoint (passed through with VFIO)
+PCI_TYPE_DEVICE: Final = 1
 CONSOLE_ACCESS_MMIO: Final = 0x0001
 #: IOAPIC registers
 IOAPIC_DATA: Final = 0x10
@@ -232,6 +245,8 @@ class ExitHandler(Protocol):
 
     def hypercall(self, cpu: int, code: int, arg1: int = 0, arg2: int = 0, *, rip: int = 0) -> int: ...
 
+    def pio_bitmap(self, cpu: int) -> bytearray | None: ...
+
 
 class _State(enum.Enum):
     NEW = "new"
@@ -256,6 +271,8 @@ class _Slot:
 
     slot: int
     mapping: PhysMapping | None
+    #: the region (DMA-flagged ones also sit in the cell's IOMMU domain)
+    region: MemoryRegion | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -282,10 +299,19 @@ class _Cpu:
     ended: bool = False
     #: CPUs the thread may run on after pinning (None: not pinned)
     affinity: frozenset[int] | None = None
-    #: exits by kind (executor-side, for diagnostics)
+    #: exits by kind (executor-side, for diagnostics; see :meth:`exit_counts`)
     exits: Counter[str] = dataclasses.field(default_factory=Counter)
     #: exits dropped because the CPU was parked or reset meanwhile
     dropped: int = 0
+    #: the current run's I/O bitmap loop (its IN/OUT exits are not in :attr:`exits` yet)
+    io_loop: IoBitmapLoop | None = None
+
+    def exit_counts(self) -> dict[str, int]:
+        """:attr:`exits` with what the I/O bitmap loop is serving (``IoExit``)."""
+        counts = dict(self.exits)
+        if self.io_loop is not None:
+            counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served
+        return counts
 
     def held(self) -> bool:
         return self.suspended or self.cell.gate_closed
@@ -338,6 +364,12 @@ class ExecutorArch:
     :param kvm_path: the KVM device
     :param pci_sysfs: where PCI devices' config files are (``/sys/bus/pci/devices``)
     :param stop_timeout: seconds :meth:`cell_destroy` waits for a cell's threads
+    :param native_pio: serve the port I/O a cell's I/O bitmap opens in machine code
+        (:class:`~.portio.IoBitmapLoop`; native ports only); off: every exit in Python
+    :param passthrough: the VFIO side for cells' physical PCI devices (default: a
+        :class:`~.passthrough.Passthrough`)
+    :param rebind_released: give a device a cell released back to its original root
+        driver (Jailhouse leaves it unbound; ignored with ``passthrough``)
     """
 
     def __init__(
@@ -356,6 +388,9 @@ class ExecutorArch:
         kvm_path: str = "/dev/kvm",
         pci_sysfs: str = "/sys/bus/pci/devices",
         stop_timeout: float = STOP_TIMEOUT,
+        native_pio: bool = True,
+        passthrough: Passthrough | None = None,
+        rebind_released: bool = False,
     ) -> None:
         if vendor not in (None, "amd", "intel"):
             raise ValueError(f"vendor {vendor!r}: expected 'amd' or 'intel'")
@@ -370,7 +405,9 @@ class ExecutorArch:
         self.kvm_path = kvm_path
         self.pci_sysfs = pci_sysfs
         self.stop_timeout = stop_timeout
+        self.native_pio = native_pio
         self.cpuset: RootCpuset | None = (cpuset or RootCpuset()) if isolate else None
+        self.passthrough = passthrough or Passthrough(rebind=rebind_released)
         # Runtime state
         self._state = _State.NEW
         self._cond = threading.Condition()
@@ -473,6 +510,7 @@ class ExecutorArch:
         self._supported_cpuid = supported
         self._system = system
         self._root_id = system.root_cell.id
+        self.passthrough.domain = system.pci_domain
         self._console_base = self._pick_console(system)
         self._state = _State.READY
         LOG.info(
@@ -574,6 +612,7 @@ class ExecutorArch:
         idempotent, never raises."""
         if self._state is _State.SHUT_DOWN:
             return
+        self.passthrough.shutdown()
         for cell_id in list(self._cells):
             try:
                 self.cell_destroy(cell_id)
@@ -687,6 +726,9 @@ class ExecutorArch:
             cell.gate_closed = False
             busy = [cpu for cpu in cell.cpus.values() if cpu.in_model]
             self._cond.notify_all()
+        for passed in self.passthrough.devices_of(cell_id):  # the model gave them back already
+            self.passthrough.detach(passed.bdf)
+        self.passthrough.release_detached()
         for cpu in cell.cpus.values():
             with contextlib.suppress(KvmError):
                 cpu.vcpu.kick()
@@ -787,6 +829,13 @@ class ExecutorArch:
             slot = cell.vm.add_memory(region.virt_start, page, size=PAGE_SIZE, readonly=readonly)
             cell.slots[key] = _Slot(slot.slot, None)
             return
+        device_memory = self.passthrough.bar_backing(cell_id, region.phys_start, region.size)
+        if device_memory is not None:  # a BAR of the cell's own device: VFIO's mapping
+            buffer, offset = device_memory
+            slot = cell.vm.add_memory(region.virt_start, buffer, offset=offset, size=region.size,
+                                      readonly=readonly)
+            cell.slots[key] = _Slot(slot.slot, None, region)
+            return
         mapping = PhysMapping(
             region.phys_start, region.size, path=self.mem_device, uncached=bool(flags & MEM_IO)
         )
@@ -794,10 +843,16 @@ class ExecutorArch:
             slot = cell.vm.add_memory(
                 region.virt_start, mapping.mmap, offset=mapping.offset, size=region.size, readonly=readonly
             )
+            if flags & MEM_DMA:
+                try:
+                    self.passthrough.dma_map(cell_id, region, mapping.mmap, mapping.offset)
+                except BaseException:
+                    cell.vm.remove_memory(slot.slot)
+                    raise
         except BaseException:
             mapping.close()
             raise
-        cell.slots[key] = _Slot(slot.slot, mapping)
+        cell.slots[key] = _Slot(slot.slot, mapping, region)
 
     def unmap_memory_region(self, cell_id: int, region: MemoryRegion) -> None:
         """Delete the region's memory slot and its ``/dev/mem`` mapping."""
@@ -807,12 +862,16 @@ class ExecutorArch:
         entry = cell.slots.pop((region.virt_start, region.size), None)
         if entry is None:
             return
+        self.passthrough.dma_unmap(cell_id, region)
         cell.vm.remove_memory(entry.slot)
         if entry.mapping is not None:
             entry.mapping.close()
 
     def config_commit(self, cell_id: int | None) -> None:
-        """Nothing to flush: KVM keeps guest TLBs and NPT/EPT consistent with the slots."""
+        """Release the devices cells gave back (the operation is complete: see
+        :mod:`.passthrough`); nothing to flush, KVM keeps guest TLBs and NPT/EPT
+        consistent with the slots."""
+        self.passthrough.release_detached()
 
     # ===================================================================================
     # CPUs
@@ -894,6 +953,7 @@ class ExecutorArch:
     def _cpu_loop(self, cpu: _Cpu) -> None:
         vcpu = cpu.vcpu
         cond = self._cond
+        io_loop: IoBitmapLoop | None = None  # this run's (None: every exit comes here)
         while True:
             with cond:
                 while cpu.state is not CpuState.STOPPED and not cpu.runnable():
@@ -905,7 +965,12 @@ class ExecutorArch:
             try:
                 if reset is not None:
                     jailhouse_vcpu_reset(vcpu, reset)
-                exit_ = vcpu.run()
+                    io_loop = self._io_bitmap_loop(cpu)
+                    with cond:
+                        if cpu.io_loop is not None:
+                            cpu.exits["IoExit"] += cpu.io_loop.served
+                        cpu.io_loop = io_loop
+                exit_ = vcpu.run() if io_loop is None else vcpu.run_native(io_loop)
             except KvmError as exc:
                 self._report_fatal(cpu, f"executor: {exc}")
                 continue
@@ -965,6 +1030,25 @@ class ExecutorArch:
             exit_.set_value(cpu.vcpu.get_regs().rax)
         else:
             exit_.set_value(result.value)
+
+    def _io_bitmap_loop(self, cpu: _Cpu) -> IoBitmapLoop | None:
+        """The I/O bitmap loop of the run that begins on ``cpu`` (its own thread, after a
+        reset): the IN/OUT exits to ports the cell's I/O bitmap opens are served in machine
+        code, as the CPU's bitmap check lets them through in Jailhouse; the rest come to
+        :meth:`_dispatch`. None when it is off, the ports are not native, or the model
+        gives no bitmap."""
+        ports = self._ports
+        handler = self._handler()
+        if not self.native_pio or not isinstance(ports, NativePorts) or handler is None:
+            return None
+        try:
+            bitmap = handler.pio_bitmap(cpu.id)  # does not wait for the model's lock
+            if bitmap is None:
+                return None
+            return ports.io_bitmap_loop(cpu.vcpu.fd, cpu.vcpu.run_page, bitmap)
+        except (JhlabError, OSError, ValueError) as exc:
+            LOG.warning("CPU %d: whitelisted port I/O goes through Python: %s", cpu.id, exc)
+            return None
 
     def _exit_mmio(self, handler: ExitHandler, cpu: _Cpu, exit_: MmioExit) -> None:
         value = exit_.value if exit_.is_write else 0
@@ -1128,7 +1212,11 @@ class ExecutorArch:
             return self._mmio_maps[page], address - page
 
     def mmio_read(self, address: int, size: int) -> int:
-        """One uncached read of host-physical MMIO; all ones when it cannot be mapped."""
+        """One uncached read of host-physical MMIO; all ones when it cannot be mapped. The
+        MSI-X table of a passed-through device is its shadow (:mod:`.passthrough`)."""
+        passed = self.passthrough.msix_device(address, size)
+        if passed is not None:
+            return self.passthrough.msix_read(passed, address, size)
         mapping, offset = self._mmio_window(address, size)
         if mapping is None:
             return (1 << (8 * size)) - 1
@@ -1136,7 +1224,12 @@ class ExecutorArch:
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
         """One uncached write of host-physical MMIO inside a non-root cell's sub-page
-        region, device MSI-X table or IOAPIC (root hardware policy); else dropped."""
+        region, device MSI-X table or IOAPIC (root hardware policy); else dropped. The
+        MSI-X table of a passed-through device is its shadow (:mod:`.passthrough`)."""
+        passed = self.passthrough.msix_device(address, size)
+        if passed is not None:
+            self.passthrough.msix_write(passed, address, size, value)
+            return
         if not self._cell_mmio(address, size):
             LOG.debug("MMIO write %#x+%d = %#x for the root: not performed", address, size, value)
             return
@@ -1174,7 +1267,11 @@ class ExecutorArch:
         return fd
 
     def pci_read_config(self, bdf: int, reg: int, size: int) -> int:
-        """Read the device's config space (sysfs); all ones for an absent device."""
+        """Read the device's config space (sysfs, or VFIO for a passed-through device);
+        all ones for an absent device."""
+        passed = self.passthrough.device(bdf)
+        if passed is not None:
+            return self.passthrough.config_read(passed, reg, size)
         fd = self._pci_fd(bdf)
         if fd is None:
             return (1 << (8 * size)) - 1
@@ -1184,7 +1281,12 @@ class ExecutorArch:
         return int.from_bytes(data, "little")
 
     def pci_write_config(self, bdf: int, reg: int, size: int, value: int) -> None:
-        """Write the config space of a device a non-root cell owns (root policy)."""
+        """Write the config space of a device a non-root cell owns (root policy), through
+        VFIO for a passed-through one."""
+        passed = self.passthrough.device(bdf)
+        if passed is not None:
+            self.passthrough.config_write(passed, reg, size, value)
+            return
         if bdf not in self._device_owner:
             LOG.debug("PCI %04x reg %#x = %#x for the root: not performed", bdf, reg, value)
             return
@@ -1193,16 +1295,34 @@ class ExecutorArch:
             os.pwrite(fd, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), reg)
 
     def pci_add_device(self, cell_id: int, device: PciDevice) -> None:
-        """Record the owner (no VFIO yet: DMA and interrupts stay with the host)."""
+        """Record the owner; a physical endpoint of a non-root cell is passed through
+        (``arch_pci_add_device``: claimed for ``vfio-pci``, in the cell's IOMMU domain).
+
+        :raise HvError: the VFIO step that failed, naming the device
+        """
         if self._is_root(cell_id):
             self._device_owner.pop(device.bdf, None)
             return
+        cell = self._cells.get(cell_id)
+        if cell is not None and int(device.type) == PCI_TYPE_DEVICE:
+            split = bool(self._kvm and self._kvm.check_extension(Cap.SPLIT_IRQCHIP))
+            self.passthrough.attach(cell_id, cell.vm, device, split_irqchip=split)
+            try:
+                for entry in cell.slots.values():  # DMA regions mapped before the device came
+                    region = entry.region
+                    if region is not None and entry.mapping is not None and int(region.flags) & MEM_DMA:
+                        self.passthrough.dma_map(cell_id, region, entry.mapping.mmap, entry.mapping.offset)
+            except BaseException:
+                self.passthrough.detach(device.bdf)
+                raise
         self._device_owner[device.bdf] = cell_id
         if device.msix_address:
             self._msix_ranges[device.bdf] = (device.msix_address, device.msix_region_size)
 
     def pci_remove_device(self, cell_id: int, device: PciDevice) -> None:
-        """Forget the owner; writes stay allowed until the root gets the device back."""
+        """Forget the owner; writes stay allowed until the root gets the device back. A
+        passed-through device is closed (``vfio-pci`` lets it go at the operation's end)."""
+        self.passthrough.detach(device.bdf)
         if not self._is_root(cell_id) and device.bdf in self._device_owner:
             self._device_owner[device.bdf] = -1
 
@@ -1367,7 +1487,7 @@ class ExecutorArch:
                     "suspended": cpu.suspended,
                     "affinity": sorted(cpu.affinity) if cpu.affinity is not None else None,
                     "thread_alive": bool(cpu.thread and cpu.thread.is_alive()),
-                    "exits": dict(cpu.exits),
+                    "exits": cpu.exit_counts(),
                     "dropped": cpu.dropped,
                 }
                 for cpu in self._cpus.values()
@@ -1386,6 +1506,11 @@ class ExecutorArch:
             "cells": cells,
             "cpus": cpus,
             "zombies": sum(1 for z in self._zombies if z.is_alive()),
+            "passthrough": {
+                d.address.short: {"cell": d.cell_id, "group": d.group, "msi": len(d.msi_routes),
+                                  "msix": len(d.msix_routes)}
+                for cell_id in sorted(self._cells) for d in self.passthrough.devices_of(cell_id)
+            },
         }
 
 

@@ -50,7 +50,7 @@ import os
 import signal
 import struct
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..errors import Errno, HvError
@@ -1676,6 +1676,33 @@ class Vcpu:
         finally:
             with self._thread_lock:
                 self._thread = None
+        return self._decode()
+
+    def run_native(self, enter: Callable[[], int]) -> VcpuExit:
+        """:meth:`run` with ``enter`` in place of the KVM_RUN ioctl: native code that runs
+        the vCPU and may serve some exits itself (the executor's I/O bitmap loop,
+        :class:`~.portio.IoBitmapLoop`). It returns 0 once an exit it leaves to the caller
+        is in the run page, or KVM_RUN's negative errno. Kicks work as with :meth:`run`.
+
+        :raise KvmError: when KVM_RUN fails other than by ``EINTR``
+        """
+        with self._thread_lock:
+            self._thread = threading.get_ident()
+        try:
+            result = enter()
+            if result == -errno.EINTR:
+                self.run_page[_OFF_IMMEDIATE_EXIT] = 0
+                return IntrExit()
+        finally:
+            with self._thread_lock:
+                self._thread = None
+        if result < 0:
+            raise KvmError("KVM_RUN", -result, f"vCPU {self.id}")
+        return self._decode()
+
+    def _decode(self) -> VcpuExit:
+        """The exit KVM_RUN left in the run page."""
+        page = self.run_page
         (reason,) = _U32.unpack_from(page, _OFF_EXIT_REASON)
         if reason == ExitReason.IO:
             direction, size, port, count, data_offset = _IO_STRUCT.unpack_from(page, _OFF_U)

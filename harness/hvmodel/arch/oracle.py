@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..abi import CommOffset, Message, Reply, comm_read_u32, comm_write_u32
 from . import PAGE_SIZE, RootBuffers
@@ -44,6 +44,36 @@ def deny_first_shutdown() -> Responder:
         return Reply.RECEIVED
 
     return responder
+
+
+def deny_shutdown(name: str, message: Message, page: memoryview) -> Reply | None:
+    """A cell that refuses every shutdown request."""
+    return Reply.REQUEST_DENIED if message == Message.SHUTDOWN_REQUEST else Reply.RECEIVED
+
+
+def silent(name: str, message: Message, page: memoryview) -> Reply | None:
+    """A cell that never answers (the hypervisor's reply timeout decides)."""
+    return None
+
+
+#: the scripted answers a daemon's ``--responder CELL=POLICY`` names
+RESPONDER_POLICIES: Final = ("approve", "deny-first-shutdown", "deny", "silent")
+
+
+def responder_for(policy: str) -> Responder:
+    """A fresh responder for one of :data:`RESPONDER_POLICIES`.
+
+    :raise ValueError: for another name
+    """
+    if policy == "approve":
+        return approve_all
+    if policy == "deny-first-shutdown":
+        return deny_first_shutdown()
+    if policy == "deny":
+        return deny_shutdown
+    if policy == "silent":
+        return silent
+    raise ValueError(f"responder policy {policy!r}: expected {', '.join(RESPONDER_POLICIES)}")
 
 
 class OracleArch:

@@ -10,7 +10,9 @@
  * then sets its state to 1 (ready). Once the target peer is ready too, it
  * rings the target's doorbell (vector 1), waits for the target's doorbell,
  * checks the target's greeting and mark, sets state 2 (done) and waits
- * for the target to be done as well.
+ * for the target to be done as well. R/W section: peer n's mark at n * 64;
+ * its last 64 bytes hold the console lock word both peers take around each
+ * line (they print on the same UART; console_share_lock()).
  *
  *   ivshmem: 01:0e.0, ID 1 of 3 peers, protocol 0x0000
  *   ivshmem: shared memory at 0x3f0f0000: state table 0x1000, R/W 0x9000, output 0x2000 x 3
@@ -18,6 +20,8 @@
  *   ivshmem: peer 2 is ready
  *   ivshmem: doorbell from peer received (vector 1)
  *   ivshmem: peer 2 says "ivshmem: hello from peer 2"
+ *   ivshmem: R/W section mark of peer 2 found
+ *   ivshmem: 2 state-change and 1 doorbell interrupts
  *   ivshmem: state, doorbell and shared data with peer 2: PASSED
  *
  * Command line: bdf=N (default: first ivshmem device on buses 0-1),
@@ -77,7 +81,7 @@ void inmate_main(void)
 	unsigned int cap, msix, vectors, v;
 	u32 id, peers, target, class_rev;
 	char expected[64], mark[64];
-	bool data_ok, mark_ok, bell_ok, done_ok;
+	bool layout_ok, data_ok, mark_ok, bell_ok, done_ok;
 	int bdf;
 
 	bdf = cmdline_parse_int("bdf", -1);
@@ -107,17 +111,25 @@ void inmate_main(void)
 	id = mmio_read32(regs + REG_ID);
 	peers = mmio_read32(regs + REG_MAX_PEERS);
 	class_rev = pci_read_config(bdf, PCI_CFG_CLASS_REV, 4);
+	layout_ok = peers >= 2 && id < peers && state_size && out_size;
+	if (layout_ok) {
+		map_range(shmem, state_size + rw_size + peers * out_size,
+			  MAP_CACHED);
+		/* the peer prints on the same UART: keep our lines apart */
+		if (rw_size >= (u64)(peers + 1) * 64)
+			console_share_lock((volatile u32 *)(shmem + state_size +
+							    rw_size - 64));
+	}
 	printk("ivshmem: %02x:%02x.%x, ID %u of %u peers, protocol 0x%04x\n",
 	       PCI_BUS(bdf), PCI_DEV(bdf), PCI_FN(bdf), id, peers,
 	       (class_rev >> 8) & 0xffff);
 	printk("ivshmem: shared memory at 0x%lx: state table 0x%lx, R/W "
 	       "0x%lx, output 0x%lx x %u\n", shmem, state_size, rw_size,
 	       out_size, peers);
-	if (peers < 2 || id >= peers || !state_size || !out_size) {
+	if (!layout_ok) {
 		printk("ivshmem: unusable layout: FAILED\n");
 		return;
 	}
-	map_range(shmem, state_size + rw_size + peers * out_size, MAP_CACHED);
 	state_table = (volatile u32 *)shmem;
 	rw = (volatile u8 *)(shmem + state_size);
 	out = rw + rw_size + id * out_size;

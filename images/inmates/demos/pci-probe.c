@@ -3,10 +3,18 @@
  * their BARs and capabilities. Under Jailhouse a cell sees only its own
  * devices (others read as all ones), including ivshmem devices.
  *
- *   00:1b.0 8086:293e class 04:03.00 rev 03 type 00
+ * In the default lab (cell pci-probe: QEMU's intel-hda and the demo ivshmem
+ * link, loaded with "expect=2"):
+ *
+ *   pci-probe: scanning buses 0-1 through 0xcf8/0xcfc
+ *   00:1b.0 8086:2668 class 04:03.00 rev 01 type 00
  *     BAR0: mem32 0x00000000fea94000 size 0x4000
- *     caps: 05@0x60 10@0x70
- *   pci-probe: 1 device(s), 1 BAR(s): PASSED
+ *       caps: 05@0x60
+ *   01:0e.0 110a:4106 class ff:00.00 rev 00 type 00
+ *     BAR0: mem32 0x0000000000000000 size 0x1000
+ *     BAR1: mem32 0x0000000000000000 size 0x1000
+ *       caps: 09@0x40 11@0x60
+ *   pci-probe: 2 device(s), 3 BAR(s): PASSED
  *
  * BAR sizes come from the usual all-ones probe (memory/I/O decoding off
  * meanwhile, every value restored); `nosize` skips it. PASSED needs at

@@ -7,9 +7,11 @@
  *   mode=mem-read [addr=0x1f0000]          32-bit read outside the cell RAM
  *   mode=pio   [port=0x3f8] [write]        byte access to a port the cell
  *                                          does not own (read unless write)
- *   mode=pci   [bdf=0x00f8]                config write to a device the
- *                                          cell does not own (vendor ID
- *                                          register, harmless if let through)
+ *   mode=pci   [bdf=0x00f8]                config write to the vendor ID
+ *                                          register (read-only, so harmless
+ *                                          if let through) of a device; the
+ *                                          hypervisor denies it whether the
+ *                                          cell owns the device or not
  *
  * The accesses use plain MOV/IN/OUT, so the hypervisor can decode and name
  * them. Expected: output ends after "rogue: ... now" and the hypervisor
@@ -50,9 +52,8 @@ void inmate_main(void)
 		else
 			printk("rogue: read 0x%x\n", inb(port));
 	} else if (strcmp(mode, "pci") == 0) {
-		printk("rogue: writing the config space of %02x:%02x.%x "
-		       "(not the cell's) now\n", PCI_BUS(bdf), PCI_DEV(bdf),
-		       PCI_FN(bdf));
+		printk("rogue: writing the vendor ID of %02x:%02x.%x now\n",
+		       PCI_BUS(bdf), PCI_DEV(bdf), PCI_FN(bdf));
 		pci_write_config(bdf, PCI_CFG_VENDOR_ID, 0xffff, 2);
 	} else {
 		printk("rogue: usage: mode=mem|mem-read|pio|pci [addr=] "

@@ -8,7 +8,10 @@
  *     line implies con-type=8250;
  *   - else nothing.
  * A lock keeps lines of different CPUs apart; a CPU that already holds it
- * (printk from an interrupt handler) does not wait for itself.
+ * (printk from an interrupt handler) does not wait for itself. Cells that
+ * print on the same UART can keep their lines apart too: console_share_lock()
+ * names a word in memory they share, taken around every printk (with a
+ * bounded wait, so a peer that died holding it delays only one line).
  */
 #include <inmate.h>
 #include "console.h"
@@ -17,6 +20,14 @@ static struct console_cfg con;
 static bool con_ready;
 static volatile u32 print_lock;
 static volatile u32 print_owner = 0xffffffff;
+static volatile u32 *shared_lock;
+
+/* longest wait for the shared lock, then it is taken over */
+#define SHARED_LOCK_WAIT_NS	(2000 * NS_PER_MSEC)
+/* spins between two looks at the clock (a PM timer read may exit) */
+#define SHARED_LOCK_SPINS	1024
+/* without a PM timer: spins in all */
+#define SHARED_LOCK_MAX_SPINS	(1UL << 26)
 
 static void console_init(void)
 {
@@ -88,9 +99,36 @@ static void print_lock_release(void)
 	__atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE);
 }
 
+void console_share_lock(volatile u32 *lock)
+{
+	shared_lock = lock;
+}
+
+static void shared_lock_take(volatile u32 *lock)
+{
+	bool clock = pm_timer_available();
+	u64 start = clock ? pm_timer_read() : 0;
+	unsigned long spins = 0;
+
+	while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE)) {
+		cpu_relax();
+		if (++spins % SHARED_LOCK_SPINS)
+			continue;
+		if (clock ? pm_timer_read() - start > SHARED_LOCK_WAIT_NS :
+		    spins > SHARED_LOCK_MAX_SPINS)
+			return;	/* the holder is gone: go ahead */
+	}
+}
+
+static void shared_lock_release(volatile u32 *lock)
+{
+	__atomic_store_n(lock, 0, __ATOMIC_RELEASE);
+}
+
 void vprintk(const char *fmt, va_list ap)
 {
 	char buf[256];
+	volatile u32 *shared;
 	bool taken;
 	int n, i;
 
@@ -98,8 +136,13 @@ void vprintk(const char *fmt, va_list ap)
 	if (n >= (int)sizeof(buf))
 		n = sizeof(buf) - 1;
 	taken = print_lock_take();
+	shared = taken ? shared_lock : NULL;
+	if (shared)
+		shared_lock_take(shared);
 	for (i = 0; i < n; i++)
 		console_putc(buf[i]);
+	if (shared)
+		shared_lock_release(shared);
 	if (taken)
 		print_lock_release();
 }

@@ -320,6 +320,10 @@ void printk(const char *fmt, ...) __printf(1, 2);
 void vprintk(const char *fmt, va_list ap);
 /* Raw console output of one character ('\n' becomes "\r\n" on a UART). */
 void console_putc(char c);
+/* Another cell prints on the same console: from now on every printk also
+ * holds *lock, a word in memory shared with that cell (0 = free), so that
+ * lines of the two cells do not mix (waits 2 s at most, then prints). */
+void console_share_lock(volatile u32 *lock);
 
 /* ------------------------------------------------------------------ */
 /* Command line (reference 5.3)                                        */
