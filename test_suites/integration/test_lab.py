@@ -291,7 +291,8 @@ def test_kvm_is_held_for_the_labs_life(lab: Lab) -> None:
         "    except OSError:\n"
         "        continue\n"
         "    if b'harness.hvmodel.arch.holder' in cmd:\n"
-        "        print(sum(fd == 'anon_inode:kvm-vm' for fd in fds), sum(fd.startswith('anon_inode:kvm-vcpu:') for fd in fds))\n"
+        "        print(sum(fd == 'anon_inode:kvm-vm' for fd in fds),\n"
+        "              sum(fd.startswith('anon_inode:kvm-vcpu:') for fd in fds))\n"
     )
     vms, vcpu_fds = lab.run("python3 -", stdin=script, check=True).stdout.split()
     assert vms == "1" and int(vcpu_fds) >= 1
