@@ -28,6 +28,7 @@ import fcntl
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -222,6 +223,17 @@ class ImageSet:
     inmates: Path | None = None
 
 
+def _apt_lists_state(path: str = "/var/lib/apt/lists") -> str | None:
+    """What changes when apt's package lists change (``apt-get update``): the newest
+    modification of the lists folder and its files; None when it cannot be read."""
+    try:
+        with os.scandir(path) as entries:
+            stamps = [entry.stat().st_mtime_ns for entry in entries if entry.is_file()]
+        return f"{os.stat(path).st_mtime_ns}:{max(stamps, default=0)}:{len(stamps)}"
+    except OSError:
+        return None
+
+
 class ImageBuilder:
     """Builds (or finds in the cache) the kernel, initramfs and root file system.
 
@@ -242,7 +254,27 @@ class ImageBuilder:
     # -- kernel ---------------------------------------------------------------------
 
     def resolve_kernel_package(self) -> tuple[str, str]:
-        """The concrete kernel package behind ``linux-image-amd64`` and its version."""
+        """The concrete kernel package behind ``linux-image-amd64`` and its version.
+
+        Asking apt takes about a second; the answer is kept in the cache with the state
+        of apt's package lists it came from, and asked again when those change.
+        """
+        memo = self.dir / "kernel-package.json"
+        lists = _apt_lists_state()
+        try:
+            known = json.loads(memo.read_text())
+            if lists is not None and known["lists"] == lists:
+                return str(known["package"]), str(known["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        package, version = self._ask_apt_for_kernel()
+        if lists is not None:
+            staged = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+            staged.write_text(json.dumps({"lists": lists, "package": package, "version": version}))
+            os.replace(staged, memo)  # concurrent labs read a whole file or none
+        return package, version
+
+    def _ask_apt_for_kernel(self) -> tuple[str, str]:
         out = run_tool(
             ["apt-cache", "depends", "--important", KERNEL_META_PACKAGE],
             what="looking up the kernel package",

@@ -312,8 +312,8 @@ class Lab:
         if not lost:
             return
         LOG.info("%r: restoring the PCI config of %s (no migration state in QEMU)", self, ", ".join(lost))
-        script = _WRITE_PCI_HEADERS % json.dumps({f"0000:{b}": self._snapshot_headers[b] for b in lost})
-        self.run(script, check=True, timeout=60)
+        self.run("; ".join(_setpci_restore(bdf, bytes.fromhex(self._snapshot_headers[bdf]))
+                           for bdf in lost), check=True, timeout=60)
         after = self._qemu_pci_bars()
         broken = [bdf for bdf in lost if after.get(bdf) != self._snapshot_bars[bdf]]
         if broken:
@@ -370,16 +370,13 @@ _READ_PCI_HEADERS = (
     "print(json.dumps({b: open(os.path.join(d, b, \"config\"), \"rb\").read(64).hex() "
     "for b in sorted(os.listdir(d))}))'"
 )
-#: writes saved headers back: BARs, ROM BAR and interrupt line first, the command last
-_WRITE_PCI_HEADERS = '''python3 - <<'EOF'
-import json
-for bdf, text in json.loads(%r).items():
-    header = bytes.fromhex(text)
-    with open(f"/sys/bus/pci/devices/{bdf}/config", "r+b", buffering=0) as config:
-        for offset, size in [(0x10 + 4 * n, 4) for n in range(6)] + [(0x30, 4), (0x3c, 1), (0x04, 2)]:
-            config.seek(offset)
-            config.write(header[offset:offset + size])
-EOF'''
+def _setpci_restore(bdf: str, header: bytes) -> str:
+    """A ``setpci`` command writing a saved config header back: BARs, ROM BAR and
+    interrupt line first, the command register last (decoding on once the BARs are set)."""
+    fields = [(0x10 + 4 * n, "L", 4) for n in range(6)] + [(0x30, "L", 4), (0x3C, "B", 1), (0x04, "W", 2)]
+    writes = " ".join(f"{offset:x}.{width}={int.from_bytes(header[offset:offset + size], 'little'):x}"
+                      for offset, width, size in fields)
+    return f"setpci -s {bdf} {writes}"
 
 
 def _close_fds(fds: dict[str, int]) -> None:

@@ -10,7 +10,7 @@ need KVM: ``oracle``, the default, or ``executor``).
 Fixtures (each builds on the one before):
 
 * ``lab`` (session): one booted lab shared by the whole session; a reset point is saved
-  right after boot, and the lab is put back to it (``Lab.reset``, ~0.3 s) after every
+  right after boot, and the lab is put back to it (``Lab.reset``, ~1 s with the reconnection) after every
   test that failed or is marked ``dirty`` (also at run time:
   ``request.node.add_marker("dirty")``). The session's JUnit report gets the lab's
   name, accelerator, kernel and QEMU version as properties.

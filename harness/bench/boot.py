@@ -139,6 +139,7 @@ def bench_reset(repeats: int = 3) -> list[Figure]:
     """Lab reset by snapshot restore against a cold boot of the same lab, in one run:
     cold boot (``Lab.up()`` to ssh-ready) once per repeat, interleaved with resets
     (restore plus the first command over ssh, i.e. until the lab is usable again)."""
+    ImageBuilder(quiet=True).build()  # untimed: a cold boot here never includes a build
     with tempfile.TemporaryDirectory(prefix="jhlab-bench-") as tmp:
         cold, resets, ratios = [], [], []
         lab = Lab("default", log_dir=Path(tmp) / "lab", quiet=True)

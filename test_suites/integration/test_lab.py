@@ -282,6 +282,9 @@ def test_kvm_is_held_for_the_labs_life(lab: Lab) -> None:
     enable or disable is never KVM's first or last VM."""
     if not (lab.summary and lab.summary.kvm_in_guest):
         pytest.skip("no KVM inside the lab")
+    # started right after the ready marker: give its python3 a moment under TCG
+    lab.run("for i in $(seq 120); do grep -qs 'holding an idle KVM VM' /run/jhlab-kvm-holder.log "
+            "&& exit 0; sleep 0.5; done; cat /run/jhlab-kvm-holder.log; exit 1", check=True, timeout=90)
     script = (
         "import os\n"
         "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
@@ -296,4 +299,3 @@ def test_kvm_is_held_for_the_labs_life(lab: Lab) -> None:
     )
     vms, vcpu_fds = lab.run("python3 -", stdin=script, check=True).stdout.split()
     assert vms == "1" and int(vcpu_fds) >= 1
-    assert "holding an idle KVM VM" in lab.run("cat /run/jhlab-kvm-holder.log", check=True).stdout

@@ -4,6 +4,7 @@ cache locking."""
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 import time
 from pathlib import Path
@@ -85,3 +86,31 @@ def test_missing_build_tool_names_its_package(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(images.shutil, "which", lambda *args, **kwargs: None)
     with pytest.raises(MissingToolError, match=r"mmdebstrap not found.*apt-get install mmdebstrap"):
         images.require_tool("mmdebstrap")
+
+
+def test_kernel_package_is_asked_once_per_apt_lists_state(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt is asked for the kernel package once; again only after its lists changed."""
+    monkeypatch.setenv("JHLAB_CACHE", str(tmp_path / "cache"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "Packages").write_text("v1")
+    real_state = images._apt_lists_state
+    monkeypatch.setattr(images, "_apt_lists_state", lambda: real_state(str(lists)))
+    asked: list[list[str]] = []
+
+    def apt(argv: list[str], **kwargs: object) -> str:
+        asked.append(argv)
+        if argv[1] == "depends":
+            return "linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n"
+        return "linux-image-6.1.0-57-amd64:\n  Installed: (none)\n  Candidate: 6.1.192-3\n"
+
+    monkeypatch.setattr(images, "run_tool", apt)
+    builder = images.ImageBuilder(quiet=True)
+    expected = ("linux-image-6.1.0-57-amd64", "6.1.192-3")
+    assert builder.resolve_kernel_package() == expected
+    assert builder.resolve_kernel_package() == expected
+    assert len(asked) == 2  # depends + policy, once
+    os.utime(lists / "Packages", ns=(1, 10**18))  # apt-get update touched the lists
+    assert builder.resolve_kernel_package() == expected
+    assert len(asked) == 4
