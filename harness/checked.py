@@ -630,13 +630,21 @@ def look():
     daemon = daemon_state()
     resources = None
     if ARGS["resources"] and daemon is not None:
+        # The least of a few readings: the thread and socket of a connection that is just
+        # ending (this script's own state request) are not a leak.
         pid = daemon["pid"]
-        with open("/proc/%d/status" % pid) as handle:
-            proc = handle.read()
+        readings = []
+        for attempt in range(5):
+            time.sleep(0.1 * attempt)
+            with open("/proc/%d/status" % pid) as handle:
+                proc = handle.read()
+            readings.append((len(os.listdir("/proc/%d/fd" % pid)),
+                             int(proc.split("Threads:")[1].split()[0]),
+                             int(proc.split("VmRSS:")[1].split()[0])))
         resources = {
-            "fds": len(os.listdir("/proc/%d/fd" % pid)),
-            "threads": int(proc.split("Threads:")[1].split()[0]),
-            "rss_kib": int(proc.split("VmRSS:")[1].split()[0]),
+            "fds": min(r[0] for r in readings),
+            "threads": min(r[1] for r in readings),
+            "rss_kib": readings[-1][2],
         }
     return {"cell_list": text, "sysfs": tree, "cpus_allowed": allowed, "cpuset": cpuset,
             "pci": pci, "daemon": daemon, "resources": resources}
