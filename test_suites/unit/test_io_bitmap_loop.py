@@ -88,20 +88,8 @@ def test_a_loop_keeps_the_machine_code_mapped_after_close() -> None:
     run_page.close()  # the loop held no export of the run page
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kick_handler() -> None:
-    kvm.install_kick_handler()
-
-
-@pytest.fixture
-def vm() -> Iterator[kvm.Vm]:
-    with kvm.Kvm() as dev:
-        machine = dev.create_vm()
-        try:
-            machine.create_irqchip()
-            yield machine
-        finally:
-            machine.close()
+#: every test here may run guests: the kick handler first (conftest.py)
+pytestmark = pytest.mark.usefixtures("kick_handler")
 
 
 @pytest.fixture

@@ -26,26 +26,13 @@ import pytest
 
 from harness.hvmodel.arch import kvm, runner
 
-pytestmark = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="/dev/kvm not available")
+pytestmark = [
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="/dev/kvm not available"),
+    pytest.mark.usefixtures("kick_handler"),  # every test here may run guests (conftest.py)
+]
 
 UART = 0x2F8
 RAM = 0x10000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _kick_handler() -> None:
-    kvm.install_kick_handler()
-
-
-@pytest.fixture
-def vm() -> Iterator[kvm.Vm]:
-    with kvm.Kvm() as dev:
-        machine = dev.create_vm()
-        try:
-            machine.create_irqchip()
-            yield machine
-        finally:
-            machine.close()
 
 
 @contextlib.contextmanager
