@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pexpect
 from pexpect.spawnbase import SpawnBase
@@ -49,7 +50,13 @@ class ConsoleFailure(ConsoleError):
         super().__init__(f"{console}: {line.strip()}\n--- last console lines ---\n{tail}")
 
 
-class _StreamSpawn(SpawnBase):  # type: ignore[misc]
+if TYPE_CHECKING:
+    _TextSpawn = SpawnBase[str]
+else:  # pexpect's SpawnBase is generic only in its stubs
+    _TextSpawn = SpawnBase
+
+
+class _StreamSpawn(_TextSpawn):
     """pexpect over the bytes the reader thread collects (no file descriptor of its own)."""
 
     def __init__(self, console: SerialConsole) -> None:
@@ -62,9 +69,7 @@ class _StreamSpawn(SpawnBase):  # type: ignore[misc]
         if timeout == -1:
             timeout = self.timeout
         data = self._console._take(size, timeout)
-        text = self._utf8.decode(data)
-        self._log(text, "read")
-        return text
+        return self._utf8.decode(data)
 
     def send(self, s: str | bytes) -> int:
         data = s.encode() if isinstance(s, str) else s
@@ -192,9 +197,11 @@ class SerialConsole:
                                f"{' | '.join(wanted)!r}\n--- last console lines ---\n"
                                f"{self.tail()}") from None
         match = self._spawn.match
+        if not isinstance(match, re.Match):
+            raise ConsoleError(f"{self.name}: pexpect returned no match for {' | '.join(wanted)!r}")
         if index >= len(wanted):
             raise ConsoleFailure(self.name, match.group(0), self.tail())
-        return match  # type: ignore[no-any-return]
+        return match
 
     def send(self, text: str) -> None:
         """Type ``text`` (no newline)."""

@@ -33,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.console import CELL_FAILURES, ROOT_FAILURES, ConsoleError, SerialConsole
+from harness.console import CELL_FAILURES, ROOT_FAILURES, SerialConsole
 from harness.errors import (
+    ConsoleError,
     GuestPanic,
     LaunchError,
     MachineDied,

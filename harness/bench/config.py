@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.hvmodel.config import check, load_source, parse_system
@@ -35,7 +36,7 @@ def bench(repeats: int = 2000, warmup: int = 200) -> dict[str, dict[str, float]]
     """
     data = load_source(SOURCE).to_bytes()
     system = parse_system(data, "qemu-x86.cell")
-    operations = {
+    operations: dict[str, Callable[[], object]] = {
         "parse": lambda: parse_system(data, "qemu-x86.cell"),
         "check": lambda: check(system),
         "parse+check": lambda: check(parse_system(data, "qemu-x86.cell")),

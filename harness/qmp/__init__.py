@@ -216,9 +216,12 @@ class QmpSession:
 
     async def _pump_events(self, listener: EventListener) -> None:
         async for message in listener:
-            stamp = message.get("timestamp", {})
+            stamp = message.get("timestamp")
+            data = message.get("data")
+            stamp = stamp if isinstance(stamp, Mapping) else {}
+            data = data if isinstance(data, Mapping) else {}
             qemu_time = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
-            self.events.record(str(message["event"]), message.get("data", {}), qemu_time)
+            self.events.record(str(message["event"]), data, qemu_time)
 
     def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
                 *, timeout: float = COMMAND_TIMEOUT) -> Any:
