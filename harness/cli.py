@@ -377,7 +377,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     name = _lab_name(known.lab)
     given = {a.split("=", 1)[0] for a in create_args}
     if "--ivshmem-from" not in given and name == "default":
-        reference = Path(__file__).resolve().parent / "configs" / "qemu-x86.toml"
+        from harness.recipes import CONFIGS
+
+        reference = CONFIGS / "qemu-x86.toml"
         create_args += ["--ivshmem-from", str(reference)]
     if "--facts" in given:
         return config_main(["create", *create_args], prog)
@@ -401,13 +403,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     import pytest
 
-    from harness.images import REPO_ROOT
+    from harness.recipes import find_recipes
 
-    target = REPO_ROOT / "test_suites"
+    suites_dir = find_recipes().test_suites
+    target = suites_dir
     if args.suite:
         target = target / args.suite
         if not target.exists():
-            suites = sorted(p.name for p in (REPO_ROOT / "test_suites").iterdir() if p.is_dir()
+            suites = sorted(p.name for p in suites_dir.iterdir() if p.is_dir()
                             and not p.name.startswith("_"))
             raise JhlabError(f"no suite {args.suite!r} (suites: {', '.join(suites)})")
     # "jhlab test e2e --junit F": argparse's REMAINDER after SUITE swallows --junit too.

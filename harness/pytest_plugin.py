@@ -44,7 +44,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -358,14 +357,14 @@ def root_shell(lab: Lab) -> RootShell:
 def inmates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """jhlab's demo inmates built once per session (``make -C images/inmates O=DIR``):
     ``DIR/<demo>.bin``."""
-    from harness.images import REPO_ROOT
+    from harness.errors import ImageError
+    from harness.recipes import build_inmates
 
     build = tmp_path_factory.mktemp("inmates")
     try:
-        subprocess.run(["make", "-C", os.fspath(REPO_ROOT / "images" / "inmates"), f"O={build}"],
-                       check=True, capture_output=True, text=True, timeout=600)
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"building the inmates failed:\n{exc.stdout}{exc.stderr}")
+        build_inmates(build, timeout=600)
+    except ImageError as exc:
+        pytest.fail(str(exc))
     return build
 
 

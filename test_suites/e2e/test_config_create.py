@@ -15,17 +15,16 @@ from typing import Any
 
 import pytest
 
-import harness
 from harness.hvmodel.config import SystemConfig, check, load_source, parse
 from harness.hvmodel.config import collect as collect_module
 from harness.hvmodel.config.create import CreateOptions, CreateResult, Facts, create, load_facts
 from harness.lab import Lab
+from harness.recipes import CONFIGS
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-REPO = Path(harness.__file__).resolve().parent.parent
-STORED = REPO / "test_suites" / "hvmodel" / "data" / "default-lab-facts.json"
-QEMU_X86 = Path(harness.__file__).parent / "configs" / "qemu-x86.toml"
+STORED = Path(__file__).resolve().parents[1] / "hvmodel" / "data" / "default-lab-facts.json"
+QEMU_X86 = CONFIGS / "qemu-x86.toml"
 GUEST_PYTHON = "PYTHONPATH=/opt/jhlab/lib python3"
 
 

@@ -27,12 +27,11 @@ import pytest
 from harness.checked import CheckedJailhouse, Violation
 from harness.hvmodel.config import CellConfig, MemoryRegion, load_source
 from harness.lab import Lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-INMATES_SRC = REPO / "images" / "inmates"
+INMATES_SRC = find_recipes().inmates
 CELLS = INMATES_SRC / "cells"
 #: the command line's address in the cell (reference 5.3)
 CMDLINE = 0x1000

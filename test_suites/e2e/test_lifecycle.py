@@ -22,12 +22,11 @@ import pytest
 
 from harness.checked import CheckedJailhouse, Locks, ValidationError
 from harness.lab import Lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-CELLS = REPO / "images" / "inmates" / "cells"
+CELLS = find_recipes().cells
 #: the counters of ``jailhouse cell stats`` on x86
 COUNTERS = {f"vmexits_{name}" for name in (
     "total", "mmio", "management", "hypercall", "pio", "xapic", "cr", "cpuid", "xsetbv",

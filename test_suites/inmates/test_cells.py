@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from inmates_helpers import DEMOS, INMATES_DIR
 
 from harness.hvmodel.config import model
 from harness.hvmodel.config import toml as toml_config
+from harness.recipes import find_recipes
 
-CELLS_DIR = INMATES_DIR / "cells"
+DEMOS = find_recipes().demos()
+CELLS_DIR = find_recipes().cells
 SOURCES = sorted(CELLS_DIR.glob("*.toml"))
 
 INMATE_RAM = range(0x3A600000, 0x3F000000)

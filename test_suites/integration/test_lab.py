@@ -18,12 +18,12 @@ import pytest
 from harness.console import ConsoleFailure
 from harness.errors import GuestPanic, LaunchError, MachineDied, MachineError
 from harness.hvmodel.config import SystemConfig, load_source
-from harness.images import REPO_ROOT, check_kernel_config
+from harness.images import check_kernel_config
 from harness.lab import Lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-CONFIGS = REPO_ROOT / "harness" / "configs"
 WINDOW = 0x3A000000  # start of the default lab's reserved window (memmap=82M$0x3a000000)
 
 
@@ -114,7 +114,7 @@ def test_kernel_matches_config_fragment(lab: Lab) -> None:
     release = lab.run("uname -r", check=True).stdout.strip()
     assert lab.summary is not None and release == lab.summary.kernel
     config = lab.run(f"cat /boot/config-{release}", check=True).stdout
-    fragment = (REPO_ROOT / "kernel_configs" / "root-cell.config").read_text()
+    fragment = (find_recipes().kernel_configs / "root-cell.config").read_text()
     assert check_kernel_config(fragment, config) == []
 
 
