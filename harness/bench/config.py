@@ -18,11 +18,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from harness.hvmodel.config import check, load_source, parse_system
+from harness.recipes import CONFIGS
 
-SOURCE = Path(__file__).resolve().parent.parent / "configs" / "qemu-x86.toml"
+SOURCE = CONFIGS / "qemu-x86.toml"
 GOAL_MS = 1.0
 
 
