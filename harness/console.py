@@ -36,6 +36,27 @@ CELL_FAILURES = (r"FATAL:[^\r\n]*",)
 EXPECT_TIMEOUT = 30.0
 
 
+def transcript_tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a console transcript (``\\r`` removed)."""
+    try:
+        data = path.read_bytes()[-16384:]
+    except OSError:
+        return "(no transcript)"
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def transcript_since(path: Path, mark: int) -> str:
+    """A console transcript's text after byte ``mark`` (``\\r`` removed)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(mark)
+            data = handle.read()
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace").replace("\r", "")
+
+
 class ConsoleFailure(ConsoleError):
     """A failure pattern appeared on the console.
 
@@ -81,7 +102,7 @@ class _StreamSpawn(_TextSpawn):
 
 
 class SerialConsole:
-    """One serial port of a lab machine.
+    """One serial port of a lab machine (a :class:`~harness.protocol.Console`).
 
     Lifecycle: ``connect()`` (right after QEMU starts, before the guest runs) → waits and
     sends → ``close()`` (idempotent).
@@ -218,14 +239,25 @@ class SerialConsole:
         self._spawn.buffer = ""
         self._spawn.before = ""
 
+    @property
+    def before(self) -> str:
+        """What arrived between the previous match and the last one."""
+        return str(self._spawn.before or "")
+
+    def mark(self) -> int:
+        """A point in the transcript (its size now), for :meth:`since`."""
+        try:
+            return self.transcript.stat().st_size
+        except OSError:
+            return 0
+
+    def since(self, mark: int) -> str:
+        """The transcript's text after ``mark`` (``\\r`` removed)."""
+        return transcript_since(self.transcript, mark)
+
     def tail(self, lines: int = 25) -> str:
         """The last ``lines`` lines of the transcript."""
-        try:
-            data = self.transcript.read_bytes()[-16384:]
-        except OSError:
-            return "(no transcript)"
-        text = data.decode("utf-8", "replace").replace("\r", "")
-        return "\n".join(text.splitlines()[-lines:])
+        return transcript_tail(self.transcript, lines)
 
     def close(self) -> None:
         """Disconnect (idempotent); the transcript stays."""

@@ -499,7 +499,8 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
     """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
     and copied to ``/opt/jhlab`` in the root cell.
 
-    It holds the hypervisor model (``lib/harness/hvmodel``), the guest tools
+    It holds the hypervisor model (``lib/harness/hvmodel``), the harness's guest programs
+    (``lib/harness/guest``), the guest tools
     (``bin/``, from ``images/guest/bin``), the compiled cell configs (``configs/``, seen
     as ``/etc/jailhouse``), the demo inmates (``libexec/demos/``, seen as
     ``/usr/libexec/jailhouse/demos``) and the lab's SSH public key.
@@ -509,10 +510,11 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
         lib = root / "lib" / "harness"
         lib.mkdir(parents=True)
         shutil.copy2(PACKAGE_DIR / "__init__.py", lib / "__init__.py")
-        shutil.copytree(
-            PACKAGE_DIR / "hvmodel", lib / "hvmodel",
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
+        for package in ("hvmodel", "guest"):
+            shutil.copytree(
+                PACKAGE_DIR / package, lib / package,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            )
         recipes = find_recipes()
         guest_bin = recipes.guest_bin
         (root / "bin").mkdir()

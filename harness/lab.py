@@ -33,8 +33,9 @@ from harness.labfile import LabSpec, load_lab
 from harness.machine import AccelChoice, Machine, Snapshot, choose_accel
 from harness.net import PrivateNetwork
 from harness.progress import step
+from harness.protocol import CommandResult
 from harness.qmp import QmpSession
-from harness.ssh import CommandResult, SerialShell, SshShell, generate_key
+from harness.ssh import SerialShell, SshShell, generate_key
 
 LOG = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class LabState(enum.Enum):
 
 
 class Lab:
-    """A lab machine with its root cell.
+    """A lab machine with its root cell; a :class:`~harness.protocol.LabChannels` (commands
+    and files in the root cell, both consoles, QMP) once up.
 
     :param lab: built-in lab name, lab file path, or a parsed :class:`LabSpec`
     :param accel: override the lab's accelerator choice (``auto``, ``kvm``, ``tcg``)
@@ -177,6 +179,20 @@ class Lab:
         if self._serial is None:
             self._serial = SerialShell(self.console)
         return self._serial.run(command, timeout=timeout, check=check, stdin=stdin)
+
+    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the root cell (over ssh).
+
+        :raise ConsoleError: when ssh is not connected
+        """
+        self.ssh.put(data, path, mode)
+
+    def get(self, path: str) -> bytes:
+        """Read ``path`` from the root cell (over ssh).
+
+        :raise ConsoleError: when ssh is not connected
+        """
+        return self.ssh.get(path)
 
     @property
     def ssh(self) -> SshShell:

@@ -54,7 +54,7 @@ import pytest
 from harness.checked import CheckedJailhouse, Effect, Oracle, ValidationError
 from harness.lab import Lab, LabState, state_dir
 from harness.labfile import LabSpec
-from harness.ssh import CommandResult
+from harness.protocol import CommandResult
 
 LOG = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from harness.errors import ConsoleTimeout, JhlabError
 from harness.hvmodel.config import CellConfig, load_source
 from harness.images import ImageBuilder, compiled_configs
 from harness.lab import Lab
+from harness.protocol import CommandResult
 from harness.recipes import build_inmates, find_recipes
-from harness.ssh import CommandResult
 
 LOG = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import pytest
 from harness.hvmodel.config import CellConfig, SystemConfig, load_source
 from harness.hvmodel.percpu import cpus_to_bitmap
 from harness.lab import Lab
+from harness.protocol import CommandResult
 from harness.recipes import CONFIGS, build_inmates, find_recipes, missing_build_tools
-from harness.ssh import CommandResult
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -11,39 +10,7 @@ import pytest
 
 from harness.console import ROOT_FAILURES, ConsoleFailure, SerialConsole
 from harness.errors import ConsoleError, ConsoleTimeout, GuestPanic
-
-
-class FakeChardev:
-    """A listening unix socket that plays QEMU's side of a serial chardev."""
-
-    def __init__(self, path: Path, transcript: Path) -> None:
-        self.transcript = transcript
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(1)
-        self.conn: socket.socket | None = None
-        self._accepted = threading.Thread(target=self._accept, daemon=True)
-        self._accepted.start()
-
-    def _accept(self) -> None:
-        self.conn, _ = self.server.accept()
-
-    def emit(self, data: bytes) -> None:
-        self._accepted.join(5)
-        assert self.conn is not None
-        self.conn.sendall(data)
-        with open(self.transcript, "ab") as log:
-            log.write(data)
-
-    def received(self, size: int) -> bytes:
-        assert self.conn is not None
-        self.conn.settimeout(5)
-        return self.conn.recv(size)
-
-    def close(self) -> None:
-        if self.conn:
-            self.conn.close()
-        self.server.close()
+from harness.fake import FakeChardev
 
 
 @pytest.fixture
