@@ -6,7 +6,8 @@ tracebacks.
 
 A lab brought up with ``jhlab up`` keeps running after the command returns: a small
 supervisor process owns QEMU (and QEMU dies with it, whatever kills it) until
-``jhlab down``.  Its state (ssh port, key, log folder) is in the runtime directory.
+``jhlab down``.  Its state (ssh port, key, log folder) is in the runtime directory
+(:mod:`harness.runtime`).
 """
 
 from __future__ import annotations
@@ -21,53 +22,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from harness import runtime
 from harness.errors import JhlabError
 from harness.progress import console
+from harness.runtime import RunningLab
+
+if TYPE_CHECKING:
+    from harness.ssh import SshShell
 
 LOG = logging.getLogger("jhlab")
 
 READY_MARK = "JHLAB-SUPERVISOR-READY"
-
-
-def runtime_dir() -> Path:
-    """Per-user directory of running labs' state files (mode 0700)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "jhlab" if base else Path(f"/tmp/jhlab-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
-
-
-def state_file(name: str) -> Path:
-    return runtime_dir() / f"{name}.json"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_state(name: str) -> dict[str, Any] | None:
-    """The state of running lab ``name``, or ``None`` (stale state files are removed)."""
-    path = state_file(name)
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not _pid_alive(int(state.get("supervisor", 0))):
-        path.unlink(missing_ok=True)
-        return None
-    return state
 
 
 def _lab_name(lab: str) -> str:
@@ -76,7 +47,7 @@ def _lab_name(lab: str) -> str:
     return load_lab(lab).name
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: Mapping[str, Any]) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -99,18 +70,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     name = _lab_name(args.lab)
-    running = read_state(name)
+    running = runtime.read(name)
     if running is not None:
-        console.print(f"Lab {name} is already up (supervisor pid {running['supervisor']}).")
+        console.print(f"Lab {name} is already up (supervisor pid {running.supervisor}).")
         if args.json:
-            print(json.dumps(running["summary"], indent=2))
+            print(json.dumps(dict(running.summary), indent=2))
         else:
-            _print_summary(running["summary"])
+            _print_summary(running.summary)
         return 0
     if args.foreground:
         return _up_foreground(args)
-    cmd = [sys.executable, "-m", "harness.cli", "_supervise", args.lab, "--state",
-           str(state_file(name))]
+    cmd = [sys.executable, "-m", "harness.cli", "_supervise", args.lab]
     if args.accel:
         cmd += ["--accel", args.accel]
     if args.ssh_port:
@@ -135,14 +105,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         status = proc.wait(60)
         console.print(f"[red]jhlab up: lab {name} did not come up (supervisor status {status})[/]")
         return 1
-    state = read_state(name)
+    state = runtime.read(name)
     if state is None:
         console.print(f"[red]jhlab up: lab {name} stopped right after it came up[/]")
         return 1
     if args.json:
-        print(json.dumps(state["summary"], indent=2))
+        print(json.dumps(dict(state.summary), indent=2))
     else:
-        _print_summary(state["summary"])
+        _print_summary(state.summary)
     return 0
 
 
@@ -153,27 +123,17 @@ def _up_foreground(args: argparse.Namespace) -> int:
     with lab:
         summary = lab.summary
         assert summary is not None  # set by up()
-        state_file(lab.spec.name).write_text(json.dumps(_state_of(lab), indent=1))
+        runtime.register(runtime.record_of(lab))
         try:
             _print_summary(summary.as_dict())
             console.print("Lab runs in the foreground; Ctrl-C stops it.")
-            _wait_while_alive(lab)
+            while lab.machine is not None and lab.machine.alive():
+                time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping ...")
         finally:
-            state_file(lab.spec.name).unlink(missing_ok=True)
+            runtime.unregister(lab.spec.name, supervisor=os.getpid())
     return 0
-
-
-def _state_of(lab: Any) -> dict[str, Any]:
-    return {"supervisor": os.getpid(), "qemu": lab.machine.pid,
-            "summary": lab.summary.as_dict(), "key": str(lab.key_path),
-            "lab": lab.spec.source}
-
-
-def _wait_while_alive(lab: Any) -> None:
-    while lab.machine.alive():
-        time.sleep(1)
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
@@ -188,7 +148,6 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    state_path = Path(args.state)
     lab = Lab(args.lab, accel=args.accel, ssh_port=args.ssh_port)
     try:
         lab.up()
@@ -198,7 +157,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         print(f"jhlab up: {describe_failure(exc, lab)}", flush=True)
         return 1
     assert lab.log_dir is not None  # set by up()
-    state_path.write_text(json.dumps(_state_of(lab), indent=1))
+    runtime.register(runtime.record_of(lab))
     print(READY_MARK, flush=True)
     # From here on nobody reads our output: send it to the lab's log folder.
     with open(lab.log_dir / "supervisor.log", "a") as log:
@@ -213,37 +172,33 @@ def cmd_supervise(args: argparse.Namespace) -> int:
             LOG.warning("QEMU exited on its own; supervisor ends")
     finally:
         lab.down()
-        state_path.unlink(missing_ok=True)
+        runtime.unregister(lab.spec.name, supervisor=os.getpid())
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     name = _lab_name(args.lab)
-    state = read_state(name)
+    state = runtime.read(name)
     if state is None:
         console.print(f"Lab {name} is not up.")
         return 0
-    pid = int(state["supervisor"])
+    pid = state.supervisor
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while runtime.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _pid_alive(pid):
+    if runtime.pid_alive(pid):
         console.print(f"supervisor {pid} did not stop in 30 s; killing it (QEMU dies with it)")
         os.kill(pid, signal.SIGKILL)
-    state_file(name).unlink(missing_ok=True)
-    console.print(f"Lab {name} is down; logs in {state['summary']['log_dir']}")
+    runtime.unregister(name, supervisor=pid)
+    console.print(f"Lab {name} is down; logs in {state.log_dir}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    states = {}
-    for path in sorted(runtime_dir().glob("*.json")):
-        state = read_state(path.stem)
-        if state is not None:
-            states[path.stem] = state
+    states = runtime.running()
     if args.json:
-        print(json.dumps({k: v["summary"] | {"supervisor": v["supervisor"], "qemu": v["qemu"]}
+        print(json.dumps({k: dict(v.summary) | {"supervisor": v.supervisor, "qemu": v.qemu}
                           for k, v in states.items()}, indent=2))
         return 0
     if not states:
@@ -251,19 +206,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     table = Table("lab", "accel", "ssh", "supervisor", "qemu", "logs")
     for name, state in states.items():
-        summary = state["summary"]
-        table.add_row(name, summary["accel"], f"127.0.0.1:{summary['ssh_port']}",
-                      str(state["supervisor"]), str(state["qemu"]), summary["log_dir"])
+        table.add_row(name, state.summary["accel"], f"127.0.0.1:{state.ssh_port}",
+                      str(state.supervisor), str(state.qemu), str(state.log_dir))
     console.print(table)
     return 0
 
 
-def _running(lab: str) -> dict[str, Any]:
+def _running(lab: str) -> RunningLab:
     name = _lab_name(lab)
-    state = read_state(name)
+    state = runtime.read(name)
     if state is None:
         raise JhlabError(f"lab {name} is not up: start it with 'jhlab up {lab}'")
     return state
+
+
+def _shell_of(state: RunningLab) -> SshShell:
+    from harness.ssh import SshShell
+
+    return SshShell(state.ssh_port, state.key)
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -272,7 +232,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     if ssh is None:
         raise JhlabError("ssh (openssh-client) is needed for an interactive shell: "
                          "apt-get install openssh-client, or use 'jhlab run'")
-    argv = [ssh, "-i", state["key"], "-p", str(state["summary"]["ssh_port"]),
+    argv = [ssh, "-i", str(state.key), "-p", str(state.ssh_port),
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "root@127.0.0.1", *args.command]
     os.execv(ssh, argv)
@@ -280,12 +240,10 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.ssh import SshShell
-
     state = _running(args.lab)
     if not args.command:
         raise JhlabError("jhlab run: give a command after --, e.g. jhlab run -- uname -a")
-    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    shell = _shell_of(state)
     try:
         result = shell.run(" ".join(args.command), timeout=args.timeout)
     finally:
@@ -300,13 +258,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     import tempfile
 
     from harness.images import build_payload
-    from harness.ssh import SshShell
 
     state = _running(args.lab)
-    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    shell = _shell_of(state)
     try:
         with tempfile.TemporaryDirectory(prefix="jhlab-sync-") as tmp:
-            key = Path(state["key"]).with_suffix(".pub").read_text()
+            key = state.key.with_suffix(".pub").read_text()
             from harness.images import ImageBuilder
 
             inmates = ImageBuilder(quiet=True).inmates()
@@ -319,13 +276,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
                   "rm -rf /jhlab /tmp/jhlab-sync.cpio.gz", check=True)
     finally:
         shell.close()
-    console.print(f"guest code of lab {state['summary']['name']} updated from this checkout")
+    console.print(f"guest code of lab {state.name} updated from this checkout")
     return 0
 
 
 def cmd_console(args: argparse.Namespace) -> int:
     state = _running(args.lab)
-    log = Path(state["summary"]["log_dir"]) / ("serial1.log" if args.cell else "serial0.log")
+    log = state.log_dir / ("serial1.log" if args.cell else "serial0.log")
     with open(log, "rb") as handle:
         sys.stdout.buffer.write(handle.read())
         sys.stdout.flush()
@@ -383,11 +340,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         create_args += ["--ivshmem-from", str(reference)]
     if "--facts" in given:
         return config_main(["create", *create_args], prog)
-    from harness.ssh import SshShell
-
     state = _running(known.lab)
     source = Path(collect_module.__file__).read_text(encoding="utf-8")
-    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    shell = _shell_of(state)
     try:
         result = shell.run("python3 -", stdin=source, timeout=120, check=True)
     finally:
@@ -454,7 +409,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sup = sub.add_parser("_supervise")
     sup.add_argument("lab")
-    sup.add_argument("--state", required=True)
     sup.add_argument("--accel")
     sup.add_argument("--ssh-port", type=int)
     sup.set_defaults(func=cmd_supervise)

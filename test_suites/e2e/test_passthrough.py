@@ -76,7 +76,7 @@ def nic_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     lab's private network namespace."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
-    from harness.pytest_plugin import log_root
+    from harness.pytest_plugin.common import log_root
 
     spec = dataclasses.replace(load_lab("default"), name="nic", netdevs=(
         NetdevSpec(id="lan", type="tap", address=f"{HOST_END}/24"),))

@@ -59,3 +59,23 @@ def test_a_failed_build_shows_makes_output(tmp_path: Path) -> None:
         pytest.skip("build tools missing")
     with pytest.raises(ImageError, match="No rule to make target 'no-such-demo'"):
         recipes.build_inmates(tmp_path / "out", "no-such-demo")
+
+
+def test_guest_programs_use_the_standard_library_only() -> None:
+    """harness.guest runs in the root cell's bare python3: besides the standard library
+    it may import only harness.hvmodel (shipped beside it)."""
+    import ast
+    import sys
+
+    for path in sorted((recipes.PACKAGE_DIR / "guest").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or name.startswith("harness.hvmodel"), \
+                    f"{path.name} imports {name}"
