@@ -44,7 +44,7 @@ from harness.errors import ConsoleTimeout, JhlabError
 from harness.hvmodel.config import CellConfig, load_source
 from harness.images import ImageBuilder, compiled_configs
 from harness.lab import Lab
-from harness.protocol import CommandResult
+from harness.protocol import CommandResult, LabChannels
 from harness.recipes import build_inmates, find_recipes
 
 LOG = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class CellBench:
     :param lab: the lab (default lab: qemu-x86, the cells in ``images/inmates/cells``)
     """
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: LabChannels) -> None:
         self.lab = lab
         pio = load_source(find_recipes().cells / "pio-loop.toml")
         if not isinstance(pio, CellConfig):
@@ -126,10 +126,10 @@ class CellBench:
         self.run(f"mkdir -p {GUEST_DIR}")
         configs = compiled_configs()
         for name in ("qemu-x86.cell", "hello.cell", "pio-loop.cell"):
-            self.lab.ssh.put(configs[name], f"{GUEST_DIR}/{name}")
+            self.lab.put(configs[name], f"{GUEST_DIR}/{name}")
         for name in ("hello.bin", "pio-loop.bin"):
-            self.lab.ssh.put((inmates / name).read_bytes(), f"{GUEST_DIR}/{name}")
-        self.lab.ssh.put(kvmloop.read_bytes(), f"{GUEST_DIR}/kvmloop", mode=0o755)
+            self.lab.put((inmates / name).read_bytes(), f"{GUEST_DIR}/{name}")
+        self.lab.put(kvmloop.read_bytes(), f"{GUEST_DIR}/kvmloop", mode=0o755)
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
         return self.lab.run(command, timeout=timeout, check=True)

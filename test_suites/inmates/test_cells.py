@@ -39,6 +39,7 @@ def test_cell_config(source: Path) -> None:
     region at 0x100000; console 8250 on ttyS1 with 0x2f8/8 whitelisted; flags fit the
     demo; the compiled blob has the cell signature and revision 14."""
     cell = toml_config.load_source(source)
+    assert isinstance(cell, model.CellConfig)
     blob = cell.to_bytes()
     assert blob[:5] == b"JHCLL" and int.from_bytes(blob[6:8], "little") == 14
     assert cell.name == source.stem
@@ -73,6 +74,7 @@ def test_co_resident_pairs_do_not_overlap() -> None:
     for first, second in (("apic-timer", "hello"), ("ivshmem", "ivshmem-2")):
         a = toml_config.load_source(CELLS_DIR / f"{first}.toml")
         b = toml_config.load_source(CELLS_DIR / f"{second}.toml")
+        assert isinstance(a, model.CellConfig) and isinstance(b, model.CellConfig)
         assert not set(a.cpus) & set(b.cpus)
         ram_a = next(r for r in a.memory_regions if r.virt_start == 0 and r.size)
         ram_b = next(r for r in b.memory_regions if r.virt_start == 0 and r.size)

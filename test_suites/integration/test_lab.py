@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,7 @@ def test_serial_fallback_runs_commands(lab: Lab) -> None:
     assert result.stdout.splitlines() == ["hello", "oops"]
 
 
-def test_guest_panic_is_reported_at_once(lab_factory) -> None:
+def test_guest_panic_is_reported_at_once(lab_factory: Callable[..., Lab]) -> None:
     """A panicking guest ends a console wait immediately with the panic's tail, and a
     dead QEMU is reported as such."""
     crashing = lab_factory()
@@ -161,14 +162,14 @@ def test_guest_panic_is_reported_at_once(lab_factory) -> None:
     with pytest.raises(MachineError, match="panicked"):
         crashing.run("true")
     # a VM that dies: QEMU killed behind the harness's back
-    assert crashing.machine is not None and crashing.machine.pid is not None
-    os.kill(crashing.machine.pid, signal.SIGKILL)
+    assert crashing.machine is not None and crashing.machine.process is not None
+    os.kill(crashing.machine.process.pid, signal.SIGKILL)
     crashing.machine.process.wait(10)
     with pytest.raises(MachineDied, match="QEMU exited"):
         crashing.machine.check_alive()
 
 
-def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path, request) -> None:
+def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """QEMU dies with the process that launched it, even on SIGKILL."""
     accel = request.config.getoption("--accel") or "auto"
     script = f"""

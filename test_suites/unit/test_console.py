@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ from harness.console import ROOT_FAILURES, ConsoleFailure, SerialConsole
 from harness.errors import ConsoleError, ConsoleTimeout, GuestPanic
 from harness.fake import FakeChardev
 
+Pair = tuple[FakeChardev, SerialConsole]
+
 
 @pytest.fixture
-def pair(tmp_path: Path):
+def pair(tmp_path: Path) -> Iterator[Pair]:
     transcript = tmp_path / "serial0.log"
     transcript.touch()
     chardev = FakeChardev(tmp_path / "s.sock", transcript)
@@ -25,7 +28,7 @@ def pair(tmp_path: Path):
     chardev.close()
 
 
-def test_expect_sees_output_sent_before_and_during_the_wait(pair) -> None:
+def test_expect_sees_output_sent_before_and_during_the_wait(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"booting\r\njhlab: cpu features: svm npt\r\n")
     match = console.expect(r"cpu features: ([^\r\n]*)", timeout=5)
@@ -34,7 +37,7 @@ def test_expect_sees_output_sent_before_and_during_the_wait(pair) -> None:
     console.expect("root cell ready", timeout=5)
 
 
-def test_timeout_names_the_pattern_and_shows_the_tail(pair) -> None:
+def test_timeout_names_the_pattern_and_shows_the_tail(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"line one\r\nline two\r\n")
     started = time.monotonic()
@@ -44,14 +47,14 @@ def test_timeout_names_the_pattern_and_shows_the_tail(pair) -> None:
     assert info.value.pattern == "never" and "line two" in info.value.tail
 
 
-def test_failure_pattern_ends_the_wait(pair) -> None:
+def test_failure_pattern_ends_the_wait(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n")
     with pytest.raises(ConsoleFailure, match="Unable to mount root fs"):
         console.expect("login:", timeout=10)
 
 
-def test_abort_ends_a_running_wait_at_once(pair) -> None:
+def test_abort_ends_a_running_wait_at_once(pair: Pair) -> None:
     _chardev, console = pair
     error = GuestPanic("guest panicked", "tail")
     threading.Timer(0.2, console.abort, args=(error,)).start()
@@ -61,7 +64,7 @@ def test_abort_ends_a_running_wait_at_once(pair) -> None:
     assert time.monotonic() - started < 5
 
 
-def test_closed_port_is_reported(pair) -> None:
+def test_closed_port_is_reported(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"bye\r\n")
     chardev.close()
@@ -69,7 +72,7 @@ def test_closed_port_is_reported(pair) -> None:
         console.expect("never", timeout=10)
 
 
-def test_sendline_reaches_the_guest(pair) -> None:
+def test_sendline_reaches_the_guest(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"")
     console.sendline("uname -r")

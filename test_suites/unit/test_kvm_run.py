@@ -666,8 +666,8 @@ def test_msi_injection_signal_and_irqfd(vm: kvm.Vm) -> None:
     memory = vm.slot_at(0)
     assert memory is not None
     ram = (ctypes.c_char * memory.size).from_address(memory.userspace_addr)
-    ram[0x200 : 0x200 + len(handler)] = handler
-    ram[0x40 * 4 : 0x40 * 4 + 4] = b"\x00\x02\x00\x00"  # IVT vector 0x40 -> 0000:0200
+    ram[0x200 : 0x200 + len(handler)] = handler  # type: ignore[call-overload]  # c_char arrays take bytes
+    ram[0x40 * 4 : 0x40 * 4 + 4] = b"\x00\x02\x00\x00"  # type: ignore[call-overload]  # IVT 0x40 -> 0000:0200
     with watchdog(vcpu):
         expect_out(vcpu, UART, 1, 0xFF)
         assert vm.signal_msi(0xFEE00000, 0x40) == 1

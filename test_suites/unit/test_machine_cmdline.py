@@ -50,7 +50,7 @@ def test_no_iommu_lab(tmp_path: Path) -> None:
 
 
 def test_missing_qemu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(machine_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr("harness.machine.shutil.which", lambda name: None)
     with pytest.raises(MissingToolError, match="apt-get install qemu-system-x86"):
         machine_mod.qemu_binary()
 
@@ -60,10 +60,10 @@ def test_accel_choice_without_usable_kvm(tmp_path: Path, monkeypatch: pytest.Mon
     images = _images(tmp_path)
     assert choose_accel("tcg", images, log_dir=tmp_path).accel == "tcg"
     assert choose_accel("kvm", images, log_dir=tmp_path).accel == "kvm"
-    monkeypatch.setattr(machine_mod.os, "access", lambda path, mode: False)
+    monkeypatch.setattr("harness.machine.os.access", lambda path, mode: False)
     choice = choose_accel("auto", images, log_dir=tmp_path)
     assert (choice.accel, choice.cpu) == ("tcg", "max")
     assert "no usable /dev/kvm" in choice.reason
-    monkeypatch.setattr(machine_mod.os, "access", lambda path, mode: True)
+    monkeypatch.setattr("harness.machine.os.access", lambda path, mode: True)
     monkeypatch.setattr(machine_mod, "_host_virt_flags", lambda: set())
     assert "neither vmx nor svm" in choose_accel("auto", images, log_dir=tmp_path).reason

@@ -47,7 +47,7 @@ def test_an_installed_package_without_recipes_says_what_to_set(
 
 def test_a_missing_build_tool_names_its_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """build_inmates without ld: MissingToolError naming binutils, nothing built."""
-    monkeypatch.setattr(recipes.shutil, "which", lambda tool: None if tool == "ld" else "/bin/true")
+    monkeypatch.setattr("harness.recipes.shutil.which", lambda tool: None if tool == "ld" else "/bin/true")
     with pytest.raises(MissingToolError, match=r"ld not found.*apt-get install binutils"):
         recipes.build_inmates(tmp_path / "out")
     assert not (tmp_path / "out").exists()
