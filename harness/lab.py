@@ -32,7 +32,7 @@ from harness.images import ImageBuilder, ImageSet, build_payload, cache_dir
 from harness.labfile import LabSpec, load_lab
 from harness.machine import AccelChoice, Machine, Snapshot, choose_accel
 from harness.net import PrivateNetwork
-from harness.progress import step
+from harness.progress import Step, step
 from harness.protocol import CommandResult
 from harness.qmp import QmpSession
 from harness.ssh import SerialShell, SshShell, generate_key
@@ -259,7 +259,7 @@ class Lab:
         self.state = LabState.READY
         return self.summary
 
-    def _wait_ready(self, st: Any) -> tuple[tuple[str, ...], int, bool]:
+    def _wait_ready(self, st: Step) -> tuple[tuple[str, ...], int, bool]:
         assert self.machine is not None and self.machine.console is not None  # launched
         console = self.machine.console
         deadline = time.monotonic() + self.spec.boot_timeout

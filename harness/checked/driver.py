@@ -81,10 +81,10 @@ class Plan:
 
 
 class Batch:
-    """Steps collected and run in one guest script: for loops of many steps (stress),
+    """Steps collected and run in one guest program: for loops of many steps (stress),
     where one round trip per step would cost more than the steps.
 
-    Differences from single steps: the commands run inside the guest script through the
+    Differences from single steps: the commands run inside the guest program through the
     same ``harness.hvmodel.tool.main`` the ``jailhouse`` script calls (one interpreter
     instead of one per command; the daemon and its socket are the real ones); the guest
     is looked at after every command (``observe_each``, the default) or once at the end;
@@ -439,7 +439,7 @@ class CheckedJailhouse:
             time.sleep(1.0)
 
     def _run_batch(self, plans: Sequence[Plan], looks: Sequence[bool]) -> list[StepResult]:
-        """Run ``plans`` in one guest script (the tool in-process, see :class:`Batch`),
+        """Run ``plans`` in one guest program (the tool in-process, see :class:`Batch`),
         looking at the guest after the steps ``looks`` flags (else once at the end)."""
         if not plans:
             return []

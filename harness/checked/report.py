@@ -95,7 +95,7 @@ class GuestView:
 
     @classmethod
     def from_wire(cls, value: Mapping[str, Any]) -> GuestView:
-        """Parse the guest script's JSON."""
+        """Parse a look of the guest program (:mod:`harness.guest.checked`)."""
         return cls(
             cell_list=str(value["cell_list"]),
             sysfs={str(k): str(v) for k, v in value["sysfs"].items()},
