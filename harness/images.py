@@ -500,10 +500,10 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
     and copied to ``/opt/jhlab`` in the root cell.
 
     It holds the hypervisor model (``lib/harness/hvmodel``), the harness's guest programs
-    (``lib/harness/guest``), the guest tools
-    (``bin/``, from ``images/guest/bin``), the compiled cell configs (``configs/``, seen
-    as ``/etc/jailhouse``), the demo inmates (``libexec/demos/``, seen as
-    ``/usr/libexec/jailhouse/demos``) and the lab's SSH public key.
+    (``lib/harness/guest``), the guest tools (``bin/``, from ``images/guest/bin``),
+    Jailhouse's helper scripts (``libexec/``, from ``images/guest/libexec``, seen as
+    ``/usr/libexec/jailhouse``), the compiled cell configs (``configs/``, seen as
+    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``) and the lab's SSH public key.
     """
     with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
         root = Path(tmp) / "jhlab"
@@ -520,6 +520,8 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
         (root / "bin").mkdir()
         if guest_bin.is_dir():
             shutil.copytree(guest_bin, root / "bin", dirs_exist_ok=True)
+        # Jailhouse's helper scripts, where Jailhouse installs them (/usr/libexec/jailhouse)
+        shutil.copytree(recipes.guest_libexec, root / "libexec")
         (root / "authorized_keys").write_text(authorized_key.strip() + "\n")
         configs = root / "configs"
         configs.mkdir()

@@ -7,6 +7,7 @@ tree beside the package and are not installed with it::
     images/rootfs/          package list, kernel modules, overlay of the root file system
     images/initramfs/       stage-1 init and its kernel modules
     images/guest/bin/       guest tools (the ``jailhouse`` command)
+    images/guest/libexec/   Jailhouse's helper scripts (``jailhouse-config-check``)
     images/inmates/         inmate library, demos, cell configs (``cells/``), C tools
     kernel_configs/         kernel options a root cell needs
     test_suites/            the suites ``jhlab test`` runs
@@ -71,6 +72,12 @@ class Recipes:
     def guest_bin(self) -> Path:
         """Guest tools copied to ``/opt/jhlab/bin`` (the ``jailhouse`` command)."""
         return self.images / "guest" / "bin"
+
+    @property
+    def guest_libexec(self) -> Path:
+        """Jailhouse's helper scripts, copied to ``/opt/jhlab/libexec`` (seen as
+        ``/usr/libexec/jailhouse``, where Jailhouse installs them)."""
+        return self.images / "guest" / "libexec"
 
     @property
     def inmates(self) -> Path:

@@ -38,8 +38,9 @@ def bench(repeats: int = 2000, warmup: int = 200) -> dict[str, dict[str, float]]
     system = parse_system(data, "qemu-x86.cell")
     operations: dict[str, Callable[[], object]] = {
         "parse": lambda: parse_system(data, "qemu-x86.cell"),
-        "check": lambda: check(system),
-        "parse+check": lambda: check(parse_system(data, "qemu-x86.cell")),
+        "check": lambda: check(system, next_checks=True, extra=True),
+        "parse+check": lambda: check(parse_system(data, "qemu-x86.cell"), next_checks=True,
+                                     extra=True),
     }
     results: dict[str, dict[str, float]] = {}
     for name, operation in operations.items():

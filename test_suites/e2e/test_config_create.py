@@ -91,7 +91,7 @@ def test_live_config_matches_the_stored_facts(live_doc: dict[str, Any]) -> None:
     live = create(Facts.from_json(live_doc, "<live>"), CreateOptions(ivshmem_from=template()))
     stored = create(load_facts(STORED), CreateOptions(ivshmem_from=template()))
     assert live.warnings == ()
-    report = check(live.config)
+    report = check(live.config, next_checks=True, extra=True)
     assert report.ok, [f.details for f in report.findings]
     assert portable(live) == portable(stored)
 
