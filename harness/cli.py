@@ -195,8 +195,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     states = runtime.running()
     if args.json:
-        print(json.dumps({k: dict(v.summary) | {"supervisor": v.supervisor, "qemu": v.qemu}
-                          for k, v in states.items()}, indent=2))
+        print(json.dumps({k: dict(v.summary) | {
+            "supervisor": v.supervisor, "qemu": v.qemu,
+            "qmp": str(v.run_dir / "qmp.sock") if v.run_dir is not None else None}
+            for k, v in states.items()}, indent=2))
         return 0
     if not states:
         console.print("No lab is up.")
