@@ -117,7 +117,8 @@ def state_file(name: str) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (someone else's counts)."""
+    """Whether process ``pid`` runs (someone else's counts; a zombie, killed but not yet
+    reaped by its parent, does not)."""
     if pid <= 0:
         return False
     try:
@@ -125,8 +126,12 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # exists, but /proc tells no more
+    return state not in ("Z", "X")
 
 
 def read(name: str) -> RunningLab | None:
@@ -242,10 +247,10 @@ def run_dir_owner_alive(path: Path) -> bool | None:
         pid, start = int(owner["pid"]), owner.get("start")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    now = process_start(pid)
-    if now is None:
-        return pid_alive(pid)  # no /proc entry we may read: trust kill(0)
-    return start is None or int(start) == now
+    if not pid_alive(pid):
+        return False
+    now = process_start(pid)  # None: /proc tells no more, trust the pid
+    return now is None or start is None or int(start) == now
 
 
 def _named_by_a_process(path: Path) -> bool:

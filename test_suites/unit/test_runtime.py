@@ -201,3 +201,18 @@ def test_stop_terminates_then_kills(tmp_path: Path) -> None:
     finally:
         polite.kill()
         stubborn.kill()
+
+
+def test_a_zombie_owner_is_dead() -> None:
+    """A killed owner not yet reaped by its parent (a zombie) no longer runs the lab."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert not runtime.pid_alive(child.pid)
+        runtime.register(record(supervisor=child.pid))
+        assert runtime.read("default") is None
+    finally:
+        child.wait()
