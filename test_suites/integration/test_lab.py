@@ -228,14 +228,25 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_reset_restores_the_snapshot(lab: Lab) -> None:
     """A reset brings back the saved state: files written later are gone, the consoles,
-    QMP and ssh work again on the restored machine, and devices QEMU cannot migrate
+    QMP (the lab's own and its relay for other processes) and ssh work again on the
+    restored machine, and devices QEMU cannot migrate
     (``edu``) decode their BARs again where the guest had put them."""
+    from harness.qmp import QmpSession
+
     token = secrets.token_hex(4)
     lab.run(f"echo {token} > /root/reset-marker", check=True)
     old_pid = lab.machine.pid if lab.machine else None
     lab.snapshot()
     lab.run("echo changed > /root/reset-marker; touch /root/after-snapshot", check=True)
-    lab.reset()
+    assert lab.run_dir is not None
+    other = QmpSession(lab.run_dir / "qmp.sock", name="another process's view")  # the relay
+    other.connect()
+    try:
+        lab.reset()
+        assert other.status() == "running"  # the relay follows the restored QEMU
+        assert other.execute("query-name") == {"name": f"jhlab-{lab.spec.name}"}
+    finally:
+        other.close()
     assert lab.machine is not None and lab.machine.pid != old_pid
     assert lab.run("cat /root/reset-marker", check=True).stdout.strip() == token
     assert lab.run("test -e /root/after-snapshot").status == 1
