@@ -6,8 +6,10 @@ tracebacks.
 
 A lab brought up with ``jhlab up`` keeps running after the command returns: a small
 supervisor process owns QEMU (and QEMU dies with it, whatever kills it) until
-``jhlab down``.  Its state (ssh port, key, log folder) is in the runtime directory
-(:mod:`harness.runtime`).
+``jhlab down``.  Its state (ssh port, key, log folder, run directory) is in the runtime
+directory (:mod:`harness.runtime`).  Other processes reach it through the supervisor:
+``jhlab qmp`` and ``Lab.attach`` over its QMP relay, ``jhlab events`` from its event
+log, ``jhlab run``/``shell``/``cp`` over ssh.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from harness.progress import console
 from harness.runtime import RunningLab
 
 if TYPE_CHECKING:
+    from harness.qmp import QmpSession
     from harness.ssh import SshShell
 
 LOG = logging.getLogger("jhlab")
@@ -182,15 +185,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     if state is None:
         console.print(f"Lab {name} is not up.")
         return 0
-    pid = state.supervisor
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while runtime.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if runtime.pid_alive(pid):
-        console.print(f"supervisor {pid} did not stop in 30 s; killing it (QEMU dies with it)")
-        os.kill(pid, signal.SIGKILL)
-    runtime.unregister(name, supervisor=pid)
+    if not runtime.stop(state):
+        console.print(f"supervisor {state.supervisor} did not stop in {runtime.STOP_TIMEOUT:.0f} s; "
+                      "it was killed (QEMU died with it)")
     console.print(f"Lab {name} is down; logs in {state.log_dir}")
     return 0
 
@@ -198,8 +195,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     states = runtime.running()
     if args.json:
-        print(json.dumps({k: dict(v.summary) | {"supervisor": v.supervisor, "qemu": v.qemu}
-                          for k, v in states.items()}, indent=2))
+        print(json.dumps({k: dict(v.summary) | {
+            "supervisor": v.supervisor, "qemu": v.qemu,
+            "qmp": str(v.run_dir / "qmp.sock") if v.run_dir is not None else None}
+            for k, v in states.items()}, indent=2))
         return 0
     if not states:
         console.print("No lab is up.")
@@ -277,6 +276,104 @@ def cmd_sync(args: argparse.Namespace) -> int:
     finally:
         shell.close()
     console.print(f"guest code of lab {state.name} updated from this checkout")
+    return 0
+
+
+def _relay_session(state: RunningLab) -> QmpSession:
+    from harness.qmp import QmpSession
+
+    relay = state.run_dir / "qmp.sock" if state.run_dir is not None else None
+    if relay is None or not relay.exists():
+        raise JhlabError(f"lab {state.name} offers no QMP relay (brought up by an older jhlab?): "
+                         f"'jhlab down {state.name}' and 'jhlab up' again")
+    return QmpSession(relay, name=f"{state.name}-qmp")
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    """``jhlab qmp [LAB] COMMAND [JSON-ARGS]``: one QMP command through the lab's relay;
+    its return value as JSON on stdout, an error as ``CLASS: desc`` on stderr (status 1)."""
+    words = list(args.words)
+    arguments: Any = {}
+    if len(words) >= 2 and words[-1].lstrip().startswith(("{", "[")):
+        try:
+            arguments = json.loads(words.pop())
+        except ValueError as exc:
+            raise JhlabError(f"the arguments are not JSON ({exc}): give an object, e.g. "
+                             '\'{"id": "edu"}\'') from exc
+        if not isinstance(arguments, dict):
+            raise JhlabError('the arguments must be a JSON object, e.g. \'{"id": "edu"}\'')
+    if len(words) == 1:
+        lab, command = "default", words[0]
+    elif len(words) == 2:
+        lab, command = words
+    else:
+        raise JhlabError("usage: jhlab qmp [LAB] COMMAND ['{JSON ARGUMENTS}']")
+    session = _relay_session(_running(lab))
+    session.connect()
+    try:
+        reply = session.reply(command, arguments, timeout=args.timeout)
+    finally:
+        session.close()
+    if "error" in reply:
+        error = reply["error"]
+        print(f"{error.get('class', 'GenericError')}: {error.get('desc', error)}", file=sys.stderr)
+        return 1
+    value = reply.get("return")
+    if isinstance(value, str):
+        sys.stdout.write(value if value.endswith("\n") or not value else value + "\n")
+    else:
+        print(json.dumps(value, indent=2))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """``jhlab events [LAB] [-f] [--since MARK] [--json] [--mark]``: the lab's QMP event
+    log; MARK is an event index (``--mark`` prints the next one)."""
+    from harness.qmp.eventlog import EVENT_LOG, count, follow_events, read_events
+
+    state = _running(args.lab)
+    log = state.log_dir / EVENT_LOG
+    if args.mark:
+        print(count(log))
+        return 0
+    if args.since < 0:
+        raise JhlabError(f"--since {args.since}: a mark is an event index, 0 or more")
+    events = (follow_events(log, args.since, lambda: runtime.pid_alive(state.supervisor))
+              if args.follow else read_events(log, args.since))
+    for event in events:
+        print(json.dumps(event.as_json()) if args.json else event.line(), flush=args.follow)
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    """``jhlab cp [-r] [LAB:]SRC [LAB:]DST`` over SFTP on the lab's ssh session."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from harness.transfer import copy, parse_location
+
+    source, dest = parse_location(args.source), parse_location(args.dest)
+    lab = source.lab or dest.lab
+    if lab is None or (source.lab is not None and dest.lab is not None):
+        raise JhlabError(f"copy {source} to {dest}: one side must be in a lab (LAB:PATH, "
+                         "e.g. default:/root/x), the other on this host")
+    shell = _shell_of(_running(lab))
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    try:
+        sftp = shell.sftp()
+        with sftp, Progress(*columns, console=console, transient=True,
+                            disable=args.quiet) as bar:
+            tasks: dict[str, Any] = {}
+
+            def report(path: str, done: int, total: int) -> None:
+                if path not in tasks:
+                    tasks[path] = bar.add_task(path, total=total)
+                bar.update(tasks[path], completed=done)
+
+            written = copy(source, dest, sftp, recursive=args.recursive, progress=report)
+    finally:
+        shell.close()
+    if not args.quiet:
+        console.print(f"copied {source} to {dest} ({len(written)} file{'s' * (len(written) != 1)})")
     return 0
 
 
@@ -436,6 +533,28 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="copy this checkout's guest code into a running lab")
     sync.add_argument("lab", nargs="?", default="default")
     sync.set_defaults(func=cmd_sync)
+
+    qmp = sub.add_parser("qmp", help="one QMP command: jhlab qmp [LAB] COMMAND ['{JSON-ARGS}']")
+    qmp.add_argument("words", nargs="+", metavar="[LAB] COMMAND [JSON-ARGS]")
+    qmp.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    qmp.set_defaults(func=cmd_qmp)
+
+    events = sub.add_parser("events", help="the lab's QMP event log (-f: follow it)")
+    events.add_argument("lab", nargs="?", default="default")
+    events.add_argument("-f", "--follow", action="store_true", help="wait for new events until "
+                        "the lab ends (Ctrl-C stops)")
+    events.add_argument("--since", type=int, default=0, metavar="MARK",
+                        help="only events from this index on (see --mark)")
+    events.add_argument("--mark", action="store_true", help="print the index the next event gets")
+    events.add_argument("--json", action="store_true", help="one JSON object per event")
+    events.set_defaults(func=cmd_events)
+
+    cp = sub.add_parser("cp", help="copy files: jhlab cp [-r] [LAB:]SRC [LAB:]DST (SFTP)")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy directories")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    cp.add_argument("source", metavar="[LAB:]SRC")
+    cp.add_argument("dest", metavar="[LAB:]DST")
+    cp.set_defaults(func=cmd_cp)
 
     cons = sub.add_parser("console", help="print a serial transcript (root console by default)")
     cons.add_argument("lab", nargs="?", default="default")

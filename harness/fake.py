@@ -17,28 +17,23 @@ None of them pretends a result: each does the real thing on this host instead of
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from harness.console import EXPECT_TIMEOUT, ConsoleFailure, transcript_since, transcript_tail
-from harness.errors import ConsoleError, ConsoleTimeout, QmpError
+from harness.console import TranscriptConsole
+from harness.errors import ConsoleError, QmpError
 from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console, QmpChannel
 from harness.recipes import PACKAGE_DIR, find_recipes
 
 __all__ = ["FakeChardev", "FileConsole", "LocalRootCell"]
 
-#: seconds between two looks at a transcript file
-_POLL = 0.05
 
-
-class FileConsole:
+class FileConsole(TranscriptConsole):
     """A console whose output is a file written by someone else (a daemon's debug
     console, for example); what is typed is kept in :attr:`typed`.
 
@@ -48,82 +43,10 @@ class FileConsole:
     """
 
     def __init__(self, name: str, transcript: Path, failures: Sequence[str] = ()) -> None:
-        self._name = name
-        self._transcript = transcript
-        self.failures = tuple(failures)
         transcript.touch()
         #: what was sent, in order
         self.typed: list[str] = []
-        self._read = 0
-        self._pending = ""
-        self._before = ""
-
-    def __repr__(self) -> str:
-        return f"FileConsole({self._name!r}, {self._transcript})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def transcript(self) -> Path:
-        return self._transcript
-
-    @property
-    def before(self) -> str:
-        return self._before
-
-    def _collect(self) -> None:
-        with open(self._transcript, "rb") as handle:
-            handle.seek(self._read)
-            data = handle.read()
-        self._read += len(data)
-        self._pending += data.decode("utf-8", "replace")
-
-    def expect(self, patterns: str | Sequence[str], timeout: float = EXPECT_TIMEOUT,
-               *, failures: Sequence[str] | None = None) -> re.Match[str]:
-        """Wait until one of ``patterns`` appears in the file (the earliest match wins,
-        as with pexpect); see :meth:`harness.protocol.Console.expect`."""
-        wanted = [patterns] if isinstance(patterns, str) else list(patterns)
-        bad = list(self.failures if failures is None else failures)
-        compiled = [re.compile(p) for p in wanted + bad]
-        deadline = time.monotonic() + timeout
-        while True:
-            self._collect()
-            found = [(m.start(), index, m) for index, rx in enumerate(compiled)
-                     if (m := rx.search(self._pending)) is not None]
-            if found:
-                _, index, match = min(found, key=lambda item: (item[0], item[1]))
-                self._before = self._pending[:match.start()]
-                self._pending = self._pending[match.end():]
-                if index >= len(wanted):
-                    raise ConsoleFailure(self._name, match.group(0), self.tail())
-                return match
-            if time.monotonic() >= deadline:
-                raise ConsoleTimeout(self._name, " | ".join(wanted), timeout, self.tail())
-            time.sleep(_POLL)
-
-    def send(self, text: str) -> None:
-        self.typed.append(text)
-
-    def sendline(self, text: str = "") -> None:
-        self.typed.append(text + "\r")
-
-    def discard(self) -> None:
-        self._read = self.mark()
-        self._pending = ""
-
-    def tail(self, lines: int = 25) -> str:
-        return transcript_tail(self._transcript, lines)
-
-    def mark(self) -> int:
-        try:
-            return self._transcript.stat().st_size
-        except OSError:
-            return 0
-
-    def since(self, mark: int) -> str:
-        return transcript_since(self._transcript, mark)
+        super().__init__(name, transcript, failures, typist=self.typed.append)
 
 
 class LocalRootCell:

@@ -3,7 +3,7 @@ and the accelerator choice.
 
 Launch (all-or-nothing, rolled back through an ExitStack on any failure)::
 
-    run dir (0700, sockets, initrd)  →  QEMU -S (paused)  →  QMP connected, events
+    run dir (0700, owner file, sockets 0600, initrd)  →  QEMU -S (paused)  →  QMP connected, events
     recorded  →  both serial ports connected and drained  →  ``cont``
 
 so not a byte of console output is lost.  QEMU runs in its own session (a Ctrl-C of the
@@ -11,6 +11,12 @@ harness does not hit it) and gets SIGKILL from the kernel when the harness proce
 however it dies (``PR_SET_PDEATHSIG``): no QEMU outlives its harness.  Shutdown is
 layered: consoles closed, QMP ``quit``, SIGTERM, SIGKILL; the run directory is removed,
 the log directory (QEMU's output, both serial transcripts, the QMP event log) is kept.
+After a SIGKILL of the harness the run directory stays until the next ``Lab.up()`` reaps
+it (:func:`harness.runtime.reap_run_dirs`).
+
+Besides QMP and the two serial ports, QEMU serves its qtest protocol on
+``qtest.sock`` (only for :meth:`~harness.qmp.QmpSession.write_phys`: QMP has no command
+that writes guest memory); every such access is logged to ``qtest.log``.
 """
 
 from __future__ import annotations
@@ -27,12 +33,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import runtime
 from harness.console import CELL_FAILURES, ROOT_FAILURES, SerialConsole
 from harness.errors import (
     ConsoleError,
@@ -74,7 +80,9 @@ def qemu_version(binary: str) -> str:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL when the parent dies."""
+    """Runs in the child between fork and exec: SIGKILL when the parent dies; what QEMU
+    creates (its sockets, transcripts, memory dumps) is for this user only."""
+    os.umask(0o077)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -215,6 +223,9 @@ class Machine:
             "-device", "ide-hd,drive=rootdisk,bus=ide.0",
             "-chardev", f"socket,id=qmp,path={run_dir / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
+            # guest memory writes from the host (QMP only reads); TCG/KVM still run the guest
+            "-qtest", f"unix:{run_dir / 'qtest.sock'},server=on,wait=off",
+            "-qtest-log", str(self.log_dir / "qtest.log"),
         ]
         for index in (0, 1):
             cmd += [
@@ -255,7 +266,7 @@ class Machine:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as rollback:
             rollback.callback(self._cleanup)
-            self.run_dir = Path(tempfile.mkdtemp(prefix=f"jhlab-{self.spec.name}-"))
+            self.run_dir = runtime.new_run_dir(self.spec.name)
             initrd = self.run_dir / "initrd.img"
             if self.incoming is not None:
                 shutil.copyfile(self.incoming.initrd, initrd)
@@ -345,7 +356,7 @@ class Machine:
     def _open_channels(self) -> None:
         assert self.run_dir is not None  # created by launch()
         self.qmp = QmpSession(self.run_dir / "qmp.sock", event_log=self.log_dir / "qmp-events.jsonl",
-                              name=f"{self.spec.name}-qmp")
+                              name=f"{self.spec.name}-qmp", qtest=self.run_dir / "qtest.sock")
         self.qmp.connect()
         self.qmp.events.subscribe(self._on_event)
         self.console = SerialConsole("serial0 (root console)", self.run_dir / "serial0.sock",

@@ -8,12 +8,25 @@ status``, ``shell``, ``run``, ``down`` and later attachments find it::
 
 A state file whose owner process is gone is stale: :func:`read` removes it. Files are
 replaced atomically, so a reader sees a whole record or none.
+
+Run directories (``/tmp/jhlab-<label>-XXXXXXXX``, mode 0700: QEMU's sockets, the initrd
+copy, the lab's payload, its QMP relay socket) are made by :func:`new_run_dir`, which
+writes an owner file naming the process (pid and start time) whose death makes the
+directory stale. The owner removes it when it ends normally; after a SIGKILL,
+:func:`reap_run_dirs` (run by every ``Lab.up()``, so by ``jhlab up``) removes the
+directories of dead owners and never one whose owner lives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import signal
+import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +35,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from harness.lab import Lab
 
-__all__ = ["RunningLab", "pid_alive", "read", "record_of", "register", "running", "runtime_dir",
-           "state_file", "unregister"]
+__all__ = ["OWNER_FILE", "RUN_DIR_PREFIX", "RunningLab", "new_run_dir", "pid_alive", "read",
+           "reap_run_dirs", "record_of", "register", "run_dir_owner_alive", "running", "runtime_dir",
+           "state_file", "stop", "unregister"]
+
+LOG = logging.getLogger(__name__)
+
+#: Every run directory's name starts with this (in the system's temporary folder).
+RUN_DIR_PREFIX = "jhlab-"
+#: The file in a run directory that names its owner: ``{"pid": ..., "start": ...}``.
+OWNER_FILE = "owner.json"
+#: A run directory without an owner file (made by older jhlab code) is reaped only when
+#: it holds QEMU's QMP socket, no live process's command line names it, and it is older
+#: than this (seconds): its launch is long over.
+LEGACY_GRACE = 600.0
+#: How long :func:`stop` waits for an owner to end after SIGTERM (seconds).
+STOP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -36,7 +63,7 @@ class RunningLab:
     :param summary: the lab's readiness summary (:meth:`harness.lab.LabSummary.as_dict`)
     :param key: the lab's private ssh key
     :param lab: the lab file or built-in name it was brought up from
-    :param run_dir: QEMU's run directory (QMP and serial sockets), when known
+    :param run_dir: the lab's run directory (its QMP relay socket ``qmp.sock``), when known
     """
 
     name: str
@@ -90,7 +117,8 @@ def state_file(name: str) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (someone else's counts)."""
+    """Whether process ``pid`` runs (someone else's counts; a zombie, killed but not yet
+    reaped by its parent, does not)."""
     if pid <= 0:
         return False
     try:
@@ -98,8 +126,12 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # exists, but /proc tells no more
+    return state not in ("Z", "X")
 
 
 def read(name: str) -> RunningLab | None:
@@ -137,6 +169,24 @@ def register(record: RunningLab) -> Path:
     return path
 
 
+def stop(record: RunningLab, *, timeout: float = STOP_TIMEOUT) -> bool:
+    """Stop a running lab through its owner: SIGTERM, then SIGKILL after ``timeout``
+    (QEMU dies with its owner); its state file goes. Return False when it had to be killed."""
+    pid = record.supervisor
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    graceful = not pid_alive(pid)
+    if not graceful:
+        LOG.warning("owner %d of lab %s did not stop in %.0f s; killing it", pid, record.name, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    unregister(record.name, supervisor=pid)
+    return graceful
+
+
 def unregister(name: str, *, supervisor: int | None = None) -> None:
     """Remove lab ``name``'s state file; with ``supervisor``, only when that process owns
     it (a lab of the same name registered by someone else stays)."""
@@ -158,4 +208,97 @@ def record_of(lab: Lab, supervisor: int | None = None) -> RunningLab:
         raise MachineError(f"{lab!r}: only a lab that is up can be registered")
     return RunningLab(name=lab.spec.name, supervisor=os.getpid() if supervisor is None else supervisor,
                       qemu=lab.machine.pid, summary=lab.summary.as_dict(), key=lab.key_path,
-                      lab=lab.spec.source, run_dir=lab.machine.run_dir)
+                      lab=lab.spec.source, run_dir=lab.run_dir)
+
+
+# -- run directories -------------------------------------------------------------------------
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22),
+    or None when it does not exist: with the pid, it names one process even after the
+    pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after its end
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def new_run_dir(label: str, base: Path | None = None) -> Path:
+    """Make a run directory (mode 0700) owned by this process: its owner file records
+    this process's pid and start time.
+
+    :param label: part of the name (``jhlab-<label>-XXXXXXXX``), e.g. the lab's name
+    :param base: where (default: the system's temporary folder)
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{label}-", dir=base))
+    pid = os.getpid()
+    (path / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": process_start(pid)}))
+    return path
+
+
+def run_dir_owner_alive(path: Path) -> bool | None:
+    """Whether the owner of run directory ``path`` still runs (the same process: pid and
+    start time); None when the directory has no readable owner file."""
+    try:
+        owner = json.loads((path / OWNER_FILE).read_text())
+        pid, start = int(owner["pid"]), owner.get("start")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not pid_alive(pid):
+        return False
+    now = process_start(pid)  # None: /proc tells no more, trust the pid
+    return now is None or start is None or int(start) == now
+
+
+def _named_by_a_process(path: Path) -> bool:
+    """Whether a live process's command line mentions ``path`` (QEMU names its sockets)."""
+    needle = str(path).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _stale(path: Path, now: float) -> bool:
+    alive = run_dir_owner_alive(path)
+    if alive is not None:
+        return not alive
+    if not (path / "qmp.sock").exists():
+        return False  # not a run directory we can judge: leave it
+    try:
+        age = now - path.stat().st_mtime
+    except OSError:
+        return False
+    return age > LEGACY_GRACE and not _named_by_a_process(path)
+
+
+def reap_run_dirs(base: Path | None = None) -> list[Path]:
+    """Remove the run directories of dead owners (this user's ``jhlab-*`` folders in
+    ``base``, default the system's temporary folder); return what was removed.
+
+    A directory whose owner lives, or that cannot be judged, stays.
+    """
+    folder = Path(base or tempfile.gettempdir())
+    uid = os.getuid()
+    now = time.time()
+    reaped = []
+    for path in sorted(folder.glob(f"{RUN_DIR_PREFIX}*")):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if not path.is_dir() or path.is_symlink() or info.st_uid != uid:
+            continue
+        if _stale(path, now):
+            shutil.rmtree(path, ignore_errors=True)
+            LOG.info("removed the stale run directory %s", path)
+            reaped.append(path)
+    return reaped

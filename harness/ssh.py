@@ -132,6 +132,17 @@ class SshShell:
         with self._client.open_sftp() as sftp, sftp.open(path, "rb") as remote:
             return bytes(remote.read())
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """An SFTP session on this connection (the caller closes it)."""
+        if self._client is None:
+            self.connect()
+        assert self._client is not None  # connect() sets it or raises
+        try:
+            return self._client.open_sftp()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise ConsoleError(f"ssh: cannot open an SFTP session: {exc}") from exc
+
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:

@@ -1,7 +1,9 @@
 """pytest plugin of jhlab (entry point ``pytest11``).
 
 Options (group ``jhlab``): ``--lab`` (built-in name or lab file), ``--accel``,
-``--lab-log-dir`` (where each lab run and each failed test's artefacts go), ``--keep-lab``
+``--lab-log-dir`` (where each lab run and each failed test's artefacts go), ``--lab-attach
+NAME`` (use the running lab NAME, ``jhlab up NAME``, instead of booting one: it is not
+reset after a failure and stays up at the end), ``--keep-lab``
 (leave the session lab running at the end: pytest prints how to reach it and waits,
 because QEMU dies with the process that started it; Ctrl-C or ``jhlab down`` ends it),
 ``--hv-arch`` (what the guest's hypervisor daemon runs cells on for tests that do not

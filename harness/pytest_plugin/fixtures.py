@@ -23,7 +23,15 @@ LOG = logging.getLogger(__name__)
 @pytest.fixture(scope="session")
 def lab(request: pytest.FixtureRequest,
         record_testsuite_property: Callable[[str, object], None]) -> Iterator[Lab]:
-    """The session's shared lab, booted once, with a reset point saved right after boot."""
+    """The session's shared lab, booted once, with a reset point saved right after boot;
+    with ``--lab-attach NAME``, the running lab NAME instead (not reset, left up)."""
+    attach = request.config.getoption("--lab-attach")
+    if attach:
+        with Lab.attach(attach) as attached:
+            for name, value in _provenance(attached).items():
+                record_testsuite_property(name, value)
+            yield attached
+        return
     shared = new_lab(request.config)
     keep = False
     try:
@@ -78,7 +86,10 @@ def _track_lab_use(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     broke = failed(node)
     dirty = node.get_closest_marker("dirty") is not None or node.stash.get(DIRTY_KEY, False)
-    if (broke or dirty) and shared.state is LabState.READY:
+    if (broke or dirty) and shared.attached:
+        LOG.warning("%s left lab %s changed; an attached lab is not reset (its owner may reset or "
+                    "restart it)", node.nodeid, shared.spec.name)
+    elif (broke or dirty) and shared.state is LabState.READY:
         seconds = shared.reset()
         LOG.info("lab %s reset after %s (%.1f s)", shared.spec.name,
                  "a failure" if broke else "a dirty test", seconds)

@@ -25,6 +25,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="override the lab's accelerator")
     group.addoption("--lab-log-dir", default=None, type=Path,
                     help="folder for lab logs and failed tests' artefacts")
+    group.addoption("--lab-attach", default=None, metavar="NAME",
+                    help="use the running lab NAME (jhlab up NAME) as the session lab instead of "
+                    "booting one; it is not reset and stays up")
     group.addoption("--keep-lab", action="store_true",
                     help="leave the session lab running at the end (pytest waits; Ctrl-C ends it)")
     group.addoption("--hv-arch", default="oracle", choices=["oracle", "executor"],
@@ -41,7 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``lab("name")`` when the session's lab is another one."""
-    label = lab_label(config)
+    label = config.getoption("--lab-attach") or lab_label(config)
     for item in items:
         marker = item.get_closest_marker("lab")
         if marker is None:
@@ -94,17 +97,17 @@ def _reach_lines(kept: Lab) -> list[str]:
     """How to reach a kept lab."""
     summary = kept.summary
     assert summary is not None and kept.machine is not None  # up
-    run_dir = kept.machine.run_dir
+    run_dir = kept.run_dir
     lines = [
         f"ssh:      ssh -p {summary.ssh_port} -i {kept.key_path} -o StrictHostKeyChecking=no "
         "root@127.0.0.1",
-        f"QMP:      {run_dir / 'qmp.sock' if run_dir else '?'}",
+        f"QMP:      {run_dir / 'qmp.sock' if run_dir else '?'} (a relay: any number of clients)",
         f"consoles: {kept.log_dir}/serial0.log (root, hypervisor), {kept.log_dir}/serial1.log (cells)",
         f"QEMU pid: {summary.pid}; logs in {summary.log_dir}",
     ]
     if _register_kept(kept):
         lines.append(f"jhlab:    jhlab shell {summary.name} | jhlab run {summary.name} -- CMD | "
-                     f"jhlab down {summary.name}")
+                     f"jhlab qmp {summary.name} CMD | jhlab down {summary.name}")
     lines.append("QEMU dies with this pytest process, so it waits now: Ctrl-C (or jhlab down) "
                  "ends the lab.")
     return lines

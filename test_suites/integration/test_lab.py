@@ -170,7 +170,10 @@ def test_guest_panic_is_reported_at_once(lab_factory: Callable[..., Lab]) -> Non
 
 
 def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """QEMU dies with the process that launched it, even on SIGKILL."""
+    """QEMU dies with the process that launched it, even on SIGKILL; the run directory it
+    leaves is reaped (as the next Lab.up does), so the test run leaves nothing behind."""
+    from harness import runtime
+
     accel = request.config.getoption("--accel") or "auto"
     script = f"""
 import pathlib, time
@@ -182,12 +185,13 @@ log = pathlib.Path({str(tmp_path)!r})
 machine = Machine(load_lab("default"), images, choose_accel({accel!r}, images, log_dir=log),
                   log_dir=log)
 machine.launch()
-print(machine.pid, flush=True)
+print(machine.pid, machine.run_dir, flush=True)
 time.sleep(600)
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    qemu_pid = int(proc.stdout.readline())
+    pid, run_dir = proc.stdout.readline().split()
+    qemu_pid = int(pid)
     assert _alive(qemu_pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -195,6 +199,9 @@ time.sleep(600)
     while _alive(qemu_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(qemu_pid)
+    assert Path(run_dir).exists()  # no cleanup ran in the killed process
+    assert Path(run_dir) in runtime.reap_run_dirs()
+    assert not Path(run_dir).exists()
 
 
 def _alive(pid: int) -> bool:
@@ -221,14 +228,25 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_reset_restores_the_snapshot(lab: Lab) -> None:
     """A reset brings back the saved state: files written later are gone, the consoles,
-    QMP and ssh work again on the restored machine, and devices QEMU cannot migrate
+    QMP (the lab's own and its relay for other processes) and ssh work again on the
+    restored machine, and devices QEMU cannot migrate
     (``edu``) decode their BARs again where the guest had put them."""
+    from harness.qmp import QmpSession
+
     token = secrets.token_hex(4)
     lab.run(f"echo {token} > /root/reset-marker", check=True)
     old_pid = lab.machine.pid if lab.machine else None
     lab.snapshot()
     lab.run("echo changed > /root/reset-marker; touch /root/after-snapshot", check=True)
-    lab.reset()
+    assert lab.run_dir is not None
+    other = QmpSession(lab.run_dir / "qmp.sock", name="another process's view")  # the relay
+    other.connect()
+    try:
+        lab.reset()
+        assert other.status() == "running"  # the relay follows the restored QEMU
+        assert other.execute("query-name") == {"name": f"jhlab-{lab.spec.name}"}
+    finally:
+        other.close()
     assert lab.machine is not None and lab.machine.pid != old_pid
     assert lab.run("cat /root/reset-marker", check=True).stdout.strip() == token
     assert lab.run("test -e /root/after-snapshot").status == 1
