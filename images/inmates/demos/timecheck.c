@@ -27,8 +27,10 @@
  *   periodic-jitter  median |jitter| of a 100 ms periodic APIC timer, by the
  *                    TSC, at most 5 ms (min/median/max printed), the CPU
  *                    waiting in HLT
- *   periodic-jitter-busy  the same while the CPU spins with interrupts on
- *                    (as Jailhouse's apic-demo does between its ticks)
+ *   periodic-early-busy  the same timer while the CPU spins with interrupts
+ *                    on (as Jailhouse's apic-demo does between its ticks): no
+ *                    tick more than 1 ms early (figures printed; how late
+ *                    a tick comes then depends on the host's scheduler)
  *
  * Command line: seconds=N (rate window, default 10), shots=N (one-shot
  * timers, default 20), periods=N (periodic ticks, default 20),
@@ -171,6 +173,8 @@ static void oneshots(unsigned int shots)
 static void periodic(unsigned int periods, long limit_ns, bool busy)
 {
 	long jitter[MAX_SAMPLES], abs_jitter[MAX_SAMPLES], median;
+	u64 arm_tsc;
+	bool ok;
 	u64 period_ticks = 100 * NS_PER_MSEC * comm_region->apic_khz / 16 /
 		1000000;
 	unsigned int n;
@@ -180,6 +184,7 @@ static void periodic(unsigned int periods, long limit_ns, bool busy)
 	fired = 0;
 	write_msr(X2APIC_TDCR, TDCR_DIV_16);
 	write_msr(X2APIC_LVTT, LVTT_PERIODIC | TIMER_VECTOR);
+	arm_tsc = rdtsc();
 	write_msr(X2APIC_TMICT, period_ticks);
 	if (busy) {
 		enable_irqs();
@@ -193,16 +198,21 @@ static void periodic(unsigned int periods, long limit_ns, bool busy)
 	write_msr(X2APIC_TMICT, 0);
 	write_msr(X2APIC_LVTT, LVTT_MASKED | TIMER_VECTOR);
 
-	for (n = 1; n <= periods; n++) {
-		jitter[n - 1] = (long)tsc_to_ns(fired_tsc[n] - fired_tsc[0]) -
-			(long)(n * 100 * NS_PER_MSEC);
-		abs_jitter[n - 1] = labs_(jitter[n - 1]);
+	/* tick n is due n periods after the timer was armed (the APIC reloads the
+	 * count at expiry, so a late delivery does not move the later ones) */
+	for (n = 0; n < periods; n++) {
+		jitter[n] = (long)tsc_to_ns(fired_tsc[n] - arm_tsc) -
+			(long)((n + 1) * 100 * NS_PER_MSEC);
+		abs_jitter[n] = labs_(jitter[n]);
 	}
 	sort(jitter, periods);
 	sort(abs_jitter, periods);
 	median = abs_jitter[periods / 2];
-	check(PROBE, busy ? "periodic-jitter-busy" : "periodic-jitter",
-	      median <= limit_ns, "%u ticks of 100 ms by the TSC%s: jitter min "
+	/* In HLT the median is held to the limit; while spinning, how late a tick
+	 * is depends on the host's scheduler, so only an early tick fails. */
+	ok = busy ? jitter[0] >= -(long)NS_PER_MSEC : median <= limit_ns;
+	check(PROBE, busy ? "periodic-early-busy" : "periodic-jitter",
+	      ok, "%u ticks of 100 ms by the TSC%s: jitter min "
 	      "%ld us, median "
 	      "|jitter| %ld us, max %ld us", periods,
 	      busy ? ", CPU spinning" : ", CPU in HLT", jitter[0] / 1000,
