@@ -62,6 +62,14 @@ PROBE_TIMEOUT = 60.0
 LAUNCH_TIMEOUT = 15.0
 #: Paravirtual KVM features hidden from the guest, as Jailhouse's QEMU recipe does.
 KVM_CPU_FEATURES = "-kvm-pv-eoi,-kvm-pv-ipi,-kvm-asyncpf,-kvm-steal-time,-kvmclock"
+#: The TCG CPU: ``max`` without XSAVE and the VEX-encoded extensions that need it. QEMU
+#: 7.2's TCG does not honour the SVM XSETBV intercept: a nested guest's XSETBV changes
+#: XCR0 without the exit KVM relies on, so KVM puts its stale XCR0 (x87 only) back at the
+#: guest's next entry and the guest's AVX code faults with #UD (Jailhouse's sse-demo,
+#: images/inmates demos/xsave.c). Linux keeps AVX in its CPU caps when CPUID lacks XSAVE
+#: (and KVM passes it on), so the AVX family goes too: the root cell, KVM and every cell
+#: then see a consistent CPU that announces nothing it cannot keep.
+TCG_CPU = "max,xsave=off,avx=off,avx2=off,fma=off,f16c=off,vaes=off"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -106,7 +114,7 @@ class AccelChoice:
         return ["-accel", self.accel, "-cpu", self.cpu]
 
 
-TCG = AccelChoice("tcg", "max", "")
+TCG = AccelChoice("tcg", TCG_CPU, "")
 
 
 @dataclass(frozen=True)
@@ -516,14 +524,14 @@ def choose_accel(requested: str, images: ImageSet, *, log_dir: Path) -> AccelCho
     probe boot of the lab kernel reaches the root cell in time and shows VMX/SVM inside,
     else TCG.  The choice and its reason are cached per host, QEMU and kernel."""
     if requested == "tcg":
-        return AccelChoice("tcg", "max", "asked for TCG")
+        return AccelChoice("tcg", TCG_CPU, "asked for TCG")
     kvm = AccelChoice("kvm", f"host,{KVM_CPU_FEATURES}", "")
     if requested == "kvm":
         return AccelChoice(kvm.accel, kvm.cpu, "asked for KVM")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return AccelChoice("tcg", "max", "no usable /dev/kvm on this host")
+        return AccelChoice("tcg", TCG_CPU, "no usable /dev/kvm on this host")
     if not _host_virt_flags():
-        return AccelChoice("tcg", "max", "the host CPU shows neither vmx nor svm, so KVM "
+        return AccelChoice("tcg", TCG_CPU, "the host CPU shows neither vmx nor svm, so KVM "
                            "could not offer nested virtualization to the root cell")
     binary = qemu_binary()
     cache = cache_dir() / "accel.json"
@@ -531,7 +539,8 @@ def choose_accel(requested: str, images: ImageSet, *, log_dir: Path) -> AccelCho
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(cache.read_text()).get(key)
         if known:
-            return AccelChoice(known["accel"], known["cpu"], known["reason"] + " (cached probe)")
+            cpu = TCG_CPU if known["accel"] == "tcg" else known["cpu"]
+            return AccelChoice(known["accel"], cpu, known["reason"] + " (cached probe)")
     choice = _probe_kvm(images, log_dir)
     with contextlib.suppress(OSError, ValueError):
         table = json.loads(cache.read_text()) if cache.exists() else {}
@@ -556,11 +565,11 @@ def _probe_kvm(images: ImageSet, log_dir: Path, timeout: float = PROBE_TIMEOUT) 
         reason = f"a KVM probe boot did not reach the root cell within {timeout:.0f} s"
         if Path("/sys/module/kvm_pvm").exists():
             reason += " (this host's /dev/kvm is PVM, which cannot boot a stock kernel)"
-        return AccelChoice("tcg", "max", reason)
+        return AccelChoice("tcg", TCG_CPU, reason)
     finally:
         probe.shutdown(hard=True)
     if not features & {"vmx", "svm"}:
-        return AccelChoice("tcg", "max", "KVM boots, but shows no vmx/svm inside "
+        return AccelChoice("tcg", TCG_CPU, "KVM boots, but shows no vmx/svm inside "
                            "(enable nested virtualization: kvm_intel/kvm_amd nested=1)")
     return AccelChoice("kvm", f"host,{KVM_CPU_FEATURES}",
                        f"KVM probe boot shows {' '.join(sorted(features))} inside")

@@ -98,12 +98,12 @@ class Recipes:
         return self.root / "test_suites"
 
     def demos(self) -> list[str]:
-        """The demos the inmates Makefile builds (its ``DEMOS :=`` line)."""
+        """The demos the inmates Makefile builds (its ``DEMOS :=`` and ``DEMOS +=`` lines)."""
         makefile = self.inmates / "Makefile"
-        match = re.search(r"^DEMOS := (.+)$", makefile.read_text(), re.MULTILINE)
-        if match is None:
+        lines = re.findall(r"^DEMOS [:+]= (.+)$", makefile.read_text(), re.MULTILINE)
+        if not lines:
             raise ImageError(f"{makefile} has no 'DEMOS :=' line")
-        return match[1].split()
+        return [demo for line in lines for demo in line.split()]
 
 
 def find_recipes() -> Recipes:

@@ -271,7 +271,7 @@ def test_kvm_probe_boot_decides_from_what_the_guest_shows(tmp_path: Path) -> Non
     """The probe really boots the lab kernel on KVM; it picks KVM only if the root cell
     comes up and shows vmx/svm, and otherwise falls back to TCG saying why."""
     from harness.images import ImageBuilder
-    from harness.machine import _host_virt_flags, _probe_kvm
+    from harness.machine import TCG_CPU, _host_virt_flags, _probe_kvm
 
     images = ImageBuilder(quiet=True).build()
     choice = _probe_kvm(images, tmp_path, timeout=20)
@@ -279,7 +279,7 @@ def test_kvm_probe_boot_decides_from_what_the_guest_shows(tmp_path: Path) -> Non
     if choice.accel == "kvm":
         assert {"vmx", "svm"} & set(choice.reason.split())
     else:
-        assert choice.cpu == "max" and choice.reason
+        assert choice.cpu == TCG_CPU and choice.reason
         if not _host_virt_flags():
             assert "did not reach the root cell" in choice.reason or "no vmx/svm" in choice.reason
     assert not list(Path("/tmp").glob("jhlab-kvm-probe-*"))
