@@ -382,10 +382,18 @@ class Machine:
     # -- snapshots ------------------------------------------------------------------------
 
     def save_snapshot(self, folder: Path, *, timeout: float = 120.0) -> Snapshot:
-        """Save the running machine's whole state to ``folder`` and let it run on.
+        """Save the machine's whole state to ``folder`` and let it run on.
 
-        The guest is paused while its RAM is streamed out (QMP ``migrate`` to a file),
-        then resumed.
+        The vCPUs are stopped (QMP ``stop``) *before* RAM is streamed out (``migrate`` to
+        a file) and resumed after, so the file holds one instant of the guest.  A live
+        (pre-copy) save of a running TCG guest is torn in QEMU 7.2: its dirty-bitmap sync
+        clears the migration dirty bits of whole bitmap words without resetting the
+        vCPUs' TLB entries, so stores through an entry that was already writable set no
+        dirty bit and the page is never sent again (QEMU 9.0 fixed it, commit 03bfc2188f,
+        "physmem: Fix migration dirty bitmap coherency with TCG memory access").  Such a
+        snapshot restores a kernel whose memory mixes two moments; one taken while the
+        root cell's KVM holder created its VM (text patching, per-CPU state) panicked on
+        restore.  While stopped, the guest's clocks (TSC, virtual clock) stand still too.
         """
         self._require(MachineState.RUNNING)
         assert self.qmp is not None and self.run_dir is not None  # running
@@ -393,9 +401,14 @@ class Machine:
         state = folder / "state.bin"
         initrd = folder / "initrd.img"
         shutil.copyfile(self.run_dir / "initrd.img", initrd)
-        self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
-            "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"}), timeout, "save")
-        self.qmp.execute("cont")
+        resume = self.qmp.status() == "running"
+        self.qmp.execute("stop")
+        try:
+            self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
+                "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"}), timeout, "save")
+        finally:
+            if resume and self.alive():
+                self.qmp.execute("cont")
         return Snapshot(state=state, initrd=initrd, size=state.stat().st_size)
 
     def _migrate_in(self, snapshot: Snapshot, timeout: float = 120.0) -> None:
