@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -413,9 +414,17 @@ class Machine:
 
     def _migrate_in(self, snapshot: Snapshot, timeout: float = 120.0) -> None:
         assert self.qmp is not None  # connected
+        self._note_in_transcripts(f"jhlab: restoring the snapshot {snapshot.state}")
         self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
             "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snapshot.state))}"}),
             timeout, "restore")
+
+    def _note_in_transcripts(self, text: str) -> None:
+        """A line in both serial transcripts (QEMU appends to them) where this QEMU's
+        output begins, so a reader sees which run each part of a transcript is from."""
+        for index in (0, 1):
+            with open(self.log_dir / f"serial{index}.log", "a") as transcript:
+                transcript.write(f"\n--- {text} ({time.strftime('%H:%M:%S')}) ---\n")
 
     def _migrate(self, start: Callable[[], object], timeout: float, what: str) -> None:
         assert self.qmp is not None  # connected
@@ -435,9 +444,26 @@ class Machine:
                                    f"{timeout:.0f} s")
             time.sleep(0.05)
         if done[0] != "completed":
-            info = self.qmp.execute("query-migrate")
             raise MachineError(f"lab {self.spec.name}: snapshot {what} {done[0]}: "
-                               f"{info.get('error-desc', info)}")
+                               f"{self._migration_error(what)}; logs in {self.log_dir}")
+
+    def _migration_error(self, what: str) -> str:
+        """Why a migration failed: QEMU's own account (an incoming QEMU exits at once and
+        says it only in its output), with what to do for the failures we know."""
+        if what == "save":
+            info = self.qmp.execute("query-migrate") if self.qmp is not None else {}
+            return str(info.get("error-desc", info))
+        assert self.process is not None  # launched
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        lines = [line for line in self._qemu_output().splitlines()
+                 if line.startswith("qemu-system") and "terminating on signal" not in line]
+        text = "; ".join(line.split(": ", 1)[-1] for line in lines[-3:]) or "QEMU gave no reason"
+        if "guest-mode inconsistent" in text:
+            text += (" (a vCPU was inside a nested guest when the snapshot was saved, which "
+                     "QEMU 7.2 under TCG saves but cannot load; Lab.snapshot stops the root "
+                     "cell's KVM users first: take the snapshot through it)")
+        return text
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -489,6 +515,27 @@ class Machine:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
         self.state = MachineState.STOPPED
+
+
+@functools.cache
+def types_with_migration_state(binary: str | None = None) -> frozenset[str]:
+    """The device types whose state this QEMU migrates: those with a VMState description
+    (``-dump-vmstate``, keyed by type name).  A type missing here (QEMU's ``edu``) comes
+    back from a snapshot as if reset.
+
+    :raise MachineError: when QEMU cannot dump them
+    """
+    binary = binary or qemu_binary()
+    with tempfile.TemporaryDirectory(prefix="jhlab-vmstate-") as tmp:
+        dump = Path(tmp) / "vmstate.json"
+        proc = subprocess.run(
+            [binary, "-machine", "q35", "-nodefaults", "-display", "none", "-dump-vmstate", str(dump)],
+            capture_output=True, text=True, timeout=60, check=False)
+        try:
+            return frozenset(json.loads(dump.read_text()))
+        except (OSError, ValueError) as exc:
+            raise MachineError(f"{binary} -dump-vmstate failed (status {proc.returncode}): "
+                               f"{proc.stderr.strip() or exc}") from exc
 
 
 # -- accelerator choice -----------------------------------------------------------------
