@@ -316,19 +316,19 @@ class Lab:
                 f", {len(view.stopped)} KVM user(s) paused for it" if view.stopped else "")
         return self.reset_point
 
-    def _after_restore(self, point: ResetPoint) -> None:
-        """Put back what QEMU does not restore, in one root-cell command: the config
-        headers of devices without migration state (they come back as if reset: BARs
-        unassigned, decoding off), then the KVM users stopped for the save; then check
-        that QEMU decodes those BARs again."""
+    def _put_back_devices(self, point: ResetPoint) -> None:
+        """With the restored guest still stopped: write back the config headers of the
+        devices QEMU does not migrate (they come back as if reset: BARs unassigned,
+        decoding off), and check that QEMU decodes their BARs where they were."""
         lost = sorted(bdf for bdf, bars in _decoded_bars(self.qmp.pci_devices()).items()
                       if bdf in point.guest.pci and bars != point.bars.get(bdf, bars))
-        if lost:
-            LOG.info("%r: restoring the PCI config of %s (no migration state in QEMU)", self,
-                     ", ".join(lost))
-        command = point.restore_command(lost)
-        if command is not None:
-            self.run(command, check=True, timeout=60)
+        if not lost:
+            return
+        LOG.info("%r: writing back the PCI config of %s (no migration state in QEMU)", self,
+                 ", ".join(lost))
+        for bdf in lost:
+            for offset, size, value in point.config_writes(bdf):
+                self.qmp.write_pci_config(bdf, offset, value, size)
         after = _decoded_bars(self.qmp.pci_devices())
         broken = [bdf for bdf in lost if after.get(bdf) != point.bars[bdf]]
         if broken:
@@ -338,10 +338,11 @@ class Lab:
     def reset(self, point: ResetPoint | None = None) -> float:
         """Put the lab back to ``point`` (default: the reset point, taken now if there is
         none), which becomes the reset point: QEMU is replaced by one restored from the
-        snapshot, far faster than a boot.  The serial transcripts go on in the same files
-        (a marker line where the restored machine's output begins).
+        snapshot, far faster than a boot.  What QEMU does not restore is put back (see
+        :mod:`harness.resetpoint`).  The serial transcripts go on in the same files (a
+        marker line where the restored machine's output begins).
 
-        :return: the seconds it took, until the root cell had run its first command
+        :return: the seconds it took
         :raise MachineError: when the restore fails; the lab is down then, its logs kept
         """
         if point is None:
@@ -360,15 +361,19 @@ class Lab:
                                    incoming=point.snapshot, tap_fds=tap_fds)
             with step(f"Restoring the reset point of {point.taken_at}", quiet=self.quiet) as st:
                 try:
-                    self.machine.launch()
+                    self.machine.launch(paused=True)
                 finally:
                     _close_fds(tap_fds)
+                self._put_back_devices(point)
+                self.machine.resume()
                 st.result = f"pid {self.machine.pid}"
             self._ssh = SshShell(self.machine.ssh_port or 0, self.key_path)
             if self.summary is not None:
                 self.summary = dataclasses.replace(self.summary, pid=self.machine.pid or 0,
                                                    ssh_port=self.machine.ssh_port or 0)
-            self._after_restore(point)
+            resume = point.guest.resume_command()
+            if resume is not None:  # the KVM users stopped for the save, stopped here too
+                self.run(resume, check=True, timeout=60)
         except BaseException as exc:
             self.down()
             if isinstance(exc, JhlabError):

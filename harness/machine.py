@@ -249,8 +249,9 @@ class Machine:
 
     # -- launch ---------------------------------------------------------------------------
 
-    def launch(self) -> None:
-        """Start QEMU paused, connect QMP and both consoles, then let the guest run.
+    def launch(self, *, paused: bool = False) -> None:
+        """Start QEMU paused, connect QMP and both consoles (and restore the snapshot, if
+        any), then let the guest run, unless ``paused``: then :meth:`resume` does.
 
         :raise LaunchError: QEMU refused the command line or died during launch
         """
@@ -291,10 +292,16 @@ class Machine:
             assert self.qmp is not None  # set by _connect_channels
             if self.incoming is not None:
                 self._migrate_in(self.incoming)
-            self.qmp.execute("cont")
-            self.started_at = time.monotonic()
+            if not paused:
+                self.resume()
             rollback.pop_all()
         self.state = MachineState.RUNNING
+
+    def resume(self) -> None:
+        """Let the guest run (QMP ``cont``): after ``launch(paused=True)``, or a stop."""
+        assert self.qmp is not None  # launched
+        self.qmp.execute("cont")
+        self.started_at = time.monotonic()
 
     def _start_process(self, cmd: list[str]) -> None:
         assert self.run_dir is not None  # created by launch()

@@ -9,16 +9,19 @@ QEMU 7.2 under TCG does not restore by itself:
   guest mode in QEMU) when QEMU stops is saved, but QEMU refuses to load it ("vCPU set in
   guest-mode inconsistent with migrated kernel nested state": ``cpu_post_load`` expects
   KVM's nested state even under TCG).  So before the save the root cell's
-  ``jhlab-snapshot prepare`` (``images/guest/bin``) stops every process holding a KVM
-  vCPU, which takes every lab CPU out of guest mode; they are continued after the save
-  and after every restore (the restored copies wake up stopped).  Cells just see their
-  time jump, as after a long exit.
+  ``jhlab-snapshot prepare`` (``images/guest/bin``) stops every process that may run a
+  KVM vCPU (all but the lab's KVM holder, whose vCPU never runs), which takes every lab
+  CPU out of guest mode; they are continued after the save and after every restore
+  (the restored copies wake up stopped).  Cells just see their time jump, as after a
+  long exit.
 * **Devices without migration state.**  Device types with no VMState in this QEMU
   (:func:`~harness.machine.types_with_migration_state`: ``edu``) come back as if reset,
   BARs unassigned.  While no root-cell driver holds such a device, its config header is
-  all the guest keeps of it, and the restore writes it back (``setpci``).  While one is
-  bound (passed through to a cell, claimed by VFIO), the snapshot is refused: the
-  driver's idea of the device would meet a reset device.
+  all the guest keeps of it, and the restore writes it back from the host before the
+  guest runs (config ports, :meth:`~harness.qmp.QmpSession.write_pci_config`), so the
+  guest never sees it reset.  While one is bound (passed through to a cell, claimed by
+  VFIO), the snapshot is refused: the driver's idea of the device would meet a reset
+  device.
 
 The rest is QEMU's and comes back exactly: RAM, the CPUs (EFER.SVME, VM_HSAVE_PA and the
 nested-guest fields included), the TSC and the virtual clock (both stand still while the
@@ -28,7 +31,7 @@ machine is stopped: the guest sees no time pass across a save or a restore).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,8 @@ from harness.machine import Snapshot
 
 #: the root-cell command that stops the KVM users and reports them and the PCI functions
 PREPARE = "jhlab-snapshot prepare"
+#: config header fields a restore writes back, as (offset, size), the command register last
+_HEADER_FIELDS = (*((0x10 + 4 * bar, 4) for bar in range(6)), (0x30, 4), (0x3C, 1), (0x04, 2))
 #: suffixes of virtio PCI proxies, whose state travels with their virtio device
 _VIRTIO_PROXY = ("-pci", "-pci-transitional", "-pci-non-transitional")
 
@@ -110,13 +115,13 @@ class ResetPoint:
     bars: Mapping[str, tuple[tuple[int, int], ...]]
     stateless: Mapping[str, str]
 
-    def restore_command(self, lost: Iterable[str]) -> str | None:
-        """One root-cell command after a restore: config headers back for the devices in
-        ``lost`` (``BB:DD.F`` whose BARs QEMU no longer decodes), then the KVM users
-        continued.  ``None`` when there is nothing to do."""
-        parts = [setpci_restore(bdf, self.guest.pci[bdf].config) for bdf in sorted(lost)]
-        resume = self.guest.resume_command()
-        return "; ".join([*parts, resume] if resume else parts) or None
+    def config_writes(self, bdf: str) -> list[tuple[int, int, int]]:
+        """The writes putting back ``bdf``'s config header as the root cell had it, as
+        ``(offset, size, value)``: BARs, ROM BAR and interrupt line first, the command
+        register last (decoding on once the BARs are set)."""
+        header = self.guest.pci[bdf].config
+        return [(offset, size, int.from_bytes(header[offset:offset + size], "little"))
+                for offset, size in _HEADER_FIELDS]
 
 
 def has_migration_state(device_type: str, with_state: frozenset[str]) -> bool:
@@ -167,12 +172,3 @@ def refusal(view: GuestView, stateless: Mapping[str, str]) -> str | None:
             "the cell it is passed through to) a device reset under it. Destroy the cell "
             "that owns it (jailhouse cell destroy) or unbind it in the root cell, then take "
             "the snapshot; or take it before the device is claimed")
-
-
-def setpci_restore(bdf: str, header: bytes) -> str:
-    """A ``setpci`` command writing a saved config header back: BARs, ROM BAR and
-    interrupt line first, the command register last (decoding on once the BARs are set)."""
-    fields = [(0x10 + 4 * n, "L", 4) for n in range(6)] + [(0x30, "L", 4), (0x3C, "B", 1), (0x04, "W", 2)]
-    writes = " ".join(f"{offset:x}.{width}={int.from_bytes(header[offset:offset + size], 'little'):x}"
-                      for offset, width, size in fields)
-    return f"setpci -s {bdf} {writes}"

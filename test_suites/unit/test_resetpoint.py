@@ -13,12 +13,12 @@ from harness.errors import MachineError
 from harness.images import ImageSet, Kernel
 from harness.labfile import load_lab, parse_lab
 from harness.machine import AccelChoice, Machine, Snapshot
+from harness.qmp import config_address
 from harness.resetpoint import (
     GuestView,
     ResetPoint,
     has_migration_state,
     refusal,
-    setpci_restore,
     stateless_pci_devices,
 )
 
@@ -70,25 +70,33 @@ def test_a_bound_device_without_migration_state_refuses_the_snapshot() -> None:
     assert "edu at 01:01.0 (bound to vfio-pci)" in reason and "jailhouse cell destroy" in reason
 
 
-def test_the_restore_command_puts_headers_back_then_continues_the_kvm_users(tmp_path: Path) -> None:
-    view = GuestView.parse(_report(stopped=(231, 407)))
-    assert view.resume_command() == "kill -CONT 231 407"
-    point = ResetPoint(Snapshot(tmp_path / "s", tmp_path / "i", 1), "10:00:00", view, {}, {})
-    command = point.restore_command(["01:01.0"])
-    assert command == f"{setpci_restore('01:01.0', EDU_HEADER)}; kill -CONT 231 407"
-    quiet = ResetPoint(Snapshot(tmp_path / "s", tmp_path / "i", 1), "10:00:00",
-                       GuestView.parse(_report()), {}, {})
-    assert quiet.restore_command([]) is None
+def test_a_restore_continues_the_kvm_users_stopped_for_the_save() -> None:
+    assert GuestView.parse(_report(stopped=(231, 407))).resume_command() == "kill -CONT 231 407"
+    assert GuestView.parse(_report()).resume_command() is None
 
 
-def test_setpci_writes_the_command_register_last() -> None:
+def test_config_headers_go_back_with_the_command_register_last(tmp_path: Path) -> None:
     """Decoding goes on only once the BARs are back."""
     header = bytearray(64)
     header[0x10:0x14] = (0xFE800000).to_bytes(4, "little")
     header[0x04:0x06] = (0x0107).to_bytes(2, "little")
-    command = setpci_restore("01:01.0", bytes(header))
-    assert command.startswith("setpci -s 01:01.0 10.L=fe800000 ")
-    assert command.endswith(" 4.W=107")
+    header[0x3C] = 11
+    report = json.loads(_report())
+    report["pci"]["0000:01:01.0"]["config"] = header.hex()
+    point = ResetPoint(Snapshot(tmp_path / "s", tmp_path / "i", 1), "10:00:00",
+                       GuestView.parse(json.dumps(report)), {}, {})
+    writes = point.config_writes("01:01.0")
+    assert writes[0] == (0x10, 4, 0xFE800000)
+    assert (0x3C, 1, 11) in writes and (0x30, 4, 0) in writes
+    assert writes[-1] == (0x04, 2, 0x0107)
+    assert [offset for offset, _, _ in writes[:6]] == [0x10, 0x14, 0x18, 0x1C, 0x20, 0x24]
+
+
+def test_config_addresses_select_the_dword() -> None:
+    """Configuration mechanism #1: enable bit, bus, device, function, dword offset."""
+    assert config_address("01:01.0", 0x10) == 0x80010810
+    assert config_address("00:1f.7", 0x3C) == 0x8000FF3C
+    assert config_address("00:1f.7", 0x3E) == 0x8000FF3C
 
 
 def test_a_report_that_is_not_json_is_a_clear_error() -> None:
