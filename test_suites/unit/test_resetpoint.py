@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib.machinery import SourceFileLoader
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -120,3 +122,31 @@ def test_a_refused_restore_says_a_vcpu_was_inside_a_nested_guest(tmp_path: Path)
     assert text.startswith("vCPU set in guest-mode inconsistent")
     assert "instance 0x3 of device 'cpu'" in text and "terminating" not in text
     assert "inside a nested guest" in text and "Lab.snapshot" in text
+
+
+def _guest_tool() -> ModuleType:
+    path = Path(__file__).parents[2] / "images" / "guest" / "bin" / "jhlab-snapshot"
+    loader = SourceFileLoader("jhlab_snapshot", str(path))
+    module = ModuleType(loader.name)
+    loader.exec_module(module)
+    return module
+
+
+def test_the_guest_tool_stops_kvm_users_until_continued(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``jhlab-snapshot prepare`` on a process of our own standing in for a KVM user: it
+    returns once every thread of it is stopped, and reports it; SIGCONT continues it."""
+    tool = _guest_tool()
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        monkeypatch.setattr(tool, "kvm_users", lambda: [child.pid])
+        monkeypatch.setattr(tool, "pci_functions", dict)
+        assert tool.prepare(timeout=10) == 0
+        view = GuestView.parse(capsys.readouterr().out)
+        assert [user.pid for user in view.stopped] == [child.pid]
+        assert set(tool.thread_states(child.pid).values()) <= {"T", "t"}
+        subprocess.run(["sh", "-c", view.resume_command() or "false"], check=True)  # as in the root cell
+        assert not set(tool.thread_states(child.pid).values()) & {"T", "t"}
+    finally:
+        child.kill()
+        child.wait()
