@@ -296,7 +296,10 @@ class Lab:
                                   "run to prepare a snapshot; let it run (QMP cont), or after a "
                                   f"panic bring the lab down and up (logs in {self.log_dir})")
         with step("Saving reset point", quiet=self.quiet) as st:
-            view = GuestView.parse(self.run(PREPARE, check=True, timeout=60).stdout)
+            prepared = self.run(PREPARE, timeout=60)
+            if prepared.status != 0:  # it continued what it had stopped
+                raise SnapshotRefused(f"{self!r}: snapshot refused: {prepared.output.strip()}")
+            view = GuestView.parse(prepared.stdout)
             resume = view.resume_command()
             try:
                 pci = self.qmp.pci_devices()
