@@ -9,6 +9,10 @@ VM from ``enable`` to ``disable`` (see :meth:`~.executor.ExecutorArch._keeper`),
 never cause a transition; this process, started by the lab's init, removes the
 remaining ones at every ``enable`` and ``disable``.
 
+Its vCPU must never run: a lab snapshot stops every other process holding a vCPU so that
+no lab CPU is inside a guest when QEMU saves it (``images/guest/bin/jhlab-snapshot``),
+and leaves this one running, found by this module's name on its command line.
+
 Usage: ``python3 -m harness.hvmodel.arch.holder`` (runs until killed; exit status 1 when
 KVM cannot be opened).
 """
