@@ -8,6 +8,7 @@ import subprocess
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ from harness.resetpoint import (
 WITH_STATE = frozenset({"VGA", "e1000e", "pcie-pci-bridge", "intel-hda", "hda-duplex",
                         "virtio-net-device"})
 #: query-pci of the default lab, flattened (what QmpSession.pci_devices returns), abridged
-PCI = [
+PCI: list[dict[str, Any]] = [
     {"bdf": "00:01.0", "qdev_id": ""},
     {"bdf": "00:02.0", "qdev_id": ""},
     {"bdf": "00:03.0", "qdev_id": "pcibr1", "pci_bridge": {"bus": {"number": 1}}},
@@ -40,7 +41,8 @@ EDU_HEADER = bytes(range(64))
 
 
 def _report(edu_driver: str | None = None, stopped: tuple[int, ...] = ()) -> str:
-    functions = {f"0000:{dev['bdf']}": {"config": EDU_HEADER.hex(), "driver": None} for dev in PCI}
+    functions: dict[str, dict[str, str | None]] = {
+        f"0000:{dev['bdf']}": {"config": EDU_HEADER.hex(), "driver": None} for dev in PCI}
     functions["0000:01:01.0"]["driver"] = edu_driver
     return json.dumps({"stopped": [{"pid": pid, "name": "python3", "cmdline": f"python3 -m x{pid}"}
                                    for pid in stopped], "pci": functions})
