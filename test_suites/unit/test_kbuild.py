@@ -325,3 +325,24 @@ def test_compile_error_fails_clearly_and_leaves_nothing(
     assert "netdev.c:7:1: error: expected ';' before '}'" in message
     assert f"full log: {info.value.log}" in message and info.value.log.is_file()
     assert _leftovers(fake_build) == []
+
+
+def test_root_file_system_key_follows_the_files_it_carries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root file system is rebuilt when a carried file (the guest kernel) changes,
+    or when it carries a file elsewhere; the same inputs give the same key."""
+    from harness.images import ImageBuilder
+
+    monkeypatch.setenv("JHLAB_CACHE", str(tmp_path / "cache"))
+    kernel = Kernel("linux-image-6.1.0-57-amd64", "6.1.192-3", tmp_path / "k", variant="kvm-1")
+    guest = tmp_path / "bzImage"
+    guest.write_bytes(b"kernel 1")
+    builder = ImageBuilder(quiet=True)
+    key = builder.rootfs_key(kernel, {"usr/share/jailhouse/linux/bzImage": guest})
+    assert key == builder.rootfs_key(kernel, {"usr/share/jailhouse/linux/bzImage": guest})
+    assert key != builder.rootfs_key(kernel, {"usr/share/jailhouse/bzImage": guest})
+    assert key != builder.rootfs_key(kernel)
+    assert key != builder.rootfs_key(Kernel(kernel.package, kernel.version, kernel.root),
+                                     {"usr/share/jailhouse/linux/bzImage": guest})
+    guest.write_bytes(b"kernel 2")
+    assert key != builder.rootfs_key(kernel, {"usr/share/jailhouse/linux/bzImage": guest})
