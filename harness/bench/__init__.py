@@ -10,7 +10,8 @@ Benchmarks: ``config`` (parse + check of the default system config), ``model``
 through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker),
 ``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
 create+load+start to the inmate's first line, and the executor's PIO exits per second
-against a minimal C KVM loop in the same lab VM).
+against a minimal C KVM loop in the same lab VM), ``kbuild`` (the image set when all is
+cached, and the recorded phases of the kernel builds' cold runs).
 """
 
 from __future__ import annotations
@@ -115,12 +116,19 @@ def _bench_cells(repeats: int) -> list[Figure]:
     return cells.bench(repeats=max(repeats, 3))
 
 
+def _bench_kbuild(repeats: int) -> list[Figure]:
+    from harness.bench import kbuild
+
+    return kbuild.bench(repeats=max(repeats, 5))
+
+
 BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "config": _bench_config,
     "model": _bench_model,
     "boot": _bench_boot,
     "reset": _bench_reset,
     "cells": _bench_cells,
+    "kbuild": _bench_kbuild,
 }
 
 
