@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-from .abi import CellState
+from .abi import PAGE_SIZE, CellState
 from .errors import Errno, HvError
 from .mmio import is_subpage
-from .paging import NUM_REMAP_BITMAP_PAGES, NUM_TEMPORARY_PAGES, PAGE_SIZE, pages
+from .paging import NUM_REMAP_BITMAP_PAGES, NUM_TEMPORARY_PAGES, pages
 from .percpu import PerCpu
 from .printk import MSG_INIT_UNIT
 

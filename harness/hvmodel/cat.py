@@ -12,16 +12,15 @@ length, else ``EINVAL``; no free COS gives ``EBUSY``.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
+from .abi import CacheFlags, CacheType
 from .errors import Errno, HvError
 
 if TYPE_CHECKING:
     from .cell import Cell
     from .control import Hypervisor
 
-CACHE_TYPE_L3: Final = 3
-CACHE_ROOTSHARED: Final = 0x0001
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +85,7 @@ class CatUnit:
             raise HvError(Errno.EINVAL, "CAT: more than one cache region")
         region = regions[0]
         if (
-            region.type != CACHE_TYPE_L3
+            region.type != CacheType.L3
             or region.size == 0
             or region.start + region.size > hardware.cbm_length
         ):
@@ -96,7 +95,7 @@ class CatUnit:
         if not free:
             raise HvError(Errno.EBUSY, "CAT: no free class of service")
         mask = ((1 << region.size) - 1) << region.start
-        shared = bool(region.flags & CACHE_ROOTSHARED)
+        shared = bool(region.flags & CacheFlags.ROOTSHARED)
         self.assignments[cell.id] = (free[0], mask, shared)
         cell.cat_cos = free[0]
         self._update_root()

@@ -29,22 +29,40 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import struct
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from . import faults, pio
 from .abi import (
+    CELL_DESC,
+    CELL_DESC_SIZE,
+    CELL_PASSIVE_COMMREG,
+    CELL_VIRTUAL_CONSOLE_ACTIVE,
+    CELL_VIRTUAL_CONSOLE_PERMITTED,
     COMM_PAGE_SIZE,
     COMM_REGION_ABI_REVISION,
     COMM_REGION_SIGNATURE,
     CPU_INFO_STAT_BASE,
     CPU_INFO_STATE,
     CPU_STAT_MASK,
+    CPUID_1_ECX_HYPERVISOR,
+    CPUID_1_ECX_OSXSAVE,
+    CPUID_1_ECX_VMX,
+    CPUID_80000001_ECX_SVM,
+    JAILHOUSE_CPUID_FEATURES,
+    JAILHOUSE_CPUID_SIGNATURE,
+    JAILHOUSE_CPUID_SIGNATURE_REGS,
+    MAX_CPU_SET_SIZE,
+    MEM_COMM_REGION,
+    MEM_DMA,
+    MEM_LOADABLE,
+    MEM_READ,
+    MEM_ROOTSHARED,
+    MEM_WRITE,
     MESSAGE_TYPE,
     NUM_CPU_STATS,
-    CellFlag,
+    PAGE_SIZE,
     CellState,
     CommFlag,
     CommOffset,
@@ -56,10 +74,10 @@ from .abi import (
     Message,
     MessageType,
     Reply,
-    ShutdownState,
     comm_read_u32,
     comm_write,
     comm_write_u32,
+    config_size,
 )
 from .cat import CatHardware, CatUnit
 from .cell import Cell
@@ -71,13 +89,12 @@ from .mmio import MmioResult, MmioTable, is_subpage, subpage_handler
 from .paging import (
     NUM_REMAP_BITMAP_PAGES,
     NUM_TEMPORARY_PAGES,
-    PAGE_SIZE,
     AddressSpace,
     PagePool,
     pages,
 )
 from .pci import PciUnit
-from .percpu import EXIT_DONE, EXIT_FAILED, ExitResult, PerCpu
+from .percpu import EXIT_DONE, EXIT_FAILED, ExitResult, PerCpu, ShutdownState
 from .printk import (
     FATAL_MMIO,
     MSG_CAN_BE_LOADED,
@@ -104,12 +121,6 @@ __all__ = ["ExitResult", "HvParams", "HvState", "Hypervisor", "ModelStateError"]
 
 LOG = logging.getLogger(__name__)
 
-MEM_READ: Final = 0x0001
-MEM_WRITE: Final = 0x0002
-MEM_DMA: Final = 0x0008
-MEM_COMM_REGION: Final = 0x0020
-MEM_LOADABLE: Final = 0x0040
-MEM_ROOTSHARED: Final = 0x0080
 _STAT_TOTAL: Final = int(CpuStat.VMEXITS_TOTAL)
 _STAT_HYPERCALL: Final = int(CpuStat.VMEXITS_HYPERCALL)
 _SHUT_DOWN: Final = int(CellState.SHUT_DOWN)
@@ -119,27 +130,11 @@ _EXPECTED_REPLY: Final = {
     int(message): int(Reply.REQUEST_APPROVED if kind is MessageType.REQUEST else Reply.RECEIVED)
     for message, kind in MESSAGE_TYPE.items()
 }
-CELL_PASSIVE_COMMREG: Final = int(CellFlag.PASSIVE_COMMREG)
-CELL_VCON_PERMITTED: Final = int(CellFlag.VIRTUAL_CONSOLE_PERMITTED)
-CELL_VCON_ACTIVE: Final = int(CellFlag.VIRTUAL_CONSOLE_ACTIVE)
-CPUID_HYPERVISOR_BASE: Final = 0x40000000
-#: leaf 0x40000000: max leaf 0x40000001 and "Jailhouse\0\0\0" in EBX, ECX, EDX
-CPUID_HYPERVISOR_SIGNATURE: Final = (0x40000001, 0x6C69614A, 0x73756F68, 0x00000065)
-CPUID_1_ECX_VMX: Final = 1 << 5
-CPUID_1_ECX_OSXSAVE: Final = 1 << 27
-CPUID_1_ECX_HYPERVISOR: Final = 1 << 31
-CPUID_80000001_ECX_SVM: Final = 1 << 2
-#: size of ``struct jailhouse_cell_desc``
-CELL_DESC_SIZE: Final = 132
-#: ``cpu_set_size`` limit of ``cell_init``
-MAX_CPU_SET_SIZE: Final = PAGE_SIZE
 #: bytes of one MMIO table entry (location 16 + handler 16)
 MMIO_ENTRY_SIZE: Final = 32
 #: where the model pretends comm pages live (beyond any physical address), so that the
 #: cells' COMM_REGION mappings have distinct, non-RAM host addresses in the bookkeeping
 COMM_PAGE_PHYS_BASE: Final = 1 << 52
-_DESC: Final = struct.Struct("<5sBH32s11IQQ32x")
-_ELEMENT_SIZES: Final = (32, 12, 32, 4, 56, 8, 4)
 
 
 class ModelStateError(JhlabError):
@@ -223,16 +218,6 @@ def _region_plan(config: CellConfig) -> _Regions:
         for mem in config.memory_regions
         if mem.size
     )
-
-
-def config_size(header: bytes) -> int:
-    """Total size of a cell config from its 132-byte descriptor
-    (``jailhouse_cell_config_size``)."""
-    fields = _DESC.unpack_from(header)
-    cpu_set_size: int = fields[6]
-    counts: tuple[int, ...] = fields[7:14]
-    arrays = sum(n * s for n, s in zip(counts, _ELEMENT_SIZES, strict=True))
-    return CELL_DESC_SIZE + cpu_set_size + arrays
 
 
 class Hypervisor:
@@ -439,9 +424,9 @@ class Hypervisor:
             cpu_data.count(CpuStat.VMEXITS_CPUID)
             non_root = cpu_data.cell is not self.root
         eax, ebx, ecx, edx = (value & 0xFFFFFFFF for value in regs)
-        if leaf == CPUID_HYPERVISOR_BASE:
-            return CPUID_HYPERVISOR_SIGNATURE
-        if leaf == CPUID_HYPERVISOR_BASE + 1:
+        if leaf == JAILHOUSE_CPUID_SIGNATURE:
+            return JAILHOUSE_CPUID_SIGNATURE_REGS
+        if leaf == JAILHOUSE_CPUID_FEATURES:
             return (0, 0, 0, 0)
         if leaf == 1:
             ecx = (ecx & ~CPUID_1_ECX_OSXSAVE) | (CPUID_1_ECX_OSXSAVE if osxsave else 0)
@@ -850,7 +835,7 @@ class Hypervisor:
             raise HvError(Errno.EPERM, "a cell is RUNNING_LOCKED")
         offset = config_address & (PAGE_SIZE - 1)
         header = self.arch.root_memory_read(config_address, CELL_DESC_SIZE)
-        fields = _DESC.unpack_from(header)
+        fields = CELL_DESC.unpack_from(header)
         name_raw = fields[3].split(b"\0", 1)[0]
         config_id = fields[4]
         for cell in self.cells:
@@ -943,9 +928,9 @@ class Hypervisor:
             page = cell.comm_page
             page[0:COMM_PAGE_SIZE] = bytes(COMM_PAGE_SIZE)
             flags = 0
-            if cell.config.flags & CELL_VCON_PERMITTED:
+            if cell.config.flags & CELL_VIRTUAL_CONSOLE_PERMITTED:
                 flags |= CommFlag.DBG_PUTC_PERMITTED
-            if cell.config.flags & CELL_VCON_ACTIVE:
+            if cell.config.flags & CELL_VIRTUAL_CONSOLE_ACTIVE:
                 flags |= CommFlag.DBG_PUTC_ACTIVE
             x86 = self.system.x86
             comm_write(
@@ -1053,7 +1038,7 @@ class Hypervisor:
 
     def _hc_putc(self, cpu_data: PerCpu, char: int, _arg2: int) -> int:
         """``DEBUG_CONSOLE_PUTC``."""
-        if not cpu_data.cell.config.flags & CELL_VCON_PERMITTED:
+        if not cpu_data.cell.config.flags & CELL_VIRTUAL_CONSOLE_PERMITTED:
             raise HvError(Errno.EPERM, "virtual console not permitted")
         self.console.write(chr(char & 0xFF))
         return 0

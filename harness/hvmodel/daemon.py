@@ -72,12 +72,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from . import faults
-from .abi import CellState
+from .abi import CELL_ID_UNUSED, CellState
 from .arch.oracle import RESPONDER_POLICIES
 from .driver import CellRef, Driver, HostInfo, Image
 from .errors import Errno, HvError, JhlabError
 from .ipc import (
-    CELL_ID_UNUSED,
     MAX_LINE,
     PROTOCOL_VERSION,
     CellId,

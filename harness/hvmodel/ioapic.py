@@ -15,6 +15,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from .abi import (
+    IOAPIC_MAX_PINS,
+    IOAPIC_REDIR_MASK,
+    IOAPIC_REDIR_TBL_START,
+    IOAPIC_REG_DATA,
+    IOAPIC_REG_EOI,
+    IOAPIC_REG_INDEX,
+    IOAPIC_VER,
+    PAGE_SIZE,
+)
 from .errors import Errno, HvError
 from .mmio import MmioAccess, MmioHandler, MmioResult
 from .printk import FATAL_IOAPIC
@@ -24,18 +34,8 @@ if TYPE_CHECKING:
     from .config import Irqchip
     from .control import Hypervisor
 
-#: ``IOAPIC_MAX_PINS``
-IOAPIC_MAX_PINS: Final = 120
 #: irqchips per cell: one page of ``struct cell_ioapic`` (48 bytes each on x86-64)
-MAX_CELL_IOAPICS: Final = 0x1000 // 48
-IOAPIC_REG_INDEX: Final = 0x00
-IOAPIC_REG_DATA: Final = 0x10
-IOAPIC_REG_EOI: Final = 0x40
-IOAPIC_ID: Final = 0x00
-IOAPIC_VER: Final = 0x01
-IOAPIC_REDIR_TBL_START: Final = 0x10
-#: redirection entry bit 16: masked
-IOAPIC_REDIR_MASK: Final = 1 << 16
+MAX_CELL_IOAPICS: Final = PAGE_SIZE // 48
 
 
 class PhysIoapic:
@@ -138,7 +138,7 @@ class IoapicUnit:
                     for root_view in self.hv.root.ioapics:
                         if root_view.address == chip.address:
                             root_view.pin_bitmap &= ~bitmap
-                cell.mmio.register(chip.address, 0x1000, self._handler(cell, view))
+                cell.mmio.register(chip.address, PAGE_SIZE, self._handler(cell, view))
         except HvError:
             self.cell_exit(cell)
             raise

@@ -11,7 +11,7 @@ Jailhouse's own path on QEMU without IR.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from .printk import Console
 
@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from .cell import Cell
     from .config import SystemConfig
 
-IOMMU_TYPE_AMD: Final = 1
-IOMMU_TYPE_INTEL: Final = 2
 
 
 class IommuUnit:
@@ -32,7 +30,7 @@ class IommuUnit:
     """
 
     def __init__(self, system: SystemConfig, console: Console, vendor: str) -> None:
-        self.units = [unit for unit in system.iommu_units if unit.type != 0]
+        self.units = list(system.active_iommu_units)
         self.console = console
         self.vendor = vendor
         self.name = "AMD IOMMU" if vendor == "amd" else "VT-d"

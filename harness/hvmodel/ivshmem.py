@@ -16,9 +16,22 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Final
 
+from .abi import (
+    IVSHMEM_DEVICE_ID,
+    IVSHMEM_MAX_PEERS,
+    IVSHMEM_MSIX_VECTORS,
+    IVSHMEM_VENDOR_ID,
+    PCI_CMD_INTX_OFF,
+    PCI_CMD_MASTER,
+    PCI_CMD_MEM,
+    PCI_MSIX_CTRL_ENABLE,
+    PCI_MSIX_CTRL_FMASK,
+    PCI_MSIX_VECTOR_MASKED,
+    XAPIC_BASE,
+)
 from .errors import Errno, HvError
 from .mmio import MmioAccess, MmioHandler, MmioResult
-from .pci import PCI_CMD_INTX_OFF, PCI_CMD_MASTER, PCI_CMD_MEM, PciDeviceState
+from .pci import PciDeviceState
 from .printk import FATAL_IVSHMEM_MSIX, MSG_ADD_VPCI, bdf_params
 
 if TYPE_CHECKING:
@@ -26,9 +39,8 @@ if TYPE_CHECKING:
     from .config import MemoryRegion
     from .control import Hypervisor
 
-IVSHMEM_VENDOR_DEVICE: Final = 0x4106110A
-IVSHMEM_MAX_PEERS: Final = 12
-IVSHMEM_MAX_MSIX: Final = 16
+#: config dwords 0x00 and 0x2C: device and vendor ID (the subsystem IDs repeat them)
+IVSHMEM_VENDOR_DEVICE: Final = (IVSHMEM_DEVICE_ID << 16) | IVSHMEM_VENDOR_ID
 #: emulated config space size; reads beyond return all ones
 IVSHMEM_CFG_SIZE: Final = 0x80
 #: bytes of BAR1 the hypervisor serves (16 vectors, PBA at 0x100)
@@ -41,9 +53,11 @@ REG_INT_CTRL: Final = 0x08
 REG_DOORBELL: Final = 0x0C
 REG_STATE: Final = 0x10
 _COMMAND_BITS: Final = PCI_CMD_MEM | PCI_CMD_MASTER | PCI_CMD_INTX_OFF
-_MSIX_CTRL_BITS: Final = 0xC0000000  # enable (bit 15) and function mask (bit 14) << 16
-_MSIX_ENABLE: Final = 0x80000000
-_MSIX_FMASK: Final = 0x40000000
+#: MSI-X enable and function mask as the capability's first dword holds them
+_MSIX_ENABLE: Final = PCI_MSIX_CTRL_ENABLE << 16
+_MSIX_FMASK: Final = PCI_MSIX_CTRL_FMASK << 16
+_MSIX_CTRL_BITS: Final = _MSIX_ENABLE | _MSIX_FMASK
+_MSI_WINDOW: Final = XAPIC_BASE >> 20
 _U32: Final = struct.Struct("<I")
 
 
@@ -89,7 +103,7 @@ class IvshmemEndpoint:
         self.command = 0
         self.int_line = 0
         self.msix_ctrl = 0
-        self.vectors = [[0, 0, 0, 1] for _ in range(device.info.num_msix_vectors)]
+        self.vectors = [[0, 0, 0, PCI_MSIX_VECTOR_MASKED] for _ in range(device.info.num_msix_vectors)]
         #: where BAR0/BAR1 are registered now (None = not registered)
         self.bar_regions: list[int | None] = [None, None]
 
@@ -128,7 +142,7 @@ class Ivshmem:
         hv.console.printk(MSG_ADD_VPCI, *bdf_params(info.bdf), cell.name)
         regions = cell.config.memory_regions
         start = info.shmem_regions_start
-        if start + 2 + info.shmem_peers > len(regions) or info.num_msix_vectors > IVSHMEM_MAX_MSIX:
+        if start + 2 + info.shmem_peers > len(regions) or info.num_msix_vectors > IVSHMEM_MSIX_VECTORS:
             raise HvError(Errno.EINVAL, f"ivshmem {info.bdf_str}: regions or vectors")
         if info.shmem_dev_id >= IVSHMEM_MAX_PEERS:
             raise HvError(Errno.EINVAL, f"ivshmem {info.bdf_str}: id {info.shmem_dev_id}")
@@ -175,7 +189,7 @@ class Ivshmem:
         endpoint.int_line = 0
         endpoint.msix_ctrl = 0
         for vector in endpoint.vectors:
-            vector[:] = [0, 0, 0, 1]
+            vector[:] = [0, 0, 0, PCI_MSIX_VECTOR_MASKED]
         self._set_state(endpoint, 0)
 
     # -- config space -----------------------------------------------------------------
@@ -323,8 +337,8 @@ class Ivshmem:
             vector[dword] = access.value & 0xFFFFFFFF
             if (
                 endpoint.msix_ctrl & _MSIX_ENABLE
-                and not vector[3] & 1
-                and vector[0] >> 20 == 0xFEE
+                and not vector[3] & PCI_MSIX_VECTOR_MASKED
+                and vector[0] >> 20 == _MSI_WINDOW
                 and not pci.msi_target_ok(endpoint.cell, vector[0])
             ):
                 console.write(FATAL_IVSHMEM_MSIX)
@@ -357,7 +371,7 @@ class Ivshmem:
         if not endpoint.msix_ctrl & _MSIX_ENABLE or endpoint.msix_ctrl & _MSIX_FMASK:
             return False
         entry = endpoint.vectors[vector]
-        if entry[3] & 1 or not endpoint.command & PCI_CMD_MASTER:
+        if entry[3] & PCI_MSIX_VECTOR_MASKED or not endpoint.command & PCI_CMD_MASTER:
             return False
         self.hv.arch.send_msi(endpoint.cell.id, entry[0] | (entry[1] << 32), entry[2])
         if endpoint.one_shot:

@@ -20,6 +20,26 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Final
 
+from .abi import (
+    PAGE_SIZE,
+    PCI_CAP_MSI,
+    PCI_CAP_MSIX,
+    PCI_CFG_BAR,
+    PCI_CFG_BAR_END,
+    PCI_CFG_COMMAND,
+    PCI_CFG_ROMBAR,
+    PCI_CMD_INTX_OFF,
+    PCI_CONFIG_HEADER_SIZE,
+    PCI_MSI_CTRL_ENABLE,
+    PCI_MSIX_CTRL_ENABLE,
+    PCI_MSIX_VECTOR_CTRL,
+    PCI_MSIX_VECTOR_MASKED,
+    PCI_MSIX_VECTOR_SIZE,
+    PCI_TYPE_BRIDGE,
+    PCI_TYPE_IVSHMEM,
+    XAPIC_BASE,
+    PciCapFlags,
+)
 from .errors import HvError
 from .mmio import MmioAccess, MmioHandler, MmioResult
 from .paging import pages
@@ -31,28 +51,11 @@ if TYPE_CHECKING:
     from .control import Hypervisor
     from .ivshmem import IvshmemEndpoint
 
-PCI_TYPE_DEVICE: Final = 1
-PCI_TYPE_BRIDGE: Final = 2
-PCI_TYPE_IVSHMEM: Final = 3
-
-PCI_CFG_COMMAND: Final = 0x04
-PCI_CMD_MEM: Final = 1 << 1
-PCI_CMD_MASTER: Final = 1 << 2
-PCI_CMD_INTX_OFF: Final = 1 << 10
-PCI_CFG_BAR: Final = 0x10
-PCI_CFG_BAR_END: Final = 0x27
-PCI_CFG_ROMBAR: Final = 0x30
-PCI_CONFIG_HEADER_SIZE: Final = 0x40
-PCI_CAP_MSI: Final = 0x05
-PCI_CAP_MSIX: Final = 0x11
-#: MSI control (bits 16..31 of the capability's first dword): enable
-MSI_CTRL_ENABLE: Final = 1 << 16
-#: MSI-X control (bits 16..31 of the capability's first dword): enable, function mask
-MSIX_CTRL_ENABLE: Final = 1 << 31
-MSIX_CTRL_FMASK: Final = 1 << 30
-MSIX_VECTOR_SIZE: Final = 16
-MSIX_VECTOR_CTRL_DWORD: Final = 3
-MSIX_VECTOR_MASKED: Final = 1
+#: MSI and MSI-X enable as the capability's first dword holds them (control: bits 16..31)
+MSI_CTRL_ENABLE: Final = PCI_MSI_CTRL_ENABLE << 16
+MSIX_CTRL_ENABLE: Final = PCI_MSIX_CTRL_ENABLE << 16
+#: the 64-bit MSI address is in the 0xfeexxxxx window (the xAPIC page)
+_MSI_WINDOW: Final = XAPIC_BASE >> 20
 
 
 class Access(enum.Enum):
@@ -116,7 +119,7 @@ class PciDeviceState:
         #: MSI-X capability shadow (first dword)
         self.msix_ctrl = 0
         #: MSI-X vector shadows: address low, address high, data, control
-        self.msix_vectors = [[0, 0, 0, MSIX_VECTOR_MASKED] for _ in range(info.num_msix_vectors)]
+        self.msix_vectors = [[0, 0, 0, PCI_MSIX_VECTOR_MASKED] for _ in range(info.num_msix_vectors)]
         #: the virtual device, for IVSHMEM
         self.ivshmem: IvshmemEndpoint | None = None
         #: the MSI and MSI-X capabilities, if configured
@@ -167,7 +170,7 @@ class PciUnit:
         self.hv = hv
         system = hv.system
         self.mmcfg_start = system.pci_mmconfig_base
-        self.mmcfg_size = (system.pci_mmconfig_end_bus + 1) * 256 * 4096 if self.mmcfg_start else 0
+        self.mmcfg_size = system.mmconfig_size if self.mmcfg_start else 0
         self.end_bus = system.pci_mmconfig_end_bus
 
     # -- unit hooks -------------------------------------------------------------------
@@ -175,7 +178,7 @@ class PciUnit:
     def init(self) -> None:
         """Map MMCONFIG into the hypervisor and take over the root's devices."""
         if self.mmcfg_start:
-            self.hv.remap_pool.alloc(self.mmcfg_size // 0x1000)
+            self.hv.remap_pool.alloc(self.mmcfg_size // PAGE_SIZE)
         self.cell_init(self.hv.root)
 
     def shutdown(self) -> None:
@@ -321,7 +324,7 @@ class PciUnit:
                 if base:
                     for index, vector in enumerate(device.msix_vectors):
                         for n in range(4):
-                            vector[n] = arch.mmio_read(base + index * MSIX_VECTOR_SIZE + 4 * n, 4)
+                            vector[n] = arch.mmio_read(base + index * PCI_MSIX_VECTOR_SIZE + 4 * n, 4)
 
     def _remove_physical(self, device: PciDeviceState) -> None:
         """``pci_remove_physical_device``."""
@@ -350,9 +353,9 @@ class PciUnit:
                 device.msix_ctrl = 0
                 base = device.info.msix_address
                 for index, vector in enumerate(device.msix_vectors):
-                    vector[3] |= MSIX_VECTOR_MASKED
+                    vector[3] |= PCI_MSIX_VECTOR_MASKED
                     if base:
-                        arch.mmio_write(base + index * MSIX_VECTOR_SIZE + 12, 4, vector[3])
+                        arch.mmio_write(base + index * PCI_MSIX_VECTOR_SIZE + 12, 4, vector[3])
                 arch.pci_write_config(bdf, cap.start + 2, 2, 0)
         arch.pci_write_config(bdf, PCI_CFG_COMMAND, 2, PCI_CMD_INTX_OFF)
 
@@ -365,7 +368,7 @@ class PciUnit:
         logical (flat) mode a bitmap of them. The root's MSIs are filtered to its CPUs,
         a non-root cell's outside its CPUs are invalid.
         """
-        if address >> 20 != 0xFEE:
+        if address >> 20 != _MSI_WINDOW:
             return False
         dest = (address >> 12) & 0xFF
         targets = {n for n in range(8) if dest >> n & 1} if address & (1 << 2) else {dest}
@@ -404,12 +407,12 @@ class PciUnit:
         if (
             cell is not None
             and device.msix_ctrl & MSIX_CTRL_ENABLE
-            and not vector[3] & MSIX_VECTOR_MASKED
+            and not vector[3] & PCI_MSIX_VECTOR_MASKED
             and not self.msi_target_ok(cell, vector[0])
         ):
             return False
         if device.info.msix_address:
-            base = device.info.msix_address + index * MSIX_VECTOR_SIZE
+            base = device.info.msix_address + index * PCI_MSIX_VECTOR_SIZE
             for n in range(3):
                 self.hv.arch.mmio_write(base + 4 * n, 4, vector[n])
         return True
@@ -488,7 +491,7 @@ class PciUnit:
             self.hv.ivshmem.cfg_write(device, dword, mask, value)
             return Access.DONE
         cap = device.find_cap(reg)
-        if cap is None or not cap.flags & 0x0001:
+        if cap is None or not cap.flags & PciCapFlags.WRITE:
             return Access.REJECT
         offset = reg - cap.start
         if cap.id == PCI_CAP_MSI and offset < (14 if device.info.msi_64bits else 10):
@@ -542,14 +545,14 @@ class PciUnit:
         def handler(access: MmioAccess) -> MmioResult:
             if access.address & 3 or access.size != 4:
                 return invalid()
-            index, offset = divmod(access.address, MSIX_VECTOR_SIZE)
+            index, offset = divmod(access.address, PCI_MSIX_VECTOR_SIZE)
             dword = offset // 4
             phys = device.info.msix_address + access.address
             if access.is_write:
                 if index >= len(device.msix_vectors):
                     return invalid()
                 value = access.value & 0xFFFFFFFF
-                if dword == MSIX_VECTOR_CTRL_DWORD:
+                if dword == PCI_MSIX_VECTOR_CTRL:
                     device.msix_vectors[index][3] = value
                     arch.mmio_write(phys, 4, value)
                     if not self._update_msix_vector(device, index):
@@ -558,7 +561,7 @@ class PciUnit:
                     device.msix_vectors[index][dword] = value
                     if not self._update_msix_vector(device, index):
                         return invalid()
-            elif index >= len(device.msix_vectors) or dword == MSIX_VECTOR_CTRL_DWORD:
+            elif index >= len(device.msix_vectors) or dword == PCI_MSIX_VECTOR_CTRL:
                 access.value = arch.mmio_read(phys, 4)
             else:
                 access.value = device.msix_vectors[index][dword]

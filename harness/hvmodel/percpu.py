@@ -9,13 +9,21 @@ the Linux driver prints (``%*pb`` and ``%*pbl``).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .abi import NUM_CPU_STATS, CpuStat, ShutdownState
+from .abi import NUM_CPU_STATS, CpuStat
 
 if TYPE_CHECKING:
     from .cell import Cell
+
+
+class ShutdownState(enum.IntEnum):
+    """``per_cpu.shutdown_state`` (besides a stored negative errno)."""
+
+    NONE = 0
+    STARTED = 1
 
 
 class PerCpu:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from .abi import PCI_REG_ADDR_PORT, PCI_REG_DATA_PORT
 from .percpu import EXIT_DONE, EXIT_FAILED, ExitResult
 from .printk import FATAL_I8042, FATAL_PCI_CONFIG, FATAL_PCI_CONFIG_PORT, FATAL_PIO, bdf_params
 
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from .cell import Cell
     from .control import Hypervisor
 
-PCI_REG_ADDR_PORT: Final = 0xCF8
-PCI_REG_DATA_PORT: Final = 0xCFC
 I8042_CMD_REG: Final = 0x64
 #: "write output port" command
 I8042_CMD_WRITE_CTRL_PORT: Final = 0xD1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from .abi import CellFlag
+from .abi import CELL_TEST_DEVICE, MEM_COMM_REGION, PAGE_SIZE, TEST_DEVICE_REGISTER
 from .errors import Errno, HvError
 from .mmio import MmioAccess, MmioHandler, MmioResult
 
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MSG_TESTDEV_INVALID", "TestDevice"]
 
-MEM_COMM_REGION: Final = 0x0020
-PAGE_SIZE: Final = 0x1000
-#: the first offset of the test register window (up to the end of the page)
-TESTDEV_REGISTER: Final = 0xFF8
 MSG_TESTDEV_INVALID: Final = "testdev: invalid %s, register %x, size %d\n"
 
 
@@ -48,7 +44,7 @@ class TestDevice:
 
     @staticmethod
     def _flagged(cell: Cell) -> bool:
-        return bool(cell.config.flags & CellFlag.TEST_DEVICE)
+        return bool(cell.config.flags & CELL_TEST_DEVICE)
 
     @staticmethod
     def mmio_base(cell: Cell) -> int | None:
@@ -99,7 +95,7 @@ class TestDevice:
 
         def handler(access: MmioAccess) -> MmioResult:
             offset, size = access.address, access.size
-            if offset < TESTDEV_REGISTER or offset > PAGE_SIZE - size:
+            if offset < TEST_DEVICE_REGISTER or offset > PAGE_SIZE - size:
                 console.printk(
                     MSG_TESTDEV_INVALID, "write" if access.is_write else "read", offset, size
                 )

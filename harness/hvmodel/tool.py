@@ -51,10 +51,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from .abi import CELL_ID_NAMELEN, CELL_ID_UNUSED
 from .control import HvParams
 from .ipc import (
-    CELL_ID_UNUSED,
-    CELL_NAME_MAXLEN,
     CellId,
     DriverClient,
     RunDir,
@@ -466,7 +465,7 @@ class Tool:
             cell_id = _s32(value)
             use_name = not ok or cell_id < 0
         if use_name:
-            raw = os.fsencode(args[pos])[:CELL_NAME_MAXLEN]
+            raw = os.fsencode(args[pos])[:CELL_ID_NAMELEN]
             return CellId(CELL_ID_UNUSED, os.fsdecode(raw)), pos + 1
         return CellId(cell_id, ""), pos + 1
 
@@ -561,7 +560,7 @@ class Tool:
             cell_id = int(name[:digits]) if digits else 0  # strtoul(d_name, NULL, 10)
             row = (
                 _s32(cell_id),
-                self._read_cell_string(name, "name")[:CELL_NAME_MAXLEN],
+                self._read_cell_string(name, "name")[:CELL_ID_NAMELEN],
                 self._read_cell_string(name, "state"),
                 self._read_cell_string(name, "cpus_assigned_list"),
                 self._read_cell_string(name, "cpus_failed_list"),

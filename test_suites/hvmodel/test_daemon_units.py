@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.hvmodel.abi import CELL_ID_UNUSED
 from harness.hvmodel.daemon import (
     ConsoleRing,
     DaemonError,
@@ -22,7 +23,7 @@ from harness.hvmodel.daemon import (
     parse_cpu_list,
     parse_memmap,
 )
-from harness.hvmodel.ipc import CELL_ID_UNUSED, CellId, RunDir
+from harness.hvmodel.ipc import CellId, RunDir
 from harness.hvmodel.tool import USAGE, CellStats, HardwareCheck, Tool, strtoll
 
 #: ``help()`` of Jailhouse's tools/jailhouse.c (master) for the built-in commands

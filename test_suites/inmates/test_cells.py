@@ -8,17 +8,14 @@ from pathlib import Path
 import pytest
 from inmates_helpers import DEMOS, INMATES_DIR
 
-from harness.hvmodel.config import model
+from harness.hvmodel.abi import COMM_REGION_BASE, PAGE_SIZE, CellFlags, ConsoleType, MemFlags
 from harness.hvmodel.config import toml as toml_config
 
 CELLS_DIR = INMATES_DIR / "cells"
 SOURCES = sorted(CELLS_DIR.glob("*.toml"))
 
 INMATE_RAM = range(0x3A600000, 0x3F000000)
-COMM_REGION = 0x100000
 CELL_UART = 0x2F8
-MemFlags = model.MemFlags
-CellFlags = model.CellFlags
 
 #: demos that answer comm region messages; the others are passive like Jailhouse's
 ACTIVE = {"hello", "apic-timer"}
@@ -53,9 +50,9 @@ def test_cell_config(source: Path) -> None:
     assert bool(ram_region.flags & MemFlags.DMA) == (cell.name in DMA)
 
     comm = [r for r in cell.memory_regions if r.flags & MemFlags.COMM_REGION]
-    assert [(r.virt_start, r.size) for r in comm] == [(COMM_REGION, 0x1000)]
+    assert [(r.virt_start, r.size) for r in comm] == [(COMM_REGION_BASE, PAGE_SIZE)]
 
-    assert cell.console.type == model.ConsoleType.UART_8250
+    assert cell.console.type == ConsoleType.UART_8250
     assert cell.console.address == CELL_UART
     assert any(p.base <= CELL_UART and p.base + p.length >= CELL_UART + 8
                for p in cell.pio_regions)

@@ -4,7 +4,8 @@ Read, write, check and author Jailhouse system (``JHSYS``) and cell (``JHCLL``) 
 revision 14, byte for byte; revision 12 (v0.12) is read and converted. Standard library
 only. The pieces:
 
-* :mod:`.model`: the config objects (frozen dataclasses) and flag/type enums;
+* :mod:`.model`: the config objects (frozen dataclasses); their flag/type enums and byte
+  layout are :mod:`harness.hvmodel.abi`'s (re-exported here);
 * :mod:`.parser`: :func:`parse_cell`, :func:`parse_system`, :func:`parse`, :func:`load`;
 * :mod:`.check`: ``jailhouse config check`` and jhlab's extra checks;
 * :mod:`.toml`: TOML sources that compile to binary, and the decompiler;
@@ -12,35 +13,39 @@ only. The pieces:
 * :mod:`.cli`: ``python3 -m harness.hvmodel.config {show,check,compile,decompile}``.
 """
 
-from .check import CheckReport, CheckSection, Finding, check, render_check
-from .cli import main
-from .layout import CELL_DESC_SIZE, CONFIG_REVISION, SYSTEM_SIZE
-from .model import (
+from ..abi import (
+    CELL_DESC_SIZE,
+    CONFIG_REVISION,
+    SYSTEM_SIZE,
     ApicMode,
-    Arch,
+    Architecture,
     CacheFlags,
-    CacheRegion,
     CacheType,
-    CellConfig,
     CellFlags,
-    Console,
     ConsoleFlags,
     ConsoleType,
     IommuType,
-    IommuUnit,
-    Irqchip,
     MemFlags,
-    MemoryRegion,
-    PciCapability,
     PciCapFlags,
     PciCapId,
-    PciDevice,
     PciDeviceType,
-    PioRegion,
     ShmemProtocol,
     SysFlags,
-    SystemConfig,
     VirtioDevice,
+)
+from .check import CheckReport, CheckSection, Finding, check, render_check
+from .cli import main
+from .model import (
+    CacheRegion,
+    CellConfig,
+    Console,
+    IommuUnit,
+    Irqchip,
+    MemoryRegion,
+    PciCapability,
+    PciDevice,
+    PioRegion,
+    SystemConfig,
     X86Platform,
     cpu_set_from,
     format_bdf,
@@ -54,7 +59,7 @@ __all__ = [
     "CONFIG_REVISION",
     "SYSTEM_SIZE",
     "ApicMode",
-    "Arch",
+    "Architecture",
     "CacheFlags",
     "CacheRegion",
     "CacheType",

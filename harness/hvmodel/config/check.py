@@ -55,17 +55,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import ConfigError
-from . import layout
-from .model import (
-    Arch,
-    CellConfig,
+from .. import abi
+from ..abi import (
+    Architecture,
     IommuType,
     MemFlags,
-    MemoryRegion,
-    PciDevice,
     PciDeviceType,
     ShmemProtocol,
+)
+from ..errors import ConfigError
+from .model import (
+    CellConfig,
+    MemoryRegion,
+    PciDevice,
     SystemConfig,
 )
 
@@ -88,12 +90,6 @@ T_COMM: Final = "Missing communication region"
 T_MSIX: Final = "MSI-X tables inside mapped memory"
 T_SUBPAGE: Final = "Sub-page region flags"
 
-#: ``IVSHMEM_MAX_PEERS`` and the MSI-X vector limit of the hypervisor's ivshmem.
-IVSHMEM_MAX_PEERS: Final = 12
-IVSHMEM_MAX_MSIX: Final = 16
-#: Guest-physical address of the comm region that x86 inmates and the Linux loader use.
-X86_COMM_REGION: Final = 0x100000
-XAPIC_BASE: Final = 0xFEE00000
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -441,16 +437,16 @@ def _check_ivshmem(cells: Sequence[CellConfig]) -> list[Finding]:
             if device.type != PciDeviceType.IVSHMEM:
                 continue
             name = f"cell '{cell.name}', ivshmem {device.bdf_str}"
-            if device.num_msix_vectors > IVSHMEM_MAX_MSIX:
+            if device.num_msix_vectors > abi.IVSHMEM_MSIX_VECTORS:
                 add(cell.name, "ivshmem-msix",
                     f"In {name}: {device.num_msix_vectors} MSI-X vectors, at most "
-                    f"{IVSHMEM_MAX_MSIX}")
-            if device.shmem_dev_id >= min(device.shmem_peers, IVSHMEM_MAX_PEERS) or (
-                device.shmem_peers > IVSHMEM_MAX_PEERS
+                    f"{abi.IVSHMEM_MSIX_VECTORS}")
+            if device.shmem_dev_id >= min(device.shmem_peers, abi.IVSHMEM_MAX_PEERS) or (
+                device.shmem_peers > abi.IVSHMEM_MAX_PEERS
             ):
                 add(cell.name, "ivshmem-id",
                     f"In {name}: ID {device.shmem_dev_id} with {device.shmem_peers} peers "
-                    f"(IDs must be below the peer count and {IVSHMEM_MAX_PEERS})")
+                    f"(IDs must be below the peer count and {abi.IVSHMEM_MAX_PEERS})")
             end = device.shmem_regions_start + 2 + device.shmem_peers
             if end > len(cell.memory_regions):
                 add(cell.name, "ivshmem-regions",
@@ -546,7 +542,7 @@ def _check_loadable(root: CellConfig, others: Sequence[CellConfig]) -> list[Find
 def _check_comm(others: Sequence[CellConfig]) -> list[Finding]:
     findings = []
     for cell in others:
-        if cell.architecture != Arch.X86:
+        if cell.architecture != Architecture.X86:
             continue
         comm = [(i, r) for i, r in enumerate(cell.memory_regions) if r.is_comm_region]
         if not comm:
@@ -554,11 +550,11 @@ def _check_comm(others: Sequence[CellConfig]) -> list[Finding]:
                                    f"Cell '{cell.name}' has no communication region"))
             continue
         for index, region in comm:
-            if (region.virt_start, region.size) != (X86_COMM_REGION, layout.PAGE_SIZE):
+            if (region.virt_start, region.size) != (abi.COMM_REGION_BASE, abi.PAGE_SIZE):
                 findings.append(Finding(
                     title=T_COMM, cell=cell.name, code="comm-region-address",
                     details=f"In cell '{cell.name}', region {index}\n{region_dump(region)}\n"
-                    f"is not at {X86_COMM_REGION:#x} with size {layout.PAGE_SIZE:#x}",
+                    f"is not at {abi.COMM_REGION_BASE:#x} with size {abi.PAGE_SIZE:#x}",
                 ))
     return findings
 
@@ -601,7 +597,7 @@ def _check_subpage(cells: Sequence[CellConfig]) -> list[Finding]:
             if not region.size or flags & _COMM:
                 continue
             problems = []
-            if (region.virt_start | region.size) & (layout.PAGE_SIZE - 1):
+            if (region.virt_start | region.size) & (abi.PAGE_SIZE - 1):
                 if not flags & _WIDTHS:
                     problems.append("is sub-page but allows no access width (IO_8..IO_64)")
                 if flags & _NOT_MMIO:
@@ -611,7 +607,7 @@ def _check_subpage(cells: Sequence[CellConfig]) -> list[Finding]:
                 extra = flags & (_WIDTHS | _UNALIGNED)
                 if extra:
                     problems.append(f"is page-mapped, so {mem_flag_str(extra)} have no effect")
-                if region.phys_start % layout.PAGE_SIZE:
+                if region.phys_start % abi.PAGE_SIZE:
                     problems.append("is page-mapped but phys_start is not page-aligned")
             for problem in problems:
                 findings.append(Finding(
@@ -649,12 +645,12 @@ def check(
     names = list(sources) if sources is not None else [f"<cell {i}>" for i in range(len(cells))]
     if len(names) != len(cells):
         raise ValueError("sources must name every cell")
-    arch = Arch(system.architecture).label if system.architecture in Arch._value2member_map_ \
+    arch = Architecture(system.architecture).label if system.architecture in Architecture._value2member_map_ \
         else str(system.architecture)
     for cell, source in zip(cells, names, strict=True):
         if cell.architecture != system.architecture:
-            label = Arch(cell.architecture).label if cell.architecture in \
-                Arch._value2member_map_ else str(cell.architecture)
+            label = Architecture(cell.architecture).label if cell.architecture in \
+                Architecture._value2member_map_ else str(cell.architecture)
             raise ConfigError(f"Cell architecture mismatch: {label}", source=source)
     root = system.root_cell
     others = list(cells)
@@ -681,9 +677,9 @@ def check(
         )
         sections.append(CheckSection(title=T_IOMMU, findings=tuple(found)))
     title = T_ARCH.format(arch=arch)
-    if system.architecture == Arch.X86:
-        resources = [("overlaps with xAPIC", _resource(XAPIC_BASE, 0x1000))]
-        resources += [("overlaps with IOAPIC", _resource(chip.address, 0x1000))
+    if system.architecture == Architecture.X86:
+        resources = [("overlaps with xAPIC", _resource(abi.XAPIC_BASE, abi.PAGE_SIZE))]
+        resources += [("overlaps with IOAPIC", _resource(chip.address, abi.PAGE_SIZE))
                       for chip in root.irqchips]
     else:
         resources = [(f"overlaps with {name}", _resource(base, size))

@@ -91,25 +91,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from ..errors import ConfigError
-from . import layout
-from .model import (
+from .. import abi
+from ..abi import (
     ApicMode,
-    CellConfig,
-    Console,
     ConsoleType,
     IommuType,
-    IommuUnit,
-    Irqchip,
     MemFlags,
-    MemoryRegion,
-    PciCapability,
     PciCapFlags,
     PciCapId,
-    PciDevice,
     PciDeviceType,
-    PioRegion,
     SysFlags,
+)
+from ..errors import ConfigError
+from .model import (
+    CellConfig,
+    Console,
+    IommuUnit,
+    Irqchip,
+    MemoryRegion,
+    PciCapability,
+    PciDevice,
+    PioRegion,
     SystemConfig,
     X86Platform,
     cpu_set_from,
@@ -127,7 +129,6 @@ from .toml import (
     _size,
 )
 
-PAGE: Final = layout.PAGE_SIZE
 MIB: Final = 1 << 20
 
 #: Memory flags of RAM the root cell owns (and may hand to cells).
@@ -139,8 +140,6 @@ MMIO_FLAGS: Final = MemFlags.READ | MemFlags.WRITE
 DEFAULT_MEM_HV: Final = 6 * MIB
 #: Default root-cell name (Jailhouse's tool: "RootCell").
 DEFAULT_NAME: Final = "RootCell"
-#: Pins counted per IOAPIC for ``vtd_interrupt_limit`` (Jailhouse's ``IOAPIC_MAX_PINS``).
-IOAPIC_MAX_PINS: Final = 120
 #: IOAPIC pins given to the root cell (Jailhouse's tool writes ``pin_bitmap = 0xffffff``).
 IOAPIC_PINS: Final = 24
 
@@ -157,19 +156,10 @@ _MEMMAP: Final = re.compile(r"(?:^|\s)memmap=([0-9a-fA-FxX]+)([KMGkmg]?)\$"
 #: Port ranges whose first port Jailhouse's tool whitelists for the root cell.
 PIO_WHITELIST: Final = {0x40: "PIT", 0x60: "keyboard", 0x61: "NMI status/control",
                         0x64: "i8042", 0x70: "RTC", 0x2F8: "serial", 0x3F8: "serial"}
-PCI_CONFIG_PORTS: Final = 0xCF8
 #: Ports from here on belong to PCI I/O BARs (Jailhouse drops other ranges above it).
 PCI_PIO_START: Final = 0xD00
 
-# PCI config space offsets and capability IDs
-_STATUS: Final = 0x06
-_CLASS: Final = 0x09
-_HEADER_TYPE: Final = 0x0E
-_BAR0: Final = 0x10
-_SECONDARY_BUS: Final = 0x19
-_CAP_PTR: Final = 0x34
-_STATUS_CAP_LIST: Final = 0x10
-_EXT_START: Final = 0x100
+# PCI Express extended capabilities: their lengths (IDs without JAILHOUSE_PCI_EXT_CAP)
 _EXT_CAP_LEN: Final = {
     0x01: 64,  # AER
     0x02: 16, 0x09: 16,  # VC, VC9: at least 4 dwords
@@ -429,7 +419,7 @@ class PciFunction:
         """Buses behind a bridge (secondary..subordinate); empty for others."""
         if not self.is_bridge:
             return range(0)
-        return range(self._u8(_SECONDARY_BUS), self._u8(_SECONDARY_BUS + 1) + 1)
+        return range(self._u8(abi.PCI_CFG_SECONDARY_BUS), self._u8(abi.PCI_CFG_SECONDARY_BUS + 1) + 1)
 
     @property
     def bars(self) -> tuple[Resource, ...]:
@@ -459,22 +449,22 @@ class PciFunction:
         return (masks[0], masks[1], masks[2], masks[3], masks[4], masks[5])
 
     def _bar_address(self, index: int) -> int:
-        low = self._u32(_BAR0 + 4 * index)
+        low = self._u32(abi.PCI_CFG_BAR + 4 * index)
         if low & 0x1:
             return 0  # an I/O BAR cannot hold an MSI-X table
         address = low & ~0xF
         if low & 0x6 == 0x4 and index < 5:
-            address |= self._u32(_BAR0 + 4 * index + 4) << 32
+            address |= self._u32(abi.PCI_CFG_BAR + 4 * index + 4) << 32
         return address
 
     def capabilities(self, warnings: list[str] | None = None) -> tuple[DerivedCap, ...]:
         """Walk the capability lists (pyjailhouse ``PCICapability.parse_pcicaps``)."""
         caps: list[DerivedCap] = []
-        if not self.u16(_STATUS) & _STATUS_CAP_LIST:
+        if not self.u16(abi.PCI_CFG_STATUS) & abi.PCI_STS_CAPS:
             return ()
         express = False
         seen: set[int] = set()
-        pointer = self._u8(_CAP_PTR) & ~0x3
+        pointer = self._u8(abi.PCI_CFG_CAPS) & ~0x3
         while pointer and pointer not in seen and pointer + 2 <= min(len(self.config), 0x100):
             seen.add(pointer)
             cap_id, following = self._u8(pointer), self._u8(pointer + 1) & ~0x3
@@ -499,13 +489,13 @@ class PciFunction:
                 length, flags = 2, 0
             caps.append(DerivedCap(cap_id, pointer, length, int(flags), msix))
             pointer = following
-        if express and len(self.config) > _EXT_START:
+        if express and len(self.config) > abi.PCI_CFG_SPACE_SIZE:
             caps += self._extended_caps(warnings)
         return tuple(caps)
 
     def _extended_caps(self, warnings: list[str] | None) -> list[DerivedCap]:
         caps: list[DerivedCap] = []
-        pointer, seen = _EXT_START, set()
+        pointer, seen = abi.PCI_CFG_SPACE_SIZE, set()
         while pointer and pointer not in seen and pointer + 4 <= len(self.config):
             seen.add(pointer)
             header = self._u32(pointer)
@@ -877,11 +867,11 @@ class CreateResult:
 
 
 def _align_down(value: int) -> int:
-    return value & ~(PAGE - 1)
+    return value & ~(abi.PAGE_SIZE - 1)
 
 
 def _align_up(value: int) -> int:
-    return (value + PAGE - 1) & ~(PAGE - 1)
+    return (value + abi.PAGE_SIZE - 1) & ~(abi.PAGE_SIZE - 1)
 
 
 @dataclass(slots=True)
@@ -1080,7 +1070,7 @@ def _pio_regions(facts: Facts, console_port: int | None
 
     console = range(console_port, console_port + 8) if console_port is not None else range(0)
     for leaf in leaves(facts.ioports):
-        if leaf.start == PCI_CONFIG_PORTS or leaf.start >= PCI_PIO_START:
+        if leaf.start == abi.PCI_REG_ADDR_PORT or leaf.start >= PCI_PIO_START:
             continue
         label = f"{leaf.start:04x}-{leaf.end:04x} : {leaf.label}"
         lowered = leaf.name.lower()
@@ -1180,9 +1170,9 @@ def create(facts: Facts, options: CreateOptions | None = None) -> CreateResult:
         warnings.append(f"no VT-d unit: {what}; the config has no IOMMU")
     if any(unit.segment for unit in units):
         raise ConfigError("DMAR unit for PCI segment != 0: not supported", source=facts.source)
-    if len(units) > layout.MAX_IOMMU_UNITS:
+    if len(units) > abi.MAX_IOMMU_UNITS:
         raise ConfigError(f"{len(units)} DMAR units; Jailhouse supports "
-                          f"{layout.MAX_IOMMU_UNITS}", source=facts.source)
+                          f"{abi.MAX_IOMMU_UNITS}", source=facts.source)
     iommu = _iommu_of(facts, units)
     devices: list[PciDevice] = []
     device_notes: list[str] = []
@@ -1348,7 +1338,7 @@ def create(facts: Facts, options: CreateOptions | None = None) -> CreateResult:
             raise ConfigError(f"unexpectedly large DMAR region at {unit.base:#x} "
                               f"({unit_size:#x})", source=facts.source)
         iommu_units.append(IommuUnit(type=IommuType.INTEL, base=unit.base, size=unit_size))
-    iommu_units += [IommuUnit()] * (layout.MAX_IOMMU_UNITS - len(iommu_units))
+    iommu_units += [IommuUnit()] * (abi.MAX_IOMMU_UNITS - len(iommu_units))
 
     ioapics = facts.ioapics()
     chips = []
@@ -1366,7 +1356,7 @@ def create(facts: Facts, options: CreateOptions | None = None) -> CreateResult:
     if pm_ports and pm_ports[0].start != pm_timer:
         warnings.append(f"the FADT says PM timer port {pm_timer:#x}, /proc/ioports "
                         f"{pm_ports[0].start:#x}")
-    interrupts = IOAPIC_MAX_PINS * max(1, len(ioapics)) + vectors
+    interrupts = abi.IOAPIC_MAX_PINS * max(1, len(ioapics)) + vectors
     limit = 1 << math.ceil(math.log2(interrupts))
 
     console, console_port = _console(facts, opts.console, warnings)
@@ -1432,7 +1422,7 @@ def render_toml(result: CreateResult) -> str:
               f"pm_timer_address = {_hex(x86.pm_timer_address)}  # ACPI FADT",
               f"apic_mode = {_enum_name(x86.apic_mode, ApicMode)}",
               f"vtd_interrupt_limit = {x86.vtd_interrupt_limit}  # 2^n >= "
-              f"{IOAPIC_MAX_PINS} per IOAPIC + {result.vectors} MSI/MSI-X vectors",
+              f"{abi.IOAPIC_MAX_PINS} per IOAPIC + {result.vectors} MSI/MSI-X vectors",
               "tsc_khz = 0  # 0: the driver fills in Linux's values", "apic_khz = 0", "",
               "[root_cell]", f"name = {_q(root.name)}",
               f"cpus = {_ranges(root.cpus)}  # online CPUs"]

@@ -1,8 +1,8 @@
 """Config objects of ``include/jailhouse/cell-config.h`` and ``include/jailhouse/console.h``.
 
 Every struct of the binary format is a frozen, keyword-only dataclass validated in
-``__post_init__`` against the range of its C type; flags and type codes are
-:class:`enum.IntFlag`/:class:`enum.IntEnum` with Jailhouse's exact values. Fields hold plain
+``__post_init__`` against the range of its C type; the flags and type codes, and the byte
+layout the ``to_bytes`` methods pack, are :mod:`harness.hvmodel.abi`'s. Fields hold plain
 integers (an enum member is an integer too), so values the enums do not know survive a
 round trip unchanged.
 
@@ -22,190 +22,29 @@ Validation errors raise :class:`~harness.hvmodel.errors.ConfigError` with ``fiel
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from .. import abi
+from ..abi import (
+    ApicMode,
+    Architecture,
+    CacheType,
+    CellFlags,
+    ConsoleFlags,
+    ConsoleType,
+    IommuType,
+    MemFlags,
+    PciDeviceType,
+    ShmemProtocol,
+    SysFlags,
+    VirtioDevice,
+)
 from ..errors import ConfigError
-from . import layout
 
-# --- enums ---------------------------------------------------------------------------------
-
-
-class Arch(enum.IntEnum):
-    """``JAILHOUSE_X86``/``ARM``/``ARM64``: the architecture byte."""
-
-    X86 = 0
-    ARM = 1
-    ARM64 = 2
-
-    @property
-    def label(self) -> str:
-        """The name pyjailhouse and ``jailhouse config check`` print (``x86``...)."""
-        return self.name.lower()
-
-
-class MemFlags(enum.IntFlag):
-    """``JAILHOUSE_MEM_*``: flags of a memory region."""
-
-    READ = 0x0001
-    WRITE = 0x0002
-    EXECUTE = 0x0004
-    DMA = 0x0008
-    IO = 0x0010
-    COMM_REGION = 0x0020
-    LOADABLE = 0x0040
-    ROOTSHARED = 0x0080
-    NO_HUGEPAGES = 0x0100
-    IO_UNALIGNED = 0x8000
-    IO_8 = 0x10000
-    IO_16 = 0x20000
-    IO_32 = 0x40000
-    IO_64 = 0x80000
-
-
-#: The access-width flags of sub-page regions (bits 16..19 = width << 16).
-MEM_IO_WIDTHS: Final = MemFlags.IO_8 | MemFlags.IO_16 | MemFlags.IO_32 | MemFlags.IO_64
-#: Flags that only mean something for sub-page (MMIO-dispatched) regions.
-MEM_SUBPAGE_ONLY: Final = MemFlags.IO_UNALIGNED | MEM_IO_WIDTHS
-
-
-class CellFlags(enum.IntFlag):
-    """``JAILHOUSE_CELL_*``: flags of a cell descriptor."""
-
-    PASSIVE_COMMREG = 0x00000001
-    TEST_DEVICE = 0x00000002
-    AARCH32 = 0x00000004
-    VIRTUAL_CONSOLE_PERMITTED = 0x40000000
-    VIRTUAL_CONSOLE_ACTIVE = 0x80000000
-
-
-class SysFlags(enum.IntFlag):
-    """``JAILHOUSE_SYS_*``: flags of the system config."""
-
-    VIRTUAL_DEBUG_CONSOLE = 0x0001
-
-
-class PciCapFlags(enum.IntFlag):
-    """``JAILHOUSE_PCICAPS_*``: flags of a PCI capability entry."""
-
-    WRITE = 0x0001
-
-
-class CacheFlags(enum.IntFlag):
-    """``JAILHOUSE_CACHE_*`` flags of a cache region."""
-
-    ROOTSHARED = 0x0001
-
-
-class ConsoleType(enum.IntEnum):
-    """``JAILHOUSE_CON_TYPE_*`` (``UART_8250`` is ``JAILHOUSE_CON_TYPE_8250``)."""
-
-    NONE = 0x0000
-    EFIFB = 0x0001
-    UART_8250 = 0x0002
-    PL011 = 0x0003
-    XUARTPS = 0x0004
-    MVEBU = 0x0005
-    HSCIF = 0x0006
-    SCIFA = 0x0007
-    IMX = 0x0008
-    IMX_LPUART = 0x0009
-    SCIF = 0x000A
-
-
-class ConsoleFlags(enum.IntFlag):
-    """``JAILHOUSE_CON_*`` flags; PIO access, 1-byte spacing and 1024x768 are the zeros."""
-
-    ACCESS_MMIO = 0x0001
-    REGDIST_4 = 0x0002
-    FB_1920x1080 = 0x0004
-    INVERTED_GATE = 0x1000
-    MDR_QUIRK = 0x2000
-
-
-class PciDeviceType(enum.IntEnum):
-    """``JAILHOUSE_PCI_TYPE_*``."""
-
-    DEVICE = 1
-    BRIDGE = 2
-    IVSHMEM = 3
-
-
-class IommuType(enum.IntEnum):
-    """``JAILHOUSE_IOMMU_*`` (``PVU`` is pyjailhouse's ``TIPVU``)."""
-
-    UNUSED = 0
-    AMD = 1
-    INTEL = 2
-    SMMUV3 = 3
-    PVU = 4
-    ARM_MMU500 = 5
-
-
-class CacheType(enum.IntEnum):
-    """``JAILHOUSE_CACHE_*`` types (Intel CAT)."""
-
-    L3_CODE = 0x01
-    L3_DATA = 0x02
-    L3 = 0x03
-
-
-class ApicMode(enum.IntEnum):
-    """``JAILHOUSE_APIC_MODE_*`` of ``platform_info.x86.apic_mode``."""
-
-    AUTO = 0
-    XAPIC = 1
-    X2APIC = 2
-
-
-class PciCapId(enum.IntEnum):
-    """PCI capability IDs seen in configs; extended ones carry ``JAILHOUSE_PCI_EXT_CAP``."""
-
-    NULL = 0x00
-    PM = 0x01
-    MSI = 0x05
-    VNDR = 0x09
-    DBG = 0x0A
-    SSVID = 0x0D
-    EXP = 0x10
-    MSIX = 0x11
-    SATA = 0x12
-    AF = 0x13
-    EXT_ERR = 0x8001
-    EXT_VC = 0x8002
-    EXT_DSN = 0x8003
-    EXT_PWR = 0x8004
-    EXT_ACS = 0x800D
-    EXT_ARI = 0x800E
-    EXT_ATS = 0x800F
-    EXT_SRIOV = 0x8010
-    EXT_LTR = 0x8018
-    EXT_L1SS = 0x801E
-
-
-#: ``JAILHOUSE_PCI_EXT_CAP``: marks an extended capability ID.
-PCI_EXT_CAP: Final = 0x8000
-
-
-class ShmemProtocol(enum.IntEnum):
-    """``JAILHOUSE_SHMEM_PROTO_*`` bases; virtio ones add a :class:`VirtioDevice` number."""
-
-    UNDEFINED = 0x0000
-    VETH = 0x0001
-    CUSTOM = 0x4000
-    VIRTIO_FRONT = 0x8000
-    VIRTIO_BACK = 0xC000
-
-
-class VirtioDevice(enum.IntEnum):
-    """``VIRTIO_DEV_*`` numbers added to the virtio protocol bases."""
-
-    NET = 1
-    BLOCK = 2
-    CONSOLE = 3
+# --- ivshmem protocol names ----------------------------------------------------------------
 
 
 def shmem_protocol_name(value: int) -> str:
@@ -246,7 +85,7 @@ def shmem_protocol_value(name: str) -> int:
 
 # --- validation helpers --------------------------------------------------------------------
 
-_MEM_COMM: Final = int(MemFlags.COMM_REGION)
+_MEM_COMM: Final = abi.MEM_COMM_REGION
 
 _U8: Final = 8
 _U16: Final = 16
@@ -347,7 +186,7 @@ class MemoryRegion:
     @property
     def is_subpage(self) -> bool:
         """Whether ``virt_start`` or ``size`` is not 4K-aligned (MMIO-dispatched region)."""
-        return bool((self.virt_start | self.size) & (layout.PAGE_SIZE - 1))
+        return bool((self.virt_start | self.size) & (abi.PAGE_SIZE - 1))
 
     @property
     def phys_end(self) -> int:
@@ -397,7 +236,7 @@ class MemoryRegion:
 
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_memory``."""
-        return layout.MEMORY.pack(self.phys_start, self.virt_start, self.size, self.flags)
+        return abi.MEMORY.pack(self.phys_start, self.virt_start, self.size, self.flags)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -424,7 +263,7 @@ class CacheRegion:
 
     def to_bytes(self) -> bytes:
         """The 12-byte ``struct jailhouse_cache``."""
-        return layout.CACHE.pack(self.start, self.size, self.type, self.padding, self.flags)
+        return abi.CACHE.pack(self.start, self.size, self.type, self.padding, self.flags)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -455,7 +294,7 @@ class Irqchip:
 
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_irqchip``."""
-        return layout.IRQCHIP.pack(self.address, self.id, self.pin_base, *self.pin_bitmap)
+        return abi.IRQCHIP.pack(self.address, self.id, self.pin_base, *self.pin_bitmap)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -487,7 +326,7 @@ class PioRegion:
 
     def to_bytes(self) -> bytes:
         """The 4-byte ``struct jailhouse_pio``."""
-        return layout.PIO.pack(self.base, self.length)
+        return abi.PIO.pack(self.base, self.length)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -577,7 +416,7 @@ class PciDevice:
     def to_bytes(self) -> bytes:
         """The 56-byte ``struct jailhouse_pci_device``."""
         bits = self.msi_reserved_bits | int(self.msi_64bits) | int(self.msi_maskable) << 1
-        return layout.PCI_DEVICE.pack(
+        return abi.PCI_DEVICE.pack(
             self.type, self.iommu, self.domain, self.bdf, *self.bar_mask, self.caps_start,
             self.num_caps, self.num_msi_vectors, bits, self.num_msix_vectors,
             self.msix_region_size, self.msix_address, self.shmem_regions_start,
@@ -612,7 +451,7 @@ class PciCapability:
 
     def to_bytes(self) -> bytes:
         """The 8-byte ``struct jailhouse_pci_capability``."""
-        return layout.PCI_CAP.pack(self.id, self.start, self.len, self.flags)
+        return abi.PCI_CAP.pack(self.id, self.start, self.len, self.flags)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -658,7 +497,7 @@ class Console:
 
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_console``."""
-        return layout.CONSOLE.pack(*self.astuple())
+        return abi.CONSOLE.pack(*self.astuple())
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -701,7 +540,7 @@ class IommuUnit:
         ):
             if not isinstance(value, int) or value < 0 or value >> bits:
                 raise ConfigError(f"expected u{bits}, got {value!r}", field=f"IommuUnit.{name}")
-        union = layout.IOMMU_AMD.pack(bdf, base_cap, msi_cap, features)
+        union = abi.IOMMU_AMD.pack(bdf, base_cap, msi_cap, features)
         return cls(type=IommuType.AMD, base=base, size=size, union=union)
 
     @classmethod
@@ -716,37 +555,37 @@ class IommuUnit:
             if not isinstance(value, int) or value < 0 or value >> bits:
                 raise ConfigError(f"expected u{bits}, got {value!r}", field=f"IommuUnit.{name}")
         return cls(type=IommuType.PVU, base=base, size=size,
-                   union=layout.IOMMU_PVU.pack(tlb_base, tlb_size))
+                   union=abi.IOMMU_PVU.pack(tlb_base, tlb_size))
 
     @property
     def amd_bdf(self) -> int:
         """AMD view: BDF of the IOMMU PCI function."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[0])
+        return int(abi.IOMMU_AMD.unpack(self.union)[0])
 
     @property
     def amd_base_cap(self) -> int:
         """AMD view: offset of the IOMMU base capability."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[1])
+        return int(abi.IOMMU_AMD.unpack(self.union)[1])
 
     @property
     def amd_msi_cap(self) -> int:
         """AMD view: offset of the IOMMU MSI capability."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[2])
+        return int(abi.IOMMU_AMD.unpack(self.union)[2])
 
     @property
     def amd_features(self) -> int:
         """AMD view: feature bits."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[3])
+        return int(abi.IOMMU_AMD.unpack(self.union)[3])
 
     @property
     def tipvu_tlb_base(self) -> int:
         """TI PVU view: TLB base."""
-        return int(layout.IOMMU_PVU.unpack(self.union)[0])
+        return int(abi.IOMMU_PVU.unpack(self.union)[0])
 
     @property
     def tipvu_tlb_size(self) -> int:
         """TI PVU view: TLB size."""
-        return int(layout.IOMMU_PVU.unpack(self.union)[1])
+        return int(abi.IOMMU_PVU.unpack(self.union)[1])
 
     @property
     def in_use(self) -> bool:
@@ -755,7 +594,7 @@ class IommuUnit:
 
     def to_bytes(self) -> bytes:
         """The 28-byte ``struct jailhouse_iommu``."""
-        return layout.IOMMU.pack(self.type, self.base, self.size, self.union)
+        return abi.IOMMU.pack(self.type, self.base, self.size, self.union)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -790,7 +629,7 @@ class X86Platform:
 
     def to_bytes(self) -> bytes:
         """The 44 bytes of the arch union."""
-        return layout.X86_PLATFORM.pack(
+        return abi.X86_PLATFORM.pack(
             self.pm_timer_address, self.apic_mode, self.padding, self.vtd_interrupt_limit,
             self.tsc_khz, self.apic_khz, self.remainder,
         )
@@ -806,16 +645,16 @@ def encode_name(name: str, padding: bytes = b"") -> bytes:
     raw = name.encode("utf-8")
     if b"\0" in raw:
         raise ConfigError("a cell name cannot contain NUL", field="CellConfig.name")
-    if len(raw) > layout.CELL_NAME_MAXLEN:
+    if len(raw) > abi.CELL_NAME_MAXLEN:
         raise ConfigError(
-            f"name {name!r} is {len(raw)} bytes, at most {layout.CELL_NAME_MAXLEN} fit",
+            f"name {name!r} is {len(raw)} bytes, at most {abi.CELL_NAME_MAXLEN} fit",
             field="CellConfig.name",
         )
-    if not isinstance(padding, bytes) or len(raw) + 1 + len(padding) > layout.NAME_FIELD_SIZE:
+    if not isinstance(padding, bytes) or len(raw) + 1 + len(padding) > abi.NAME_FIELD_SIZE:
         raise ConfigError(
             "name padding does not fit the 32-byte name field", field="CellConfig.name_padding"
         )
-    return (raw + b"\0" + padding).ljust(layout.NAME_FIELD_SIZE, b"\0")
+    return (raw + b"\0" + padding).ljust(abi.NAME_FIELD_SIZE, b"\0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -826,7 +665,7 @@ class CellConfig:
     name and counts (signature, revision and architecture are not checked there).
 
     :param signature: 5 bytes, ``b"JHCLL"`` for a cell config
-    :param architecture: :class:`Arch`
+    :param architecture: :class:`Architecture`
     :param revision: :data:`CONFIG_REVISION`
     :param name: the cell name (at most 31 bytes of UTF-8)
     :param id: cell ID (overwritten by the driver)
@@ -846,9 +685,9 @@ class CellConfig:
     :param name_padding: bytes after the name's NUL, when they are not all zero
     """
 
-    signature: bytes = layout.CELL_SIGNATURE
-    architecture: int = Arch.X86
-    revision: int = layout.CONFIG_REVISION
+    signature: bytes = abi.CELL_SIGNATURE
+    architecture: int = Architecture.X86
+    revision: int = abi.CONFIG_REVISION
     name: str
     id: int = 0
     flags: int = 0
@@ -876,10 +715,10 @@ class CellConfig:
         _check_uints(self, self._SPEC)
         encode_name(self.name, self.name_padding)
         if not isinstance(self.cpu_set, bytes) or not (
-            0 < len(self.cpu_set) <= layout.MAX_CPU_SET_SIZE
+            0 < len(self.cpu_set) <= abi.MAX_CPU_SET_SIZE
         ):
             raise _fail(
-                self, "cpu_set", f"expected 1..{layout.MAX_CPU_SET_SIZE} bytes of CPU bitmap"
+                self, "cpu_set", f"expected 1..{abi.MAX_CPU_SET_SIZE} bytes of CPU bitmap"
             )
         _check_tuple(self, "memory_regions", MemoryRegion)
         _check_tuple(self, "cache_regions", CacheRegion)
@@ -913,14 +752,14 @@ class CellConfig:
     def size(self) -> int:
         """Size of the binary config: 132 bytes of descriptor plus the arrays."""
         return (
-            layout.CELL_DESC_SIZE + len(self.cpu_set)
-            + layout.MEMORY.size * len(self.memory_regions)
-            + layout.CACHE.size * len(self.cache_regions)
-            + layout.IRQCHIP.size * len(self.irqchips)
-            + layout.PIO.size * len(self.pio_regions)
-            + layout.PCI_DEVICE.size * len(self.pci_devices)
-            + layout.PCI_CAP.size * len(self.pci_caps)
-            + layout.STREAM_ID.size * len(self.stream_ids)
+            abi.CELL_DESC_SIZE + len(self.cpu_set)
+            + abi.MEMORY.size * len(self.memory_regions)
+            + abi.CACHE.size * len(self.cache_regions)
+            + abi.IRQCHIP.size * len(self.irqchips)
+            + abi.PIO.size * len(self.pio_regions)
+            + abi.PCI_DEVICE.size * len(self.pci_devices)
+            + abi.PCI_CAP.size * len(self.pci_caps)
+            + abi.STREAM_ID.size * len(self.stream_ids)
         )
 
     def caps_of(self, device: PciDevice) -> tuple[PciCapability, ...]:
@@ -954,7 +793,7 @@ class CellConfig:
 
     def desc_bytes(self) -> bytes:
         """The 132-byte descriptor alone."""
-        return layout.CELL_DESC.pack(
+        return abi.CELL_DESC.pack(
             self.signature, self.architecture, self.revision,
             encode_name(self.name, self.name_padding), self.id, self.flags, len(self.cpu_set),
             len(self.memory_regions), len(self.cache_regions), len(self.irqchips),
@@ -972,12 +811,12 @@ class CellConfig:
         parts.extend(pio.to_bytes() for pio in self.pio_regions)
         parts.extend(dev.to_bytes() for dev in self.pci_devices)
         parts.extend(cap.to_bytes() for cap in self.pci_caps)
-        parts.extend(layout.STREAM_ID.pack(sid) for sid in self.stream_ids)
+        parts.extend(abi.STREAM_ID.pack(sid) for sid in self.stream_ids)
         return b"".join(parts)
 
 
 def _unused_iommus() -> tuple[IommuUnit, ...]:
-    return (IommuUnit(),) * layout.MAX_IOMMU_UNITS
+    return (IommuUnit(),) * abi.MAX_IOMMU_UNITS
 
 
 def _root_cell_placeholder() -> CellConfig:
@@ -989,7 +828,7 @@ class SystemConfig:
     """``struct jailhouse_system`` (488 bytes) plus the root cell's arrays.
 
     :param signature: 5 bytes, ``b"JHSYS"``
-    :param architecture: :class:`Arch`
+    :param architecture: :class:`Architecture`
     :param revision: :data:`CONFIG_REVISION`
     :param flags: :class:`SysFlags`
     :param hypervisor_memory: where the hypervisor lives (``phys_start``, ``size``)
@@ -1003,9 +842,9 @@ class SystemConfig:
     :param root_cell: the embedded root cell descriptor and its arrays
     """
 
-    signature: bytes = layout.SYSTEM_SIGNATURE
-    architecture: int = Arch.X86
-    revision: int = layout.CONFIG_REVISION
+    signature: bytes = abi.SYSTEM_SIGNATURE
+    architecture: int = Architecture.X86
+    revision: int = abi.CONFIG_REVISION
     flags: int = 0
     hypervisor_memory: MemoryRegion = field(default_factory=MemoryRegion)
     debug_console: Console = field(default_factory=Console)
@@ -1026,7 +865,7 @@ class SystemConfig:
     def __post_init__(self) -> None:
         _check_bytes(self, "signature", 5)
         _check_uints(self, self._SPEC)
-        _check_tuple(self, "iommu_units", IommuUnit, layout.MAX_IOMMU_UNITS)
+        _check_tuple(self, "iommu_units", IommuUnit, abi.MAX_IOMMU_UNITS)
         for name, kind in (
             ("hypervisor_memory", MemoryRegion), ("debug_console", Console),
             ("x86", X86Platform), ("root_cell", CellConfig),
@@ -1057,15 +896,15 @@ class SystemConfig:
     @property
     def size(self) -> int:
         """Size of the binary config: 356 bytes of header plus the root cell config."""
-        return layout.ROOT_CELL_OFFSET + self.root_cell.size
+        return abi.ROOT_CELL_OFFSET + self.root_cell.size
 
     def header_bytes(self) -> bytes:
         """The 356 bytes of ``struct jailhouse_system`` before the root cell descriptor."""
         parts = [
-            layout.SYSTEM_HEAD.pack(self.signature, self.architecture, self.revision, self.flags),
+            abi.SYSTEM_HEAD.pack(self.signature, self.architecture, self.revision, self.flags),
             self.hypervisor_memory.to_bytes(),
             self.debug_console.to_bytes(),
-            layout.PLATFORM_PCI.pack(
+            abi.PLATFORM_PCI.pack(
                 self.pci_mmconfig_base, self.pci_mmconfig_end_bus, self.pci_is_virtual,
                 self.pci_domain,
             ),

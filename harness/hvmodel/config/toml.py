@@ -51,31 +51,33 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from ..errors import ConfigError
-from . import layout
-from .model import (
+from .. import abi
+from ..abi import (
     ApicMode,
-    Arch,
+    Architecture,
     CacheFlags,
-    CacheRegion,
     CacheType,
-    CellConfig,
     CellFlags,
-    Console,
     ConsoleFlags,
     ConsoleType,
     IommuType,
-    IommuUnit,
-    Irqchip,
     MemFlags,
-    MemoryRegion,
-    PciCapability,
     PciCapFlags,
     PciCapId,
-    PciDevice,
     PciDeviceType,
-    PioRegion,
     SysFlags,
+)
+from ..errors import ConfigError
+from .model import (
+    CacheRegion,
+    CellConfig,
+    Console,
+    IommuUnit,
+    Irqchip,
+    MemoryRegion,
+    PciCapability,
+    PciDevice,
+    PioRegion,
     SystemConfig,
     X86Platform,
     cpu_set_from,
@@ -83,14 +85,6 @@ from .model import (
     shmem_protocol_name,
     shmem_protocol_value,
 )
-
-#: Jailhouse's ivshmem BAR-mask macros (``JAILHOUSE_IVSHMEM_BAR_MASK_*``), BAR0..BAR5.
-BAR_MASKS: Final[dict[str, tuple[int, int, int, int, int, int]]] = {
-    "IVSHMEM_INTX": (0xFFFFF000, 0, 0, 0, 0, 0),
-    "IVSHMEM_MSIX": (0xFFFFF000, 0xFFFFF000, 0, 0, 0, 0),
-    "IVSHMEM_INTX_64K": (0xFFFF0000, 0, 0, 0, 0, 0),
-    "IVSHMEM_MSIX_64K": (0xFFFF0000, 0xFFFF0000, 0, 0, 0, 0),
-}
 
 _SUFFIXES: Final = {"K": 10, "M": 20, "G": 30, "T": 40}
 _INT_RE: Final = re.compile(r"^(0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+|[0-9][0-9_]*)"
@@ -354,12 +348,12 @@ def _pci_device(ctx: _Ctx, value: object, path: str) -> PciDevice:
     mask_value = table.get("bar_mask", [])
     if isinstance(mask_value, str):
         key = mask_value.strip().upper().removeprefix("JAILHOUSE_").replace("_BAR_MASK", "")
-        if key not in BAR_MASKS:
+        if key not in abi.IVSHMEM_BAR_MASKS:
             raise ctx.error(
                 f"{path}.bar_mask",
-                f"unknown BAR mask {mask_value!r}; expected one of: {', '.join(BAR_MASKS)}",
+                f"unknown BAR mask {mask_value!r}; expected one of: {', '.join(abi.IVSHMEM_BAR_MASKS)}",
             )
-        masks = list(BAR_MASKS[key])
+        masks = list(abi.IVSHMEM_BAR_MASKS[key])
     else:
         raw = ctx.array(mask_value, f"{path}.bar_mask")
         if len(raw) > 6:
@@ -440,18 +434,18 @@ def _cell(ctx: _Ctx, value: object, path: str, *, root: bool) -> CellConfig:
     if not isinstance(name, str):
         raise ctx.error(f"{path}name", f"expected a string, got {_kind(name)}")
     size = ctx.num(table.get("cpu_set_size", 8), f"{path}cpu_set_size", 32)
-    if not 0 < size <= layout.MAX_CPU_SET_SIZE:
-        raise ctx.error(f"{path}cpu_set_size", f"expected 1..{layout.MAX_CPU_SET_SIZE} bytes")
+    if not 0 < size <= abi.MAX_CPU_SET_SIZE:
+        raise ctx.error(f"{path}cpu_set_size", f"expected 1..{abi.MAX_CPU_SET_SIZE} bytes")
     cpus = ctx.numbers(table.get("cpus", []), f"{path}cpus", size * 8)
     stream_ids = tuple(
         ctx.num(sid, f"{path}stream_ids[{i}]", 32)
         for i, sid in enumerate(ctx.array(table.get("stream_ids", []), f"{path}stream_ids"))
     )
-    default_sig = "" if root else layout.CELL_SIGNATURE.decode()
-    default_rev = 0 if root else layout.CONFIG_REVISION
+    default_sig = "" if root else abi.CELL_SIGNATURE.decode()
+    default_rev = 0 if root else abi.CONFIG_REVISION
     return ctx.build(path.rstrip("."), lambda: CellConfig(
         signature=ctx.raw(table.get("signature", default_sig), f"{path}signature", 5),
-        architecture=ctx.enum(table.get("architecture", 0), f"{path}architecture", Arch, 8,
+        architecture=ctx.enum(table.get("architecture", 0), f"{path}architecture", Architecture, 8,
                               {"X86": 0}),
         revision=ctx.num(table.get("revision", default_rev), f"{path}revision", 16),
         name=name,
@@ -529,17 +523,17 @@ def _system(ctx: _Ctx, table: Mapping[str, Any]) -> SystemConfig:
                          ("pci_mmconfig_base", "pci_mmconfig_end_bus", "pci_is_virtual",
                           "pci_domain", "iommu_units", "x86"))
     raw_units = ctx.array(platform.get("iommu_units", []), "platform.iommu_units")
-    if len(raw_units) > layout.MAX_IOMMU_UNITS:
+    if len(raw_units) > abi.MAX_IOMMU_UNITS:
         raise ctx.error("platform.iommu_units",
-                        f"{len(raw_units)} units, at most {layout.MAX_IOMMU_UNITS}")
+                        f"{len(raw_units)} units, at most {abi.MAX_IOMMU_UNITS}")
     units = [_iommu(ctx, unit, f"platform.iommu_units[{i}]") for i, unit in enumerate(raw_units)]
-    units += [IommuUnit()] * (layout.MAX_IOMMU_UNITS - len(units))
+    units += [IommuUnit()] * (abi.MAX_IOMMU_UNITS - len(units))
     if "root_cell" not in table:
         raise ctx.error("root_cell", "a system config needs a [root_cell] table")
     return SystemConfig(
         signature=ctx.raw(table.get("signature", "JHSYS"), "signature", 5),
-        architecture=ctx.enum(table.get("architecture", 0), "architecture", Arch, 8),
-        revision=ctx.num(table.get("revision", layout.CONFIG_REVISION), "revision", 16),
+        architecture=ctx.enum(table.get("architecture", 0), "architecture", Architecture, 8),
+        revision=ctx.num(table.get("revision", abi.CONFIG_REVISION), "revision", 16),
         flags=ctx.flags(table.get("flags", 0), "flags", SysFlags, 32),
         hypervisor_memory=_memory(ctx, table.get("hypervisor_memory", {}), "hypervisor_memory",
                                   virt_default_phys=False),
@@ -678,12 +672,12 @@ def _console_lines(console: Console) -> list[str]:
 def _cell_lines(cell: CellConfig, prefix: str, *, root: bool) -> list[str]:
     """Keys and tables of one cell; ``prefix`` is ``""`` or ``"root_cell."``."""
     lines: list[str] = []
-    default_sig = bytes(5) if root else layout.CELL_SIGNATURE
-    default_rev = 0 if root else layout.CONFIG_REVISION
+    default_sig = bytes(5) if root else abi.CELL_SIGNATURE
+    default_rev = 0 if root else abi.CONFIG_REVISION
     if cell.signature != default_sig:
         lines.append(f"signature = {_raw(cell.signature)}")
-    if cell.architecture != Arch.X86:
-        lines.append(f"architecture = {_enum_name(cell.architecture, Arch)}")
+    if cell.architecture != Architecture.X86:
+        lines.append(f"architecture = {_enum_name(cell.architecture, Architecture)}")
     if cell.revision != default_rev:
         lines.append(f"revision = {cell.revision}")
     lines.append(f"name = {_q(cell.name)}")
@@ -761,7 +755,7 @@ def _pci_lines(device: PciDevice) -> list[str]:
         lines.append(f"domain = {_hex(device.domain)}")
     lines.append(f"bdf = {_q(device.bdf_str)}")
     if any(device.bar_mask):
-        named = [name for name, masks in BAR_MASKS.items() if masks == device.bar_mask]
+        named = [name for name, masks in abi.IVSHMEM_BAR_MASKS.items() if masks == device.bar_mask]
         if named and device.is_ivshmem:
             lines.append(f"bar_mask = {_q(named[0])}")
         else:
@@ -825,11 +819,11 @@ def decompile(config: SystemConfig | CellConfig, origin: str | None = None) -> s
         lines += _cell_lines(config, "", root=False)
         return "\n".join(lines) + "\n"
     system = config
-    if system.signature != layout.SYSTEM_SIGNATURE:
+    if system.signature != abi.SYSTEM_SIGNATURE:
         lines.append(f"signature = {_raw(system.signature)}")
-    if system.architecture != Arch.X86:
-        lines.append(f"architecture = {_enum_name(system.architecture, Arch)}")
-    if system.revision != layout.CONFIG_REVISION:
+    if system.architecture != Architecture.X86:
+        lines.append(f"architecture = {_enum_name(system.architecture, Architecture)}")
+    if system.revision != abi.CONFIG_REVISION:
         lines.append(f"revision = {system.revision}")
     if system.flags:
         lines.append(f"flags = {_flag_names(system.flags, SysFlags)}")
