@@ -81,10 +81,10 @@ from harness.errors import JhlabError
 from harness.hvmodel.abi import CellState, CommOffset, comm_write_u32
 from harness.hvmodel.arch.oracle import OracleArch, responder_for
 from harness.hvmodel.config import load_source
+from harness.hvmodel.cpus import format_cpu_list, parse_cpu_list
 from harness.hvmodel.daemon import host_from_wire
 from harness.hvmodel.driver import CellRef, Driver, HostInfo, Image
 from harness.hvmodel.errors import Errno, HvError
-from harness.hvmodel.percpu import format_cpu_list
 from harness.hvmodel.sysfs import cell_list, sysfs_tree
 from harness.ssh import CommandResult
 
@@ -1044,7 +1044,7 @@ class CheckedJailhouse:
         if self.arch != "executor" or driver is None or not driver.enabled:
             return baseline
         taken = {cpu for cell_id, cell in driver.cells.items() if cell_id != 0 for cpu in cell.cpus_assigned}
-        return format_cpu_list(_parse_cpu_list(baseline) - taken)
+        return format_cpu_list(parse_cpu_list(baseline) - taken)
 
     def _compare_cpus(self, view: GuestView) -> list[Difference]:
         expected = self._root_cpus_expected()
@@ -1531,14 +1531,6 @@ def _squeeze(line: str) -> str:
 
 
 _RUNS: Final = re.compile(r"(.)\1+")
-
-
-def _parse_cpu_list(text: str) -> set[int]:
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 def _parse_stats(text: str) -> dict[str, int]:

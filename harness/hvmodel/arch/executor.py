@@ -141,9 +141,10 @@ from ..abi import (
     Reply,
     comm_read_u32,
 )
+from ..cpus import parse_cpu_list
 from ..errors import Errno, HvError, JhlabError
 from . import HOST_PAGE_SIZE, RootBuffers
-from .cpuset import RootCpuset, parse_cpu_list
+from .cpuset import RootCpuset
 from .kvm import (
     KICK_SIGNAL,
     KVM_MSR_EXIT_REASON_INVAL,

@@ -33,6 +33,7 @@ from ..abi import (
     SysFlags,
     VirtioDevice,
 )
+from ..cpus import cpu_set_from
 from .check import CheckReport, CheckSection, Finding, check, render_check
 from .cli import main
 from .model import (
@@ -47,7 +48,6 @@ from .model import (
     PioRegion,
     SystemConfig,
     X86Platform,
-    cpu_set_from,
     format_bdf,
 )
 from .parser import convert_revision12, load, parse, parse_cell, parse_system

@@ -102,6 +102,7 @@ from ..abi import (
     PciDeviceType,
     SysFlags,
 )
+from ..cpus import cpu_set_from, parse_cpu_list
 from ..errors import ConfigError
 from .model import (
     CellConfig,
@@ -114,7 +115,6 @@ from .model import (
     PioRegion,
     SystemConfig,
     X86Platform,
-    cpu_set_from,
     format_bdf,
 )
 from .toml import (
@@ -224,21 +224,6 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"bad size {text!r}; expected e.g. 6M, 512K or 0x600000")
     return _parse_size(match[1], match[2])
-
-
-def parse_cpu_list(text: str) -> frozenset[int]:
-    """A kernel CPU list like ``0-3,6``.
-
-    :raise ValueError: on malformed text
-    """
-    cpus: set[int] = set()
-    for part in (p.strip() for p in text.strip().split(",")):
-        if not part:
-            continue
-        low, dash, high = part.partition("-")
-        first = int(low)
-        cpus.update(range(first, int(high) + 1 if dash else first + 1))
-    return frozenset(cpus)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from ..abi import (
     SysFlags,
     VirtioDevice,
 )
+from ..cpus import cpus_from_bitmap
 from ..errors import ConfigError
 
 # --- ivshmem protocol names ----------------------------------------------------------------
@@ -741,7 +742,7 @@ class CellConfig:
     @property
     def cpus(self) -> frozenset[int]:
         """The CPU numbers in the CPU set."""
-        return _bits_to_set(self.cpu_set, 8)
+        return cpus_from_bitmap(self.cpu_set)
 
     @property
     def cell_flags(self) -> CellFlags:
@@ -916,18 +917,3 @@ class SystemConfig:
     def to_bytes(self) -> bytes:
         """The binary system config."""
         return self.header_bytes() + self.root_cell.to_bytes()
-
-
-def cpu_set_from(cpus: Iterable[int], size: int = 8) -> bytes:
-    """Build a raw CPU bitmap of ``size`` bytes.
-
-    :raise ConfigError: when a CPU number is negative or does not fit
-    """
-    bits = 0
-    for cpu in cpus:
-        if not isinstance(cpu, int) or cpu < 0 or cpu >= size * 8:
-            raise ConfigError(
-                f"CPU {cpu!r} does not fit a {size}-byte CPU set", field="CellConfig.cpu_set"
-            )
-        bits |= 1 << cpu
-    return bits.to_bytes(size, "little")

@@ -67,6 +67,7 @@ from ..abi import (
     PciDeviceType,
     SysFlags,
 )
+from ..cpus import cpu_set_from
 from ..errors import ConfigError
 from .model import (
     CacheRegion,
@@ -80,7 +81,6 @@ from .model import (
     PioRegion,
     SystemConfig,
     X86Platform,
-    cpu_set_from,
     format_bdf,
     shmem_protocol_name,
     shmem_protocol_value,
