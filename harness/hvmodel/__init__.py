@@ -14,7 +14,7 @@ Deliberate differences from Jailhouse (everything else follows the reference):
 
 * The root cell is not virtualized in jhlab: suspending root CPUs is bookkeeping only
   (the Arch is not asked), and root exits reach the model only if the executor sends them.
-* Page pool figures come from the model's cost model (:class:`~harness.hvmodel.control.
+* Page pool figures come from the model's cost model (:class:`~harness.hvmodel.params.
   HvParams`: core size, per-CPU pages, ``struct cell`` size; page tables counted as built
   from the current mappings, adjacent identical mappings merged). They are identical in
   oracle and guest but are not Jailhouse's numbers; a destroyed cell gives back exactly

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from . import faults, pio
+from . import iommu as iommu_unit  # noqa: F401 - importing a unit's module defines it
+from . import testdev as testdev_unit  # noqa: F401 - (see unit.LINK_ORDER)
 from .abi import (
     CELL_DESC,
     CELL_DESC_SIZE,
@@ -79,12 +81,10 @@ from .abi import (
     comm_write_u32,
     config_size,
 )
-from .cat import CatHardware, CatUnit
+from .cat import CatUnit, cat_state
 from .cell import Cell
 from .errors import ConfigError, Errno, HvError, JhlabError
 from .ioapic import IoapicUnit
-from .iommu import IommuUnit
-from .ivshmem import Ivshmem
 from .mmio import MmioResult, MmioTable, is_subpage, subpage_handler
 from .paging import (
     NUM_REMAP_BITMAP_PAGES,
@@ -93,6 +93,7 @@ from .paging import (
     PagePool,
     pages,
 )
+from .params import HvParams
 from .pci import PciUnit
 from .percpu import EXIT_DONE, EXIT_FAILED, ExitResult, PerCpu, ShutdownState
 from .printk import (
@@ -110,8 +111,7 @@ from .printk import (
     MSG_UNKNOWN_HYPERCALL,
     Console,
 )
-from .testdev import TestDevice
-from .unit import Unit, UnitRegistry
+from .unit import UnitRegistry
 
 if TYPE_CHECKING:
     from .arch import Arch
@@ -163,49 +163,6 @@ class HvState(enum.Enum):
     FAILED = "failed"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HvParams:
-    """Build-time and machine facts the model cannot read from the configs.
-
-    :param vendor: ``intel`` (VMX, VT-d, CAT unit) or ``amd`` (SVM, AMD IOMMU)
-    :param version: ``JAILHOUSE_VERSION`` as printed at enable
-    :param code_location: printed as ``Code location``
-    :param core_size: bytes of the hypervisor image before the page pool (model figure)
-    :param percpu_pages: pages of one ``struct per_cpu`` (model figure)
-    :param cell_struct_size: bytes of ``struct cell`` including its comm page (model figure)
-    :param gbpages: 1 GiB pages available for guest mappings
-    :param x2apic: the APIC runs in x2APIC mode (``Using x2APIC``)
-    :param cat: CAT hardware, or None when absent (QEMU)
-    :param reply_poll_seconds: duration of one ``msg_reply_timeout`` count (Jailhouse
-        counts polling-loop iterations; the model waits this long per count)
-    :param console_history: complete console lines kept in :attr:`Console.lines`
-    :param test_device: built with ``CONFIG_TEST_DEVICE``: the test device unit
-        (:mod:`.testdev`) serves cells with the ``TEST_DEVICE`` flag
-    """
-
-    vendor: str = "intel"
-    version: str = "v0.12 (jhlab)"
-    code_location: int = 0xFFFFFFFFF0000050
-    core_size: int = 0x40000
-    percpu_pages: int = 6
-    cell_struct_size: int = 0x1100
-    gbpages: bool = True
-    x2apic: bool = True
-    cat: CatHardware | None = None
-    reply_poll_seconds: float = 1e-6
-    console_history: int = 4096
-    test_device: bool = False
-
-    def __post_init__(self) -> None:
-        if self.vendor not in ("intel", "amd"):
-            raise ValueError(f"HvParams.vendor: expected 'intel' or 'amd', got {self.vendor!r}")
-
-    @property
-    def io_bitmap_pages(self) -> int:
-        """I/O permission bitmap pages per cell (VMX 2, SVM 3)."""
-        return 3 if self.vendor == "amd" else 2
-
-
 #: a cell's memory regions as the control plane walks them: (region, sub-page?, taken
 #: from the root?) for every non-empty region, in config order
 _Regions = tuple[tuple["MemoryRegion", bool, bool], ...]
@@ -248,18 +205,13 @@ class Hypervisor:
         self.cpus: dict[int, PerCpu] = {}
         self.cells: list[Cell] = []
         self.root: Cell = None  # type: ignore[assignment]  # set by enable
-        self.iommu = IommuUnit(system, self.console, self.params.vendor)
-        self.ioapic = IoapicUnit(self)
-        self.cat = CatUnit(self, self.params.cat if self.params.vendor == "intel" else None)
-        self.pci = PciUnit(self)
-        self.ivshmem = Ivshmem(self)
-        units: list[Unit] = [self.iommu, self.ioapic]
-        if self.params.test_device:
-            units.append(TestDevice(self.console))
-        if self.params.vendor == "intel":
-            units.append(self.cat)
-        units.append(self.pci)
-        self.units = UnitRegistry(units)
+        #: the units, built for this hypervisor in link order (they see it as their host)
+        self.units = UnitRegistry.link(self)
+        #: the units the control plane calls beyond their hooks, as ``control.c`` does
+        self.pci = self.units.require(PciUnit)
+        self.ioapic = self.units.require(IoapicUnit)
+        self.ivshmem = self.pci.ivshmem
+        self.cat = self.units.find(CatUnit)
         self._lock = threading.Lock()
         self._shutdown_arrivals: list[int] = []
         self._config_cache: dict[bytes, tuple[CellConfig, frozenset[int], _Regions]] = {}
@@ -353,7 +305,7 @@ class Hypervisor:
                 return ExitResult(True, self.arch.pio_read(port, size))
             cpu_data.count(CpuStat.VMEXITS_TOTAL)
             cpu_data.count(CpuStat.VMEXITS_PIO)
-            result = pio.handle(self, cell, port, size, is_write, value, rep)
+            result = pio.handle(self, self.pci, cell, port, size, is_write, value, rep)
             if not result.handled:
                 self._panic_park(cpu_data)
             return result
@@ -503,7 +455,7 @@ class Hypervisor:
                 "cpus": [self.cpus[cpu].to_dict() for cpu in sorted(self.cpus)],
                 "ivshmem": self.ivshmem.to_dict(),
                 "ioapic": self.ioapic.to_dict(),
-                "cat": self.cat.to_dict(),
+                "cat": cat_state(self.cat),
                 "console": self.console.content,
             }
 
@@ -741,7 +693,7 @@ class Hypervisor:
         ept = AddressSpace(self.mem_pool, self.params.gbpages)
         iommu = (
             AddressSpace(self.mem_pool, self.params.gbpages)
-            if self.iommu.units and self.params.vendor == "intel"
+            if self.system.active_iommu_units and self.params.vendor == "intel"
             else None
         )
         cached = self._config_cache.get(raw)
@@ -777,7 +729,7 @@ class Hypervisor:
         undo.callback(self._arch_cell_destroy, cell)
 
     def _arch_cell_destroy(self, cell: Cell) -> None:
-        pio.cell_exit(self, cell)
+        pio.cell_exit(self.root, cell)
         self.arch.cell_destroy(cell.id)
         cell.ept.clear()
         if cell.iommu is not None:

@@ -37,6 +37,8 @@ __all__ = [
     "PCI_MSIX_CTRL_ENABLE",
     "PCI_MSIX_CTRL_FMASK",
     "PCI_MSIX_CTRL_TABLE_SIZE",
+    "PCI_MSIX_DWORD_ENABLE",
+    "PCI_MSIX_DWORD_FMASK",
     "PCI_MSIX_VECTOR_CTRL",
     "PCI_MSIX_VECTOR_MASKED",
     "PCI_MSIX_VECTOR_SIZE",
@@ -44,6 +46,7 @@ __all__ = [
     "PCI_MSI_CTRL_ENABLE",
     "PCI_MSI_CTRL_MME_MASK",
     "PCI_MSI_CTRL_MME_SHIFT",
+    "PCI_MSI_DWORD_ENABLE",
     "PCI_NUM_BARS",
     "PCI_STS_CAPS",
     "PciCapId",
@@ -116,6 +119,11 @@ PCI_MSI_CTRL_64BIT: Final = 0x0080
 PCI_MSIX_CTRL_TABLE_SIZE: Final = 0x07FF
 PCI_MSIX_CTRL_FMASK: Final = 0x4000
 PCI_MSIX_CTRL_ENABLE: Final = 0x8000
+#: the enable and mask bits as the capability's first dword holds them (the control
+#: register is its upper half), for code that shadows whole dwords
+PCI_MSI_DWORD_ENABLE: Final = PCI_MSI_CTRL_ENABLE << 16
+PCI_MSIX_DWORD_ENABLE: Final = PCI_MSIX_CTRL_ENABLE << 16
+PCI_MSIX_DWORD_FMASK: Final = PCI_MSIX_CTRL_FMASK << 16
 #: an MSI-X table entry: address low, address high, data, vector control
 PCI_MSIX_VECTOR_SIZE: Final = 16
 #: the dword of the vector control, and its mask bit
