@@ -67,7 +67,7 @@ class Unit(Protocol):
 class UnitHost(Protocol):
     """What a unit may use of the hypervisor it serves (the globals of Jailhouse's units).
 
-    The :class:`~harness.hvmodel.control.Hypervisor` provides it; :attr:`root` exists
+    The :class:`~harness.hvmodel.core.HypervisorCore` provides it; :attr:`root` exists
     from enable on (units are built before, and look it up when they run).
     """
 
