@@ -39,9 +39,12 @@ from .create import (
     parse_size,
     render_toml,
 )
-from .model import CellConfig, SystemConfig
+from .model import (
+    CellConfig,
+)
 from .parser import load
 from .show import render_text, to_dict
+from .system import SystemConfig
 from .toml import decompile, load_source
 
 DEFAULT_PROG = "python3 -m harness.hvmodel.config"

@@ -107,16 +107,14 @@ from ..errors import ConfigError
 from .model import (
     CellConfig,
     Console,
-    IommuUnit,
     Irqchip,
     MemoryRegion,
     PciCapability,
     PciDevice,
     PioRegion,
-    SystemConfig,
-    X86Platform,
     format_bdf,
 )
+from .system import IommuUnit, SystemConfig, X86Platform
 from .toml import (
     _console_lines,
     _enum_name,

@@ -73,18 +73,16 @@ from .model import (
     CacheRegion,
     CellConfig,
     Console,
-    IommuUnit,
     Irqchip,
     MemoryRegion,
     PciCapability,
     PciDevice,
     PioRegion,
-    SystemConfig,
-    X86Platform,
     format_bdf,
     shmem_protocol_name,
     shmem_protocol_value,
 )
+from .system import IommuUnit, SystemConfig, X86Platform
 
 _SUFFIXES: Final = {"K": 10, "M": 20, "G": 30, "T": 40}
 _INT_RE: Final = re.compile(r"^(0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+|[0-9][0-9_]*)"
