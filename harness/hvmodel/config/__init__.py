@@ -11,6 +11,8 @@ only. The pieces:
 * :mod:`.check`: ``jailhouse config check`` and jhlab's extra checks;
 * :mod:`.toml`: TOML sources that compile to binary, and the decompiler;
 * :mod:`.show`: text and JSON renderings;
+* :mod:`.collect`, :mod:`.sysfs_parser`, :mod:`.regions`, :mod:`.create`: ``config
+  create`` (the facts of a root cell, read back, turned into a system config);
 * :mod:`.cli`: ``python3 -m harness.hvmodel.config {show,check,compile,decompile}``.
 """
 

@@ -33,9 +33,7 @@ from .create import (
     DEFAULT_MEM_HV,
     DEFAULT_NAME,
     CreateOptions,
-    Facts,
     create,
-    load_facts,
     parse_size,
     render_toml,
 )
@@ -44,6 +42,7 @@ from .model import (
 )
 from .parser import load
 from .show import render_text, to_dict
+from .sysfs_parser import Facts, load_facts
 from .system import SystemConfig
 from .toml import decompile, load_source
 
