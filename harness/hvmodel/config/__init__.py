@@ -9,7 +9,7 @@ only. The pieces:
   are :mod:`harness.hvmodel.abi`'s (re-exported here);
 * :mod:`.parser`: :func:`parse_cell`, :func:`parse_system`, :func:`parse`, :func:`load`;
 * :mod:`.check`: ``jailhouse config check`` and jhlab's extra checks;
-* :mod:`.toml`: TOML sources that compile to binary, and the decompiler;
+* :mod:`.toml`: TOML sources that compile to binary, :mod:`.decompile` the way back;
 * :mod:`.show`: text and JSON renderings;
 * :mod:`.collect`, :mod:`.sysfs_parser`, :mod:`.regions`, :mod:`.create`: ``config
   create`` (the facts of a root cell, read back, turned into a system config);
@@ -39,6 +39,7 @@ from ..abi import (
 from ..cpus import cpu_set_from
 from .check import CheckReport, CheckSection, Finding, check, render_check
 from .cli import main
+from .decompile import decompile
 from .model import (
     CacheRegion,
     CellConfig,
@@ -53,7 +54,7 @@ from .model import (
 from .parser import convert_revision12, load, parse, parse_cell, parse_system
 from .show import render_text, to_dict
 from .system import IommuUnit, SystemConfig, X86Platform
-from .toml import compile_source, decompile, load_source
+from .toml import compile_source, load_source
 
 __all__ = [
     "CELL_DESC_SIZE",

@@ -37,6 +37,7 @@ from .create import (
     parse_size,
     render_toml,
 )
+from .decompile import decompile
 from .model import (
     CellConfig,
 )
@@ -44,7 +45,7 @@ from .parser import load
 from .show import render_text, to_dict
 from .sysfs_parser import Facts, load_facts
 from .system import SystemConfig
-from .toml import decompile, load_source
+from .toml import load_source
 
 DEFAULT_PROG = "python3 -m harness.hvmodel.config"
 

@@ -101,6 +101,17 @@ from ..abi import (
 )
 from ..cpus import cpu_set_from
 from ..errors import ConfigError
+from .decompile import (
+    console_lines,
+    enum_name,
+    flag_names,
+    hex_value,
+    iommu_lines,
+    pci_lines,
+    quote,
+    ranges,
+    size_value,
+)
 from .model import (
     CellConfig,
     Console,
@@ -128,17 +139,6 @@ from .regions import (
 )
 from .sysfs_parser import DmarUnit, Facts, IoRegion
 from .system import IommuUnit, SystemConfig, X86Platform
-from .toml import (
-    _console_lines,
-    _enum_name,
-    _flag_names,
-    _hex,
-    _iommu_lines,
-    _pci_lines,
-    _q,
-    _ranges,
-    _size,
-)
 
 MIB: Final = 1 << 20
 
@@ -615,28 +615,28 @@ def render_toml(result: CreateResult) -> str:
         lines.append(f"# WARNING: {warning}")
     lines += ['kind = "system"', 'flags = ["VIRTUAL_DEBUG_CONSOLE"]', "",
               "[hypervisor_memory]  # start of the memmap= window",
-              f"phys_start = {_hex(system.hypervisor_memory.phys_start)}",
-              f"size = {_size(system.hypervisor_memory.size)}", "",
-              "[debug_console]", *_console_lines(system.debug_console), "",
+              f"phys_start = {hex_value(system.hypervisor_memory.phys_start)}",
+              f"size = {size_value(system.hypervisor_memory.size)}", "",
+              "[debug_console]", *console_lines(system.debug_console), "",
               "[platform]  # ACPI MCFG",
-              f"pci_mmconfig_base = {_hex(system.pci_mmconfig_base)}",
-              f"pci_mmconfig_end_bus = {_hex(system.pci_mmconfig_end_bus)}"]
+              f"pci_mmconfig_base = {hex_value(system.pci_mmconfig_base)}",
+              f"pci_mmconfig_end_bus = {hex_value(system.pci_mmconfig_end_bus)}"]
     for unit in system.active_iommu_units:
-        lines += ["", "[[platform.iommu_units]]  # ACPI DMAR", *_iommu_lines(unit)]
+        lines += ["", "[[platform.iommu_units]]  # ACPI DMAR", *iommu_lines(unit)]
     x86 = system.x86
     lines += ["", "[platform.x86]",
-              f"pm_timer_address = {_hex(x86.pm_timer_address)}  # ACPI FADT",
-              f"apic_mode = {_enum_name(x86.apic_mode, ApicMode)}",
+              f"pm_timer_address = {hex_value(x86.pm_timer_address)}  # ACPI FADT",
+              f"apic_mode = {enum_name(x86.apic_mode, ApicMode)}",
               f"vtd_interrupt_limit = {x86.vtd_interrupt_limit}  # 2^n >= "
               f"{abi.IOAPIC_MAX_PINS} per IOAPIC + {result.vectors} MSI/MSI-X vectors",
               "tsc_khz = 0  # 0: the driver fills in Linux's values", "apic_khz = 0", "",
-              "[root_cell]", f"name = {_q(root.name)}",
-              f"cpus = {_ranges(root.cpus)}  # online CPUs"]
+              "[root_cell]", f"name = {quote(root.name)}",
+              f"cpus = {ranges(root.cpus)}  # online CPUs"]
     if root.cpu_set_size != 8:
         lines.append(f"cpu_set_size = {root.cpu_set_size}")
     lines.append("pio_regions = [")
     for index, (pio, text) in enumerate(zip(root.pio_regions, result.pio, strict=True)):
-        lines.append(f"    {{ base = {_hex(pio.base)}, length = {_hex(pio.length)} }},"
+        lines.append(f"    {{ base = {hex_value(pio.base)}, length = {hex_value(pio.length)} }},"
                      f"  # {index}: {text}")
     lines.append("]")
     if result.pio_trapped:
@@ -647,21 +647,21 @@ def render_toml(result: CreateResult) -> str:
         lines += ["", f"[[root_cell.memory_regions]]  # {index}: {note.text}"]
         if region == MemoryRegion():
             continue
-        lines.append(f"phys_start = {_hex(region.phys_start)}")
+        lines.append(f"phys_start = {hex_value(region.phys_start)}")
         if region.virt_start != region.phys_start:
-            lines.append(f"virt_start = {_hex(region.virt_start)}")
-        lines.append(f"size = {_size(region.size)}")
-        lines.append(f"flags = {_flag_names(region.flags, MemFlags)}")
+            lines.append(f"virt_start = {hex_value(region.virt_start)}")
+        lines.append(f"size = {size_value(region.size)}")
+        lines.append(f"flags = {flag_names(region.flags, MemFlags)}")
     for chip in root.irqchips:
         lines += ["", "[[root_cell.irqchips]]  # IOAPIC (MADT; ID: DMAR unit << 16 | BDF)",
-                  f"address = {_hex(chip.address)}", f"id = {_hex(chip.id)}",
-                  f"pins = {_ranges(chip.pins)}"]
+                  f"address = {hex_value(chip.address)}", f"id = {hex_value(chip.id)}",
+                  f"pins = {ranges(chip.pins)}"]
     for index, (device, text) in enumerate(zip(root.pci_devices, result.devices, strict=True)):
-        lines += ["", f"[[root_cell.pci_devices]]  # {index}: {text}", *_pci_lines(device)]
+        lines += ["", f"[[root_cell.pci_devices]]  # {index}: {text}", *pci_lines(device)]
     for index, (cap, text) in enumerate(zip(root.pci_caps, result.caps, strict=True)):
         lines += ["", f"[[root_cell.pci_caps]]  # {index}: {text}",
-                  f"id = {_enum_name(cap.id, PciCapId) if cap.id else 0}",
-                  f"start = {_hex(cap.start)}", f"len = {_hex(cap.len)}"]
+                  f"id = {enum_name(cap.id, PciCapId) if cap.id else 0}",
+                  f"start = {hex_value(cap.start)}", f"len = {hex_value(cap.len)}"]
         if cap.flags:
-            lines.append(f"flags = {_flag_names(cap.flags, PciCapFlags)}")
+            lines.append(f"flags = {flag_names(cap.flags, PciCapFlags)}")
     return "\n".join(lines) + "\n"
