@@ -155,6 +155,8 @@ class HypervisorCore:
         self.ioapic = self.units.require(IoapicUnit)
         self.ivshmem = self.pci.ivshmem
         self.cat = self.units.find(CatUnit)
+        #: cells get IOMMU page tables of their own (VT-d; the AMD IOMMU shares the NPT)
+        self._iommu_tables = bool(system.active_iommu_units) and self.params.vendor == "intel"
         self._lock = threading.Lock()
         self._config_cache: dict[bytes, tuple[CellConfig, frozenset[int], _Regions]] = {}
         self._identity_cache: dict[MemoryRegion, MemoryRegion] = {}
@@ -446,7 +448,7 @@ class HypervisorCore:
         ept = AddressSpace(self.mem_pool, self.params.gbpages)
         iommu = (
             AddressSpace(self.mem_pool, self.params.gbpages)
-            if self.system.active_iommu_units and self.params.vendor == "intel"
+            if self._iommu_tables
             else None
         )
         cached = self._config_cache.get(raw)

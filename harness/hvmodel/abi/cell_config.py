@@ -370,6 +370,8 @@ ELEMENT_SIZES: Final = {
 }
 
 
+_ELEMENT_SIZES_IN_ORDER: Final = tuple(ELEMENT_SIZES.values())
+
 
 def config_size(desc: bytes | bytearray | memoryview) -> int:
     """Total size of a cell config from its 132-byte descriptor: the descriptor, the CPU
@@ -380,7 +382,7 @@ def config_size(desc: bytes | bytearray | memoryview) -> int:
     fields = CELL_DESC.unpack_from(desc)
     cpu_set_size: int = fields[6]
     counts: tuple[int, ...] = fields[7:14]
-    arrays = sum(n * size for n, size in zip(counts, ELEMENT_SIZES.values(), strict=True))
+    arrays = sum(n * size for n, size in zip(counts, _ELEMENT_SIZES_IN_ORDER, strict=True))
     return CELL_DESC_SIZE + cpu_set_size + arrays
 
 
