@@ -6,7 +6,10 @@ tracebacks.
 
 A lab brought up with ``jhlab up`` keeps running after the command returns: a small
 supervisor process owns QEMU (and QEMU dies with it, whatever kills it) until
-``jhlab down``.  Its state (ssh port, key, log folder) is in the runtime directory.
+``jhlab down``.  Its state (ssh port, key, log folder, run directory) is in the runtime
+directory (:mod:`harness.runtime`).  Other processes reach it through the supervisor:
+``jhlab qmp`` and ``Lab.attach`` over its QMP relay, ``jhlab events`` from its event
+log, ``jhlab run``/``shell``/``cp`` over ssh.
 """
 
 from __future__ import annotations
@@ -21,53 +24,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from harness import runtime
 from harness.errors import JhlabError
 from harness.progress import console
+from harness.runtime import RunningLab
+
+if TYPE_CHECKING:
+    from harness.qmp import QmpSession
+    from harness.ssh import SshShell
 
 LOG = logging.getLogger("jhlab")
 
 READY_MARK = "JHLAB-SUPERVISOR-READY"
-
-
-def runtime_dir() -> Path:
-    """Per-user directory of running labs' state files (mode 0700)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "jhlab" if base else Path(f"/tmp/jhlab-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
-
-
-def state_file(name: str) -> Path:
-    return runtime_dir() / f"{name}.json"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_state(name: str) -> dict[str, Any] | None:
-    """The state of running lab ``name``, or ``None`` (stale state files are removed)."""
-    path = state_file(name)
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not _pid_alive(int(state.get("supervisor", 0))):
-        path.unlink(missing_ok=True)
-        return None
-    return state
 
 
 def _lab_name(lab: str) -> str:
@@ -76,7 +50,7 @@ def _lab_name(lab: str) -> str:
     return load_lab(lab).name
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: Mapping[str, Any]) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -99,18 +73,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     name = _lab_name(args.lab)
-    running = read_state(name)
+    running = runtime.read(name)
     if running is not None:
-        console.print(f"Lab {name} is already up (supervisor pid {running['supervisor']}).")
+        console.print(f"Lab {name} is already up (supervisor pid {running.supervisor}).")
         if args.json:
-            print(json.dumps(running["summary"], indent=2))
+            print(json.dumps(dict(running.summary), indent=2))
         else:
-            _print_summary(running["summary"])
+            _print_summary(running.summary)
         return 0
     if args.foreground:
         return _up_foreground(args)
-    cmd = [sys.executable, "-m", "harness.cli", "_supervise", args.lab, "--state",
-           str(state_file(name))]
+    cmd = [sys.executable, "-m", "harness.cli", "_supervise", args.lab]
     if args.accel:
         cmd += ["--accel", args.accel]
     if args.ssh_port:
@@ -135,14 +108,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         status = proc.wait(60)
         console.print(f"[red]jhlab up: lab {name} did not come up (supervisor status {status})[/]")
         return 1
-    state = read_state(name)
+    state = runtime.read(name)
     if state is None:
         console.print(f"[red]jhlab up: lab {name} stopped right after it came up[/]")
         return 1
     if args.json:
-        print(json.dumps(state["summary"], indent=2))
+        print(json.dumps(dict(state.summary), indent=2))
     else:
-        _print_summary(state["summary"])
+        _print_summary(state.summary)
     return 0
 
 
@@ -153,27 +126,17 @@ def _up_foreground(args: argparse.Namespace) -> int:
     with lab:
         summary = lab.summary
         assert summary is not None  # set by up()
-        state_file(lab.spec.name).write_text(json.dumps(_state_of(lab), indent=1))
+        runtime.register(runtime.record_of(lab))
         try:
             _print_summary(summary.as_dict())
             console.print("Lab runs in the foreground; Ctrl-C stops it.")
-            _wait_while_alive(lab)
+            while lab.machine is not None and lab.machine.alive():
+                time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping ...")
         finally:
-            state_file(lab.spec.name).unlink(missing_ok=True)
+            runtime.unregister(lab.spec.name, supervisor=os.getpid())
     return 0
-
-
-def _state_of(lab: Any) -> dict[str, Any]:
-    return {"supervisor": os.getpid(), "qemu": lab.machine.pid,
-            "summary": lab.summary.as_dict(), "key": str(lab.key_path),
-            "lab": lab.spec.source}
-
-
-def _wait_while_alive(lab: Any) -> None:
-    while lab.machine.alive():
-        time.sleep(1)
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
@@ -188,7 +151,6 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    state_path = Path(args.state)
     lab = Lab(args.lab, accel=args.accel, ssh_port=args.ssh_port)
     try:
         lab.up()
@@ -198,7 +160,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         print(f"jhlab up: {describe_failure(exc, lab)}", flush=True)
         return 1
     assert lab.log_dir is not None  # set by up()
-    state_path.write_text(json.dumps(_state_of(lab), indent=1))
+    runtime.register(runtime.record_of(lab))
     print(READY_MARK, flush=True)
     # From here on nobody reads our output: send it to the lab's log folder.
     with open(lab.log_dir / "supervisor.log", "a") as log:
@@ -213,57 +175,54 @@ def cmd_supervise(args: argparse.Namespace) -> int:
             LOG.warning("QEMU exited on its own; supervisor ends")
     finally:
         lab.down()
-        state_path.unlink(missing_ok=True)
+        runtime.unregister(lab.spec.name, supervisor=os.getpid())
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     name = _lab_name(args.lab)
-    state = read_state(name)
+    state = runtime.read(name)
     if state is None:
         console.print(f"Lab {name} is not up.")
         return 0
-    pid = int(state["supervisor"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _pid_alive(pid):
-        console.print(f"supervisor {pid} did not stop in 30 s; killing it (QEMU dies with it)")
-        os.kill(pid, signal.SIGKILL)
-    state_file(name).unlink(missing_ok=True)
-    console.print(f"Lab {name} is down; logs in {state['summary']['log_dir']}")
+    if not runtime.stop(state):
+        console.print(f"supervisor {state.supervisor} did not stop in {runtime.STOP_TIMEOUT:.0f} s; "
+                      "it was killed (QEMU died with it)")
+    console.print(f"Lab {name} is down; logs in {state.log_dir}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    states = {}
-    for path in sorted(runtime_dir().glob("*.json")):
-        state = read_state(path.stem)
-        if state is not None:
-            states[path.stem] = state
+    states = runtime.running()
     if args.json:
-        print(json.dumps({k: v["summary"] | {"supervisor": v["supervisor"], "qemu": v["qemu"]}
-                          for k, v in states.items()}, indent=2))
+        print(json.dumps({k: dict(v.summary) | {
+            "supervisor": v.supervisor, "qemu": v.qemu,
+            "qmp": str(v.run_dir / "qmp.sock") if v.run_dir is not None else None}
+            for k, v in states.items()}, indent=2))
         return 0
     if not states:
         console.print("No lab is up.")
         return 0
     table = Table("lab", "accel", "ssh", "supervisor", "qemu", "logs")
     for name, state in states.items():
-        summary = state["summary"]
-        table.add_row(name, summary["accel"], f"127.0.0.1:{summary['ssh_port']}",
-                      str(state["supervisor"]), str(state["qemu"]), summary["log_dir"])
+        table.add_row(name, state.summary["accel"], f"127.0.0.1:{state.ssh_port}",
+                      str(state.supervisor), str(state.qemu), str(state.log_dir))
     console.print(table)
     return 0
 
 
-def _running(lab: str) -> dict[str, Any]:
+def _running(lab: str) -> RunningLab:
     name = _lab_name(lab)
-    state = read_state(name)
+    state = runtime.read(name)
     if state is None:
         raise JhlabError(f"lab {name} is not up: start it with 'jhlab up {lab}'")
     return state
+
+
+def _shell_of(state: RunningLab) -> SshShell:
+    from harness.ssh import SshShell
+
+    return SshShell(state.ssh_port, state.key)
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -272,7 +231,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     if ssh is None:
         raise JhlabError("ssh (openssh-client) is needed for an interactive shell: "
                          "apt-get install openssh-client, or use 'jhlab run'")
-    argv = [ssh, "-i", state["key"], "-p", str(state["summary"]["ssh_port"]),
+    argv = [ssh, "-i", str(state.key), "-p", str(state.ssh_port),
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "root@127.0.0.1", *args.command]
     os.execv(ssh, argv)
@@ -280,12 +239,10 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.ssh import SshShell
-
     state = _running(args.lab)
     if not args.command:
         raise JhlabError("jhlab run: give a command after --, e.g. jhlab run -- uname -a")
-    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    shell = _shell_of(state)
     try:
         result = shell.run(" ".join(args.command), timeout=args.timeout)
     finally:
@@ -300,13 +257,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     import tempfile
 
     from harness.images import build_payload
-    from harness.ssh import SshShell
 
     state = _running(args.lab)
-    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    shell = _shell_of(state)
     try:
         with tempfile.TemporaryDirectory(prefix="jhlab-sync-") as tmp:
-            key = Path(state["key"]).with_suffix(".pub").read_text()
+            key = state.key.with_suffix(".pub").read_text()
             from harness.images import ImageBuilder
 
             inmates = ImageBuilder(quiet=True).inmates()
@@ -319,13 +275,111 @@ def cmd_sync(args: argparse.Namespace) -> int:
                   "rm -rf /jhlab /tmp/jhlab-sync.cpio.gz", check=True)
     finally:
         shell.close()
-    console.print(f"guest code of lab {state['summary']['name']} updated from this checkout")
+    console.print(f"guest code of lab {state.name} updated from this checkout")
+    return 0
+
+
+def _relay_session(state: RunningLab) -> QmpSession:
+    from harness.qmp import QmpSession
+
+    relay = state.run_dir / "qmp.sock" if state.run_dir is not None else None
+    if relay is None or not relay.exists():
+        raise JhlabError(f"lab {state.name} offers no QMP relay (brought up by an older jhlab?): "
+                         f"'jhlab down {state.name}' and 'jhlab up' again")
+    return QmpSession(relay, name=f"{state.name}-qmp")
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    """``jhlab qmp [LAB] COMMAND [JSON-ARGS]``: one QMP command through the lab's relay;
+    its return value as JSON on stdout, an error as ``CLASS: desc`` on stderr (status 1)."""
+    words = list(args.words)
+    arguments: Any = {}
+    if len(words) >= 2 and words[-1].lstrip().startswith(("{", "[")):
+        try:
+            arguments = json.loads(words.pop())
+        except ValueError as exc:
+            raise JhlabError(f"the arguments are not JSON ({exc}): give an object, e.g. "
+                             '\'{"id": "edu"}\'') from exc
+        if not isinstance(arguments, dict):
+            raise JhlabError('the arguments must be a JSON object, e.g. \'{"id": "edu"}\'')
+    if len(words) == 1:
+        lab, command = "default", words[0]
+    elif len(words) == 2:
+        lab, command = words
+    else:
+        raise JhlabError("usage: jhlab qmp [LAB] COMMAND ['{JSON ARGUMENTS}']")
+    session = _relay_session(_running(lab))
+    session.connect()
+    try:
+        reply = session.reply(command, arguments, timeout=args.timeout)
+    finally:
+        session.close()
+    if "error" in reply:
+        error = reply["error"]
+        print(f"{error.get('class', 'GenericError')}: {error.get('desc', error)}", file=sys.stderr)
+        return 1
+    value = reply.get("return")
+    if isinstance(value, str):
+        sys.stdout.write(value if value.endswith("\n") or not value else value + "\n")
+    else:
+        print(json.dumps(value, indent=2))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """``jhlab events [LAB] [-f] [--since MARK] [--json] [--mark]``: the lab's QMP event
+    log; MARK is an event index (``--mark`` prints the next one)."""
+    from harness.qmp.eventlog import EVENT_LOG, count, follow_events, read_events
+
+    state = _running(args.lab)
+    log = state.log_dir / EVENT_LOG
+    if args.mark:
+        print(count(log))
+        return 0
+    if args.since < 0:
+        raise JhlabError(f"--since {args.since}: a mark is an event index, 0 or more")
+    events = (follow_events(log, args.since, lambda: runtime.pid_alive(state.supervisor))
+              if args.follow else read_events(log, args.since))
+    for event in events:
+        print(json.dumps(event.as_json()) if args.json else event.line(), flush=args.follow)
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    """``jhlab cp [-r] [LAB:]SRC [LAB:]DST`` over SFTP on the lab's ssh session."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from harness.transfer import copy, parse_location
+
+    source, dest = parse_location(args.source), parse_location(args.dest)
+    lab = source.lab or dest.lab
+    if lab is None or (source.lab is not None and dest.lab is not None):
+        raise JhlabError(f"copy {source} to {dest}: one side must be in a lab (LAB:PATH, "
+                         "e.g. default:/root/x), the other on this host")
+    shell = _shell_of(_running(lab))
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    try:
+        sftp = shell.sftp()
+        with sftp, Progress(*columns, console=console, transient=True,
+                            disable=args.quiet) as bar:
+            tasks: dict[str, Any] = {}
+
+            def report(path: str, done: int, total: int) -> None:
+                if path not in tasks:
+                    tasks[path] = bar.add_task(path, total=total)
+                bar.update(tasks[path], completed=done)
+
+            written = copy(source, dest, sftp, recursive=args.recursive, progress=report)
+    finally:
+        shell.close()
+    if not args.quiet:
+        console.print(f"copied {source} to {dest} ({len(written)} file{'s' * (len(written) != 1)})")
     return 0
 
 
 def cmd_console(args: argparse.Namespace) -> int:
     state = _running(args.lab)
-    log = Path(state["summary"]["log_dir"]) / ("serial1.log" if args.cell else "serial0.log")
+    log = state.log_dir / ("serial1.log" if args.cell else "serial0.log")
     with open(log, "rb") as handle:
         sys.stdout.buffer.write(handle.read())
         sys.stdout.flush()
@@ -377,15 +431,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     name = _lab_name(known.lab)
     given = {a.split("=", 1)[0] for a in create_args}
     if "--ivshmem-from" not in given and name == "default":
-        reference = Path(__file__).resolve().parent / "configs" / "qemu-x86.toml"
+        from harness.recipes import CONFIGS
+
+        reference = CONFIGS / "qemu-x86.toml"
         create_args += ["--ivshmem-from", str(reference)]
     if "--facts" in given:
         return config_main(["create", *create_args], prog)
-    from harness.ssh import SshShell
-
     state = _running(known.lab)
     source = Path(collect_module.__file__).read_text(encoding="utf-8")
-    shell = SshShell(int(state["summary"]["ssh_port"]), Path(state["key"]))
+    shell = _shell_of(state)
     try:
         result = shell.run("python3 -", stdin=source, timeout=120, check=True)
     finally:
@@ -401,13 +455,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     import pytest
 
-    from harness.images import REPO_ROOT
+    from harness.recipes import find_recipes
 
-    target = REPO_ROOT / "test_suites"
+    suites_dir = find_recipes().test_suites
+    target = suites_dir
     if args.suite:
         target = target / args.suite
         if not target.exists():
-            suites = sorted(p.name for p in (REPO_ROOT / "test_suites").iterdir() if p.is_dir()
+            suites = sorted(p.name for p in suites_dir.iterdir() if p.is_dir()
                             and not p.name.startswith("_"))
             raise JhlabError(f"no suite {args.suite!r} (suites: {', '.join(suites)})")
     # "jhlab test e2e --junit F": argparse's REMAINDER after SUITE swallows --junit too.
@@ -451,7 +506,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sup = sub.add_parser("_supervise")
     sup.add_argument("lab")
-    sup.add_argument("--state", required=True)
     sup.add_argument("--accel")
     sup.add_argument("--ssh-port", type=int)
     sup.set_defaults(func=cmd_supervise)
@@ -479,6 +533,28 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="copy this checkout's guest code into a running lab")
     sync.add_argument("lab", nargs="?", default="default")
     sync.set_defaults(func=cmd_sync)
+
+    qmp = sub.add_parser("qmp", help="one QMP command: jhlab qmp [LAB] COMMAND ['{JSON-ARGS}']")
+    qmp.add_argument("words", nargs="+", metavar="[LAB] COMMAND [JSON-ARGS]")
+    qmp.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    qmp.set_defaults(func=cmd_qmp)
+
+    events = sub.add_parser("events", help="the lab's QMP event log (-f: follow it)")
+    events.add_argument("lab", nargs="?", default="default")
+    events.add_argument("-f", "--follow", action="store_true", help="wait for new events until "
+                        "the lab ends (Ctrl-C stops)")
+    events.add_argument("--since", type=int, default=0, metavar="MARK",
+                        help="only events from this index on (see --mark)")
+    events.add_argument("--mark", action="store_true", help="print the index the next event gets")
+    events.add_argument("--json", action="store_true", help="one JSON object per event")
+    events.set_defaults(func=cmd_events)
+
+    cp = sub.add_parser("cp", help="copy files: jhlab cp [-r] [LAB:]SRC [LAB:]DST (SFTP)")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy directories")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    cp.add_argument("source", metavar="[LAB:]SRC")
+    cp.add_argument("dest", metavar="[LAB:]DST")
+    cp.set_defaults(func=cmd_cp)
 
     cons = sub.add_parser("console", help="print a serial transcript (root console by default)")
     cons.add_argument("lab", nargs="?", default="default")

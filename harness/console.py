@@ -7,6 +7,9 @@ transcript stays complete), and :meth:`SerialConsole.expect` searches what arriv
 deadline per step and failure patterns (``Kernel panic``, ``FATAL:``) that end the wait
 at once.  :meth:`SerialConsole.abort` ends any wait from outside, e.g. on a QMP
 ``GUEST_PANICKED`` event.
+
+A process that does not own the lab reaches its consoles as :class:`TranscriptConsole`:
+waits read QEMU's transcript file, typing goes through the owner (the lab's QMP relay).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pexpect
 from pexpect.spawnbase import SpawnBase
@@ -33,6 +37,29 @@ ROOT_FAILURES = (r"Kernel panic - not syncing[^\r\n]*", r"jhlab: boot failed[^\r
 CELL_FAILURES = (r"FATAL:[^\r\n]*",)
 #: Default deadline of one console wait (seconds).
 EXPECT_TIMEOUT = 30.0
+#: seconds between two looks at a transcript file
+TRANSCRIPT_POLL = 0.05
+
+
+def transcript_tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a console transcript (``\\r`` removed)."""
+    try:
+        data = path.read_bytes()[-16384:]
+    except OSError:
+        return "(no transcript)"
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def transcript_since(path: Path, mark: int) -> str:
+    """A console transcript's text after byte ``mark`` (``\\r`` removed)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(mark)
+            data = handle.read()
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace").replace("\r", "")
 
 
 class ConsoleFailure(ConsoleError):
@@ -49,7 +76,13 @@ class ConsoleFailure(ConsoleError):
         super().__init__(f"{console}: {line.strip()}\n--- last console lines ---\n{tail}")
 
 
-class _StreamSpawn(SpawnBase):  # type: ignore[misc]
+if TYPE_CHECKING:
+    _TextSpawn = SpawnBase[str]
+else:  # pexpect's SpawnBase is generic only in its stubs
+    _TextSpawn = SpawnBase
+
+
+class _StreamSpawn(_TextSpawn):
     """pexpect over the bytes the reader thread collects (no file descriptor of its own)."""
 
     def __init__(self, console: SerialConsole) -> None:
@@ -62,9 +95,7 @@ class _StreamSpawn(SpawnBase):  # type: ignore[misc]
         if timeout == -1:
             timeout = self.timeout
         data = self._console._take(size, timeout)
-        text = self._utf8.decode(data)
-        self._log(text, "read")
-        return text
+        return self._utf8.decode(data)
 
     def send(self, s: str | bytes) -> int:
         data = s.encode() if isinstance(s, str) else s
@@ -76,7 +107,7 @@ class _StreamSpawn(SpawnBase):  # type: ignore[misc]
 
 
 class SerialConsole:
-    """One serial port of a lab machine.
+    """One serial port of a lab machine (a :class:`~harness.protocol.Console`).
 
     Lifecycle: ``connect()`` (right after QEMU starts, before the guest runs) → waits and
     sends → ``close()`` (idempotent).
@@ -192,9 +223,11 @@ class SerialConsole:
                                f"{' | '.join(wanted)!r}\n--- last console lines ---\n"
                                f"{self.tail()}") from None
         match = self._spawn.match
+        if not isinstance(match, re.Match):
+            raise ConsoleError(f"{self.name}: pexpect returned no match for {' | '.join(wanted)!r}")
         if index >= len(wanted):
             raise ConsoleFailure(self.name, match.group(0), self.tail())
-        return match  # type: ignore[no-any-return]
+        return match
 
     def send(self, text: str) -> None:
         """Type ``text`` (no newline)."""
@@ -211,14 +244,25 @@ class SerialConsole:
         self._spawn.buffer = ""
         self._spawn.before = ""
 
+    @property
+    def before(self) -> str:
+        """What arrived between the previous match and the last one."""
+        return str(self._spawn.before or "")
+
+    def mark(self) -> int:
+        """A point in the transcript (its size now), for :meth:`since`."""
+        try:
+            return self.transcript.stat().st_size
+        except OSError:
+            return 0
+
+    def since(self, mark: int) -> str:
+        """The transcript's text after ``mark`` (``\\r`` removed)."""
+        return transcript_since(self.transcript, mark)
+
     def tail(self, lines: int = 25) -> str:
         """The last ``lines`` lines of the transcript."""
-        try:
-            data = self.transcript.read_bytes()[-16384:]
-        except OSError:
-            return "(no transcript)"
-        text = data.decode("utf-8", "replace").replace("\r", "")
-        return "\n".join(text.splitlines()[-lines:])
+        return transcript_tail(self.transcript, lines)
 
     def close(self) -> None:
         """Disconnect (idempotent); the transcript stays."""
@@ -232,3 +276,109 @@ class SerialConsole:
         if self._reader is not None:
             self._reader.join(timeout=5)
             self._reader = None
+
+
+class TranscriptConsole:
+    """A :class:`~harness.protocol.Console` read from its transcript file, which someone
+    else writes (QEMU's ``logfile=`` of a lab this process does not own, a daemon's debug
+    console); what is typed goes to ``typist``.
+
+    Waits see what the file gains after ``start``, the earliest match winning (as with
+    pexpect).  Lifecycle: construct → use; nothing to close.
+
+    :param name: shown in errors
+    :param transcript: the file
+    :param failures: regular expressions that end any wait as a failure
+    :param typist: types text into the console; None: typing raises ConsoleError
+    :param start: byte offset of the transcript where waits begin (default: its start)
+    """
+
+    def __init__(self, name: str, transcript: Path, failures: Sequence[str] = (), *,
+                 typist: Callable[[str], None] | None = None, start: int = 0) -> None:
+        self._name = name
+        self._transcript = transcript
+        self.failures = tuple(failures)
+        self._typist = typist
+        self._read = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""
+        self._before = ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._name!r}, {self._transcript})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def transcript(self) -> Path:
+        return self._transcript
+
+    @property
+    def before(self) -> str:
+        """What arrived between the previous match and the last one."""
+        return self._before
+
+    def _collect(self) -> None:
+        try:
+            with open(self._transcript, "rb") as handle:
+                handle.seek(self._read)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        self._read += len(data)
+        self._pending += self._utf8.decode(data)
+
+    def expect(self, patterns: str | Sequence[str], timeout: float = EXPECT_TIMEOUT,
+               *, failures: Sequence[str] | None = None) -> re.Match[str]:
+        """Wait until one of ``patterns`` appears in the file; see
+        :meth:`harness.protocol.Console.expect`."""
+        wanted = [patterns] if isinstance(patterns, str) else list(patterns)
+        bad = list(self.failures if failures is None else failures)
+        compiled = [re.compile(p) for p in wanted + bad]
+        deadline = time.monotonic() + timeout
+        while True:
+            self._collect()
+            found = [(m.start(), index, m) for index, rx in enumerate(compiled)
+                     if (m := rx.search(self._pending)) is not None]
+            if found:
+                _, index, match = min(found, key=lambda item: (item[0], item[1]))
+                self._before = self._pending[:match.start()]
+                self._pending = self._pending[match.end():]
+                if index >= len(wanted):
+                    raise ConsoleFailure(self._name, match.group(0), self.tail())
+                return match
+            if time.monotonic() >= deadline:
+                raise ConsoleTimeout(self._name, " | ".join(wanted), timeout, self.tail())
+            time.sleep(TRANSCRIPT_POLL)
+
+    def send(self, text: str) -> None:
+        """Type ``text`` (no newline)."""
+        if self._typist is None:
+            raise ConsoleError(f"{self._name}: this console cannot be typed into")
+        self._typist(text)
+
+    def sendline(self, text: str = "") -> None:
+        """Type ``text`` and Enter."""
+        self.send(text + "\r")
+
+    def discard(self) -> None:
+        """Forget everything received so far (waits then see only new output)."""
+        self._read = self.mark()
+        self._pending = ""
+
+    def tail(self, lines: int = 25) -> str:
+        """The last ``lines`` lines of the transcript."""
+        return transcript_tail(self._transcript, lines)
+
+    def mark(self) -> int:
+        """A point in the transcript (its size now), for :meth:`since`."""
+        try:
+            return self._transcript.stat().st_size
+        except OSError:
+            return 0
+
+    def since(self, mark: int) -> str:
+        """The transcript's text after ``mark`` (``\\r`` removed)."""
+        return transcript_since(self._transcript, mark)

@@ -97,7 +97,7 @@ class LaunchError(MachineError):
         super().__init__(message)
 
     def __str__(self) -> str:
-        text = self.args[0]
+        text = str(self.args[0])
         if self.exitcode is not None:
             text += f" (exit status {self.exitcode})"
         if self.output.strip():

@@ -1,6 +1,7 @@
 """Images of the lab: the root-cell kernel, its initramfs and root file system.
 
-Everything is built from the recipes in ``images/`` and Debian's packages (through the
+Everything is built from the recipes in ``images/`` (found by
+:func:`harness.recipes.find_recipes`) and Debian's packages (through the
 machine's configured apt sources; no mirror is named here) into a cache directory keyed
 by content hash, so an unchanged recipe is never built twice and two builds racing for
 the same artefact wait for each other (a lock file per artefact) instead of colliding.
@@ -40,14 +41,13 @@ from pathlib import Path
 
 from harness.errors import ImageError, MissingToolError
 from harness.progress import Step, step
+from harness.recipes import CONFIGS, PACKAGE_DIR, Recipes, build_inmates, find_recipes
 
 LOG = logging.getLogger(__name__)
 
 #: Bump when the build procedure changes in a way the hashed inputs do not show.
 RECIPE_VERSION = "1"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES = REPO_ROOT / "images"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 DEBIAN_SUITE = "bookworm"
 #: Busybox for the initramfs: the host's static build (package busybox-static).
@@ -61,8 +61,6 @@ TOOLS = {
     "depmod": "kmod",
     "mkfs.ext4": "e2fsprogs",
     "cpio": "cpio",
-    "make": "make",
-    "gcc": "gcc",
 }
 
 #: Jailhouse's demo names for our inmates, so scripts written for Jailhouse find them.
@@ -238,10 +236,13 @@ class ImageBuilder:
     """Builds (or finds in the cache) the kernel, initramfs and root file system.
 
     :param quiet: log progress only, print nothing
+    :param recipes: the recipe folders (default: :func:`~harness.recipes.find_recipes`)
+    :raise ImageError: when no recipes are found
     """
 
-    def __init__(self, *, quiet: bool = False) -> None:
+    def __init__(self, *, quiet: bool = False, recipes: Recipes | None = None) -> None:
         self.quiet = quiet
+        self.recipes = recipes or find_recipes()
         self.dir = cache_dir() / "images"
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -335,7 +336,7 @@ class ImageBuilder:
 
     def rootfs_key(self, kernel: Kernel) -> str:
         digest = hashlib.sha256(f"{RECIPE_VERSION}\0{kernel.ident}\0{DEBIAN_SUITE}\0".encode())
-        base = RECIPES / "rootfs"
+        base = self.recipes.rootfs
         _hash_files(digest, _recipe_files(base), base)
         return digest.hexdigest()[:16]
 
@@ -350,7 +351,7 @@ class ImageBuilder:
         return image
 
     def _build_rootfs(self, kernel: Kernel, image: Path, st: Step) -> None:
-        recipe = RECIPES / "rootfs"
+        recipe = self.recipes.rootfs
         packages = _recipe_lines(recipe / "packages.txt")
         with tempfile.TemporaryDirectory(dir=self.dir, prefix="tmp-rootfs-") as tmp:
             tree = Path(tmp) / "root"
@@ -383,7 +384,7 @@ class ImageBuilder:
             st.result = f"{size_mb} MiB"
 
     def _install_modules(self, kernel: Kernel, tree: Path) -> None:
-        wanted = _recipe_lines(RECIPES / "rootfs" / "modules.txt")
+        wanted = _recipe_lines(self.recipes.rootfs / "modules.txt")
         dest = tree / "lib" / "modules" / kernel.release
         dest.mkdir(parents=True, exist_ok=True)
         for module in kernel.module_closure(wanted):
@@ -401,7 +402,7 @@ class ImageBuilder:
 
     def initramfs_key(self, kernel: Kernel) -> str:
         digest = hashlib.sha256(f"{RECIPE_VERSION}\0{kernel.ident}\0".encode())
-        base = RECIPES / "initramfs"
+        base = self.recipes.initramfs
         _hash_files(digest, _recipe_files(base), base)
         digest.update(self._busybox().read_bytes())
         return digest.hexdigest()[:16]
@@ -423,8 +424,8 @@ class ImageBuilder:
                     for sub in ("bin", "etc", "proc", "sys", "dev", "lib/modules"):
                         (tree / sub).mkdir(parents=True)
                     shutil.copy2(self._busybox(), tree / "bin" / "busybox")
-                    shutil.copy2(RECIPES / "initramfs" / "init", tree / "init")
-                    wanted = _recipe_lines(RECIPES / "initramfs" / "modules.txt")
+                    shutil.copy2(self.recipes.initramfs / "init", tree / "init")
+                    wanted = _recipe_lines(self.recipes.initramfs / "modules.txt")
                     order = []
                     for module in kernel.module_closure(wanted):
                         name = Path(module).name
@@ -440,7 +441,7 @@ class ImageBuilder:
 
     def inmates_key(self) -> str:
         digest = hashlib.sha256(f"{RECIPE_VERSION}\0".encode())
-        base = RECIPES / "inmates"
+        base = self.recipes.inmates
         files = [p for p in _recipe_files(base) if "build" not in p.relative_to(base).parts]
         _hash_files(digest, files, base)
         return digest.hexdigest()[:16]
@@ -452,11 +453,9 @@ class ImageBuilder:
             if folder.is_dir():
                 return folder
             with step("Building inmates", quiet=self.quiet) as st:
-                require_tool("gcc", "to build the inmates")
                 with tempfile.TemporaryDirectory(dir=self.dir, prefix="tmp-inmates-") as tmp:
                     out = Path(tmp) / "out"
-                    run_tool(["make", "-s", "-C", str(RECIPES / "inmates"), f"O={out}"],
-                             what="building the inmates")
+                    build_inmates(out, recipes=self.recipes)
                     for junk in out.rglob("*.o"):
                         junk.unlink()
                     out.rename(folder)
@@ -464,13 +463,13 @@ class ImageBuilder:
         return folder
 
 
-def compiled_configs() -> dict[str, bytes]:
+def compiled_configs(recipes: Recipes | None = None) -> dict[str, bytes]:
     """Every shipped cell config compiled to ``.cell`` bytes: Jailhouse's QEMU configs
     (``harness/configs``) and the demo inmates' cells (``images/inmates/cells``)."""
     from harness.hvmodel.config import load_source
 
     configs: dict[str, bytes] = {}
-    for folder in (REPO_ROOT / "harness" / "configs", RECIPES / "inmates" / "cells"):
+    for folder in (CONFIGS, (recipes or find_recipes()).cells):
         for source in sorted(folder.glob("*.toml")):
             configs[f"{source.stem}.cell"] = load_source(source).to_bytes()
     return configs
@@ -500,28 +499,33 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
     """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
     and copied to ``/opt/jhlab`` in the root cell.
 
-    It holds the hypervisor model (``lib/harness/hvmodel``), the guest tools
-    (``bin/``, from ``images/guest/bin``), the compiled cell configs (``configs/``, seen
-    as ``/etc/jailhouse``), the demo inmates (``libexec/demos/``, seen as
-    ``/usr/libexec/jailhouse/demos``) and the lab's SSH public key.
+    It holds the hypervisor model (``lib/harness/hvmodel``), the harness's guest programs
+    (``lib/harness/guest``), the guest tools (``bin/``, from ``images/guest/bin``),
+    Jailhouse's helper scripts (``libexec/``, from ``images/guest/libexec``, seen as
+    ``/usr/libexec/jailhouse``), the compiled cell configs (``configs/``, seen as
+    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``) and the lab's SSH public key.
     """
     with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
         root = Path(tmp) / "jhlab"
         lib = root / "lib" / "harness"
         lib.mkdir(parents=True)
-        shutil.copy2(REPO_ROOT / "harness" / "__init__.py", lib / "__init__.py")
-        shutil.copytree(
-            REPO_ROOT / "harness" / "hvmodel", lib / "hvmodel",
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
-        guest_bin = RECIPES / "guest" / "bin"
+        shutil.copy2(PACKAGE_DIR / "__init__.py", lib / "__init__.py")
+        for package in ("hvmodel", "guest"):
+            shutil.copytree(
+                PACKAGE_DIR / package, lib / package,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            )
+        recipes = find_recipes()
+        guest_bin = recipes.guest_bin
         (root / "bin").mkdir()
         if guest_bin.is_dir():
             shutil.copytree(guest_bin, root / "bin", dirs_exist_ok=True)
+        # Jailhouse's helper scripts, where Jailhouse installs them (/usr/libexec/jailhouse)
+        shutil.copytree(recipes.guest_libexec, root / "libexec")
         (root / "authorized_keys").write_text(authorized_key.strip() + "\n")
         configs = root / "configs"
         configs.mkdir()
-        for name, data in compiled_configs().items():
+        for name, data in compiled_configs(recipes).items():
             (configs / name).write_bytes(data)
         if inmates is not None:
             demos = root / "libexec" / "demos"

@@ -9,6 +9,14 @@
 
 Lifecycle: ``up()`` → use → ``down()`` (idempotent; also on ``__exit__``).  A failed
 ``up()`` leaves nothing running and says where the logs are.
+
+A lab somebody else owns (``jhlab up``'s supervisor, a pytest session with
+``--keep-lab``) is reached with :meth:`Lab.attach`: the same channels, through the
+owner's QMP relay (:mod:`harness.qmp.relay`), the lab's ssh and its transcripts::
+
+    with Lab.attach("default") as lab:   # detaches at the end; the lab runs on
+        lab.put(b"...", "/root/inmate.bin")
+        lab.qmp.system_powerdown()
 """
 
 from __future__ import annotations
@@ -20,21 +28,26 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.console import SerialConsole
-from harness.errors import ConsoleError, JhlabError, MachineError
+from harness import runtime
+from harness.console import CELL_FAILURES, ROOT_FAILURES, SerialConsole, TranscriptConsole
+from harness.errors import ConsoleError, JhlabError, LabFileError, MachineDied, MachineError
 from harness.images import ImageBuilder, ImageSet, build_payload, cache_dir
 from harness.labfile import LabSpec, load_lab
 from harness.machine import AccelChoice, Machine, Snapshot, choose_accel
 from harness.net import PrivateNetwork
-from harness.progress import step
+from harness.progress import Step, step
+from harness.protocol import CommandResult, Console
 from harness.qmp import QmpSession
-from harness.ssh import CommandResult, SerialShell, SshShell, generate_key
+from harness.qmp.relay import CONSOLE_SEND_COMMAND, QmpRelay
+from harness.runtime import RunningLab
+from harness.ssh import SerialShell, SshShell, generate_key
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +93,33 @@ class LabSummary:
     def nested_virtualization(self) -> bool:
         return bool({"vmx", "svm"} & set(self.cpu_features)) and self.kvm_in_guest
 
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> LabSummary:
+        """The inverse of :meth:`as_dict` (a state file's summary)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known: dict[str, Any] = {k: v for k, v in value.items() if k in fields}
+        known["cpu_features"] = tuple(known.get("cpu_features", ()))
+        return cls(**known)
+
+
+@dataclass
+class _Attachment:
+    """The channels of a lab this process reached with :meth:`Lab.attach`."""
+
+    record: RunningLab
+    qmp: QmpSession
+    console: TranscriptConsole
+    cell_console: TranscriptConsole
+
+    def check_alive(self, lab: Lab) -> None:
+        """:raise MachineDied: when the lab's owner has ended (QEMU ended with it)."""
+        if not runtime.pid_alive(self.record.supervisor):
+            raise MachineDied(f"{lab!r}: the lab is gone (its owner, pid {self.record.supervisor}, "
+                              f"ended); logs in {self.record.log_dir}")
+        panic = self.qmp.events.find("GUEST_PANICKED")
+        if panic:
+            raise MachineError(f"{lab!r}: the guest panicked; logs in {self.record.log_dir}")
+
 
 class LabState(enum.Enum):
     DOWN = "down"
@@ -88,7 +128,8 @@ class LabState(enum.Enum):
 
 
 class Lab:
-    """A lab machine with its root cell.
+    """A lab machine with its root cell; a :class:`~harness.protocol.LabChannels` (commands
+    and files in the root cell, both consoles, QMP) once up.
 
     :param lab: built-in lab name, lab file path, or a parsed :class:`LabSpec`
     :param accel: override the lab's accelerator choice (``auto``, ``kvm``, ``tcg``)
@@ -112,14 +153,21 @@ class Lab:
         self.accel: AccelChoice | None = None
         self.network: PrivateNetwork | None = None
         self.snapshot_point: Snapshot | None = None
+        #: this lab's run directory (payload, reset points, the QMP relay's ``qmp.sock``)
+        self.run_dir: Path | None = None
         #: PCI state at the reset point: QEMU's BARs per BDF and the guest's config headers
         self._snapshot_bars: dict[str, list[tuple[int, int]]] = {}
         self._snapshot_headers: dict[str, str] = {}
         self._ssh: SshShell | None = None
         self._serial: SerialShell | None = None
+        self._relay: QmpRelay | None = None
+        self._attachment: _Attachment | None = None
         self._stack = contextlib.ExitStack()
 
     def __repr__(self) -> str:
+        if self._attachment is not None:
+            return (f"Lab({self.spec.name!r}, {self.state.value}, attached, owner pid "
+                    f"{self._attachment.record.supervisor})")
         return f"Lab({self.spec.name!r}, {self.state.value})"
 
     def __enter__(self) -> Lab:
@@ -127,34 +175,128 @@ class Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.down()
+        if self.attached:
+            self.detach()
+        else:
+            self.down()
+
+    # -- attach -----------------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, name: str, *, timeout: float = 30.0) -> Lab:
+        """A :class:`Lab` bound to lab ``name`` that another process brought up and owns
+        (``jhlab up``, ``pytest --keep-lab``): its QMP (through the owner's relay), both
+        consoles (transcripts; typing goes through the owner), commands and files (ssh)
+        and summary.  It does not own the lab's life: :meth:`detach` (also on
+        ``__exit__``) lets it go, :meth:`down` is refused unless ``stop_owner=True``.
+
+        :param name: the lab's name (or its lab file)
+        :raise MachineError: when no such lab is up, or its owner offers no QMP relay
+        """
+        record = runtime.read(name)
+        if record is None:
+            try:
+                record = runtime.read(load_lab(name).name)
+            except LabFileError:
+                record = None
+        if record is None:
+            up = ", ".join(runtime.running()) or "none"
+            raise MachineError(f"lab {name} is not up (labs up: {up}); start it with 'jhlab up {name}'")
+        try:
+            spec = load_lab(record.lab)
+        except LabFileError:
+            spec = LabSpec(name=record.name, source=record.lab)  # its file is gone: name only
+        lab = cls(spec, log_dir=record.log_dir, ssh_port=record.ssh_port, quiet=True)
+        relay = record.run_dir / "qmp.sock" if record.run_dir is not None else None
+        if relay is None or not relay.exists():
+            raise MachineError(f"lab {record.name} (owner pid {record.supervisor}) offers no QMP "
+                               "relay: it was brought up by an older jhlab; bring it down and up again")
+        qmp = QmpSession(relay, name=f"{record.name}-qmp (attached)")
+        qmp.connect(timeout)
+
+        def typist(which: str) -> Any:
+            return lambda text: qmp.execute(CONSOLE_SEND_COMMAND, {"console": which, "text": text})
+
+        logs = record.log_dir
+        consoles = [TranscriptConsole(f"serial{index} ({which} console, attached)",
+                                      logs / f"serial{index}.log", failures, typist=typist(which))
+                    for index, which, failures in ((0, "root", ROOT_FAILURES), (1, "cell", CELL_FAILURES))]
+        for console in consoles:
+            console.discard()  # waits see what comes after the attach
+        lab._attachment = _Attachment(record, qmp, consoles[0], consoles[1])
+        lab.run_dir = record.run_dir
+        lab.summary = LabSummary.from_dict(dict(record.summary))
+        lab._ssh = SshShell(record.ssh_port, record.key)
+        lab.state = LabState.READY
+        return lab
+
+    @property
+    def attached(self) -> bool:
+        """Whether this lab was reached with :meth:`attach` (someone else owns it)."""
+        return self._attachment is not None
+
+    def detach(self) -> None:
+        """Let an attached lab go (it runs on); idempotent."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self._serial = None
+        if self._attachment is not None:
+            self._attachment.qmp.close()
+        self.state = LabState.DOWN
+
+    def _refuse_attached(self, what: str) -> None:
+        if self._attachment is not None:
+            raise MachineError(f"{self!r}: {what} belongs to the lab's owner (pid "
+                               f"{self._attachment.record.supervisor}), not to an attached lab")
 
     # -- channels -------------------------------------------------------------------------
 
     def _machine(self) -> Machine:
+        self._refuse_attached("its machine")
         if self.machine is None or self.state is LabState.DOWN:
             raise MachineError(f"{self!r}: the lab is not up")
         return self.machine
 
+    def _attached_channels(self) -> _Attachment | None:
+        if self._attachment is not None and self.state is LabState.DOWN:
+            raise MachineError(f"{self!r}: detached; attach again with Lab.attach()")
+        return self._attachment
+
     @property
     def qmp(self) -> QmpSession:
+        """The lab's QMP: QEMU's own socket for the owner, the owner's relay when attached."""
+        attached = self._attached_channels()
+        if attached is not None:
+            return attached.qmp
         qmp = self._machine().qmp
         assert qmp is not None  # connected by Machine.launch()
         return qmp
 
     @property
-    def console(self) -> SerialConsole:
+    def console(self) -> SerialConsole | TranscriptConsole:
         """Serial 0: the root cell's console."""
+        attached = self._attached_channels()
+        if attached is not None:
+            return attached.console
         console = self._machine().console
         assert console is not None  # connected by Machine.launch()
         return console
 
     @property
-    def cell_console(self) -> SerialConsole:
+    def cell_console(self) -> SerialConsole | TranscriptConsole:
         """Serial 1: the cells' UART (0x2f8)."""
+        attached = self._attached_channels()
+        if attached is not None:
+            return attached.cell_console
         console = self._machine().cell_console
         assert console is not None  # connected by Machine.launch()
         return console
+
+    def _console_send(self, which: str, text: str) -> None:
+        """The relay's console input: ``which`` is ``root`` or ``cell``."""
+        console: Console = self.console if which == "root" else self.cell_console
+        console.send(text)
 
     @property
     def key_path(self) -> Path:
@@ -163,20 +305,42 @@ class Lab:
     def run(self, command: str, *, timeout: float = 120.0, check: bool = False,
             stdin: str | None = None) -> CommandResult:
         """Run ``command`` in the root cell (SSH, or the root console if SSH is down)."""
-        machine = self._machine()
-        machine.check_alive()
-        if machine.panicked is not None:
-            raise MachineError(f"{self!r}: the guest panicked; logs in {machine.log_dir}")
+        self._check_running()
         if self._ssh is not None:
             try:
                 return self._ssh.run(command, timeout=timeout, check=check, stdin=stdin)
             except ConsoleError as exc:
-                machine.check_alive()
+                self._check_running()
                 LOG.warning("ssh failed (%s); using the root console", exc)
                 self._ssh = None
         if self._serial is None:
             self._serial = SerialShell(self.console)
         return self._serial.run(command, timeout=timeout, check=check, stdin=stdin)
+
+    def _check_running(self) -> None:
+        """:raise MachineError: when the lab is not up, gone, or its guest panicked."""
+        attached = self._attached_channels()
+        if attached is not None:
+            attached.check_alive(self)
+            return
+        machine = self._machine()
+        machine.check_alive()
+        if machine.panicked is not None:
+            raise MachineError(f"{self!r}: the guest panicked; logs in {machine.log_dir}")
+
+    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the root cell (over ssh).
+
+        :raise ConsoleError: when ssh is not connected
+        """
+        self.ssh.put(data, path, mode)
+
+    def get(self, path: str) -> bytes:
+        """Read ``path`` from the root cell (over ssh).
+
+        :raise ConsoleError: when ssh is not connected
+        """
+        return self.ssh.get(path)
 
     @property
     def ssh(self) -> SshShell:
@@ -187,9 +351,14 @@ class Lab:
     # -- up / down ------------------------------------------------------------------------
 
     def up(self) -> LabSummary:
-        """Build or find images, boot the machine and wait until the root cell is ready."""
+        """Build or find images, boot the machine and wait until the root cell is ready.
+
+        First the run directories that labs of dead owners left behind are removed
+        (:func:`harness.runtime.reap_run_dirs`).
+        """
         if self.state is LabState.READY and self.summary is not None:
             return self.summary
+        self._refuse_attached("bringing it up")
         self.state = LabState.BOOTING
         try:
             return self._up()
@@ -199,6 +368,8 @@ class Lab:
 
     def _up(self) -> LabSummary:
         spec = self.spec
+        for stale in runtime.reap_run_dirs():
+            LOG.info("removed %s, left by a lab whose owner died", stale)
         log_dir = self.log_dir or new_log_dir(spec.name)
         self.log_dir = log_dir
         self.images = ImageBuilder(quiet=self.quiet).build()
@@ -207,8 +378,10 @@ class Lab:
             st.result = f"{accel.accel} ({accel.reason})"
         self.accel = accel
         public_key = self._lab_key()
-        tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="jhlab-")))
-        payload = build_payload(tmp / "payload.cpio.gz", authorized_key=public_key,
+        run_dir = runtime.new_run_dir(spec.name)
+        self._stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
+        self.run_dir = run_dir
+        payload = build_payload(run_dir / "payload.cpio.gz", authorized_key=public_key,
                                 inmates=self.images.inmates)
         taps = [n for n in spec.netdevs if n.type == "tap"]
         if taps:
@@ -224,6 +397,7 @@ class Lab:
                 self.machine.launch()
             finally:
                 _close_fds(tap_fds)  # QEMU holds its own copies
+            self._start_relay(run_dir)
             features, groups, kvm = self._wait_ready(st)
             boot = time.monotonic() - self.machine.started_at
             st.result = f"root cell ready after {boot:.1f} s"
@@ -243,7 +417,15 @@ class Lab:
         self.state = LabState.READY
         return self.summary
 
-    def _wait_ready(self, st: Any) -> tuple[tuple[str, ...], int, bool]:
+    def _start_relay(self, run_dir: Path) -> None:
+        """Serve the lab's QMP to other processes (``run_dir/qmp.sock``)."""
+        relay = QmpRelay(run_dir / "qmp.sock", name=f"{self.spec.name}-qmp-relay",
+                         console_send=self._console_send)
+        relay.start()
+        self._relay = relay
+        relay.follow(self.qmp)
+
+    def _wait_ready(self, st: Step) -> tuple[tuple[str, ...], int, bool]:
         assert self.machine is not None and self.machine.console is not None  # launched
         console = self.machine.console
         deadline = time.monotonic() + self.spec.boot_timeout
@@ -281,10 +463,11 @@ class Lab:
 
     def snapshot(self) -> Snapshot:
         """Save the lab's current state as its reset point (the guest runs on)."""
+        self._refuse_attached("its reset point")
         if self.state is not LabState.READY:
             raise MachineError(f"{self!r}: snapshot needs a ready lab")
         folder = Path(self._stack.enter_context(
-            tempfile.TemporaryDirectory(prefix=f"jhlab-{self.spec.name}-snap-")))
+            tempfile.TemporaryDirectory(prefix="snapshot-", dir=self.run_dir)))
         with step("Saving reset point", quiet=self.quiet) as st:
             self._snapshot_headers = self._guest_pci_headers()
             self._snapshot_bars = self._qemu_pci_bars()
@@ -324,6 +507,7 @@ class Lab:
         """Put the lab back to its reset point (taken by :meth:`snapshot`, or now if
         there is none): QEMU is replaced by one restored from the snapshot, far faster
         than a boot.  Returns the seconds it took."""
+        self._refuse_attached("resetting it")
         if self.snapshot_point is None:
             self.snapshot()
         assert self.snapshot_point is not None and self.images is not None  # ready lab
@@ -344,14 +528,32 @@ class Lab:
                 _close_fds(tap_fds)
             st.result = f"pid {self.machine.pid}"
         self._ssh = SshShell(self.machine.ssh_port or 0, self.key_path)
+        if self._relay is not None:
+            self._relay.follow(self.qmp)
         if self.summary is not None:
             self.summary = dataclasses.replace(self.summary, pid=self.machine.pid or 0,
                                                ssh_port=self.machine.ssh_port or 0)
         self._repair_pci_state()
         return time.monotonic() - started
 
-    def down(self) -> None:
-        """Stop the machine (idempotent); logs stay in :attr:`log_dir`."""
+    def down(self, *, stop_owner: bool = False) -> None:
+        """Stop the machine (idempotent); logs stay in :attr:`log_dir`.
+
+        :param stop_owner: for an attached lab, stop it through its owner (as ``jhlab
+            down`` does); without it, ``down()`` of an attached lab is refused
+        :raise MachineError: on an attached lab without ``stop_owner``
+        """
+        if self._attachment is not None:
+            if not stop_owner:
+                raise MachineError(
+                    f"{self!r}: refusing to stop a lab this process does not own; detach() "
+                    "lets it go, down(stop_owner=True) stops it through its owner")
+            self.detach()
+            runtime.stop(self._attachment.record)
+            return
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
@@ -361,6 +563,7 @@ class Lab:
         self.snapshot_point = None  # its files go with the stack
         self._stack.close()
         self.network = None
+        self.run_dir = None
         self.state = LabState.DOWN
 
 

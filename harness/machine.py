@@ -3,7 +3,7 @@ and the accelerator choice.
 
 Launch (all-or-nothing, rolled back through an ExitStack on any failure)::
 
-    run dir (0700, sockets, initrd)  →  QEMU -S (paused)  →  QMP connected, events
+    run dir (0700, owner file, sockets 0600, initrd)  →  QEMU -S (paused)  →  QMP connected, events
     recorded  →  both serial ports connected and drained  →  ``cont``
 
 so not a byte of console output is lost.  QEMU runs in its own session (a Ctrl-C of the
@@ -11,6 +11,12 @@ harness does not hit it) and gets SIGKILL from the kernel when the harness proce
 however it dies (``PR_SET_PDEATHSIG``): no QEMU outlives its harness.  Shutdown is
 layered: consoles closed, QMP ``quit``, SIGTERM, SIGKILL; the run directory is removed,
 the log directory (QEMU's output, both serial transcripts, the QMP event log) is kept.
+After a SIGKILL of the harness the run directory stays until the next ``Lab.up()`` reaps
+it (:func:`harness.runtime.reap_run_dirs`).
+
+Besides QMP and the two serial ports, QEMU serves its qtest protocol on
+``qtest.sock`` (only for :meth:`~harness.qmp.QmpSession.write_phys`: QMP has no command
+that writes guest memory); every such access is logged to ``qtest.log``.
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.console import CELL_FAILURES, ROOT_FAILURES, ConsoleError, SerialConsole
+from harness import runtime
+from harness.console import CELL_FAILURES, ROOT_FAILURES, SerialConsole
 from harness.errors import (
+    ConsoleError,
     GuestPanic,
     LaunchError,
     MachineDied,
@@ -55,6 +62,14 @@ PROBE_TIMEOUT = 60.0
 LAUNCH_TIMEOUT = 15.0
 #: Paravirtual KVM features hidden from the guest, as Jailhouse's QEMU recipe does.
 KVM_CPU_FEATURES = "-kvm-pv-eoi,-kvm-pv-ipi,-kvm-asyncpf,-kvm-steal-time,-kvmclock"
+#: The TCG CPU: ``max`` without XSAVE and the VEX-encoded extensions that need it. QEMU
+#: 7.2's TCG does not honour the SVM XSETBV intercept: a nested guest's XSETBV changes
+#: XCR0 without the exit KVM relies on, so KVM puts its stale XCR0 (x87 only) back at the
+#: guest's next entry and the guest's AVX code faults with #UD (Jailhouse's sse-demo,
+#: images/inmates demos/xsave.c). Linux keeps AVX in its CPU caps when CPUID lacks XSAVE
+#: (and KVM passes it on), so the AVX family goes too: the root cell, KVM and every cell
+#: then see a consistent CPU that announces nothing it cannot keep.
+TCG_CPU = "max,xsave=off,avx=off,avx2=off,fma=off,f16c=off,vaes=off"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -73,7 +88,9 @@ def qemu_version(binary: str) -> str:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL when the parent dies."""
+    """Runs in the child between fork and exec: SIGKILL when the parent dies; what QEMU
+    creates (its sockets, transcripts, memory dumps) is for this user only."""
+    os.umask(0o077)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -97,7 +114,7 @@ class AccelChoice:
         return ["-accel", self.accel, "-cpu", self.cpu]
 
 
-TCG = AccelChoice("tcg", "max", "")
+TCG = AccelChoice("tcg", TCG_CPU, "")
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,9 @@ class Machine:
             "-device", "ide-hd,drive=rootdisk,bus=ide.0",
             "-chardev", f"socket,id=qmp,path={run_dir / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
+            # guest memory writes from the host (QMP only reads); TCG/KVM still run the guest
+            "-qtest", f"unix:{run_dir / 'qtest.sock'},server=on,wait=off",
+            "-qtest-log", str(self.log_dir / "qtest.log"),
         ]
         for index in (0, 1):
             cmd += [
@@ -254,7 +274,7 @@ class Machine:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as rollback:
             rollback.callback(self._cleanup)
-            self.run_dir = Path(tempfile.mkdtemp(prefix=f"jhlab-{self.spec.name}-"))
+            self.run_dir = runtime.new_run_dir(self.spec.name)
             initrd = self.run_dir / "initrd.img"
             if self.incoming is not None:
                 shutil.copyfile(self.incoming.initrd, initrd)
@@ -344,7 +364,7 @@ class Machine:
     def _open_channels(self) -> None:
         assert self.run_dir is not None  # created by launch()
         self.qmp = QmpSession(self.run_dir / "qmp.sock", event_log=self.log_dir / "qmp-events.jsonl",
-                              name=f"{self.spec.name}-qmp")
+                              name=f"{self.spec.name}-qmp", qtest=self.run_dir / "qtest.sock")
         self.qmp.connect()
         self.qmp.events.subscribe(self._on_event)
         self.console = SerialConsole("serial0 (root console)", self.run_dir / "serial0.sock",
@@ -504,14 +524,14 @@ def choose_accel(requested: str, images: ImageSet, *, log_dir: Path) -> AccelCho
     probe boot of the lab kernel reaches the root cell in time and shows VMX/SVM inside,
     else TCG.  The choice and its reason are cached per host, QEMU and kernel."""
     if requested == "tcg":
-        return AccelChoice("tcg", "max", "asked for TCG")
+        return AccelChoice("tcg", TCG_CPU, "asked for TCG")
     kvm = AccelChoice("kvm", f"host,{KVM_CPU_FEATURES}", "")
     if requested == "kvm":
         return AccelChoice(kvm.accel, kvm.cpu, "asked for KVM")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return AccelChoice("tcg", "max", "no usable /dev/kvm on this host")
+        return AccelChoice("tcg", TCG_CPU, "no usable /dev/kvm on this host")
     if not _host_virt_flags():
-        return AccelChoice("tcg", "max", "the host CPU shows neither vmx nor svm, so KVM "
+        return AccelChoice("tcg", TCG_CPU, "the host CPU shows neither vmx nor svm, so KVM "
                            "could not offer nested virtualization to the root cell")
     binary = qemu_binary()
     cache = cache_dir() / "accel.json"
@@ -519,7 +539,8 @@ def choose_accel(requested: str, images: ImageSet, *, log_dir: Path) -> AccelCho
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(cache.read_text()).get(key)
         if known:
-            return AccelChoice(known["accel"], known["cpu"], known["reason"] + " (cached probe)")
+            cpu = TCG_CPU if known["accel"] == "tcg" else known["cpu"]
+            return AccelChoice(known["accel"], cpu, known["reason"] + " (cached probe)")
     choice = _probe_kvm(images, log_dir)
     with contextlib.suppress(OSError, ValueError):
         table = json.loads(cache.read_text()) if cache.exists() else {}
@@ -544,11 +565,11 @@ def _probe_kvm(images: ImageSet, log_dir: Path, timeout: float = PROBE_TIMEOUT) 
         reason = f"a KVM probe boot did not reach the root cell within {timeout:.0f} s"
         if Path("/sys/module/kvm_pvm").exists():
             reason += " (this host's /dev/kvm is PVM, which cannot boot a stock kernel)"
-        return AccelChoice("tcg", "max", reason)
+        return AccelChoice("tcg", TCG_CPU, reason)
     finally:
         probe.shutdown(hard=True)
     if not features & {"vmx", "svm"}:
-        return AccelChoice("tcg", "max", "KVM boots, but shows no vmx/svm inside "
+        return AccelChoice("tcg", TCG_CPU, "KVM boots, but shows no vmx/svm inside "
                            "(enable nested virtualization: kvm_intel/kvm_amd nested=1)")
     return AccelChoice("kvm", f"host,{KVM_CPU_FEATURES}",
                        f"KVM probe boot shows {' '.join(sorted(features))} inside")

@@ -1,7 +1,9 @@
-"""Commands in the root cell: over SSH (paramiko), or over the root console as fallback.
+r"""Commands in the root cell: over SSH (paramiko), or over the root console as fallback.
 
-Both shells return the same :class:`CommandResult` and raise :class:`CommandError` on a
-non-zero status when asked to check.  SSH uses the lab's own key pair (generated per lab
+Both shells are :class:`~harness.protocol.CommandRunner`\ s (:class:`SshShell` also a
+:class:`~harness.protocol.FileTransfer`): they return the same
+:class:`~harness.protocol.CommandResult` and raise :class:`~harness.errors.CommandError`
+on a non-zero status when asked to check.  SSH uses the lab's own key pair (generated per lab
 run directory) and pins the root file system's host key recorded at image build time.
 """
 
@@ -11,39 +13,15 @@ import logging
 import secrets
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 
-from harness.console import SerialConsole
 from harness.errors import CommandError, ConsoleError
+from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console
 
 LOG = logging.getLogger(__name__)
 COMMANDS_LOG = logging.getLogger("jhlab.commands")
-
-#: Default deadline of one command (seconds).
-COMMAND_TIMEOUT = 120.0
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a command in the root cell did."""
-
-    command: str
-    status: int
-    stdout: str
-    stderr: str = ""
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-    def check(self) -> CommandResult:
-        """Raise :class:`CommandError` unless the status is 0; return self."""
-        if self.status != 0:
-            raise CommandError(self.command, self.status, self.output)
-        return self
 
 
 def _log_result(via: str, result: CommandResult) -> None:
@@ -154,6 +132,17 @@ class SshShell:
         with self._client.open_sftp() as sftp, sftp.open(path, "rb") as remote:
             return bytes(remote.read())
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """An SFTP session on this connection (the caller closes it)."""
+        if self._client is None:
+            self.connect()
+        assert self._client is not None  # connect() sets it or raises
+        try:
+            return self._client.open_sftp()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise ConsoleError(f"ssh: cannot open an SFTP session: {exc}") from exc
+
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -169,7 +158,7 @@ class SerialShell:
 
     PROMPT = r"jhlab# "
 
-    def __init__(self, console: SerialConsole) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
         self._ready = False
 
@@ -195,7 +184,7 @@ class SerialShell:
             f"{wrapped} 2>&1; printf '\\n%s%d%s\\n' '<<{tag}:' \"$?\" ':{tag}>>'"
         )
         match = self.console.expect(rf"<<{tag}:(\d+):{tag}>>", timeout=timeout)
-        before = str(self.console._spawn.before).replace("\r", "")
+        before = self.console.before.replace("\r", "")
         output = before[:-1] if before.endswith("\n") else before
         result = CommandResult(command, int(match.group(1)), output)
         _log_result("serial", result)

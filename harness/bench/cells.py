@@ -33,7 +33,6 @@ import dataclasses
 import logging
 import re
 import shlex
-import subprocess
 import tempfile
 import threading
 import time
@@ -43,15 +42,15 @@ from typing import Final
 from harness.bench import Figure
 from harness.errors import ConsoleTimeout, JhlabError
 from harness.hvmodel.config import CellConfig, load_source
-from harness.images import RECIPES, ImageBuilder, compiled_configs
+from harness.images import ImageBuilder, compiled_configs
 from harness.lab import Lab
-from harness.ssh import CommandResult
+from harness.protocol import CommandResult, LabChannels
+from harness.recipes import build_inmates, find_recipes
 
 LOG = logging.getLogger(__name__)
 
 #: where the benchmark's files go in the root cell
 GUEST_DIR: Final = "/tmp/jhlab-bench"
-CELLS: Final = RECIPES / "inmates" / "cells"
 FIRST_LINE: Final = r"Hello from jhlab inmate"
 HELLO_DONE: Final = r"hello: (PASSED|FAILED)"
 #: the whole result line (up to its end: a verdict cut short would not parse)
@@ -102,12 +101,7 @@ def parse_pio_line(text: str) -> PioRun:
 
 def build_kvmloop(dest: Path) -> Path:
     """``make kvmloop`` of the inmates Makefile into ``dest``; the static binary."""
-    proc = subprocess.run(
-        ["make", "-s", "-C", str(RECIPES / "inmates"), f"O={dest}", "kvmloop"],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False,
-    )
-    if proc.returncode != 0:
-        raise JhlabError(f"building tools/kvmloop failed:\n{proc.stdout}{proc.stderr}")
+    build_inmates(dest, "kvmloop", timeout=BUILD_TIMEOUT)
     return dest / "tools" / "kvmloop"
 
 
@@ -120,9 +114,9 @@ class CellBench:
     :param lab: the lab (default lab: qemu-x86, the cells in ``images/inmates/cells``)
     """
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: LabChannels) -> None:
         self.lab = lab
-        pio = load_source(CELLS / "pio-loop.toml")
+        pio = load_source(find_recipes().cells / "pio-loop.toml")
         if not isinstance(pio, CellConfig):
             raise JhlabError("cells/pio-loop.toml is not a cell config")
         self.pio_cpu = min(pio.cpus)
@@ -132,10 +126,10 @@ class CellBench:
         self.run(f"mkdir -p {GUEST_DIR}")
         configs = compiled_configs()
         for name in ("qemu-x86.cell", "hello.cell", "pio-loop.cell"):
-            self.lab.ssh.put(configs[name], f"{GUEST_DIR}/{name}")
+            self.lab.put(configs[name], f"{GUEST_DIR}/{name}")
         for name in ("hello.bin", "pio-loop.bin"):
-            self.lab.ssh.put((inmates / name).read_bytes(), f"{GUEST_DIR}/{name}")
-        self.lab.ssh.put(kvmloop.read_bytes(), f"{GUEST_DIR}/kvmloop", mode=0o755)
+            self.lab.put((inmates / name).read_bytes(), f"{GUEST_DIR}/{name}")
+        self.lab.put(kvmloop.read_bytes(), f"{GUEST_DIR}/kvmloop", mode=0o755)
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
         return self.lab.run(command, timeout=timeout, check=True)

@@ -21,15 +21,14 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from harness.hvmodel.abi import Hypercall
 from harness.hvmodel.arch.oracle import OracleArch
 from harness.hvmodel.config import CellConfig, SystemConfig
 from harness.hvmodel.config.toml import load_source
 from harness.hvmodel.control import Hypervisor
+from harness.recipes import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 GOAL = 10_000.0
 
 

@@ -24,7 +24,9 @@ The device is the driver daemon's socket (:mod:`harness.hvmodel.ipc`); messages 
   let go) and waits until it listens, then sends the ioctl.
 
 jhlab additions: ``cell stats`` has a one-shot text mode (``-n``, and whenever stdout is
-not a terminal); ``config check``/``config show`` run :func:`harness.hvmodel.config.cli.main`;
+not a terminal); ``config check`` is Jailhouse's ``jailhouse-config-check``
+(:func:`harness.hvmodel.config.cli.jailhouse_config_check`), ``config show`` runs
+:func:`harness.hvmodel.config.cli.main`;
 ``hardware check`` checks what the executor needs. Not provided: ``cell linux``, ``config
 create``, ``config collect``. ``console -f`` ends (exit 0) when the daemon ends.
 
@@ -639,9 +641,12 @@ class Tool:
 
     def config(self, args: list[str]) -> int:
         """``jailhouse config check|show ...``."""
+        from .config.cli import jailhouse_config_check
         from .config.cli import main as config_main
 
         self.out.flush()
+        if args[0] == "check":  # Jailhouse's jailhouse-config-check, as Jailhouse execs it
+            return jailhouse_config_check(args[1:], prog="jailhouse config check")
         return config_main(args, prog=f"{self.prog} config")
 
     def cell_stats(self, args: list[str]) -> int:

@@ -9,18 +9,27 @@ a test can assert on events that already happened as well as wait for new ones::
         qmp.execute("cont")
         qmp.events.wait_for("GUEST_PANICKED", timeout=30)
         data = qmp.read_phys(0x3a600000, 4096)
+
+Hardware events from the host are helpers here: :meth:`QmpSession.system_powerdown`
+(the ACPI power button: an SCI in the guest), :meth:`~QmpSession.inject_nmi`,
+:meth:`~QmpSession.read_phys` / :meth:`~QmpSession.write_phys` (guest-physical
+memory), :meth:`~QmpSession.device_del` (PCI hot-unplug, waiting for the guest to let
+the device go).  A session on a lab's relay socket (:mod:`harness.qmp.relay`, the way a
+second process reaches a running lab) has them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +47,10 @@ T = TypeVar("T")
 COMMAND_TIMEOUT = 30.0
 #: Default deadline to connect to QEMU's QMP socket (seconds).
 CONNECT_TIMEOUT = 10.0
+#: The relay's command that writes guest-physical memory (``address``, ``data`` in base64).
+WRITE_PHYS_COMMAND = "jhlab-write-phys"
+#: Bytes per qtest write line (a line holds them base64-encoded).
+_QTEST_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -149,15 +162,19 @@ class QmpSession:
     Lifecycle: ``connect()`` → ``execute()``/helpers → ``close()`` (idempotent); usable
     as a context manager.
 
-    :param socket_path: QEMU's QMP unix socket
+    :param socket_path: QEMU's QMP unix socket, or a lab's relay socket
     :param event_log: file receiving every event as a JSON line
     :param name: used in log messages
+    :param qtest: QEMU's qtest socket, for :meth:`write_phys` (without it, memory writes
+        go to the relay's ``jhlab-write-phys`` command)
     """
 
     def __init__(self, socket_path: Path, *, event_log: Path | None = None,
-                 name: str = "qmp") -> None:
+                 name: str = "qmp", qtest: Path | None = None) -> None:
         self.socket_path = socket_path
         self.name = name
+        self.qtest = qtest
+        self._qtest_lock = threading.Lock()
         self.events = EventRecorder(log_path=event_log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -216,9 +233,12 @@ class QmpSession:
 
     async def _pump_events(self, listener: EventListener) -> None:
         async for message in listener:
-            stamp = message.get("timestamp", {})
+            stamp = message.get("timestamp")
+            data = message.get("data")
+            stamp = stamp if isinstance(stamp, Mapping) else {}
+            data = data if isinstance(data, Mapping) else {}
             qemu_time = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
-            self.events.record(str(message["event"]), message.get("data", {}), qemu_time)
+            self.events.record(str(message["event"]), data, qemu_time)
 
     def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
                 *, timeout: float = COMMAND_TIMEOUT) -> Any:
@@ -235,6 +255,25 @@ class QmpSession:
             raise QmpError(f"{self.name}: {command} failed: {exc.error_class}: {exc}") from exc
         except (QMPError, OSError) as exc:
             raise QmpError(f"{self.name}: {command} failed: {exc!r}") from exc
+
+    def reply(self, command: str, arguments: Mapping[str, Any] | None = None,
+              *, timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+        """Run a QMP command and return QEMU's reply object as it came (``{"return": ...}``
+        or ``{"error": {"class": ..., "desc": ...}}``, without ``id``), for relays and
+        command lines that pass errors on rather than raise them.
+
+        :raise QmpError: on a lost connection or the deadline
+        """
+        client = self._client
+        if client is None:
+            raise QmpError(f"{self.name}: not connected (execute {command})")
+        try:
+            value = self._run(client.execute(command, dict(arguments or {})), timeout, command)
+        except ExecuteError as exc:
+            return {key: val for key, val in exc.received.items() if key != "id"}
+        except (QMPError, OSError) as exc:
+            raise QmpError(f"{self.name}: {command} failed: {exc!r}") from exc
+        return {"return": value}
 
     def human(self, command_line: str, *, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run an HMP command through ``human-monitor-command``."""
@@ -290,6 +329,35 @@ class QmpSession:
             raise QmpError(f"pmemsave returned {len(data)} bytes, expected {size}")
         return data
 
+    def write_phys(self, address: int, data: bytes, *, timeout: float = COMMAND_TIMEOUT) -> None:
+        """Write ``data`` to guest-physical memory at ``address`` (RAM or device MMIO, as
+        a device's DMA would: no CPU sees it happen).
+
+        :raise QmpError: when QEMU refuses, or neither a qtest socket nor a relay is there
+        """
+        if self.qtest is None:
+            self.execute(WRITE_PHYS_COMMAND, {"address": address,
+                                              "data": base64.b64encode(data).decode()},
+                         timeout=timeout)
+            return
+        with self._qtest_lock, _qtest_connection(self.qtest, timeout) as qtest:
+            for offset in range(0, len(data), _QTEST_CHUNK):
+                chunk = data[offset:offset + _QTEST_CHUNK]
+                answer = qtest.command(f"b64write {address + offset:#x} {len(chunk):#x} "
+                                       f"{base64.b64encode(chunk).decode()}")
+                if answer != "OK":
+                    raise QmpError(f"{self.name}: writing {len(chunk)} bytes at "
+                                   f"{address + offset:#x} failed: qtest said {answer!r}")
+
+    def system_powerdown(self) -> None:
+        """Press the ACPI power button: the guest gets an SCI (power button fixed event)
+        and QEMU reports ``POWERDOWN``; what happens next is the guest's choice."""
+        self.execute("system_powerdown")
+
+    def inject_nmi(self) -> None:
+        """Send an NMI to the guest's CPUs (as the NMI button of a board would)."""
+        self.execute("inject-nmi")
+
     def pci_devices(self) -> list[dict[str, Any]]:
         """Every PCI function QEMU emulates, flattened over buses, with ``bdf`` text."""
         found: list[dict[str, Any]] = []
@@ -311,8 +379,51 @@ class QmpSession:
         self.execute("device_add", {"driver": driver, "id": device_id, **props})
 
     def device_del(self, device_id: str, *, timeout: float = COMMAND_TIMEOUT) -> None:
-        """Unplug a device and wait until QEMU reports it gone."""
+        """Unplug a device and wait until QEMU reports it gone (``DEVICE_DELETED``).
+
+        A PCI device in a hot-plug slot (behind the default lab's ``pcie-pci-bridge``,
+        edu for example) goes only once the guest's hot-plug driver has released it.
+        """
         mark = self.events.mark()
         self.execute("device_del", {"id": device_id})
         self.events.wait_for("DEVICE_DELETED", {"device": device_id}, timeout=timeout,
                              since=mark)
+
+
+class _QtestLine:
+    """One connection to QEMU's qtest socket: a command line out, an answer line in."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rwb")
+
+    def command(self, line: str) -> str:
+        self._file.write(line.encode() + b"\n")
+        self._file.flush()
+        answer = self._file.readline()
+        if not answer:
+            raise QmpError(f"qtest closed the connection after {line.split()[0]}")
+        return answer.decode().strip()
+
+
+@contextlib.contextmanager
+def _qtest_connection(path: Path, timeout: float) -> Iterator[_QtestLine]:
+    """A qtest connection (QEMU serves one at a time: a busy socket is waited for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(deadline - time.monotonic(), 0.1))
+        try:
+            sock.connect(str(path))
+            break
+        except OSError as exc:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise QmpError(f"cannot connect to QEMU's qtest socket {path}: {exc}") from exc
+            time.sleep(0.05)
+    try:
+        yield _QtestLine(sock)
+    except TimeoutError as exc:
+        raise QmpError(f"QEMU's qtest socket {path} did not answer within {timeout:.0f} s") from exc
+    finally:
+        sock.close()

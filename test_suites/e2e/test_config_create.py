@@ -15,18 +15,17 @@ from typing import Any
 
 import pytest
 
-import harness
 from harness.hvmodel.config import SystemConfig, check, load_source, parse
 from harness.hvmodel.config import collect as collect_module
 from harness.hvmodel.config.create import CreateOptions, CreateResult, create
 from harness.hvmodel.config.sysfs_parser import Facts, load_facts
 from harness.lab import Lab
+from harness.recipes import CONFIGS
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-REPO = Path(harness.__file__).resolve().parent.parent
-STORED = REPO / "test_suites" / "hvmodel" / "data" / "default-lab-facts.json"
-QEMU_X86 = Path(harness.__file__).parent / "configs" / "qemu-x86.toml"
+STORED = Path(__file__).resolve().parents[1] / "hvmodel" / "data" / "default-lab-facts.json"
+QEMU_X86 = CONFIGS / "qemu-x86.toml"
 GUEST_PYTHON = "PYTHONPATH=/opt/jhlab/lib python3"
 
 
@@ -93,7 +92,7 @@ def test_live_config_matches_the_stored_facts(live_doc: dict[str, Any]) -> None:
     live = create(Facts.from_json(live_doc, "<live>"), CreateOptions(ivshmem_from=template()))
     stored = create(load_facts(STORED), CreateOptions(ivshmem_from=template()))
     assert live.warnings == ()
-    report = check(live.config)
+    report = check(live.config, next_checks=True, extra=True)
     assert report.ok, [f.details for f in report.findings]
     assert portable(live) == portable(stored)
 

@@ -27,12 +27,11 @@ import pytest
 from harness.checked import CheckedJailhouse, Violation
 from harness.hvmodel.config import CellConfig, MemoryRegion, load_source
 from harness.lab import Lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-INMATES_SRC = REPO / "images" / "inmates"
+INMATES_SRC = find_recipes().inmates
 CELLS = INMATES_SRC / "cells"
 #: the command line's address in the cell (reference 5.3)
 CMDLINE = 0x1000
@@ -52,15 +51,8 @@ def cell_config(name: str) -> CellConfig:
 
 
 def serial1_since(lab: Lab, mark: int) -> list[str]:
-    """The cell console's lines (serial 1) since byte ``mark`` of its transcript."""
-    with open(lab.cell_console.transcript, "rb") as handle:
-        handle.seek(mark)
-        text = handle.read().decode("utf-8", "replace")
-    return [line for line in text.replace("\r", "").split("\n") if line]
-
-
-def serial1_mark(lab: Lab) -> int:
-    return lab.cell_console.transcript.stat().st_size
+    """The cell console's lines (serial 1) since ``mark``."""
+    return [line for line in lab.cell_console.since(mark).split("\n") if line]
 
 
 def in_order(lines: list[str], patterns: list[str]) -> list[re.Match[str]]:
@@ -200,7 +192,7 @@ def test_mmio_access(jailhouse: CheckedJailhouse, inmates: Path, lab: Lab) -> No
     jh.cell_create(CELLS / "mmio-access.toml")
     jh.cell_load("mmio-access", inmates / "mmio-access.bin")
     lab.cell_console.discard()
-    mark = serial1_mark(lab)
+    mark = lab.cell_console.mark()
     jh.cell_start("mmio-access")
 
     jh.expect_inmate(rf"mmio-access: testing MMIO instruction forms on 0x{TEST_REGISTER:x}", FIRST_LINE)
@@ -258,7 +250,7 @@ def test_ivshmem_pair(jailhouse: CheckedJailhouse, inmates: Path, lab: Lab) -> N
     for config in configs.values():
         jh.cell_load(config.name, inmates / "ivshmem.bin", strings=[("wait-ms=60000", CMDLINE)])
     lab.cell_console.discard()
-    mark = serial1_mark(lab)
+    mark = lab.cell_console.mark()
     # Peer 1 first; peer 2 once peer 1 waits for it (its interrupts are on by then).
     jh.cell_start(configs[1].name)
     jh.expect_inmate(r"ivshmem: waiting for peer 2", FIRST_LINE)

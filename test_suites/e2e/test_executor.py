@@ -19,8 +19,6 @@ import base64
 import dataclasses
 import json
 import re
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,12 +30,12 @@ import pytest
 from harness.hvmodel.config import CellConfig, SystemConfig, load_source
 from harness.hvmodel.cpus import cpu_set_from
 from harness.lab import Lab
-from harness.ssh import CommandResult
+from harness.protocol import CommandResult
+from harness.recipes import CONFIGS, build_inmates, find_recipes, missing_build_tools
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-INMATES = REPO / "images" / "inmates"
+CELLS = find_recipes().cells
 PID_FILE = "/tmp/jhlab-executor-test.pid"
 HOLDER_PID_FILE = "/tmp/jhlab-executor-test-holder.pid"
 CGROUP_GROUP = "/sys/fs/cgroup/jailhouse-root"
@@ -225,21 +223,20 @@ def guest_script(body: str, blobs: dict[str, bytes]) -> str:
 @pytest.fixture(scope="module")
 def inmates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """hello.bin and rogue.bin (with their maps), built once."""
-    missing = [t for t in ("make", "gcc", "ld", "objcopy") if not shutil.which(t)]
+    missing = missing_build_tools()
     if missing:
         pytest.skip(f"missing build tools: {', '.join(missing)}")
     out = tmp_path_factory.mktemp("inmates")
-    subprocess.run(["make", "-C", str(INMATES), f"O={out}", "hello", "rogue"],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    build_inmates(out, "hello", "rogue")
     return out
 
 
 @pytest.fixture(scope="module")
 def blobs(inmates: Path) -> dict[str, bytes]:
     """Configs and images the guest scripts get as constants."""
-    system = load_source(REPO / "harness/configs/qemu-x86.toml")
-    hello = load_source(INMATES / "cells/hello.toml")
-    rogue = load_source(INMATES / "cells/rogue.toml")
+    system = load_source(CONFIGS / "qemu-x86.toml")
+    hello = load_source(CELLS / "hello.toml")
+    rogue = load_source(CELLS / "rogue.toml")
     assert isinstance(system, SystemConfig)
     assert isinstance(hello, CellConfig) and isinstance(rogue, CellConfig)
     rogue = dataclasses.replace(

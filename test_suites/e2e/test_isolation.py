@@ -21,12 +21,11 @@ import pytest
 from harness.checked import CheckedJailhouse, Locks, Violation
 from harness.hvmodel.config import CellConfig, MemoryRegion, load_source
 from harness.lab import Lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-CELLS = REPO / "images" / "inmates" / "cells"
+CELLS = find_recipes().cells
 #: apic-timer's RAM (physical = its cell's ``phys_start``)
 APIC_TIMER_RAM = 0x3EF00000
 #: the second rogue's RAM and CPU (ivshmem-2's RAM window; not co-resident with it here)

@@ -22,22 +22,15 @@ import pytest
 
 from harness.checked import CheckedJailhouse, Locks, ValidationError
 from harness.lab import Lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-CELLS = REPO / "images" / "inmates" / "cells"
+CELLS = find_recipes().cells
 #: the counters of ``jailhouse cell stats`` on x86
 COUNTERS = {f"vmexits_{name}" for name in (
     "total", "mmio", "management", "hypercall", "pio", "xapic", "cr", "cpuid", "xsetbv",
     "exception", "msr_other", "msr_x2apic_icr")}
-
-
-def _serial0_since(lab: Lab, mark: int) -> str:
-    with open(lab.console.transcript, "rb") as handle:
-        handle.seek(mark)
-        return handle.read().decode("utf-8", "replace")
 
 
 @pytest.mark.kvm
@@ -52,12 +45,12 @@ def test_apic_timer_demo_on_kvm(jailhouse: CheckedJailhouse, inmates: Path, lab:
     assert created.view.cpus_allowed == "0-2"
     jh.cell_load("apic-timer", inmates / "apic-timer.bin")
     lab.cell_console.discard()
-    mark = lab.console.transcript.stat().st_size
+    mark = lab.console.mark()
     started = jh.cell_start("apic-timer", effects=[Locks("apic-timer")])
     assert re.search(r"\n1 +apic-timer +running/locked +3 ", started.view.cell_list)
     jh.expect_inmate(r"Timer fired, jitter: *\d+ ns", timeout=120)
     jh.expect_inmate(r"Timer fired, jitter: *\d+ ns", timeout=30)
-    assert "Timer fired" not in _serial0_since(lab, mark)
+    assert "Timer fired" not in lab.console.since(mark)
 
     assert set(jh.stats("apic-timer")) == COUNTERS
     refused = jh.cell_shutdown("apic-timer", expect="EPERM")
@@ -78,7 +71,7 @@ def test_jailhouse_apic_demo_config(jailhouse: CheckedJailhouse, inmates: Path, 
     statistics and the console ring included; the scripted cell refuses its first
     shutdown as apic-demo does."""
     jh = jailhouse
-    mark = lab.console.transcript.stat().st_size
+    mark = lab.console.mark()
     jh.enable(CONFIGS / "qemu-x86.toml")
     jh.cell_create(CONFIGS / "apic-demo.toml")
     jh.cell_load("apic-demo", inmates / "apic-timer.bin", strings=[("count=5", 0x1000)])
@@ -88,7 +81,7 @@ def test_jailhouse_apic_demo_config(jailhouse: CheckedJailhouse, inmates: Path, 
     jh.cell_shutdown("apic-demo")
     jh.cell_destroy("apic-demo")
     jh.disable()
-    console = _serial0_since(lab, mark).replace("\r", "")
+    console = lab.console.since(mark).replace("\r", "")
     assert re.search(r'Created cell "apic-demo"\n.*Started cell "apic-demo"\n.*'
                      r'Closing cell "apic-demo"\n.*Shutting down hypervisor\n', console, re.S)
 

@@ -21,12 +21,11 @@ import pytest
 
 from harness.checked import CheckedJailhouse, Locks
 from harness.hvmodel.config import CellConfig, Irqchip, MemoryRegion, load_source
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-CELLS = REPO / "images" / "inmates" / "cells"
+CELLS = find_recipes().cells
 #: offset of ``cpu_set_size`` in ``struct jailhouse_cell_desc``
 CPU_SET_SIZE_OFFSET = 48
 

@@ -27,12 +27,11 @@ from harness.checked import CheckedJailhouse, Violation
 from harness.hvmodel.config import CellConfig, load_source
 from harness.lab import Lab
 from harness.labfile import NetdevSpec, load_lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-CELLS = REPO / "images" / "inmates" / "cells"
+CELLS = find_recipes().cells
 #: the edu and e1000e cells' RAM (their cell configs' phys_start of virt 0)
 CELL_RAM = 0x3EE00000
 EDU = "0000:01:01.0"
@@ -77,7 +76,7 @@ def nic_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     lab's private network namespace."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
-    from harness.pytest_plugin import log_root
+    from harness.pytest_plugin.common import log_root
 
     spec = dataclasses.replace(load_lab("default"), name="nic", netdevs=(
         NetdevSpec(id="lan", type="tap", address=f"{HOST_END}/24"),))

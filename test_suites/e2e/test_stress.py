@@ -19,12 +19,11 @@ import pytest
 
 from harness.checked import CheckedJailhouse
 from harness.hvmodel.config import CellConfig, CellFlags, load_source
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
-CELLS = REPO / "images" / "inmates" / "cells"
+CELLS = find_recipes().cells
 CYCLES = 20
 WARM_UP = 2
 #: RSS growth tolerated over the 20 cycles (allocator noise, not per-cycle growth)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,17 +40,20 @@ def test_compile_default_output(tmp_path: Path) -> None:
 
 
 def test_check_clean_and_findings(cells: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """check exits 0 on a clean set, 1 on findings (apic + linux share CPU 3)."""
+    """check exits 0 on a clean set; apic + linux share CPU 3, which only --next finds,
+    and jhlab's checks (--jhlab) find nothing more in this set."""
     sys_cell, apic = str(cells / "qemu-x86.cell"), str(cells / "apic-demo.cell")
+    linux = str(cells / "linux-x86-demo.cell")
     assert main(["check", sys_cell, apic]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Reading configuration set:\n  Architecture:  x86\n")
     assert f"  Non-root cell: apic-demo ({apic})\n" in out
-    assert main(["check", sys_cell, apic, str(cells / "linux-x86-demo.cell")]) == 1
+    assert main(["check", sys_cell, apic, linux]) == 0
+    assert "CPU" not in capsys.readouterr().out
+    assert main(["check", "--next", sys_cell, apic, linux]) == 1
     assert "share CPUs:\n3\n" in capsys.readouterr().out
-    assert main(["check", "--no-next", "--jailhouse-only", sys_cell, apic,
-                 str(cells / "linux-x86-demo.cell")]) == 0
-    assert "Invalid CPU assignments" not in capsys.readouterr().out
+    assert main(["check", "--jhlab", sys_cell, apic, linux]) == 0
+    assert "Invalid CPU assignments: None\n" in capsys.readouterr().out
 
 
 def test_check_takes_toml_sources(capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,12 +64,21 @@ def test_check_takes_toml_sources(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_check_wrong_kinds(cells: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A cell as system config, or a system config as cell, is a one-line error."""
-    assert main(["check", str(cells / "apic-demo.cell")]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Not a root cell configuration" in err
-    assert main(["check", str(cells / "qemu-x86.cell"), str(cells / "qemu-x86.cell")]) == 1
-    assert "Not a cell configuration" in capsys.readouterr().err
+    """A cell as system config, or a system config as cell: the tool's refusal, one line;
+    with --jhlab, jhlab's."""
+    apic, sys_cell = str(cells / "apic-demo.cell"), str(cells / "qemu-x86.cell")
+    assert main(["check", apic]) == 1
+    assert capsys.readouterr().err == f"Not a root cell configuration: {apic}\n"
+    assert main(["check", sys_cell, sys_cell]) == 1
+    assert capsys.readouterr().err == f"Not a cell configuration: {sys_cell}\n"
+    assert main(["check", "--jhlab", apic]) == 1
+    assert capsys.readouterr().err == \
+        f"python3 -m harness.hvmodel.config: {apic}: not a system configuration\n"
+    assert main(["check", "--jhlab", sys_cell, sys_cell]) == 1
+    assert capsys.readouterr().err == \
+        f"python3 -m harness.hvmodel.config: {sys_cell}: not a cell configuration\n"
+    assert main(["check", str(cells / "missing.cell")]) == 1
+    assert "missing.cell: cannot read: No such file or directory" in capsys.readouterr().err
 
 
 def test_show_text_and_json(cells: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,11 +119,20 @@ def test_errors_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_module_entry_point(tmp_path: Path) -> None:
-    """``python3 -m harness.hvmodel.config`` works with the standard library alone."""
-    result = subprocess.run(
-        [sys.executable, "-I", "-m", "harness.hvmodel.config", "compile",
-         str(CONFIGS_DIR / "tiny-demo.toml"), "-o", str(tmp_path / "t.cell")],
-        cwd=REPO, capture_output=True, text=True, check=False, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    """``python3 -m harness.hvmodel.config`` works with the standard library alone: no site
+    packages (``-S``: the venv's, where jhlab and its dependencies are installed, are not
+    seen), the checkout found through PYTHONPATH only."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+    probe = subprocess.run([sys.executable, "-S", "-c", "import rich"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, check=False, timeout=60)
+    assert probe.returncode == 1 and "No module named 'rich'" in probe.stderr
+    for args in (["compile", str(CONFIGS_DIR / "tiny-demo.toml"), "-o", str(tmp_path / "t.cell")],
+                 ["check", "--next", "--jhlab", str(CONFIGS_DIR / "qemu-x86.toml"),
+                  str(tmp_path / "t.cell")]):
+        result = subprocess.run(
+            [sys.executable, "-S", "-m", "harness.hvmodel.config", *args], env=env,
+            cwd=tmp_path, capture_output=True, text=True, check=False, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
     assert (tmp_path / "t.cell").stat().st_size == 228
+    assert "Non-root cell: tiny-demo" in result.stdout

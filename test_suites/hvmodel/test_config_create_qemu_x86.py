@@ -307,10 +307,10 @@ def test_generated_passes_check_with_the_demo_cells(generated: CreateResult) -> 
     def cell(name: str) -> Any:
         return load_source(configs / f"{name}.toml")
 
-    assert check(generated.config).ok
+    assert check(generated.config, next_checks=True, extra=True).ok
     for names in (["apic-demo", "tiny-demo"], ["ivshmem-demo", "linux-x86-demo"],
                   ["apic-demo", "pci-demo"]):
-        report = check(generated.config, [cell(n) for n in names])
+        report = check(generated.config, [cell(n) for n in names], next_checks=True, extra=True)
         assert report.ok, (names, [f.details for f in report.findings])
 
 

@@ -563,7 +563,9 @@ def test_concurrent_enables_start_one_daemon(jh: Setup, files: Files) -> None:
 
 
 def test_config_commands_delegate_to_the_config_cli(jh: Setup, files: Files) -> None:
-    """``config check`` and ``config show`` are hvmodel's config CLI named ``jailhouse config``."""
+    """``config check`` is Jailhouse's ``jailhouse-config-check`` (usage named ``jailhouse
+    config check``, no jhlab options); ``config show`` is hvmodel's config CLI named
+    ``jailhouse config``."""
     module = [sys.executable, "-m", "harness.hvmodel.config"]
     for args in (["check", files.system, files.apic], ["show", files.apic]):
         expected = subprocess.run([*module, *args], env=jh.env, capture_output=True, text=True,
@@ -573,7 +575,10 @@ def test_config_commands_delegate_to_the_config_cli(jh: Setup, files: Files) -> 
             (expected.returncode, expected.stdout, expected.stderr)
     result = jh.jailhouse("config", "check", "--help")
     assert result.returncode == 0
-    assert result.stdout.startswith("usage: jailhouse config check ")
+    assert result.stdout.startswith("usage: jailhouse config check [-h] SYSCONFIG [CELLCONFIG ...]\n")
+    result = jh.jailhouse("config", "check", "--next", files.system)
+    assert result.returncode == 2
+    assert result.stderr.endswith("jailhouse config check: error: unrecognized arguments: --next\n")
     result = jh.jailhouse("config", "show", "/nonexistent.cell")
     assert result.returncode == 1
     assert result.stderr.startswith("jailhouse config: /nonexistent.cell")

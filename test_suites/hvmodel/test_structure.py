@@ -207,16 +207,22 @@ def test_circle_finder(edges: dict[str, set[str]], expected: list[set[str]]) -> 
     assert sorted(sorted(circle) for circle in _circles(edges)) == sorted(sorted(c) for c in expected)
 
 
-def _module_level_names(tree: ast.Module) -> list[tuple[int, str]]:
-    """Names a module binds at its top level by assignment, ``def`` or ``class``."""
+def _module_level_facts(tree: ast.Module) -> list[tuple[int, str]]:
+    """What a module defines at its top level that could be an ABI fact: constants and
+    functions, and classes that are enums or dataclasses (a protocol message class that
+    happens to be called ``Reply`` is not a copy of :class:`~harness.hvmodel.abi.Reply`)."""
     found: list[tuple[int, str]] = []
     for node in tree.body:
         if isinstance(node, ast.Assign):
             found += [(node.lineno, t.id) for t in node.targets if isinstance(t, ast.Name)]
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             found.append((node.lineno, node.target.id))
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        elif isinstance(node, ast.FunctionDef):
             found.append((node.lineno, node.name))
+        elif isinstance(node, ast.ClassDef):
+            kinds = " ".join(ast.unparse(item) for item in (*node.bases, *node.decorator_list))
+            if "Enum" in kinds or "Flag" in kinds or "dataclass" in kinds:
+                found.append((node.lineno, node.name))
     return found
 
 
@@ -227,7 +233,8 @@ def test_abi_modules_define_each_name_once() -> None:
 
 
 def test_no_module_redefines_an_abi_name() -> None:
-    """Every module of ``harness`` imports the ABI facts; none binds an ABI name itself."""
+    """Every module of ``harness`` imports the ABI facts; none defines one again under the
+    ABI's name."""
     names = set(abi.__all__)
     redefined = []
     for path in sorted(HARNESS.rglob("*.py")):
@@ -236,7 +243,7 @@ def test_no_module_redefines_an_abi_name() -> None:
         tree = ast.parse(path.read_text(), str(path))
         redefined += [
             f"{path.relative_to(HARNESS.parent)}:{line}: {name}"
-            for line, name in _module_level_names(tree)
+            for line, name in _module_level_facts(tree)
             if name in names
         ]
     assert redefined == []

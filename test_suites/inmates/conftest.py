@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from inmates_helpers import make
+
+from harness.recipes import build_inmates, missing_build_tools
 
 
 @pytest.fixture(scope="session")
 def toolchain() -> None:
-    """Skip when the build tools are missing (gcc, ld, objcopy, make)."""
-    missing = [tool for tool in ("make", "gcc", "ld", "objcopy", "nm") if not shutil.which(tool)]
+    """Skip when the build tools are missing (gcc, ld, objcopy, nm, make)."""
+    missing = missing_build_tools()
     if missing:
         pytest.skip(f"missing build tools: {', '.join(missing)}")
 
@@ -21,6 +21,6 @@ def toolchain() -> None:
 def build_dir(tmp_path_factory: pytest.TempPathFactory, toolchain: None) -> Path:
     """Every demo image plus tools/kvmrun, built once."""
     out = tmp_path_factory.mktemp("inmates")
-    make(out)
-    make(out, "kvmrun")
+    build_inmates(out)
+    build_inmates(out, "kvmrun")
     return out

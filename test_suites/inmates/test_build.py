@@ -7,7 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from inmates_helpers import DEMOS, INMATES_DIR, make
+
+from harness.recipes import build_inmates, find_recipes
+
+INMATES_DIR = find_recipes().inmates
+DEMOS = find_recipes().demos()
 
 CELL_RAM = 0x100000
 STACK_AND_HEAP_RESERVE = 0x10000
@@ -16,7 +20,7 @@ STACK_AND_HEAP_RESERVE = 0x10000
 def test_build_is_reproducible(tmp_path: Path, build_dir: Path) -> None:
     """A second build in another directory gives the same .bin, .elf and .map bytes."""
     other = tmp_path / "second"
-    make(other)
+    build_inmates(other)
     for demo in DEMOS:
         for suffix in (".bin", ".elf", ".map"):
             first = (build_dir / f"{demo}{suffix}").read_bytes()
@@ -62,7 +66,7 @@ def test_image_layout(build_dir: Path, demo: str) -> None:
 
 def test_sizes_are_reported(build_dir: Path) -> None:
     """``make sizes`` lists every demo with its byte count."""
-    out = make(build_dir, "sizes").stdout
+    out = build_inmates(build_dir, "sizes")
     for demo in DEMOS:
         size = (build_dir / f"{demo}.bin").stat().st_size
         assert re.search(rf"^{re.escape(demo)}\.bin\s+{size} bytes$", out, re.MULTILINE), out
@@ -71,5 +75,5 @@ def test_sizes_are_reported(build_dir: Path) -> None:
 def test_library_formatter_and_cmdline_on_host(build_dir: Path) -> None:
     """printk's formatter matches the C library's snprintf; the command-line parser
     follows Jailhouse's syntax (images/inmates/tools/host_lib_test.c)."""
-    out = make(build_dir, "host-test").stdout
+    out = build_inmates(build_dir, "host-test")
     assert re.search(r"^\d+ passed, 0 failed$", out, re.MULTILINE), out

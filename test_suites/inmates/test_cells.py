@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from inmates_helpers import DEMOS, INMATES_DIR
 
 from harness.hvmodel.abi import COMM_REGION_BASE, PAGE_SIZE, CellFlags, ConsoleType, MemFlags
+from harness.hvmodel.config import CellConfig
 from harness.hvmodel.config import toml as toml_config
+from harness.recipes import find_recipes
 
-CELLS_DIR = INMATES_DIR / "cells"
+DEMOS = find_recipes().demos()
+CELLS_DIR = find_recipes().cells
 SOURCES = sorted(CELLS_DIR.glob("*.toml"))
 
 INMATE_RAM = range(0x3A600000, 0x3F000000)
@@ -35,6 +37,7 @@ def test_cell_config(source: Path) -> None:
     region at 0x100000; console 8250 on ttyS1 with 0x2f8/8 whitelisted; flags fit the
     demo; the compiled blob has the cell signature and revision 14."""
     cell = toml_config.load_source(source)
+    assert isinstance(cell, CellConfig)
     blob = cell.to_bytes()
     assert blob[:5] == b"JHCLL" and int.from_bytes(blob[6:8], "little") == 14
     assert cell.name == source.stem
@@ -69,6 +72,7 @@ def test_co_resident_pairs_do_not_overlap() -> None:
     for first, second in (("apic-timer", "hello"), ("ivshmem", "ivshmem-2")):
         a = toml_config.load_source(CELLS_DIR / f"{first}.toml")
         b = toml_config.load_source(CELLS_DIR / f"{second}.toml")
+        assert isinstance(a, CellConfig) and isinstance(b, CellConfig)
         assert not set(a.cpus) & set(b.cpus)
         ram_a = next(r for r in a.memory_regions if r.virt_start == 0 and r.size)
         ram_b = next(r for r in b.memory_regions if r.virt_start == 0 and r.size)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,12 @@ import pytest
 from harness.console import ConsoleFailure
 from harness.errors import GuestPanic, LaunchError, MachineDied, MachineError
 from harness.hvmodel.config import SystemConfig, load_source
-from harness.images import REPO_ROOT, check_kernel_config
+from harness.images import check_kernel_config
 from harness.lab import Lab
+from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-CONFIGS = REPO_ROOT / "harness" / "configs"
 WINDOW = 0x3A000000  # start of the default lab's reserved window (memmap=82M$0x3a000000)
 
 
@@ -114,7 +115,7 @@ def test_kernel_matches_config_fragment(lab: Lab) -> None:
     release = lab.run("uname -r", check=True).stdout.strip()
     assert lab.summary is not None and release == lab.summary.kernel
     config = lab.run(f"cat /boot/config-{release}", check=True).stdout
-    fragment = (REPO_ROOT / "kernel_configs" / "root-cell.config").read_text()
+    fragment = (find_recipes().kernel_configs / "root-cell.config").read_text()
     assert check_kernel_config(fragment, config) == []
 
 
@@ -143,7 +144,7 @@ def test_serial_fallback_runs_commands(lab: Lab) -> None:
     assert result.stdout.splitlines() == ["hello", "oops"]
 
 
-def test_guest_panic_is_reported_at_once(lab_factory) -> None:
+def test_guest_panic_is_reported_at_once(lab_factory: Callable[..., Lab]) -> None:
     """A panicking guest ends a console wait immediately with the panic's tail, and a
     dead QEMU is reported as such."""
     crashing = lab_factory()
@@ -161,15 +162,18 @@ def test_guest_panic_is_reported_at_once(lab_factory) -> None:
     with pytest.raises(MachineError, match="panicked"):
         crashing.run("true")
     # a VM that dies: QEMU killed behind the harness's back
-    assert crashing.machine is not None and crashing.machine.pid is not None
-    os.kill(crashing.machine.pid, signal.SIGKILL)
+    assert crashing.machine is not None and crashing.machine.process is not None
+    os.kill(crashing.machine.process.pid, signal.SIGKILL)
     crashing.machine.process.wait(10)
     with pytest.raises(MachineDied, match="QEMU exited"):
         crashing.machine.check_alive()
 
 
-def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path, request) -> None:
-    """QEMU dies with the process that launched it, even on SIGKILL."""
+def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """QEMU dies with the process that launched it, even on SIGKILL; the run directory it
+    leaves is reaped (as the next Lab.up does), so the test run leaves nothing behind."""
+    from harness import runtime
+
     accel = request.config.getoption("--accel") or "auto"
     script = f"""
 import pathlib, time
@@ -181,12 +185,13 @@ log = pathlib.Path({str(tmp_path)!r})
 machine = Machine(load_lab("default"), images, choose_accel({accel!r}, images, log_dir=log),
                   log_dir=log)
 machine.launch()
-print(machine.pid, flush=True)
+print(machine.pid, machine.run_dir, flush=True)
 time.sleep(600)
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    qemu_pid = int(proc.stdout.readline())
+    pid, run_dir = proc.stdout.readline().split()
+    qemu_pid = int(pid)
     assert _alive(qemu_pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -194,6 +199,9 @@ time.sleep(600)
     while _alive(qemu_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(qemu_pid)
+    assert Path(run_dir).exists()  # no cleanup ran in the killed process
+    assert Path(run_dir) in runtime.reap_run_dirs()
+    assert not Path(run_dir).exists()
 
 
 def _alive(pid: int) -> bool:
@@ -220,14 +228,25 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_reset_restores_the_snapshot(lab: Lab) -> None:
     """A reset brings back the saved state: files written later are gone, the consoles,
-    QMP and ssh work again on the restored machine, and devices QEMU cannot migrate
+    QMP (the lab's own and its relay for other processes) and ssh work again on the
+    restored machine, and devices QEMU cannot migrate
     (``edu``) decode their BARs again where the guest had put them."""
+    from harness.qmp import QmpSession
+
     token = secrets.token_hex(4)
     lab.run(f"echo {token} > /root/reset-marker", check=True)
     old_pid = lab.machine.pid if lab.machine else None
     lab.snapshot()
     lab.run("echo changed > /root/reset-marker; touch /root/after-snapshot", check=True)
-    lab.reset()
+    assert lab.run_dir is not None
+    other = QmpSession(lab.run_dir / "qmp.sock", name="another process's view")  # the relay
+    other.connect()
+    try:
+        lab.reset()
+        assert other.status() == "running"  # the relay follows the restored QEMU
+        assert other.execute("query-name") == {"name": f"jhlab-{lab.spec.name}"}
+    finally:
+        other.close()
     assert lab.machine is not None and lab.machine.pid != old_pid
     assert lab.run("cat /root/reset-marker", check=True).stdout.strip() == token
     assert lab.run("test -e /root/after-snapshot").status == 1
@@ -252,7 +271,7 @@ def test_kvm_probe_boot_decides_from_what_the_guest_shows(tmp_path: Path) -> Non
     """The probe really boots the lab kernel on KVM; it picks KVM only if the root cell
     comes up and shows vmx/svm, and otherwise falls back to TCG saying why."""
     from harness.images import ImageBuilder
-    from harness.machine import _host_virt_flags, _probe_kvm
+    from harness.machine import TCG_CPU, _host_virt_flags, _probe_kvm
 
     images = ImageBuilder(quiet=True).build()
     choice = _probe_kvm(images, tmp_path, timeout=20)
@@ -260,7 +279,7 @@ def test_kvm_probe_boot_decides_from_what_the_guest_shows(tmp_path: Path) -> Non
     if choice.accel == "kvm":
         assert {"vmx", "svm"} & set(choice.reason.split())
     else:
-        assert choice.cpu == "max" and choice.reason
+        assert choice.cpu == TCG_CPU and choice.reason
         if not _host_virt_flags():
             assert "did not reach the root cell" in choice.reason or "no vmx/svm" in choice.reason
     assert not list(Path("/tmp").glob("jhlab-kvm-probe-*"))

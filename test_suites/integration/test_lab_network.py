@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 
+from harness.lab import Lab
 from harness.labfile import NetdevSpec, load_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -18,7 +20,7 @@ GUEST_END = "192.168.77.2"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-def test_e1000e_reaches_the_host_end_in_the_private_namespace(lab_factory) -> None:
+def test_e1000e_reaches_the_host_end_in_the_private_namespace(lab_factory: Callable[..., Lab]) -> None:
     """Frames cross between the root cell's e1000e and the namespace, counted on both
     sides; the namespace is invisible to the host's own network stack."""
     spec = load_lab("default")

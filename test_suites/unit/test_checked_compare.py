@@ -4,12 +4,10 @@ console matcher, the tool output the oracle predicts, expectations, effects on t
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 
 import pytest
 
 from harness.checked import (
-    _KERNEL_LINE,
     EXECUTOR_EXCLUSIONS,
     CheckedJailhouse,
     Difference,
@@ -18,16 +16,12 @@ from harness.checked import (
     Oracle,
     ValidationError,
     Violation,
-    _check_expectation,
-    _missing_lines,
-    _parse_stats,
-    _render_stats,
-    _tool_output,
 )
+from harness.checked.compare import KERNEL_LINE, missing_lines, parse_stats, render_stats
+from harness.checked.oracle import tool_output
+from harness.checked.report import check_expectation
 from harness.hvmodel.config import load_source
-
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
+from harness.recipes import CONFIGS
 
 
 def test_difference_is_a_unified_diff_naming_both_sides() -> None:
@@ -69,11 +63,11 @@ def test_console_lines_match_in_order_as_a_subsequence() -> None:
     line is reported alone."""
     seen = ["jhlab# Created cell \"a\"", "noise", "Started cell \"a\"", "Created cell \"a\"",
             "Started cell \"a\""]
-    assert _missing_lines(["Created cell \"a\"", "Started cell \"a\""] * 2, seen) == []
-    assert _missing_lines(["Started cell \"a\"", "Created cell \"a\"", "Created cell \"a\""], seen) == [
+    assert missing_lines(["Created cell \"a\"", "Started cell \"a\""] * 2, seen) == []
+    assert missing_lines(["Started cell \"a\"", "Created cell \"a\"", "Created cell \"a\""], seen) == [
         "Created cell \"a\""]
     broken = ["Created cell \"a\"", "Started cell \"[a\"", "Closing cell \"a\""]
-    assert _missing_lines(["Created cell \"a\"", "Started cell \"a\"", "Closing cell \"a\""], broken) == [
+    assert missing_lines(["Created cell \"a\"", "Started cell \"a\"", "Closing cell \"a\""], broken) == [
         "Started cell \"a\""]
 
 
@@ -82,44 +76,44 @@ def test_a_character_the_uart_repeated_is_tolerated() -> None:
     text is compared through the console ring); a different figure still does."""
     line = "Page pool usage after late setup: mem %s/1472, remap 65602/131072"
     wanted = [line % "50"]
-    assert _missing_lines(wanted, [line.replace("mem ", "mem  ") % "50"]) == []
-    assert _missing_lines(wanted, [line % "51"]) == wanted
+    assert missing_lines(wanted, [line.replace("mem ", "mem  ") % "50"]) == []
+    assert missing_lines(wanted, [line % "51"]) == wanted
 
 
 def test_kernel_lines_are_taken_out_of_the_console() -> None:
     """Whole kernel lines (``[ time] ...``) between hypervisor lines are ignored."""
     text = "Created cell \"a\"\r\n[   42.208021] The Jailhouse is opening.\r\nStarted cell \"a\"\r\n"
-    assert _KERNEL_LINE.sub("", text) == "Created cell \"a\"\r\nStarted cell \"a\"\r\n"
+    assert KERNEL_LINE.sub("", text) == "Created cell \"a\"\r\nStarted cell \"a\"\r\n"
 
 
 def test_tool_output_is_what_jailhouse_prints() -> None:
     """perror() of the ioctl for errors, nothing on success, the device error without a
     driver."""
-    assert _tool_output("create", 0, None) == (0, "", "")
-    assert _tool_output("create", -errno.EEXIST, None) == (1, "", "JAILHOUSE_CELL_CREATE: File exists\n")
-    assert _tool_output("shutdown", -errno.EPERM, None) == (
+    assert tool_output("create", 0, None) == (0, "", "")
+    assert tool_output("create", -errno.EEXIST, None) == (1, "", "JAILHOUSE_CELL_CREATE: File exists\n")
+    assert tool_output("shutdown", -errno.EPERM, None) == (
         1, "", "JAILHOUSE_CELL_LOAD: Operation not permitted\n")
-    assert _tool_output("start", -errno.ENOENT, errno.ENOENT) == (
+    assert tool_output("start", -errno.ENOENT, errno.ENOENT) == (
         1, "", "opening /dev/jailhouse: No such file or directory\n")
 
 
 def test_expectations_by_name_or_number() -> None:
     """``expect`` takes 0, an errno number or name, or None."""
-    _check_expectation("s", 0, 0)
-    _check_expectation("s", "EEXIST", -errno.EEXIST)
-    _check_expectation("s", errno.EBUSY, -errno.EBUSY)
-    _check_expectation("s", None, -errno.EIO)
+    check_expectation("s", 0, 0)
+    check_expectation("s", "EEXIST", -errno.EEXIST)
+    check_expectation("s", errno.EBUSY, -errno.EBUSY)
+    check_expectation("s", None, -errno.EIO)
     with pytest.raises(ExpectationError, match="s: expected success, guest and oracle both gave EPERM"):
-        _check_expectation("s", 0, -errno.EPERM)
+        check_expectation("s", 0, -errno.EPERM)
 
 
 def test_stats_rendering_round_trips() -> None:
     """The stats text is the tool's layout, biggest counter first."""
-    text = _render_stats("apic-demo", {"vmexits_total": 5, "vmexits_pio": 2, "vmexits_mmio": 0})
+    text = render_stats("apic-demo", {"vmexits_total": 5, "vmexits_pio": 2, "vmexits_mmio": 0})
     lines = text.splitlines()
     assert lines[0] == "Statistics for apic-demo cell" and lines[1] == ""
     assert lines[3].startswith("vmexits_total") and lines[3].endswith("         5")
-    assert _parse_stats(text) == {"vmexits_total": 5, "vmexits_pio": 2, "vmexits_mmio": 0}
+    assert parse_stats(text) == {"vmexits_total": 5, "vmexits_pio": 2, "vmexits_mmio": 0}
 
 
 def test_oracle_follows_the_daemons_life_and_effects() -> None:

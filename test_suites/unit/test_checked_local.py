@@ -8,9 +8,6 @@ root CPUs, PCI bindings (a fake device folder), console lines; and an injected f
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,85 +20,31 @@ from harness.checked import (
     ValidationError,
 )
 from harness.errors import JhlabError
-from harness.ssh import CommandResult
+from harness.fake import LocalRootCell
+from harness.recipes import CONFIGS, find_recipes
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "harness" / "configs"
 IMAGE = bytes(range(256)) * 16
 
 
-class _Ssh:
-    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
-        Path(path).write_bytes(data)
-        os.chmod(path, mode)
-
-
-class _Console:
-    def __init__(self, transcript: Path) -> None:
-        self.transcript = transcript
-        self.name = "fake console"
-
-
-class LocalLab:
-    """A stand-in for :class:`harness.lab.Lab` whose root cell is this host (commands run
-    with ``sh -c`` here; files are local)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ssh = _Ssh()
-        self.console = _Console(root / "console.log")
-        self.cell_console = _Console(root / "cell.log")
-        self.qmp = None
-
-    def run(self, command: str, *, timeout: float = 120.0, check: bool = False,
-            stdin: str | None = None) -> CommandResult:
-        done = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, text=True,
-                              timeout=timeout, check=False)
-        result = CommandResult(command, done.returncode, done.stdout, done.stderr)
-        return result.check() if check else result
-
-
 @pytest.fixture
-def local(tmp_path: Path) -> Iterator[tuple[LocalLab, dict[str, object]]]:
-    """A local "root cell": the guest tools in ``tools/`` (``bin/jailhouse``, ``lib/harness``
-    pointing at this checkout), a run directory, a fake PCI folder."""
-    tools = tmp_path / "tools"
-    (tools / "bin").mkdir(parents=True)
-    (tools / "lib").mkdir()
-    shutil.copy2(REPO / "images" / "guest" / "bin" / "jailhouse", tools / "bin" / "jailhouse")
-    (tools / "lib" / "harness").symlink_to(REPO / "harness")
-    pci = tmp_path / "pci"
-    for address, driver in (("0000:00:02.0", "e1000e"), ("0000:00:05.0", None)):
-        (pci / address).mkdir(parents=True)
-        if driver:
-            (tmp_path / "drivers" / driver).mkdir(parents=True)
-            (pci / address / "driver").symlink_to(tmp_path / "drivers" / driver)
-    (tmp_path / "console.log").touch()
-    lab = LocalLab(tmp_path)
-    options: dict[str, object] = {
-        "tools": str(tools), "run_dir": str(tmp_path / "run"), "files": str(tmp_path / "files"),
-        "pci_root": str(pci), "cpuset": str(tmp_path / "no-cpuset"),
-        "daemon_args": [f"--debug-console=file:{tmp_path / 'console.log'}"],
-        "kernel_console_level": None,  # the host's kernel: leave it alone
-    }
+def local(tmp_path: Path) -> Iterator[tuple[LocalRootCell, list[CheckedJailhouse]]]:
+    """This host as the root cell (guest tools pointing at this checkout, a run
+    directory, a fake PCI folder); every checked driver made on it is cleaned up."""
     made: list[CheckedJailhouse] = []
-    yield lab, options | {"_made": made}
+    yield LocalRootCell(tmp_path), made
     for jh in made:
         problems = jh.cleanup()
         assert not problems, problems
 
 
-def checked(local: tuple[LocalLab, dict[str, object]], **extra: object) -> CheckedJailhouse:
-    lab, options = local
-    made = options["_made"]
-    assert isinstance(made, list)
-    kwargs = {k: v for k, v in options.items() if not k.startswith("_")} | extra
-    jh = CheckedJailhouse(lab, "oracle", **kwargs)  # type: ignore[arg-type]
+def checked(local: tuple[LocalRootCell, list[CheckedJailhouse]], **extra: object) -> CheckedJailhouse:
+    root, made = local
+    jh = CheckedJailhouse(root, "oracle", **(root.checked_options() | extra))
     made.append(jh)
     return jh
 
 
-def test_demo_sequence_validates(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_demo_sequence_validates(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """Jailhouse's demo sequence with the oracle Arch on both sides: every step agrees,
     apic-demo refuses its first shutdown, statistics are compared value by value."""
     jh = checked(local)
@@ -118,10 +61,10 @@ def test_demo_sequence_validates(local: tuple[LocalLab, dict[str, object]]) -> N
     jh.cell_destroy("apic-demo")
     done = jh.disable()
     assert done.view.daemon is None and done.view.cell_list == ""
-    assert "Shutting down hypervisor" in (local[0].root / "console.log").read_text()
+    assert "Shutting down hypervisor" in local[0].console.since(0)
 
 
-def test_before_enable_the_device_is_missing(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_before_enable_the_device_is_missing(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """Without a daemon ever started, commands fail to open /dev/jailhouse (ENOENT),
     and after a disable every ioctl is EINVAL; the oracle predicts both."""
     jh = checked(local)
@@ -133,7 +76,7 @@ def test_before_enable_the_device_is_missing(local: tuple[LocalLab, dict[str, ob
     assert offline.stderr == "JAILHOUSE_CELL_START: Invalid argument\n"
 
 
-def test_errors_agree_and_intent_is_checked(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_errors_agree_and_intent_is_checked(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """An error the oracle predicts passes validation; a test expecting another errno
     gets an ExpectationError naming both."""
     jh = checked(local)
@@ -147,7 +90,7 @@ def test_errors_agree_and_intent_is_checked(local: tuple[LocalLab, dict[str, obj
     jh.cell_destroy(0, expect="EINVAL")
 
 
-def test_fault_destroy_leaks_pages_is_caught(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_fault_destroy_leaks_pages_is_caught(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """A daemon started with JHLAB_FAULT=destroy-leaks-pages keeps a destroyed cell's
     pages: the destroy step fails validation, and the diff names mem_pool_used and the
     console's page pool line."""
@@ -163,7 +106,7 @@ def test_fault_destroy_leaks_pages_is_caught(local: tuple[LocalLab, dict[str, ob
     assert "Page pool usage after cell destruction" in text
 
 
-def test_fault_shutdown_ignores_denial_is_caught(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_fault_shutdown_ignores_denial_is_caught(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """With JHLAB_FAULT=shutdown-ignores-denial apic-demo's first shutdown succeeds in
     the guest: the diff shows exit status 1 against 0 and the missing EPERM message."""
     jh = checked(local, env={"JHLAB_FAULT": "shutdown-ignores-denial"})
@@ -179,14 +122,14 @@ def test_fault_shutdown_ignores_denial_is_caught(local: tuple[LocalLab, dict[str
     assert "-cells/1/state: running\n+cells/1/state: shut down" in text
 
 
-def test_unknown_fault_stops_the_daemon(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_unknown_fault_stops_the_daemon(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """A misspelt fault name does not run a silently unbroken model: enable fails."""
     jh = checked(local, env={"JHLAB_FAULT": "no-such-fault"})
     with pytest.raises(ValidationError, match="unknown fault"):
         jh.enable(CONFIGS / "qemu-x86.toml")
 
 
-def test_effects_need_the_guest_to_agree(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_effects_need_the_guest_to_agree(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """A declared inmate effect the guest never shows (the oracle Arch's cells do nothing
     by themselves) fails after the settle timeout, naming the state."""
     jh = checked(local)
@@ -199,7 +142,7 @@ def test_effects_need_the_guest_to_agree(local: tuple[LocalLab, dict[str, object
     assert "-cells/1/state: running/locked" in str(caught.value)
 
 
-def test_a_running_daemon_is_refused(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_a_running_daemon_is_refused(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """The checked driver needs a disabled hypervisor to start from."""
     jh = checked(local)
     jh.enable(CONFIGS / "qemu-x86.toml")
@@ -207,10 +150,10 @@ def test_a_running_daemon_is_refused(local: tuple[LocalLab, dict[str, object]]) 
         checked(local)
 
 
-def test_batch_checks_every_step(local: tuple[LocalLab, dict[str, object]]) -> None:
+def test_batch_checks_every_step(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """A batch runs many steps in one guest round trip and still compares every step's
     result and view; a fault shows up at the step where it matters."""
-    hello = REPO / "images" / "inmates" / "cells" / "hello.toml"
+    hello = find_recipes().cells / "hello.toml"
     jh = checked(local)
     jh.enable(CONFIGS / "qemu-x86.toml")
     with jh.batch() as batch:

@@ -2,52 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness.console import ROOT_FAILURES, ConsoleFailure, SerialConsole
 from harness.errors import ConsoleError, ConsoleTimeout, GuestPanic
+from harness.fake import FakeChardev
 
-
-class FakeChardev:
-    """A listening unix socket that plays QEMU's side of a serial chardev."""
-
-    def __init__(self, path: Path, transcript: Path) -> None:
-        self.transcript = transcript
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(1)
-        self.conn: socket.socket | None = None
-        self._accepted = threading.Thread(target=self._accept, daemon=True)
-        self._accepted.start()
-
-    def _accept(self) -> None:
-        self.conn, _ = self.server.accept()
-
-    def emit(self, data: bytes) -> None:
-        self._accepted.join(5)
-        assert self.conn is not None
-        self.conn.sendall(data)
-        with open(self.transcript, "ab") as log:
-            log.write(data)
-
-    def received(self, size: int) -> bytes:
-        assert self.conn is not None
-        self.conn.settimeout(5)
-        return self.conn.recv(size)
-
-    def close(self) -> None:
-        if self.conn:
-            self.conn.close()
-        self.server.close()
+Pair = tuple[FakeChardev, SerialConsole]
 
 
 @pytest.fixture
-def pair(tmp_path: Path):
+def pair(tmp_path: Path) -> Iterator[Pair]:
     transcript = tmp_path / "serial0.log"
     transcript.touch()
     chardev = FakeChardev(tmp_path / "s.sock", transcript)
@@ -58,7 +28,7 @@ def pair(tmp_path: Path):
     chardev.close()
 
 
-def test_expect_sees_output_sent_before_and_during_the_wait(pair) -> None:
+def test_expect_sees_output_sent_before_and_during_the_wait(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"booting\r\njhlab: cpu features: svm npt\r\n")
     match = console.expect(r"cpu features: ([^\r\n]*)", timeout=5)
@@ -67,7 +37,7 @@ def test_expect_sees_output_sent_before_and_during_the_wait(pair) -> None:
     console.expect("root cell ready", timeout=5)
 
 
-def test_timeout_names_the_pattern_and_shows_the_tail(pair) -> None:
+def test_timeout_names_the_pattern_and_shows_the_tail(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"line one\r\nline two\r\n")
     started = time.monotonic()
@@ -77,14 +47,14 @@ def test_timeout_names_the_pattern_and_shows_the_tail(pair) -> None:
     assert info.value.pattern == "never" and "line two" in info.value.tail
 
 
-def test_failure_pattern_ends_the_wait(pair) -> None:
+def test_failure_pattern_ends_the_wait(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n")
     with pytest.raises(ConsoleFailure, match="Unable to mount root fs"):
         console.expect("login:", timeout=10)
 
 
-def test_abort_ends_a_running_wait_at_once(pair) -> None:
+def test_abort_ends_a_running_wait_at_once(pair: Pair) -> None:
     _chardev, console = pair
     error = GuestPanic("guest panicked", "tail")
     threading.Timer(0.2, console.abort, args=(error,)).start()
@@ -94,7 +64,7 @@ def test_abort_ends_a_running_wait_at_once(pair) -> None:
     assert time.monotonic() - started < 5
 
 
-def test_closed_port_is_reported(pair) -> None:
+def test_closed_port_is_reported(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"bye\r\n")
     chardev.close()
@@ -102,7 +72,7 @@ def test_closed_port_is_reported(pair) -> None:
         console.expect("never", timeout=10)
 
 
-def test_sendline_reaches_the_guest(pair) -> None:
+def test_sendline_reaches_the_guest(pair: Pair) -> None:
     chardev, console = pair
     chardev.emit(b"")
     console.sendline("uname -r")

@@ -14,9 +14,7 @@ import dataclasses
 import gc
 import mmap
 import os
-import shutil
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,13 +28,13 @@ from harness.hvmodel.arch.kvm import FailEntryExit, KvmRun, ShutdownExit, Unknow
 from harness.hvmodel.config import CellConfig, MemoryRegion, load_source
 from harness.hvmodel.driver import Driver, HostInfo, Image
 from harness.hvmodel.errors import Errno
+from harness.recipes import CONFIGS, build_inmates, find_recipes, missing_build_tools
 
 pytestmark = pytest.mark.skipif(
     not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="/dev/kvm not available"
 )
 
-REPO = Path(__file__).resolve().parents[2]
-INMATES = REPO / "images" / "inmates"
+CELLS = find_recipes().cells
 WAIT = 20.0
 UART = 0x2F8
 HV_UART = 0x3F8
@@ -47,14 +45,11 @@ HELLO_RAM = 0x3EE00000
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """hello.bin and rogue.bin, built once."""
-    missing = [t for t in ("make", "gcc", "ld", "objcopy") if not shutil.which(t)]
+    missing = missing_build_tools()
     if missing:
         pytest.skip(f"missing build tools: {', '.join(missing)}")
     out = tmp_path_factory.mktemp("inmates")
-    subprocess.run(
-        ["make", "-C", str(INMATES), f"O={out}", "hello", "rogue"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    build_inmates(out, "hello", "rogue")
     return {name: (out / f"{name}.bin").read_bytes() for name in ("hello", "rogue")}
 
 
@@ -143,7 +138,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     )  # fmt: skip
     driver = Driver(arch, HostInfo(tsc_khz=2_000_000, apic_khz=1_000_000))
     arch.attach(lambda: driver.hv)
-    driver.enable(load_source(REPO / "harness/configs/qemu-x86.toml").to_bytes())
+    driver.enable(load_source(CONFIGS / "qemu-x86.toml").to_bytes())
     try:
         yield Rig(arch, driver, ports, mem)
     finally:
@@ -155,7 +150,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 def cell(name: str, **changes: object) -> CellConfig:
-    config = load_source(INMATES / "cells" / f"{name}.toml")
+    config = load_source(CELLS / f"{name}.toml")
     assert isinstance(config, CellConfig)
     return dataclasses.replace(config, **changes) if changes else config  # type: ignore[arg-type]
 
@@ -484,7 +479,7 @@ def test_lifecycle_is_guarded(tmp_path: Path) -> None:
     arch.shutdown()
     arch.shutdown()
     with pytest.raises(ex.ExecutorStateError, match=r"init.*shut down"):
-        arch.init(load_source(REPO / "harness/configs/qemu-x86.toml"))  # type: ignore[arg-type]
+        arch.init(load_source(CONFIGS / "qemu-x86.toml"))  # type: ignore[arg-type]
 
 
 def test_host_info_is_measured_on_the_keeper() -> None:
@@ -495,7 +490,7 @@ def test_host_info_is_measured_on_the_keeper() -> None:
         keeper = arch._keeper_vm
         assert keeper is not None and info.tsc_khz > 0 and info.apic_khz == 1_000_000
         assert info.cpu_vendor in ("amd", "intel", "")
-        arch.init(load_source(REPO / "harness/configs/qemu-x86.toml"))  # type: ignore[arg-type]
+        arch.init(load_source(CONFIGS / "qemu-x86.toml"))  # type: ignore[arg-type]
         assert arch._keeper_vm is keeper
     finally:
         arch.shutdown()

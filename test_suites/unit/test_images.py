@@ -83,7 +83,7 @@ def test_cache_lock_serializes_builders(tmp_path: Path, monkeypatch: pytest.Monk
 def test_missing_build_tool_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
     from harness.errors import MissingToolError
 
-    monkeypatch.setattr(images.shutil, "which", lambda *args, **kwargs: None)
+    monkeypatch.setattr("harness.images.shutil.which", lambda *args, **kwargs: None)
     with pytest.raises(MissingToolError, match=r"mmdebstrap not found.*apt-get install mmdebstrap"):
         images.require_tool("mmdebstrap")
 

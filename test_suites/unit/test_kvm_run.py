@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.hvmodel.abi import CellState
 from harness.hvmodel.arch import kvm, runner
 
 pytestmark = [
@@ -354,7 +355,7 @@ def test_runner_fatal_mmio_parks_cpu_and_fails_cell() -> None:
     assert 'Parking CPU 1 (Cell: "runner")' in report
     assert "RIP: 0x" in report
     assert run.stop_reason is runner.StopReason.ALL_FAILED
-    assert run.cell_state == runner.CellState.FAILED
+    assert run.cell_state == CellState.FAILED
 
 
 def test_runner_fatal_pio_outside_whitelist() -> None:
@@ -666,8 +667,8 @@ def test_msi_injection_signal_and_irqfd(vm: kvm.Vm) -> None:
     memory = vm.slot_at(0)
     assert memory is not None
     ram = (ctypes.c_char * memory.size).from_address(memory.userspace_addr)
-    ram[0x200 : 0x200 + len(handler)] = handler
-    ram[0x40 * 4 : 0x40 * 4 + 4] = b"\x00\x02\x00\x00"  # IVT vector 0x40 -> 0000:0200
+    ram[0x200 : 0x200 + len(handler)] = handler  # type: ignore[call-overload]  # c_char arrays take bytes
+    ram[0x40 * 4 : 0x40 * 4 + 4] = b"\x00\x02\x00\x00"  # type: ignore[call-overload]  # IVT 0x40 -> 0000:0200
     with watchdog(vcpu):
         expect_out(vcpu, UART, 1, 0xFF)
         assert vm.signal_msi(0xFEE00000, 0x40) == 1

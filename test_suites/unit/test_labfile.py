@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from harness.errors import LabFileError
@@ -67,7 +69,7 @@ def test_bad_lab_files_name_the_problem(text: str, message: str) -> None:
     assert info.value.path == "bad.toml"
 
 
-def test_unknown_lab_lists_the_built_in_ones(tmp_path) -> None:
+def test_unknown_lab_lists_the_built_in_ones(tmp_path: Path) -> None:
     with pytest.raises(LabFileError, match="built-in: default"):
         load_lab("nosuchlab")
     with pytest.raises(LabFileError, match="cannot read"):

@@ -10,7 +10,7 @@ from harness import machine as machine_mod
 from harness.errors import MissingToolError
 from harness.images import ImageSet, Kernel
 from harness.labfile import load_lab, parse_lab
-from harness.machine import AccelChoice, Machine, choose_accel
+from harness.machine import TCG_CPU, AccelChoice, Machine, choose_accel
 
 
 def _images(tmp_path: Path) -> ImageSet:
@@ -22,11 +22,11 @@ def test_default_command_line(tmp_path: Path) -> None:
     """q35 with split irqchip, intel-iommu before every device, memmap window, serials
     logged to files, ssh forwarded on 127.0.0.1 only, devices at their slots."""
     spec = load_lab("default")
-    m = Machine(spec, _images(tmp_path), AccelChoice("tcg", "max", "test"), log_dir=tmp_path)
+    m = Machine(spec, _images(tmp_path), AccelChoice("tcg", TCG_CPU, "test"), log_dir=tmp_path)
     cmd = m.command_line(tmp_path / "run", tmp_path / "initrd.img", 2222)
     joined = " ".join(cmd)
     assert cmd[cmd.index("-machine") + 1] == "q35,kernel-irqchip=split"
-    assert cmd[cmd.index("-cpu") + 1] == "max" and cmd[cmd.index("-smp") + 1] == "4"
+    assert cmd[cmd.index("-cpu") + 1] == TCG_CPU and cmd[cmd.index("-smp") + 1] == "4"
     iommu = cmd.index("intel-iommu,intremap=on,caching-mode=on")
     first_device = min(i for i, a in enumerate(cmd) if a.startswith(("VGA", "e1000e", "edu")))
     assert iommu < first_device
@@ -50,7 +50,7 @@ def test_no_iommu_lab(tmp_path: Path) -> None:
 
 
 def test_missing_qemu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(machine_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr("harness.machine.shutil.which", lambda name: None)
     with pytest.raises(MissingToolError, match="apt-get install qemu-system-x86"):
         machine_mod.qemu_binary()
 
@@ -60,10 +60,18 @@ def test_accel_choice_without_usable_kvm(tmp_path: Path, monkeypatch: pytest.Mon
     images = _images(tmp_path)
     assert choose_accel("tcg", images, log_dir=tmp_path).accel == "tcg"
     assert choose_accel("kvm", images, log_dir=tmp_path).accel == "kvm"
-    monkeypatch.setattr(machine_mod.os, "access", lambda path, mode: False)
+    monkeypatch.setattr("harness.machine.os.access", lambda path, mode: False)
     choice = choose_accel("auto", images, log_dir=tmp_path)
-    assert (choice.accel, choice.cpu) == ("tcg", "max")
+    assert (choice.accel, choice.cpu) == ("tcg", TCG_CPU)
     assert "no usable /dev/kvm" in choice.reason
-    monkeypatch.setattr(machine_mod.os, "access", lambda path, mode: True)
+    monkeypatch.setattr("harness.machine.os.access", lambda path, mode: True)
     monkeypatch.setattr(machine_mod, "_host_virt_flags", lambda: set())
     assert "neither vmx nor svm" in choose_accel("auto", images, log_dir=tmp_path).reason
+
+
+def test_tcg_cpu_hides_what_nested_guests_cannot_keep() -> None:
+    """The TCG CPU has no XSAVE and none of the VEX-encoded extensions that need it: QEMU
+    7.2's TCG loses a nested guest's XCR0 (no XSETBV intercept), so cells must not see them."""
+    flags = TCG_CPU.split(",")
+    assert flags[0] == "max"
+    assert {f"{name}=off" for name in ("xsave", "avx", "avx2", "fma", "f16c", "vaes")} <= set(flags)

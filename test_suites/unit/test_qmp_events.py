@@ -47,7 +47,10 @@ def test_nested_match_and_subscribers() -> None:
     recorder = EventRecorder()
     seen: list[str] = []
     recorder.subscribe(lambda event: seen.append(event.name))
-    recorder.subscribe(lambda event: 1 / 0)  # a broken subscriber is logged, not fatal
+    def broken(event: object) -> None:
+        raise ZeroDivisionError("a broken subscriber")
+
+    recorder.subscribe(broken)  # a broken subscriber is logged, not fatal
     recorder.record("MIGRATION", {"status": "completed", "info": {"a": 1}}, 0.0)
     assert recorder.find("MIGRATION", {"info": {"a": 1}})
     assert not recorder.find("MIGRATION", {"info": {"a": 2}})

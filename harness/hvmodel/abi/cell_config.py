@@ -43,6 +43,7 @@ __all__ = [
     "CELL_DESC_FIELDS",
     "CELL_DESC_SIZE",
     "CELL_NAME_MAXLEN",
+    "CELL_OFF_CPU_SET_SIZE",
     "CELL_OFF_FLAGS",
     "CELL_OFF_ID",
     "CELL_OFF_NAME",
@@ -349,6 +350,7 @@ ROOT_CELL_OFFSET: Final = 356
 CELL_OFF_NAME: Final = 8
 CELL_OFF_ID: Final = 40
 CELL_OFF_FLAGS: Final = 44
+CELL_OFF_CPU_SET_SIZE: Final = 48
 
 # Offsets inside struct jailhouse_system (revision 14).
 SYS_OFF_FLAGS: Final = 8

@@ -8,12 +8,14 @@ only. The pieces:
   system config, :mod:`.fields` their range checks; their flag/type enums and byte layout
   are :mod:`harness.hvmodel.abi`'s (re-exported here);
 * :mod:`.parser`: :func:`parse_cell`, :func:`parse_system`, :func:`parse`, :func:`load`;
-* :mod:`.check`: ``jailhouse config check`` and jhlab's extra checks;
+* :mod:`.checkset`, :mod:`.check`, :mod:`.report`: ``jailhouse config check`` (the set as
+  Jailhouse's tool reads it, its checks, its output); :mod:`.jhlab_checks`: jhlab's own;
 * :mod:`.toml`: TOML sources that compile to binary, :mod:`.decompile` the way back;
 * :mod:`.show`: text and JSON renderings;
 * :mod:`.collect`, :mod:`.sysfs_parser`, :mod:`.regions`, :mod:`.create`: ``config
   create`` (the facts of a root cell, read back, turned into a system config);
-* :mod:`.cli`: ``python3 -m harness.hvmodel.config {show,check,compile,decompile}``.
+* :mod:`.cli`: ``python3 -m harness.hvmodel.config {show,check,compile,decompile,create}``
+  and ``jailhouse config check``.
 """
 
 from ..abi import (
@@ -37,8 +39,9 @@ from ..abi import (
     VirtioDevice,
 )
 from ..cpus import cpu_set_from
-from .check import CheckReport, CheckSection, Finding, check, render_check
-from .cli import main
+from .check import check, check_set
+from .checkset import SetCell, SetReadError, SetSystem, read_cell, read_system
+from .cli import jailhouse_config_check, main
 from .decompile import decompile
 from .model import (
     CacheRegion,
@@ -52,6 +55,7 @@ from .model import (
     format_bdf,
 )
 from .parser import convert_revision12, load, parse, parse_cell, parse_system
+from .report import CheckReport, CheckSection, Finding, render_check
 from .show import render_text, to_dict
 from .system import IommuUnit, SystemConfig, X86Platform
 from .toml import compile_source, load_source
@@ -84,23 +88,30 @@ __all__ = [
     "PciDevice",
     "PciDeviceType",
     "PioRegion",
+    "SetCell",
+    "SetReadError",
+    "SetSystem",
     "ShmemProtocol",
     "SysFlags",
     "SystemConfig",
     "VirtioDevice",
     "X86Platform",
     "check",
+    "check_set",
     "compile_source",
     "convert_revision12",
     "cpu_set_from",
     "decompile",
     "format_bdf",
+    "jailhouse_config_check",
     "load",
     "load_source",
     "main",
     "parse",
     "parse_cell",
     "parse_system",
+    "read_cell",
+    "read_system",
     "render_check",
     "render_text",
     "to_dict",

@@ -4,8 +4,11 @@
 ``jhlab config`` (which delegates to :func:`main`) offer:
 
 * ``show [--json] FILE``: decode a ``.cell`` (or a ``.toml`` source) for reading;
-* ``check [--jailhouse-only] [--no-next] SYS [CELL ...]``: ``jailhouse config check``, plus
-  jhlab's checks; exit status 1 on findings;
+* ``check [--next] [--jhlab] SYS [CELL ...]``: what ``jailhouse config check`` prints for
+  these files (``.toml`` sources are compiled first); ``--next`` adds the CPU checks of
+  Jailhouse's next branch, ``--jhlab`` reads every file strictly (each defect named with
+  its offset and field; revision 12 converted) and adds jhlab's checks
+  (:mod:`.jhlab_checks`); exit status 1 on findings;
 * ``compile SOURCE.toml [-o OUT.cell]``: TOML source to binary;
 * ``decompile FILE.cell [-o OUT.toml]``: binary to an editable TOML source that compiles
   back to the same bytes;
@@ -15,6 +18,13 @@
   neither output is named. The host's ``jhlab config create`` collects in a running lab.
 
 Exit status: 0 ok, 1 failure or findings, 2 usage. Errors are one line on stderr.
+
+:func:`jailhouse_config_check` is ``tools/jailhouse-config-check`` itself, for ``jailhouse
+config check`` in the root cell (and ``/usr/libexec/jailhouse/jailhouse-config-check``): its
+usage, help, argument errors (unreadable files), reading errors, output and exit status are
+the tool's, on the same Python (argparse words them). The one difference: where the tool
+ends with an uncaught exception (a cell name that is not UTF-8, an unknown ARM GIC
+version), it prints the traceback; this prints only its last line.
 """
 
 from __future__ import annotations
@@ -26,9 +36,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from ..errors import ConfigError
-from .check import check, render_check
+from .check import check, check_set
+from .checkset import SetReadError, read_cell, read_system
 from .create import (
     DEFAULT_MEM_HV,
     DEFAULT_NAME,
@@ -38,16 +50,18 @@ from .create import (
     render_toml,
 )
 from .decompile import decompile
-from .model import (
-    CellConfig,
-)
+from .jhlab_checks import jhlab_sections
+from .model import CellConfig
 from .parser import load
+from .report import READING, CheckReport, cell_line, render_check, render_sections, root_lines
 from .show import render_text, to_dict
 from .sysfs_parser import Facts, load_facts
 from .system import SystemConfig
 from .toml import load_source
 
 DEFAULT_PROG = "python3 -m harness.hvmodel.config"
+#: What ``tools/jailhouse-config-check`` calls itself (its file name, dashes as spaces).
+JAILHOUSE_CHECK_PROG: Final = "jailhouse config check"
 
 
 def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
@@ -60,10 +74,10 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.add_argument("file", metavar="FILE", help=".cell file or .toml source")
     chk = sub.add_parser("check", help="check a system config and cells meant to run together")
-    chk.add_argument("--jailhouse-only", action="store_true",
-                     help="only the checks of jailhouse config check")
-    chk.add_argument("--no-next", action="store_true",
-                     help="leave out the CPU checks of Jailhouse's next branch")
+    chk.add_argument("--next", action="store_true",
+                     help="add the CPU checks of Jailhouse's next branch")
+    chk.add_argument("--jhlab", action="store_true",
+                     help="read the files strictly and add jhlab's checks")
     chk.add_argument("system", metavar="SYSCONFIG", help="system configuration file")
     chk.add_argument("cells", metavar="CELLCONFIG", nargs="*", help="cell configuration file")
     comp = sub.add_parser("compile", help="compile a TOML source to a binary config")
@@ -116,19 +130,7 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(render_text(config, args.file))
         return 0
     if args.command == "check":
-        system = load(args.system)
-        if not isinstance(system, SystemConfig):
-            raise ConfigError("Not a root cell configuration", source=args.system)
-        cells = []
-        for name in args.cells:
-            cell = load(name)
-            if not isinstance(cell, CellConfig):
-                raise ConfigError("Not a cell configuration", source=name)
-            cells.append(cell)
-        report = check(system, cells, sources=args.cells, system_source=args.system,
-                       next_checks=not args.no_next, extra=not args.jailhouse_only)
-        sys.stdout.write(render_check(report, jailhouse_only=args.jailhouse_only))
-        return report.exit_status
+        return _check(args)
     if args.command == "compile":
         config = load_source(args.source)
         output = args.output or os.fspath(Path(args.source).with_suffix(".cell"))
@@ -145,6 +147,112 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "create":
         return _create(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse restricts choices
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``check``: Jailhouse's checks on the files' bytes; with ``--jhlab``, strict reading
+    first and jhlab's checks after."""
+    paths = [args.system, *args.cells]
+    if not args.jhlab:
+        return _print_check([(path, _config_bytes(path)) for path in paths],
+                            next_checks=args.next)[1]
+    configs = [load(path) for path in paths]
+    if not isinstance(configs[0], SystemConfig):
+        raise ConfigError("not a system configuration", source=args.system)
+    cells = []
+    for path, config in zip(args.cells, configs[1:], strict=True):
+        if not isinstance(config, CellConfig):
+            raise ConfigError("not a cell configuration", source=path)
+        cells.append(config)
+    report, status = _print_check(
+        [(path, config.to_bytes()) for path, config in zip(paths, configs, strict=True)],
+        next_checks=args.next)
+    if report is None or report.error:
+        return status
+    sections = tuple(jhlab_sections(configs[0], cells))
+    sys.stdout.write(render_sections(sections))
+    return 1 if status or any(section.findings for section in sections) else 0
+
+
+def _config_bytes(path: str) -> bytes:
+    """A binary config's bytes; a ``.toml`` source compiled."""
+    if path.endswith(".toml"):
+        return load_source(path).to_bytes()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=path) from exc
+
+
+def _print_check(files: Sequence[tuple[str, bytes]], *, next_checks: bool = False,
+                 ) -> tuple[CheckReport | None, int]:
+    """Read and check a config set and print it as ``tools/jailhouse-config-check`` does,
+    step by step: the set as far as it was read, then a refusal (``MESSAGE: FILE``) on
+    stderr, or the checks.
+
+    :param files: (name, bytes) of the system config, then of each cell config
+    :param next_checks: read the CPU sets and add the CPU checks of the next branch
+    :return: the report (``None`` when a file was refused) and the exit status
+    """
+    out = sys.stdout
+    out.write(READING)
+    (system_name, system_data), cell_files = files[0], files[1:]
+    try:
+        system = read_system(system_data, cpu_set=next_checks, source=system_name)
+        out.write(root_lines(system.arch, system.root.name, system_name))
+        cells = []
+        for name, data in cell_files:
+            cell = read_cell(data, cpu_set=next_checks, arch=system.arch, source=name)
+            cells.append(cell)
+            out.write(cell_line(cell.name, name))
+    except SetReadError as exc:
+        sys.stderr.write(exc.tool_line + "\n")
+        return None, 1
+    report = check_set(system, cells, sources=[name for name, _data in cell_files],
+                       system_source=system_name, next_checks=next_checks)
+    out.write(render_sections(report.sections))
+    if report.error:
+        sys.stderr.write(report.error + "\n")
+    return report, report.exit_status
+
+
+def jailhouse_config_check(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``tools/jailhouse-config-check SYSCONFIG [CELLCONFIG ...]``; return the exit status.
+
+    :param argv: the arguments (default: ``sys.argv[1:]``)
+    :param prog: the name in usage lines (default: the script's file name with its dashes
+        turned into spaces, as the tool does to "pretend to be part of the jailhouse tool")
+    """
+    if prog is None:
+        prog = os.path.basename(sys.argv[0].replace("-", " "))
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="Check system and cell configurations.")
+    parser.add_argument("syscfg", metavar="SYSCONFIG", type=_read_config,
+                        help="system configuration file")
+    parser.add_argument("cellcfgs", metavar="CELLCONFIG", nargs="*", type=_read_config,
+                        help="cell configuration file")
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # argparse: 2 on usage errors and unreadable files, 0 for -h
+        return exc.code if isinstance(exc.code, int) else 2
+    return _print_check([args.syscfg, *args.cellcfgs])[1]
+
+
+_OPEN_BINARY: Final = argparse.FileType("rb")
+
+
+def _read_config(name: str) -> tuple[str, bytes]:
+    """The tool's ``argparse.FileType('rb')`` argument, read at once: (file name, bytes).
+
+    The file (``-``: standard input) is opened by ``FileType`` itself, so a file that
+    cannot be opened is the same usage error, in argparse's words.
+    """
+    handle = _OPEN_BINARY(name)
+    try:
+        return handle.name, handle.read()
+    finally:
+        if handle is not sys.stdin.buffer:
+            handle.close()
 
 
 def _size_arg(value: str | None, option: str) -> int | None:
@@ -191,7 +299,8 @@ def _create(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     for warning in result.warnings:
         sys.stderr.write(f"WARNING: {warning}\n")
-    report = check(result.config, system_source=args.output or "<generated>")
+    report = check(result.config, system_source=args.output or "<generated>",
+                   next_checks=True, extra=True)
     if not report.ok:
         sys.stderr.write("The generated config does not pass config check:\n")
         sys.stderr.write(render_check(report))

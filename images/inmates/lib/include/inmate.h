@@ -459,6 +459,17 @@ unsigned int smp_wait_for_all_cpus(u64 timeout_ns);
 bool smp_start_cpu(u32 apic_id, void (*entry)(void));
 
 /* Every demo provides this; returning ends in stop(). */
+/* ------------------------------------------------------------------ */
+/* Probe checks: one line per check that a test can assert on its own:
+ *   "<probe>: <name>: PASS (<detail>)" or "<probe>: <name>: FAIL (<detail>)",
+ * and a last line "<probe>: N checks, M failed: PASSED|FAILED".            */
+
+/* Print one check line; returns ok. */
+bool check(const char *probe, const char *name, bool ok, const char *fmt, ...)
+	__printf(4, 5);
+/* Print the summary line of all checks so far; true if none failed. */
+bool check_summary(const char *probe);
+
 void inmate_main(void);
 
 #endif /* !__ASSEMBLER__ */

@@ -1,0 +1,171 @@
+"""Stand-ins for unit tests (labgrid's ``driver/fake.py``), shipped once with the package.
+
+None of them pretends a result: each does the real thing on this host instead of in a lab.
+
+* :class:`LocalRootCell`: a :class:`~harness.protocol.LabChannels` whose "root cell" is
+  this host: commands run with ``sh -c`` here, files are local, both consoles are
+  transcript files (:class:`FileConsole`), and there is no QEMU behind it (its
+  :attr:`~LocalRootCell.qmp` refuses with :class:`~harness.errors.QmpError`). With
+  :meth:`~LocalRootCell.checked_options` the checked driver runs the real ``jailhouse``
+  command and driver daemon (oracle Arch) here, in a private run directory.
+* :class:`FileConsole`: a :class:`~harness.protocol.Console` that waits for text another
+  process writes to a file.
+* :class:`FakeChardev`: QEMU's side of a serial chardev socket, to drive a real
+  :class:`~harness.console.SerialConsole`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from harness.console import TranscriptConsole
+from harness.errors import ConsoleError, QmpError
+from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console, QmpChannel
+from harness.recipes import PACKAGE_DIR, find_recipes
+
+__all__ = ["FakeChardev", "FileConsole", "LocalRootCell"]
+
+
+class FileConsole(TranscriptConsole):
+    """A console whose output is a file written by someone else (a daemon's debug
+    console, for example); what is typed is kept in :attr:`typed`.
+
+    :param name: shown in errors
+    :param transcript: the file (created empty when missing)
+    :param failures: regular expressions that end any wait as a failure
+    """
+
+    def __init__(self, name: str, transcript: Path, failures: Sequence[str] = ()) -> None:
+        transcript.touch()
+        #: what was sent, in order
+        self.typed: list[str] = []
+        super().__init__(name, transcript, failures, typist=self.typed.append)
+
+
+class LocalRootCell:
+    """This host as a lab's root cell (see the module docstring).
+
+    Lifecycle: construct (lays out ``root``: ``tools/`` with the guest's ``jailhouse``
+    command and this package as its ``lib/harness``, a fake PCI device folder, the two
+    console files) → use → nothing to close (``root`` is the caller's).
+
+    :param root: an empty folder of the caller's (a test's ``tmp_path``)
+    """
+
+    #: the fake PCI functions, address -> driver (None: unbound)
+    PCI_DEVICES: Final[Mapping[str, str | None]] = {"0000:00:02.0": "e1000e", "0000:00:05.0": None}
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tools = root / "tools"
+        self.pci_root = root / "pci"
+        (self.tools / "bin").mkdir(parents=True, exist_ok=True)
+        (self.tools / "lib").mkdir(exist_ok=True)
+        shutil.copy2(find_recipes().guest_bin / "jailhouse", self.tools / "bin" / "jailhouse")
+        lib = self.tools / "lib" / "harness"
+        if not lib.exists():
+            lib.symlink_to(PACKAGE_DIR)
+        for address, driver in self.PCI_DEVICES.items():
+            (self.pci_root / address).mkdir(parents=True, exist_ok=True)
+            if driver is not None and not (self.pci_root / address / "driver").exists():
+                (root / "drivers" / driver).mkdir(parents=True, exist_ok=True)
+                (self.pci_root / address / "driver").symlink_to(root / "drivers" / driver)
+        self._console = FileConsole("local console (hypervisor debug console)", root / "console.log")
+        self._cell_console = FileConsole("local cell console", root / "cell.log")
+
+    def __repr__(self) -> str:
+        return f"LocalRootCell({self.root})"
+
+    def checked_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~harness.checked.CheckedJailhouse` that point it
+        at this root cell: its tools, run directory, upload folder, PCI folder, no
+        cpuset, the daemon's debug console into :attr:`console`'s file, and the host
+        kernel's console level left alone."""
+        return {
+            "tools": str(self.tools), "run_dir": str(self.root / "run"),
+            "files": str(self.root / "files"), "pci_root": str(self.pci_root),
+            "cpuset": str(self.root / "no-cpuset"),
+            "daemon_args": [f"--debug-console=file:{self._console.transcript}"],
+            "kernel_console_level": None,
+        }
+
+    def run(self, command: str, *, timeout: float = COMMAND_TIMEOUT, check: bool = False,
+            stdin: str | None = None) -> CommandResult:
+        done = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        result = CommandResult(command, done.returncode, done.stdout, done.stderr)
+        return result.check() if check else result
+
+    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        Path(path).write_bytes(data)
+        os.chmod(path, mode)
+
+    def get(self, path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    @property
+    def console(self) -> Console:
+        return self._console
+
+    @property
+    def cell_console(self) -> Console:
+        return self._cell_console
+
+    @property
+    def qmp(self) -> QmpChannel:
+        raise QmpError("the local root cell has no QEMU behind it: QMP is not available")
+
+
+class FakeChardev:
+    """QEMU's side of a serial chardev: a listening unix socket that accepts one
+    console, sends it bytes (also appended to the transcript, as QEMU's ``logfile=``
+    does) and reads what the console types.
+
+    :param path: the socket to create
+    :param transcript: the transcript file
+    """
+
+    #: seconds to wait for the console to connect, or for typed bytes
+    TIMEOUT = 5.0
+
+    def __init__(self, path: Path, transcript: Path) -> None:
+        self.transcript = transcript
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        self.conn: socket.socket | None = None
+        self._accepted = threading.Thread(target=self._accept, daemon=True)
+        self._accepted.start()
+
+    def _accept(self) -> None:
+        self.conn, _ = self.server.accept()
+
+    def _connection(self) -> socket.socket:
+        self._accepted.join(self.TIMEOUT)
+        if self.conn is None:
+            raise ConsoleError(f"no console connected to the fake chardev within {self.TIMEOUT} s")
+        return self.conn
+
+    def emit(self, data: bytes) -> None:
+        """Send ``data`` to the console and append it to the transcript."""
+        self._connection().sendall(data)
+        with open(self.transcript, "ab") as log:
+            log.write(data)
+
+    def received(self, size: int) -> bytes:
+        """Up to ``size`` bytes the console typed."""
+        conn = self._connection()
+        conn.settimeout(self.TIMEOUT)
+        return conn.recv(size)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
