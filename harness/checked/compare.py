@@ -12,7 +12,7 @@ from typing import Final
 from harness.checked.oracle import Oracle
 from harness.checked.report import Difference, GuestView
 from harness.hvmodel.config import PciDeviceType
-from harness.hvmodel.percpu import format_cpu_list
+from harness.hvmodel.cpus import format_cpu_list, parse_cpu_list
 
 #: the driver that holds devices of cells with the executor (Jailhouse: jailhouse-pci-stub)
 CELL_PCI_DRIVERS: Final = frozenset({"vfio-pci", "jailhouse-pci-stub"})
@@ -205,14 +205,6 @@ def squeeze(line: str) -> str:
 
 
 _RUNS: Final = re.compile(r"(.)\1+")
-
-
-def parse_cpu_list(text: str) -> set[int]:
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 def parse_stats(text: str) -> dict[str, int]:

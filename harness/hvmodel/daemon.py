@@ -72,12 +72,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from . import faults
-from .abi import CellState
+from .abi import CELL_ID_UNUSED, CellState
 from .arch.oracle import RESPONDER_POLICIES
+from .cpus import parse_cpu_list
 from .driver import CellRef, Driver, HostInfo, Image
 from .errors import Errno, HvError, JhlabError
 from .ipc import (
-    CELL_ID_UNUSED,
     MAX_LINE,
     PROTOCOL_VERSION,
     CellId,
@@ -486,17 +486,6 @@ def _encode_file(path: str, text: str) -> bytes:
 # =======================================================================================
 # machine and Arch
 # =======================================================================================
-
-
-def parse_cpu_list(text: str) -> set[int]:
-    """Linux's CPU list format (``0-2,5``)."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 _SIZE_SUFFIX: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

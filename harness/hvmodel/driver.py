@@ -20,9 +20,31 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from .abi import CellFlag, Hypercall
-from .control import HvParams, Hypervisor
+from .abi import (
+    CELL_DESC_SIZE,
+    CELL_NAME_MAXLEN,
+    CELL_OFF_FLAGS,
+    CELL_OFF_ID,
+    CELL_OFF_NAME,
+    CELL_SIGNATURE,
+    CELL_VIRTUAL_CONSOLE_ACTIVE,
+    CELL_VIRTUAL_CONSOLE_PERMITTED,
+    CONFIG_HEAD,
+    CONFIG_REVISION,
+    MEM_LOADABLE,
+    MEM_WRITE,
+    NAME_FIELD_SIZE,
+    PAGE_SIZE,
+    PCI_TYPE_DEVICE,
+    PCI_TYPE_IVSHMEM,
+    SYSTEM_SIGNATURE,
+    SYSTEM_SIZE,
+    Architecture,
+    Hypercall,
+)
+from .control import Hypervisor
 from .errors import ConfigError, Errno, HvError
+from .params import HvParams
 from .printk import bdf_params
 
 if TYPE_CHECKING:
@@ -33,21 +55,9 @@ __all__ = ["CellRef", "Driver", "DriverCell", "HostInfo", "Image"]
 
 LOG = logging.getLogger(__name__)
 
-SYSTEM_SIGNATURE: Final = b"JHSYS"
-CELL_SIGNATURE: Final = b"JHCLL"
-CONFIG_REVISION: Final = 14
-ARCH_X86: Final = 0
-CELL_DESC_SIZE: Final = 132
-#: size of the fixed part of ``struct jailhouse_system`` (header + root cell desc)
-SYSTEM_HEADER_SIZE: Final = 488
-MEM_WRITE: Final = 0x0002
-MEM_LOADABLE: Final = 0x0040
-PCI_TYPE_DEVICE: Final = 1
-PCI_TYPE_IVSHMEM: Final = 3
-#: ``JAILHOUSE_CELL_ID_UNUSED``
-CELL_ID_UNUSED: Final = -1
 
 _T = TypeVar("_T")
+_U32: Final = struct.Struct("<I")
 
 #: a cell named by id (``int``) or by name (``str``)
 CellRef = int | str
@@ -121,7 +131,7 @@ class Driver:
     :param host: the Linux side
     :param params: passed to the :class:`~harness.hvmodel.control.Hypervisor`
     :param test_device: the hypervisor is built with ``CONFIG_TEST_DEVICE``
-        (:attr:`HvParams.test_device <harness.hvmodel.control.HvParams.test_device>`,
+        (:attr:`HvParams.test_device <harness.hvmodel.params.HvParams.test_device>`,
         also set in ``params`` when given)
     """
 
@@ -200,12 +210,12 @@ class Driver:
         host = self.host
         if host.cpu_vendor not in ("intel", "amd"):
             raise HvError(Errno.ENODEV, "Missing or unsupported HVM technology")
-        if len(system_data) < SYSTEM_HEADER_SIZE or system_data[:5] != SYSTEM_SIGNATURE:
+        if len(system_data) < SYSTEM_SIZE or system_data[:5] != SYSTEM_SIGNATURE:
             raise HvError(Errno.EINVAL, "Not a system configuration")
-        revision = struct.unpack_from("<H", system_data, 6)[0]
+        _, architecture, revision = CONFIG_HEAD.unpack_from(system_data)
         if revision != CONFIG_REVISION:
             raise HvError(Errno.EINVAL, "Configuration revision mismatch")
-        if system_data[5] != ARCH_X86:
+        if architecture != Architecture.X86:
             raise HvError(Errno.EINVAL, "Configuration architecture mismatch")
         try:
             system = parse_system(system_data, source="JAILHOUSE_ENABLE")
@@ -225,7 +235,7 @@ class Driver:
         if self.test_device and not params.test_device:
             params = dataclasses.replace(params, test_device=True)
         hv_size = system.hypervisor_memory.size
-        percpu = params.percpu_pages * 0x1000
+        percpu = params.percpu_pages * PAGE_SIZE
         if (
             params.core_size >= hv_size
             or params.core_size + max_cpus * percpu >= hv_size
@@ -309,26 +319,27 @@ class Driver:
 
         if len(config_data) < CELL_DESC_SIZE or config_data[:5] != CELL_SIGNATURE:
             raise HvError(Errno.EINVAL, "Not a cell configuration")
-        revision = struct.unpack_from("<H", config_data, 6)[0]
+        _, architecture, revision = CONFIG_HEAD.unpack_from(config_data)
         if revision != CONFIG_REVISION:
             raise HvError(Errno.EINVAL, "Configuration revision mismatch")
-        if config_data[5] != ARCH_X86:
+        if architecture != Architecture.X86:
             self._log("Configuration architecture mismatch")
             return None
         data = bytearray(config_data)
-        data[8 + 31] = 0
-        flags = struct.unpack_from("<I", data, 44)[0]
-        if flags & CellFlag.VIRTUAL_CONSOLE_ACTIVE:
-            struct.pack_into("<I", data, 44, flags | CellFlag.VIRTUAL_CONSOLE_PERMITTED)
+        data[CELL_OFF_NAME + CELL_NAME_MAXLEN] = 0
+        flags = _U32.unpack_from(data, CELL_OFF_FLAGS)[0]
+        if flags & CELL_VIRTUAL_CONSOLE_ACTIVE:
+            _U32.pack_into(data, CELL_OFF_FLAGS, flags | CELL_VIRTUAL_CONSOLE_PERMITTED)
         if self.hv is None:
             raise HvError(Errno.EINVAL, "hypervisor not enabled")
-        name = bytes(data[8:40]).split(b"\0", 1)[0].decode("utf-8", "replace")
+        raw_name = bytes(data[CELL_OFF_NAME : CELL_OFF_NAME + NAME_FIELD_SIZE]).split(b"\0", 1)[0]
+        name = raw_name.decode("utf-8", "replace")
         if any(cell.name == name for cell in self.cells.values()):
             raise HvError(Errno.EEXIST, f"cell {name!r} exists")
         cell_id = 0
         while cell_id in self.cells:
             cell_id += 1
-        struct.pack_into("<I", data, 40, cell_id)
+        _U32.pack_into(data, CELL_OFF_ID, cell_id)
         try:
             config = parse_cell(bytes(data), source="JAILHOUSE_CELL_CREATE")
         except ConfigError as err:

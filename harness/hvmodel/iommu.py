@@ -11,16 +11,16 @@ Jailhouse's own path on QEMU without IR.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
-from .printk import Console
+from .unit import define_unit
 
 if TYPE_CHECKING:
     from .cell import Cell
     from .config import SystemConfig
+    from .printk import Console
+    from .unit import UnitHost
 
-IOMMU_TYPE_AMD: Final = 1
-IOMMU_TYPE_INTEL: Final = 2
 
 
 class IommuUnit:
@@ -32,7 +32,7 @@ class IommuUnit:
     """
 
     def __init__(self, system: SystemConfig, console: Console, vendor: str) -> None:
-        self.units = [unit for unit in system.iommu_units if unit.type != 0]
+        self.units = list(system.active_iommu_units)
         self.console = console
         self.vendor = vendor
         self.name = "AMD IOMMU" if vendor == "amd" else "VT-d"
@@ -62,3 +62,10 @@ class IommuUnit:
     def cell_exit(self, cell: Cell) -> None:
         """Close the cell's DMA domain."""
         self.domains.pop(cell.id, None)
+
+
+def _link(host: UnitHost) -> IommuUnit:
+    return IommuUnit(host.system, host.console, host.params.vendor)
+
+
+define_unit("iommu", _link)

@@ -53,9 +53,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from .abi import CELL_ID_NAMELEN, CELL_ID_UNUSED
+
 __all__ = [
-    "CELL_ID_UNUSED",
-    "CELL_NAME_MAXLEN",
     "DEFAULT_RUN_DIR",
     "PROTOCOL_VERSION",
     "RUN_DIR_ENV",
@@ -74,10 +74,6 @@ __all__ = [
 DEFAULT_RUN_DIR: Final = "/run/jailhouse"
 RUN_DIR_ENV: Final = "JAILHOUSE_RUN_DIR"
 PROTOCOL_VERSION: Final = 1
-#: ``JAILHOUSE_CELL_ID_UNUSED``: look the cell up by name
-CELL_ID_UNUSED: Final = -1
-#: ``JAILHOUSE_CELL_ID_NAMELEN``: characters of a name (the 32nd byte is the NUL)
-CELL_NAME_MAXLEN: Final = 31
 #: longest request or reply line accepted (images travel base64-encoded)
 MAX_LINE: Final = 512 * 1024 * 1024
 
@@ -132,8 +128,8 @@ class RunDir:
 class CellId:
     """``struct jailhouse_cell_id``: a cell by id, or by name when ``id`` is -1.
 
-    :param id: the cell id, or :data:`CELL_ID_UNUSED`
-    :param name: the name (at most :data:`CELL_NAME_MAXLEN` bytes are significant)
+    :param id: the cell id, or :data:`~harness.hvmodel.abi.CELL_ID_UNUSED`
+    :param name: the name (at most :data:`~harness.hvmodel.abi.CELL_ID_NAMELEN` bytes are significant)
     """
 
     id: int = CELL_ID_UNUSED
@@ -156,7 +152,7 @@ class CellId:
         if not isinstance(cell_id, int) or isinstance(cell_id, bool) or not isinstance(name, str):
             raise ValueError("cell: expected {'id': int, 'name': str}")
         # The driver forces a NUL into the last byte of the name (cell_management_prologue).
-        raw = name.encode("utf-8", "surrogateescape")[:CELL_NAME_MAXLEN]
+        raw = name.encode("utf-8", "surrogateescape")[:CELL_ID_NAMELEN]
         return cls(cell_id, raw.decode("utf-8", "replace"))
 
 

@@ -18,19 +18,14 @@ import bisect
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
+from .abi import MEM_IO_UNALIGNED, MEM_IO_WIDTH_SHIFT, MEM_READ, MEM_WRITE, PAGE_SIZE
 from .printk import FATAL_SUBPAGE, MSG_MMIO_OVERFLOW, Console
 
 if TYPE_CHECKING:
     from .arch import Arch
     from .config import MemoryRegion
-
-MEM_READ: Final = 0x0001
-MEM_WRITE: Final = 0x0002
-MEM_IO_UNALIGNED: Final = 0x8000
-#: ``JAILHOUSE_MEM_IO_WIDTH_SHIFT``: IO_8/16/32/64 = size << 16
-MEM_IO_WIDTH_SHIFT: Final = 16
 
 
 class MmioResult(enum.IntEnum):
@@ -133,7 +128,7 @@ class MmioTable:
 
 def is_subpage(region: MemoryRegion) -> bool:
     """``JAILHOUSE_MEMORY_IS_SUBPAGE``: start or size not page-aligned."""
-    return bool((region.virt_start | region.size) & 0xFFF)
+    return bool((region.virt_start | region.size) & (PAGE_SIZE - 1))
 
 
 def subpage_handler(region: MemoryRegion, arch: Arch, console: Console) -> MmioHandler:

@@ -22,16 +22,14 @@ from __future__ import annotations
 import bisect
 from typing import Final, NamedTuple
 
+from .abi import MEM_NO_HUGEPAGES, PAGE_SIZE
 from .errors import Errno, HvError
 
-PAGE_SIZE: Final = 0x1000
 PAGE_MASK: Final = ~(PAGE_SIZE - 1)
 #: pages per CPU in the remap pool reserved for temporary mappings (x86)
 NUM_TEMPORARY_PAGES: Final = 16
 #: remap pool bitmap pages on x86; the pool has 8 * PAGE_SIZE pages per bitmap page
 NUM_REMAP_BITMAP_PAGES: Final = 4
-#: ``JAILHOUSE_MEM_NO_HUGEPAGES``
-MEM_NO_HUGEPAGES: Final = 0x0100
 
 _SIZE_2M: Final = 1 << 21
 _SIZE_1G: Final = 1 << 30

@@ -3,19 +3,25 @@
 Each logical CPU of the system has a :class:`PerCpu`: the cell that owns it, whether it
 failed (``panic_park``), its statistics counters, its shutdown state, and the model's
 view of what it executes (parked in the hypervisor, suspended, running guest code).
-The CPU-set helpers convert between config bitmaps, Python sets and the two text forms
-the Linux driver prints (``%*pb`` and ``%*pbl``).
+CPU sets (config bitmaps and Linux's text forms) are :mod:`harness.hvmodel.cpus`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import enum
 from typing import TYPE_CHECKING
 
-from .abi import NUM_CPU_STATS, CpuStat, ShutdownState
+from .abi import NUM_CPU_STATS, CpuStat
 
 if TYPE_CHECKING:
     from .cell import Cell
+
+
+class ShutdownState(enum.IntEnum):
+    """``per_cpu.shutdown_state`` (besides a stored negative errno)."""
+
+    NONE = 0
+    STARTED = 1
 
 
 class PerCpu:
@@ -64,53 +70,6 @@ class PerCpu:
             "suspended": self.suspended,
             "stats": {stat.sysfs_name: self.stats[stat] for stat in CpuStat},
         }
-
-
-def cpus_from_bitmap(bitmap: bytes) -> frozenset[int]:
-    """CPU numbers of a config ``cpu_set`` (bit n of the little-endian bytes = CPU n)."""
-    value = int.from_bytes(bitmap, "little")
-    return frozenset(n for n in range(value.bit_length()) if value >> n & 1)
-
-
-def cpus_to_bitmap(cpus: Iterable[int], size: int = 8) -> bytes:
-    """The config ``cpu_set`` bytes for ``cpus`` (``size`` bytes)."""
-    value = 0
-    for cpu in cpus:
-        value |= 1 << cpu
-    return value.to_bytes(size, "little")
-
-
-def format_cpu_mask(cpus: Iterable[int], nbits: int) -> str:
-    """Linux ``%*pb``: hex, 32-bit chunks separated by commas, the first chunk padded to
-    the digits its bits need (``nbits`` = ``nr_cpu_ids``)."""
-    value = 0
-    for cpu in cpus:
-        value |= 1 << cpu
-    nbits = max(nbits, 1)
-    chunks: list[str] = []
-    first_bits = nbits % 32 or 32
-    top = ((nbits + 31) // 32 - 1) * 32
-    bits = first_bits
-    for shift in range(top, -1, -32):
-        chunk = (value >> shift) & ((1 << bits) - 1)
-        chunks.append(f"{chunk:0{(bits + 3) // 4}x}")
-        bits = 32
-    return ",".join(chunks)
-
-
-def format_cpu_list(cpus: Iterable[int]) -> str:
-    """Linux ``%*pbl``: ranges such as ``0-2,5`` (empty for no CPU)."""
-    ordered = sorted(set(cpus))
-    parts: list[str] = []
-    index = 0
-    while index < len(ordered):
-        start = end = ordered[index]
-        while index + 1 < len(ordered) and ordered[index + 1] == end + 1:
-            index += 1
-            end = ordered[index]
-        parts.append(str(start) if start == end else f"{start}-{end}")
-        index += 1
-    return ",".join(parts)
 
 
 class ExitResult:

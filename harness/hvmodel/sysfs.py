@@ -23,7 +23,7 @@ from .abi import (
     InfoType,
     state_text,
 )
-from .percpu import format_cpu_list, format_cpu_mask
+from .cpus import format_cpu_list, format_cpu_mask
 
 if TYPE_CHECKING:
     from .driver import Driver

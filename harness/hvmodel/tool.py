@@ -53,10 +53,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from .abi import CELL_ID_NAMELEN, CELL_ID_UNUSED
 from .control import HvParams
 from .ipc import (
-    CELL_ID_UNUSED,
-    CELL_NAME_MAXLEN,
     CellId,
     DriverClient,
     RunDir,
@@ -306,9 +305,8 @@ class Tool:
 
         :return: False when another daemon holds the run directory
         """
-        import harness
-
-        lib = os.fspath(Path(harness.__file__).resolve().parent.parent)
+        # the directory holding the harness package (hvmodel imports nothing of harness)
+        lib = os.fspath(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = lib + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
@@ -468,7 +466,7 @@ class Tool:
             cell_id = _s32(value)
             use_name = not ok or cell_id < 0
         if use_name:
-            raw = os.fsencode(args[pos])[:CELL_NAME_MAXLEN]
+            raw = os.fsencode(args[pos])[:CELL_ID_NAMELEN]
             return CellId(CELL_ID_UNUSED, os.fsdecode(raw)), pos + 1
         return CellId(cell_id, ""), pos + 1
 
@@ -563,7 +561,7 @@ class Tool:
             cell_id = int(name[:digits]) if digits else 0  # strtoul(d_name, NULL, 10)
             row = (
                 _s32(cell_id),
-                self._read_cell_string(name, "name")[:CELL_NAME_MAXLEN],
+                self._read_cell_string(name, "name")[:CELL_ID_NAMELEN],
                 self._read_cell_string(name, "state"),
                 self._read_cell_string(name, "cpus_assigned_list"),
                 self._read_cell_string(name, "cpus_failed_list"),

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from harness.hvmodel.config import CellConfig, SystemConfig, load_source
-from harness.hvmodel.percpu import cpus_to_bitmap
+from harness.hvmodel.cpus import cpu_set_from
 from harness.lab import Lab
 from harness.protocol import CommandResult
 from harness.recipes import CONFIGS, build_inmates, find_recipes, missing_build_tools
@@ -241,7 +241,7 @@ def blobs(inmates: Path) -> dict[str, bytes]:
     assert isinstance(hello, CellConfig) and isinstance(rogue, CellConfig)
     rogue = dataclasses.replace(
         rogue,
-        cpu_set=cpus_to_bitmap({ROGUE_CPU}),
+        cpu_set=cpu_set_from({ROGUE_CPU}),
         memory_regions=tuple(
             dataclasses.replace(mem, phys_start=ROGUE_RAM) if mem.phys_start == HELLO_RAM else mem
             for mem in rogue.memory_regions

@@ -11,7 +11,7 @@ import pytest
 from test_config_vectors import CONFIGS_DIR
 
 from harness.hvmodel.config import (
-    Arch,
+    Architecture,
     CellConfig,
     MemFlags,
     MemoryRegion,
@@ -231,7 +231,7 @@ def test_overlapping_cores_output() -> None:
 def test_architecture_mismatch() -> None:
     """A cell of another architecture stops the check, as in the tool."""
     with pytest.raises(SetReadError) as info:
-        check(system(), [replace(cell("apic-demo"), architecture=Arch.ARM64)], sources=["a"])
+        check(system(), [replace(cell("apic-demo"), architecture=Architecture.ARM64)], sources=["a"])
     assert info.value.tool_line == "Cell architecture mismatch: arm64: a"
 
 
@@ -241,10 +241,10 @@ def _arm_system(version: int) -> SystemConfig:
     pm, mode, pad, vtd, tsc, apic, rest = struct.unpack("<HBBIII28s", raw)
     x86 = X86Platform(pm_timer_address=pm, apic_mode=mode, padding=pad, vtd_interrupt_limit=vtd,
                       tsc_khz=tsc, apic_khz=apic, remainder=rest)
-    root = CellConfig(name="arm", signature=bytes(5), revision=0, architecture=Arch.ARM64,
+    root = CellConfig(name="arm", signature=bytes(5), revision=0, architecture=Architecture.ARM64,
                       memory_regions=(MemoryRegion(phys_start=0x8000000, virt_start=0x8000000,
                                                    size=0x100000, flags=RW),))
-    return SystemConfig(architecture=Arch.ARM64, x86=x86, root_cell=root)
+    return SystemConfig(architecture=Architecture.ARM64, x86=x86, root_cell=root)
 
 
 def test_arm_gic_interceptions() -> None:

@@ -11,7 +11,7 @@ from harness.hvmodel.config import (
     CELL_DESC_SIZE,
     CONFIG_REVISION,
     SYSTEM_SIZE,
-    Arch,
+    Architecture,
     CacheFlags,
     CellConfig,
     CellFlags,
@@ -39,7 +39,7 @@ from harness.hvmodel.config.model import shmem_protocol_name, shmem_protocol_val
 def test_constants_and_enum_values() -> None:
     """Numbers from the reference §1.1-§1.12."""
     assert (CONFIG_REVISION, CELL_DESC_SIZE, SYSTEM_SIZE) == (14, 132, 488)
-    assert (Arch.X86, Arch.ARM, Arch.ARM64) == (0, 1, 2)
+    assert (Architecture.X86, Architecture.ARM, Architecture.ARM64) == (0, 1, 2)
     assert (MemFlags.COMM_REGION, MemFlags.ROOTSHARED, MemFlags.NO_HUGEPAGES,
             MemFlags.IO_UNALIGNED, MemFlags.IO_64) == (0x20, 0x80, 0x100, 0x8000, 0x80000)
     assert CellFlags.VIRTUAL_CONSOLE_ACTIVE == 0x80000000 and CellFlags.AARCH32 == 4

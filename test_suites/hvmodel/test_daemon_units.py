@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.hvmodel.abi import CELL_ID_UNUSED
 from harness.hvmodel.daemon import (
     ConsoleRing,
     DaemonError,
@@ -19,10 +20,9 @@ from harness.hvmodel.daemon import (
     Uart8250,
     dump_delta,
     make_arch,
-    parse_cpu_list,
     parse_memmap,
 )
-from harness.hvmodel.ipc import CELL_ID_UNUSED, CellId, RunDir
+from harness.hvmodel.ipc import CellId, RunDir
 from harness.hvmodel.tool import USAGE, CellStats, HardwareCheck, Tool, strtoll
 
 #: ``help()`` of Jailhouse's tools/jailhouse.c (master) for the built-in commands
@@ -175,9 +175,7 @@ def test_sysfs_writer_adds_changes_and_prunes(tmp_path: Path) -> None:
 
 
 def test_host_probe_helpers() -> None:
-    """CPU lists and ``memmap=`` reservations as Linux writes them."""
-    assert parse_cpu_list("0-2,5\n") == {0, 1, 2, 5}
-    assert parse_cpu_list("") == set()
+    """``memmap=`` reservations as Linux writes them."""
     cmdline = "console=ttyS0,115200 memmap=82M$0x3a000000 intel_iommu=on memmap=4K$4G,1M!2G"
     assert parse_memmap(cmdline) == ((0x3A000000, 82 << 20), (4 << 30, 4096))
 

@@ -7,8 +7,14 @@ from test_model_configs import linux_x86_demo, qemu_x86, tiny_demo
 
 from harness.hvmodel.abi import CpuStat
 from harness.hvmodel.arch.oracle import OracleArch
+from harness.hvmodel.cpus import (
+    cpu_set_from,
+    cpus_from_bitmap,
+    format_cpu_list,
+    format_cpu_mask,
+    parse_cpu_list,
+)
 from harness.hvmodel.driver import Driver, HostInfo, Image
-from harness.hvmodel.percpu import format_cpu_list, format_cpu_mask
 from harness.hvmodel.sysfs import CELL_LIST_HEADER, cell_list, sysfs_tree
 
 STAT_NAMES = [
@@ -136,6 +142,19 @@ def test_cpu_mask_formats(cpus: list[int], nbits: int, mask: str, listing: str) 
     """Linux ``%*pb`` (padded to nr_cpu_ids, 32-bit chunks) and ``%*pbl``."""
     assert format_cpu_mask(cpus, nbits) == mask
     assert format_cpu_list(cpus) == listing
+    assert parse_cpu_list(listing + "\n") == set(cpus)
+    assert cpus_from_bitmap(cpu_set_from(cpus, 8)) == set(cpus)
+
+
+def test_parse_cpu_list() -> None:
+    """Linux's list form as sysfs and cgroups print it; anything else is named."""
+    assert parse_cpu_list("0-3\n") == {0, 1, 2, 3}
+    assert parse_cpu_list("0-1,3,5-6") == {0, 1, 3, 5, 6}
+    assert parse_cpu_list(" 2 , ,4-4 ") == {2, 4}
+    assert parse_cpu_list("") == frozenset()
+    for bad in ("0-", "a", "3-1", "-1", "1-2-3"):
+        with pytest.raises(ValueError, match="CPU list"):
+            parse_cpu_list(bad)
 
 
 def test_console_is_missing_without_virtual_debug_console() -> None:

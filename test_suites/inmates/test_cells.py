@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.hvmodel.config import model
+from harness.hvmodel.abi import COMM_REGION_BASE, PAGE_SIZE, CellFlags, ConsoleType, MemFlags
+from harness.hvmodel.config import CellConfig
 from harness.hvmodel.config import toml as toml_config
 from harness.recipes import find_recipes
 
@@ -16,10 +17,7 @@ CELLS_DIR = find_recipes().cells
 SOURCES = sorted(CELLS_DIR.glob("*.toml"))
 
 INMATE_RAM = range(0x3A600000, 0x3F000000)
-COMM_REGION = 0x100000
 CELL_UART = 0x2F8
-MemFlags = model.MemFlags
-CellFlags = model.CellFlags
 
 #: demos that answer comm region messages; the others are passive like Jailhouse's
 ACTIVE = {"hello", "apic-timer"}
@@ -39,7 +37,7 @@ def test_cell_config(source: Path) -> None:
     region at 0x100000; console 8250 on ttyS1 with 0x2f8/8 whitelisted; flags fit the
     demo; the compiled blob has the cell signature and revision 14."""
     cell = toml_config.load_source(source)
-    assert isinstance(cell, model.CellConfig)
+    assert isinstance(cell, CellConfig)
     blob = cell.to_bytes()
     assert blob[:5] == b"JHCLL" and int.from_bytes(blob[6:8], "little") == 14
     assert cell.name == source.stem
@@ -55,9 +53,9 @@ def test_cell_config(source: Path) -> None:
     assert bool(ram_region.flags & MemFlags.DMA) == (cell.name in DMA)
 
     comm = [r for r in cell.memory_regions if r.flags & MemFlags.COMM_REGION]
-    assert [(r.virt_start, r.size) for r in comm] == [(COMM_REGION, 0x1000)]
+    assert [(r.virt_start, r.size) for r in comm] == [(COMM_REGION_BASE, PAGE_SIZE)]
 
-    assert cell.console.type == model.ConsoleType.UART_8250
+    assert cell.console.type == ConsoleType.UART_8250
     assert cell.console.address == CELL_UART
     assert any(p.base <= CELL_UART and p.base + p.length >= CELL_UART + 8
                for p in cell.pio_regions)
@@ -74,7 +72,7 @@ def test_co_resident_pairs_do_not_overlap() -> None:
     for first, second in (("apic-timer", "hello"), ("ivshmem", "ivshmem-2")):
         a = toml_config.load_source(CELLS_DIR / f"{first}.toml")
         b = toml_config.load_source(CELLS_DIR / f"{second}.toml")
-        assert isinstance(a, model.CellConfig) and isinstance(b, model.CellConfig)
+        assert isinstance(a, CellConfig) and isinstance(b, CellConfig)
         assert not set(a.cpus) & set(b.cpus)
         ram_a = next(r for r in a.memory_regions if r.virt_start == 0 and r.size)
         ram_b = next(r for r in b.memory_regions if r.virt_start == 0 and r.size)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.hvmodel.arch.cpuset import RootCpuset, parse_cpu_list
+from harness.hvmodel.arch.cpuset import RootCpuset
 
 SELF = 4242
 USER = (100, 101, 102)
@@ -56,13 +56,6 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
 
 def writes(path: Path) -> list[str]:
     return path.read_text().split()
-
-
-def test_parse_cpu_list() -> None:
-    """Linux CPU lists: ranges and singles."""
-    assert parse_cpu_list("0-3\n") == {0, 1, 2, 3}
-    assert parse_cpu_list("0-1,3,5-6") == {0, 1, 3, 5, 6}
-    assert parse_cpu_list("") == frozenset()
 
 
 def test_apply_confines_user_processes_but_not_kernel_threads_or_the_hypervisor(

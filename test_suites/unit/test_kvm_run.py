@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.hvmodel.abi import CellState
 from harness.hvmodel.arch import kvm, runner
 
 pytestmark = [
@@ -354,7 +355,7 @@ def test_runner_fatal_mmio_parks_cpu_and_fails_cell() -> None:
     assert 'Parking CPU 1 (Cell: "runner")' in report
     assert "RIP: 0x" in report
     assert run.stop_reason is runner.StopReason.ALL_FAILED
-    assert run.cell_state == runner.CellState.FAILED
+    assert run.cell_state == CellState.FAILED
 
 
 def test_runner_fatal_pio_outside_whitelist() -> None:

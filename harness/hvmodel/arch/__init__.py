@@ -22,16 +22,21 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+import mmap
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
+from ..abi import PAGE_SIZE
 from ..errors import Errno, HvError
 
 if TYPE_CHECKING:
     from ..config import CellConfig, MemoryRegion, PciDevice, SystemConfig
 
-__all__ = ["PAGE_SIZE", "Arch", "RootBuffers"]
+__all__ = ["HOST_PAGE_SIZE", "Arch", "RootBuffers"]
 
-PAGE_SIZE = 0x1000
+#: The page size of the Linux the executor runs on: the granularity of its ``mmap``,
+#: ``/dev/mem`` and VFIO mappings. Not Jailhouse's ``PAGE_SIZE`` (:mod:`..abi`), although
+#: both are 4 KiB on x86.
+HOST_PAGE_SIZE: Final = mmap.PAGESIZE
 
 
 @runtime_checkable
@@ -241,7 +246,7 @@ class RootBuffers:
         for start in sorted(self._buffers):
             if address + size <= start:
                 break
-            length = max(PAGE_SIZE, (len(self._buffers[start]) + PAGE_SIZE - 1) & ~0xFFF)
+            length = max(PAGE_SIZE, (len(self._buffers[start]) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
             address = max(address, start + length)
         if address + size > self._limit:
             raise HvError(Errno.ENOMEM, "root staging range full")
@@ -258,7 +263,7 @@ class RootBuffers:
         :raise HvError: ``ENOMEM`` when the range is not inside a stored buffer
         """
         for start, data in self._buffers.items():
-            end = start + max(PAGE_SIZE, (len(data) + PAGE_SIZE - 1) & ~0xFFF)
+            end = start + max(PAGE_SIZE, (len(data) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
             if start <= address and address + size <= end:
                 offset = address - start
                 chunk = data[offset : offset + size]

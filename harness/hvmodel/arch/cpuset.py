@@ -37,24 +37,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from ..percpu import format_cpu_list
+from ..cpus import format_cpu_list
 
-__all__ = ["DEFAULT_GROUP", "RootCpuset", "parse_cpu_list"]
+__all__ = ["DEFAULT_GROUP", "RootCpuset"]
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_GROUP: Final = "jailhouse-root"
 #: ``PF_KTHREAD`` in the flags field of ``/proc/PID/stat``
 PF_KTHREAD: Final = 0x00200000
-
-
-def parse_cpu_list(text: str) -> frozenset[int]:
-    """CPUs of a Linux CPU list such as ``0-2,5`` (``/sys/devices/system/cpu/online``)."""
-    cpus: set[int] = set()
-    for item in filter(None, (part.strip() for part in text.strip().split(","))):
-        first, _, last = item.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return frozenset(cpus)
 
 
 class RootCpuset:

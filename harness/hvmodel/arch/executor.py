@@ -120,10 +120,31 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
-from ..abi import CellState, CommOffset, CpuStat, Message, Reply, comm_read_u32
+from ..abi import (
+    COMM_PAGE_SIZE,
+    IOAPIC_REDIR_MASK,
+    IOAPIC_REDIR_TBL_START,
+    IOAPIC_REG_DATA,
+    IOAPIC_REG_EOI,
+    MEM_COMM_REGION,
+    MEM_DMA,
+    MEM_IO,
+    MEM_WRITE,
+    PAGE_SIZE,
+    PCI_TYPE_DEVICE,
+    CellState,
+    CommOffset,
+    ConsoleFlags,
+    ConsoleType,
+    CpuStat,
+    Message,
+    Reply,
+    comm_read_u32,
+)
+from ..cpus import parse_cpu_list
 from ..errors import Errno, HvError, JhlabError
-from . import PAGE_SIZE, RootBuffers, xen
-from .cpuset import RootCpuset, parse_cpu_list
+from . import HOST_PAGE_SIZE, RootBuffers, xen
+from .cpuset import RootCpuset
 from .kvm import (
     KICK_SIGNAL,
     KVM_MSR_EXIT_REASON_INVAL,
@@ -167,10 +188,6 @@ __all__ = ["CpuState", "ExecutorArch", "ExecutorStateError", "ExitHandler", "hos
 
 LOG = logging.getLogger(__name__)
 
-MEM_WRITE: Final = 0x0002
-MEM_DMA: Final = 0x0008
-MEM_IO: Final = 0x0010
-MEM_COMM_REGION: Final = 0x0020
 #: where KVM may put the real-mode TSS on VMX without unrestricted guest (runner's choice)
 TSS_ADDRESS: Final = 0xFFFBD000
 #: GSI routes of the split irqchip (KVM_CAP_SPLIT_IRQCHIP's argument)
@@ -187,15 +204,7 @@ POLL_MAX: Final = 0.005
 #: 8250 registers
 UART_LSR: Final = 5
 UART_LSR_THRE: Final = 0x20
-CONSOLE_TYPE_8250: Final = 2
-#: ``JAILHOUSE_PCI_TYPE_DEVICE``: a physical endpoint (passed through with VFIO)
-PCI_TYPE_DEVICE: Final = 1
-CONSOLE_ACCESS_MMIO: Final = 0x0001
 #: IOAPIC registers
-IOAPIC_DATA: Final = 0x10
-IOAPIC_EOI: Final = 0x40
-IOAPIC_REDIR_TBL_START: Final = 0x10
-IOAPIC_REDIR_MASKED: Final = 1 << 16
 #: pins of the IOAPIC model used when the physical one cannot be mapped (QEMU's count)
 DETACHED_IOAPIC_PINS: Final = 24
 #: SVM exit code of a shutdown (triple fault), VMX exit reason of a triple fault
@@ -594,7 +603,7 @@ class ExecutorArch:
         if self.console_port is not None:
             return self.console_port
         con = system.debug_console
-        if con.type == CONSOLE_TYPE_8250 and not con.flags & CONSOLE_ACCESS_MMIO and con.address:
+        if con.type == ConsoleType.UART_8250 and not con.flags & ConsoleFlags.ACCESS_MMIO and con.address:
             return int(con.address)
         return None
 
@@ -782,7 +791,7 @@ class ExecutorArch:
 
     def comm_page_alloc(self, cell_id: int) -> memoryview:
         """A zeroed anonymous page: the model's view, and the guest's at the COMM_REGION."""
-        page = anonymous_memory(PAGE_SIZE)
+        page = anonymous_memory(COMM_PAGE_SIZE)
         self._comm_pages[cell_id] = page
         return memoryview(page)
 
@@ -813,7 +822,7 @@ class ExecutorArch:
             page = self._comm_pages.get(cell_id)
             if page is None:
                 raise HvError(Errno.ENOMEM, f"cell {cell_id} has no comm page")
-            slot = cell.vm.add_memory(region.virt_start, page, size=PAGE_SIZE, readonly=readonly)
+            slot = cell.vm.add_memory(region.virt_start, page, size=COMM_PAGE_SIZE, readonly=readonly)
             cell.slots[key] = _Slot(slot.slot, None)
             return
         device_memory = self.passthrough.bar_backing(cell_id, region.phys_start, region.size)
@@ -1186,13 +1195,15 @@ class ExecutorArch:
         self._port_backend().write(port, size, value)
 
     def _mmio_window(self, address: int, size: int) -> tuple[PhysMapping | None, int]:
-        page = address & ~(PAGE_SIZE - 1)
-        if address + size > page + PAGE_SIZE:
+        page = address & ~(HOST_PAGE_SIZE - 1)
+        if address + size > page + HOST_PAGE_SIZE:
             raise ValueError(f"MMIO access {address:#x}+{size} crosses a page")
         with self._hw_lock:
             if page not in self._mmio_maps:
                 try:
-                    self._mmio_maps[page] = PhysMapping(page, PAGE_SIZE, path=self.mem_device, uncached=True)
+                    self._mmio_maps[page] = PhysMapping(
+                        page, HOST_PAGE_SIZE, path=self.mem_device, uncached=True
+                    )
                 except (KvmError, ValueError) as exc:
                     LOG.warning("MMIO page %#x not accessible: %s", page, exc)
                     self._mmio_maps[page] = None
@@ -1232,7 +1243,7 @@ class ExecutorArch:
             if any(start <= address and end <= stop for start, stop in cell.subpage_ranges):
                 return True
             for base, _pin in cell.ioapic_pins:
-                if base + IOAPIC_EOI <= address and end <= base + IOAPIC_EOI + 4:
+                if base + IOAPIC_REG_EOI <= address and end <= base + IOAPIC_REG_EOI + 4:
                     return True
         for bdf, (start, length) in self._msix_ranges.items():
             if bdf in self._device_owner and start <= address and end <= start + length:
@@ -1322,7 +1333,7 @@ class ExecutorArch:
         cell.vm.signal_msi(address, data)
 
     def _ioapic(self, address: int) -> PhysMapping | None:
-        mapping, _ = self._mmio_window(address, IOAPIC_DATA + 4)
+        mapping, _ = self._mmio_window(address, IOAPIC_REG_DATA + 4)
         if mapping is None and address not in self._detached_ioapics:
             LOG.warning(
                 "IOAPIC %#x not reachable through %s (CONFIG_IO_STRICT_DEVMEM: boot with "
@@ -1340,10 +1351,10 @@ class ExecutorArch:
         mapping = self._ioapic(address)
         if mapping is None:
             return self._detached_ioapics[address].get(index, _detached_ioapic_reset(index))
-        base = address & (PAGE_SIZE - 1)
+        base = address & (HOST_PAGE_SIZE - 1)
         with self._hw_lock:
             mapping.write_value(base, 4, index)
-            return mapping.read_value(base + IOAPIC_DATA, 4)
+            return mapping.read_value(base + IOAPIC_REG_DATA, 4)
 
     def ioapic_write(self, address: int, index: int, value: int) -> None:
         """Write register ``index``, for redirection entries of pins a non-root cell owns."""
@@ -1359,10 +1370,10 @@ class ExecutorArch:
         if mapping is None:
             self._detached_ioapics[address][index] = value & 0xFFFFFFFF
             return
-        base = address & (PAGE_SIZE - 1)
+        base = address & (HOST_PAGE_SIZE - 1)
         with self._hw_lock:
             mapping.write_value(base, 4, index)
-            mapping.write_value(base + IOAPIC_DATA, 4, value)
+            mapping.write_value(base + IOAPIC_REG_DATA, 4, value)
 
     # ===================================================================================
     # memory
@@ -1512,7 +1523,7 @@ def _detached_ioapic_reset(index: int) -> int:
     if index == 0x01:
         return ((DETACHED_IOAPIC_PINS - 1) << 16) | 0x11
     if index >= IOAPIC_REDIR_TBL_START and (index - IOAPIC_REDIR_TBL_START) % 2 == 0:
-        return IOAPIC_REDIR_MASKED
+        return IOAPIC_REDIR_MASK
     return 0
 
 

@@ -53,14 +53,25 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
+from ..abi import (
+    CPUID_1_ECX_HYPERVISOR,
+    CPUID_1_ECX_TSC_DEADLINE,
+    CPUID_1_ECX_VMX,
+    CPUID_1_ECX_X2APIC,
+    CPUID_80000001_ECX_SVM,
+    JAILHOUSE_CPUID_FEATURES,
+    JAILHOUSE_CPUID_SIGNATURE,
+    JAILHOUSE_CPUID_SIGNATURE_REGS,
+    XAPIC_BASE,
+)
 from ..errors import Errno, HvError
+from . import HOST_PAGE_SIZE
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 LOG = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = mmap.PAGESIZE
 
 # ---------------------------------------------------------------------------------------
 # ioctl encoding (include/uapi/asm-generic/ioctl.h; x86 uses the generic layout)
@@ -699,8 +710,7 @@ class Msr(enum.IntEnum):
     IA32_EFER = 0xC0000080
 
 
-# IA32_APIC_BASE bits (SDM vol. 3, 10.4.4 and 10.12.1)
-APIC_BASE_ADDRESS: Final = 0xFEE00000
+# IA32_APIC_BASE bits (SDM vol. 3, 10.4.4 and 10.12.1); the base itself is XAPIC_BASE
 APIC_BASE_BSP: Final = 1 << 8
 APIC_BASE_EXTD: Final = 1 << 10
 APIC_BASE_ENABLE: Final = 1 << 11
@@ -782,7 +792,7 @@ def anonymous_memory(size: int) -> mmap.mmap:
 
 
 def _page_round_up(value: int) -> int:
-    return (value + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    return (value + HOST_PAGE_SIZE - 1) & ~(HOST_PAGE_SIZE - 1)
 
 
 class PhysMapping:
@@ -805,7 +815,7 @@ class PhysMapping:
     def __init__(self, phys: int, size: int, *, path: str = "/dev/mem", uncached: bool = False) -> None:
         if phys < 0 or size <= 0:
             raise ValueError(f"bad physical window {phys:#x}+{size:#x}")
-        base = phys & ~(PAGE_SIZE - 1)
+        base = phys & ~(HOST_PAGE_SIZE - 1)
         self.phys = phys
         self.size = size
         self.offset = phys - base
@@ -1242,7 +1252,7 @@ class Vm:
         anchor = (ctypes.c_char * size).from_buffer(buffer, offset)
         address = ctypes.addressof(anchor)
         checks = (("guest address", guest_phys), ("size", size), ("host address", address))
-        misaligned = [name for name, value in checks if value % PAGE_SIZE]
+        misaligned = [name for name, value in checks if value % HOST_PAGE_SIZE]
         if misaligned:
             raise KvmError(
                 "KVM_SET_USER_MEMORY_REGION",
@@ -1893,14 +1903,6 @@ class Vcpu:
 # Jailhouse's view of a cell CPU: CPUID (§3.1) and start state (§5.1)
 # ---------------------------------------------------------------------------------------
 
-JAILHOUSE_CPUID_SIGNATURE: Final = 0x40000000
-JAILHOUSE_CPUID_FEATURES: Final = 0x40000001
-CPUID_1_ECX_VMX: Final = 1 << 5
-CPUID_1_ECX_X2APIC: Final = 1 << 21
-CPUID_1_ECX_TSC_DEADLINE: Final = 1 << 24
-CPUID_1_ECX_HYPERVISOR: Final = 1 << 31
-CPUID_80000001_ECX_SVM: Final = 1 << 2
-
 #: ``vcpu_reset``: CR0 = NW | CD | ET.
 RESET_CR0: Final = (1 << 29) | (1 << 30) | (1 << 4)
 RESET_RFLAGS: Final = 0x2
@@ -1908,7 +1910,7 @@ RESET_DR7: Final = 0x400
 #: Power-on value of IA32_PAT.
 RESET_PAT: Final = 0x0007040600070406
 #: A cell CPU's IA32_APIC_BASE: x2APIC enabled, no BSP flag (see :func:`jailhouse_vcpu_reset`).
-CELL_APIC_BASE: Final = APIC_BASE_ADDRESS | APIC_BASE_ENABLE | APIC_BASE_EXTD
+CELL_APIC_BASE: Final = XAPIC_BASE | APIC_BASE_ENABLE | APIC_BASE_EXTD
 
 _CS_AR: Final = 0x9B
 _DATA_AR: Final = 0x93
@@ -1951,15 +1953,8 @@ def jailhouse_cpuid(
         elif function == 0x8000001E:
             entry = dataclasses.replace(entry, eax=apic_id)
         table.append(entry)
-    table.append(
-        CpuidEntry(
-            JAILHOUSE_CPUID_SIGNATURE,
-            eax=JAILHOUSE_CPUID_FEATURES,
-            ebx=int.from_bytes(b"Jail", "little"),
-            ecx=int.from_bytes(b"hous", "little"),
-            edx=int.from_bytes(b"e\0\0\0", "little"),
-        )
-    )
+    eax, ebx, ecx, edx = JAILHOUSE_CPUID_SIGNATURE_REGS
+    table.append(CpuidEntry(JAILHOUSE_CPUID_SIGNATURE, eax=eax, ebx=ebx, ecx=ecx, edx=edx))
     table.append(CpuidEntry(JAILHOUSE_CPUID_FEATURES))
     return table
 

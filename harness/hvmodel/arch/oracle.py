@@ -15,8 +15,8 @@ import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from ..abi import CommOffset, Message, Reply, comm_read_u32, comm_write_u32
-from . import PAGE_SIZE, RootBuffers
+from ..abi import PAGE_SIZE, CommOffset, Message, Reply, comm_read_u32, comm_write_u32
+from . import RootBuffers
 
 if TYPE_CHECKING:
     from ..config import CellConfig, MemoryRegion, PciDevice, SystemConfig

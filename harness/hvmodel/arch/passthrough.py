@@ -48,10 +48,30 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Final
 
-from ..errors import Errno, HvError
-from .vfio import (
+from ..abi import (
     MEM_READ,
     MEM_WRITE,
+    PCI_BAR_64BIT,
+    PCI_BAR_IO,
+    PCI_CAP_MSI,
+    PCI_CAP_MSIX,
+    PCI_CFG_BAR,
+    PCI_CFG_CAPS,
+    PCI_CFG_SPACE_SIZE,
+    PCI_CFG_STATUS,
+    PCI_MSI_CTRL_64BIT,
+    PCI_MSI_CTRL_ENABLE,
+    PCI_MSI_CTRL_MME_MASK,
+    PCI_MSI_CTRL_MME_SHIFT,
+    PCI_MSIX_CTRL_ENABLE,
+    PCI_MSIX_CTRL_FMASK,
+    PCI_MSIX_CTRL_TABLE_SIZE,
+    PCI_MSIX_VECTOR_MASKED,
+    PCI_MSIX_VECTOR_SIZE,
+    PCI_STS_CAPS,
+)
+from ..errors import Errno, HvError
+from .vfio import (
     Container,
     Device,
     DmaMapping,
@@ -75,26 +95,6 @@ __all__ = ["PassedDevice", "Passthrough"]
 
 LOG = logging.getLogger(__name__)
 
-PCI_CONFIG_SIZE: Final = 0x100
-PCI_CFG_STATUS: Final = 0x06
-PCI_STATUS_CAP_LIST: Final = 0x10
-PCI_CFG_CAP_PTR: Final = 0x34
-PCI_CFG_BAR: Final = 0x10
-PCI_BAR_IO: Final = 0x1
-PCI_BAR_MEM_TYPE_64: Final = 0x4
-PCI_CAP_MSI: Final = 0x05
-PCI_CAP_MSIX: Final = 0x11
-#: MSI control: enable, multiple message enable (bits 4-6), 64-bit address
-MSI_CTRL_ENABLE: Final = 0x0001
-MSI_CTRL_MME_SHIFT: Final = 4
-MSI_CTRL_MME_MASK: Final = 0x0070
-MSI_CTRL_64BIT: Final = 0x0080
-#: MSI-X control: table size - 1 (bits 0-10), function mask, enable
-MSIX_CTRL_SIZE_MASK: Final = 0x07FF
-MSIX_CTRL_FMASK: Final = 0x4000
-MSIX_CTRL_ENABLE: Final = 0x8000
-MSIX_ENTRY_SIZE: Final = 16
-MSIX_ENTRY_MASKED: Final = 0x1
 #: size of the MSI capability this module shadows (64-bit with per-vector masking)
 MSI_CAP_SHADOW: Final = 24
 #: size of the MSI-X capability
@@ -137,7 +137,7 @@ class PassedDevice:
 
     @property
     def msi_64bit(self) -> bool:
-        return bool(int.from_bytes(self.msi[2:4], "little") & MSI_CTRL_64BIT)
+        return bool(int.from_bytes(self.msi[2:4], "little") & PCI_MSI_CTRL_64BIT)
 
     @property
     def msi_size(self) -> int:
@@ -151,7 +151,7 @@ class PassedDevice:
         return self.msix_cap is not None and self.msix_cap + 2 <= reg < self.msix_cap + 4
 
     def in_msix_table(self, address: int, size: int) -> bool:
-        end = self.msix_table + len(self.msix_entries) * MSIX_ENTRY_SIZE
+        end = self.msix_table + len(self.msix_entries) * PCI_MSIX_VECTOR_SIZE
         return bool(self.msix_entries) and self.msix_table <= address and address + size <= end
 
 
@@ -312,25 +312,26 @@ class Passthrough:
                 index += 1
                 continue
             address = low & ~0xF
-            wide = bool(low & PCI_BAR_MEM_TYPE_64) and index < 5
+            wide = bool(low & PCI_BAR_64BIT) and index < 5
             if wide:
                 address |= device.config_read(PCI_CFG_BAR + 4 * (index + 1), 4) << 32
             size = device.region_info(index).size
             if size and address:
                 passed.bars[index] = (address, size)
             index += 2 if wide else 1
-        if not device.config_read(PCI_CFG_STATUS, 2) & PCI_STATUS_CAP_LIST:
+        if not device.config_read(PCI_CFG_STATUS, 2) & PCI_STS_CAPS:
             return
-        pointer = device.config_read(PCI_CFG_CAP_PTR, 1) & ~3
+        pointer = device.config_read(PCI_CFG_CAPS, 1) & ~3
         seen: set[int] = set()
         while pointer and pointer not in seen:
             seen.add(pointer)
             cap_id = device.config_read(pointer, 1)
             if cap_id == PCI_CAP_MSI and passed.msi_cap is None:
                 passed.msi_cap = pointer
-                length = min(MSI_CAP_SHADOW, PCI_CONFIG_SIZE - pointer)
+                length = min(MSI_CAP_SHADOW, PCI_CFG_SPACE_SIZE - pointer)
                 passed.msi[:length] = device.read(PciRegion.CONFIG, pointer, length)
-                ctrl = int.from_bytes(passed.msi[2:4], "little") & ~(MSI_CTRL_ENABLE | MSI_CTRL_MME_MASK)
+                ctrl = int.from_bytes(passed.msi[2:4], "little")
+                ctrl &= ~(PCI_MSI_CTRL_ENABLE | PCI_MSI_CTRL_MME_MASK)
                 passed.msi[2:4] = ctrl.to_bytes(2, "little")
             elif cap_id == PCI_CAP_MSIX and passed.msix_cap is None:
                 passed.msix_cap = pointer
@@ -339,10 +340,9 @@ class Passthrough:
                 bar = passed.bars.get(table & 7)
                 if bar is not None:
                     passed.msix_table = bar[0] + (table & ~7)
-                    passed.msix_entries = [
-                        [0, 0, 0, MSIX_ENTRY_MASKED] for _ in range((ctrl & MSIX_CTRL_SIZE_MASK) + 1)
-                    ]
-                passed.msix_ctrl = ctrl & MSIX_CTRL_SIZE_MASK
+                    vectors = (ctrl & PCI_MSIX_CTRL_TABLE_SIZE) + 1
+                    passed.msix_entries = [[0, 0, 0, PCI_MSIX_VECTOR_MASKED] for _ in range(vectors)]
+                passed.msix_ctrl = ctrl & PCI_MSIX_CTRL_TABLE_SIZE
             pointer = device.config_read(pointer + 1, 1) & ~3
 
     # -- memory -------------------------------------------------------------------------
@@ -424,7 +424,7 @@ class Passthrough:
             old = bytes(passed.msi[:4])
             passed.msi[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             if offset < 4:  # capability ID and next are read-only, of the control only enable and MME
-                writable = MSI_CTRL_ENABLE | MSI_CTRL_MME_MASK
+                writable = PCI_MSI_CTRL_ENABLE | PCI_MSI_CTRL_MME_MASK
                 old_ctrl = int.from_bytes(old[2:4], "little")
                 new_ctrl = int.from_bytes(passed.msi[2:4], "little")
                 ctrl = (old_ctrl & ~writable) | (new_ctrl & writable)
@@ -435,8 +435,8 @@ class Passthrough:
             shift = (reg - (passed.msix_cap or 0) - 2) * 8
             mask = ((1 << (8 * size)) - 1) << shift
             written = ((value << shift) & mask) | (passed.msix_ctrl & ~mask)
-            passed.msix_ctrl = (passed.msix_ctrl & MSIX_CTRL_SIZE_MASK) | (
-                written & (MSIX_CTRL_ENABLE | MSIX_CTRL_FMASK)
+            passed.msix_ctrl = (passed.msix_ctrl & PCI_MSIX_CTRL_TABLE_SIZE) | (
+                written & (PCI_MSIX_CTRL_ENABLE | PCI_MSIX_CTRL_FMASK)
             )
             self._update_msix(passed)
             return
@@ -453,13 +453,13 @@ class Passthrough:
 
     def msix_read(self, passed: PassedDevice, address: int, size: int) -> int:
         """Read the shadow table (the host owns the real one)."""
-        index, offset = divmod(address - passed.msix_table, MSIX_ENTRY_SIZE)
+        index, offset = divmod(address - passed.msix_table, PCI_MSIX_VECTOR_SIZE)
         entry = b"".join(word.to_bytes(4, "little") for word in passed.msix_entries[index])
         return int.from_bytes(entry[offset:offset + size], "little")
 
     def msix_write(self, passed: PassedDevice, address: int, size: int, value: int) -> None:
         """Write the shadow table and reconcile that vector's route."""
-        index, offset = divmod(address - passed.msix_table, MSIX_ENTRY_SIZE)
+        index, offset = divmod(address - passed.msix_table, PCI_MSIX_VECTOR_SIZE)
         entry = bytearray(b"".join(word.to_bytes(4, "little") for word in passed.msix_entries[index]))
         entry[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         passed.msix_entries[index] = [int.from_bytes(entry[n:n + 4], "little") for n in range(0, 16, 4)]
@@ -474,7 +474,7 @@ class Passthrough:
         """MSI as the shadow says: VFIO vectors on or off, routes to the cell's VM."""
         ctrl = int.from_bytes(passed.msi[2:4], "little")
         router = self._router(passed)
-        if not ctrl & MSI_CTRL_ENABLE:
+        if not ctrl & PCI_MSI_CTRL_ENABLE:
             self._msi_off(router, passed)
             return
         address = int.from_bytes(passed.msi[4:8], "little")
@@ -484,7 +484,7 @@ class Passthrough:
         else:
             data = int.from_bytes(passed.msi[8:10], "little")
         available = passed.device.irq_info(PciIrq.MSI).count
-        count = min(1 << ((ctrl & MSI_CTRL_MME_MASK) >> MSI_CTRL_MME_SHIFT), max(available, 1))
+        count = min(1 << ((ctrl & PCI_MSI_CTRL_MME_MASK) >> PCI_MSI_CTRL_MME_SHIFT), max(available, 1))
         if len(passed.msi_fds) != count:
             self._msi_off(router, passed)
             passed.msi_fds = passed.device.enable_msi(count)
@@ -509,17 +509,17 @@ class Passthrough:
         """MSI-X as the shadow says: all table vectors enabled in VFIO while MSI-X is on;
         a vector is routed while neither it nor the function is masked."""
         router = self._router(passed)
-        if not passed.msix_ctrl & MSIX_CTRL_ENABLE or not passed.msix_entries:
+        if not passed.msix_ctrl & PCI_MSIX_CTRL_ENABLE or not passed.msix_entries:
             self._msix_off(router, passed)
             return
         if not passed.msix_fds:
             passed.msix_fds = passed.device.enable_msix(len(passed.msix_entries))
-        masked_all = bool(passed.msix_ctrl & MSIX_CTRL_FMASK)
+        masked_all = bool(passed.msix_ctrl & PCI_MSIX_CTRL_FMASK)
         indexes = range(len(passed.msix_entries)) if only is None else (only,)
         for index in indexes:
             low, high, data, control = passed.msix_entries[index]
             route = passed.msix_routes.get(index)
-            if masked_all or control & MSIX_ENTRY_MASKED:
+            if masked_all or control & PCI_MSIX_VECTOR_MASKED:
                 if route is not None:
                     router.unroute(route)
                     del passed.msix_routes[index]

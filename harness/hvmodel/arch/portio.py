@@ -44,6 +44,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
+from . import HOST_PAGE_SIZE
 from .kvm import KVM_RUN, DevPort, KvmError
 
 __all__ = [
@@ -232,7 +233,7 @@ class NativePorts:
         libc.ioperm.argtypes = [ctypes.c_ulong, ctypes.c_ulong, ctypes.c_int]
         self._libc = libc
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        address = libc.mmap(None, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+        address = libc.mmap(None, HOST_PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
         if address in (None, ctypes.c_void_p(-1).value):
             code = ctypes.get_errno()
             raise OSError(code, f"mmap of the port stub page: {os.strerror(code)}")
@@ -242,7 +243,7 @@ class NativePorts:
             ctypes.memmove(address + index * _STUB_SLOT, code_bytes, len(code_bytes))
         ctypes.memmove(address + _LOOP_OFFSET, _IO_BITMAP_LOOP, len(_IO_BITMAP_LOOP))
         # W^X: the page is never writable and executable at the same time.
-        if libc.mprotect(address, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        if libc.mprotect(address, HOST_PAGE_SIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
             code = ctypes.get_errno()
             self.close()
             raise OSError(code, f"mprotect of the port stub page: {os.strerror(code)}")
@@ -326,7 +327,7 @@ class _StubPage:
 
     def __init__(self, libc: ctypes.CDLL, address: int) -> None:
         self.address = address
-        self.unmap = weakref.finalize(self, libc.munmap, address, mmap.PAGESIZE)
+        self.unmap = weakref.finalize(self, libc.munmap, address, HOST_PAGE_SIZE)
 
 
 class IoBitmapLoop:

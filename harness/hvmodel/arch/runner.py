@@ -29,8 +29,6 @@ import argparse
 import dataclasses
 import enum
 import logging
-import mmap
-import struct
 import sys
 import threading
 import time
@@ -38,6 +36,22 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Final, TextIO
 
+from ..abi import (
+    COMM_PAGE_SIZE,
+    COMM_REGION_ABI_REVISION,
+    COMM_REGION_BASE,
+    COMM_REGION_SIGNATURE,
+    CONSOLE,
+    PAGE_SIZE,
+    TEST_DEVICE_REGISTER,
+    CellState,
+    CommOffset,
+    CommRegion,
+    ConsoleType,
+    comm_read_u32,
+    comm_write_u32,
+)
+from . import HOST_PAGE_SIZE
 from .kvm import (
     Cap,
     DevPort,
@@ -59,32 +73,15 @@ from .kvm import (
 
 LOG = logging.getLogger(__name__)
 
-COMM_REGION_BASE: Final = 0x100000
 CMDLINE_ADDRESS: Final = 0x1000
-TEST_DEVICE_BASE: Final = COMM_REGION_BASE + 0x1000
+#: the test device page: the page after the comm region (``testdev_get_mmio_base``)
+TEST_DEVICE_BASE: Final = COMM_REGION_BASE + PAGE_SIZE
 PM_TIMER_PORT: Final = 0x608
 PM_TIMER_HZ: Final = 3_579_545
 DEFAULT_UART: Final = 0x2F8
 DEFAULT_TIMEOUT: Final = 10.0
 #: KVM's local APIC timer runs at one bus cycle per nanosecond unless configured.
 KVM_APIC_BUS_CYCLE_NS: Final = 1
-
-
-class CellState(enum.IntEnum):
-    """``comm_region.cell_state`` (reference §3.2)."""
-
-    RUNNING = 0
-    RUNNING_LOCKED = 1
-    SHUT_DOWN = 2
-    FAILED = 3
-    FAILED_COMM_REV = 4
-
-
-# struct jailhouse_comm_region (76 bytes, packed), console embedded (reference §1.3, §3.3)
-_COMM_REGION: Final = struct.Struct("<6sHIIII QIHHIIQ QHHII")
-COMM_REGION_ABI_REVISION: Final = 2
-CONSOLE_TYPE_8250: Final = 2
-_CELL_STATE_OFFSET: Final = 8
 
 
 def comm_region(
@@ -103,26 +100,20 @@ def comm_region(
     The console is 8250, PIO, 1-byte register distance, at ``console_port``; a divider
     of 0 tells the inmate not to program the UART.
     """
-    return _COMM_REGION.pack(
-        b"JHCOMM",
-        COMM_REGION_ABI_REVISION,
-        CellState.RUNNING,
-        0,  # msg_to_cell
-        0,  # reply_from_cell
-        flags,
-        console_port,  # console.address
-        0,  # console.size
-        CONSOLE_TYPE_8250,
-        0,  # console.flags: ACCESS_PIO | REGDIST_1
-        console_divider,
-        0,  # console.gate_nr
-        0,  # console.clock_reg
-        pci_mmconfig_base,
-        pm_timer_address,
-        num_cpus,
-        tsc_khz,
-        apic_khz,
-    )
+    # console: address, size, type, flags (0: ACCESS_PIO | REGDIST_1), divider, gate, clock
+    console = CONSOLE.pack(console_port, 0, ConsoleType.UART_8250, 0, console_divider, 0, 0)
+    return CommRegion(
+        signature=COMM_REGION_SIGNATURE,
+        revision=COMM_REGION_ABI_REVISION,
+        cell_state=CellState.RUNNING,
+        flags=flags,
+        console=console,
+        pci_mmconfig_base=pci_mmconfig_base,
+        pm_timer_address=pm_timer_address,
+        num_cpus=num_cpus,
+        tsc_khz=tsc_khz,
+        apic_khz=apic_khz,
+    ).to_bytes()
 
 
 class Uart8250:
@@ -231,7 +222,7 @@ class RunnerConfig:
     """
 
     image: bytes
-    ram_size: int = 0x100000
+    ram_size: int = COMM_REGION_BASE
     phys: int | None = None
     mem_device: str = "/dev/mem"
     cmdline: str | None = None
@@ -243,7 +234,7 @@ class RunnerConfig:
     test_device: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 < self.ram_size <= COMM_REGION_BASE or self.ram_size % mmap.PAGESIZE:
+        if not 0 < self.ram_size <= COMM_REGION_BASE or self.ram_size % HOST_PAGE_SIZE:
             raise ValueError(
                 f"RAM size {self.ram_size:#x}: must be page-aligned and at most "
                 f"{COMM_REGION_BASE:#x} (the comm region is at {COMM_REGION_BASE:#x})"
@@ -254,7 +245,7 @@ class RunnerConfig:
             raise ValueError("command line does not fit in RAM")
         if not 1 <= self.cpus <= 255:
             raise ValueError(f"cpus {self.cpus}: must be 1..255")
-        if self.phys is not None and self.phys % mmap.PAGESIZE:
+        if self.phys is not None and self.phys % HOST_PAGE_SIZE:
             raise ValueError(f"phys {self.phys:#x}: must be page-aligned for a memory slot")
 
 
@@ -343,7 +334,7 @@ class InmateRunner:
             start = base + CMDLINE_ADDRESS
             ram[start : start + len(text)] = text
         self.ram = ram
-        self.comm_page = anonymous_memory(mmap.PAGESIZE)
+        self.comm_page = anonymous_memory(COMM_PAGE_SIZE)
         vm.add_memory(COMM_REGION_BASE, self.comm_page)
         self._setup_ports()
         supported = self.kvm.supported_cpuid()
@@ -426,7 +417,7 @@ class InmateRunner:
     @property
     def cell_state(self) -> int:
         """``cell_state`` of the comm region, as the inmate left it."""
-        return int.from_bytes(self.comm_page[_CELL_STATE_OFFSET : _CELL_STATE_OFFSET + 4], "little")
+        return comm_read_u32(self.comm_page, CommOffset.CELL_STATE)
 
     @property
     def output(self) -> bytes:
@@ -538,9 +529,13 @@ class InmateRunner:
     def _handle_mmio(self, cpu: _Cpu, exit_: MmioExit) -> bool:
         """The test device (``hypervisor/arch/x86/test-device.c``), when enabled."""
         offset = exit_.addr - TEST_DEVICE_BASE
-        if not self.config.test_device or not 0 <= offset < mmap.PAGESIZE:
+        if not self.config.test_device or not 0 <= offset < PAGE_SIZE:
             return False
-        if offset < 0xFF8 or offset + exit_.length > 0x1000 or exit_.length not in (1, 2, 4, 8):
+        if (
+            offset < TEST_DEVICE_REGISTER
+            or offset + exit_.length > PAGE_SIZE
+            or exit_.length not in (1, 2, 4, 8)
+        ):
             direction = "write" if exit_.is_write else "read"
             self._fatal(
                 cpu,
@@ -573,9 +568,7 @@ class InmateRunner:
             self._report.flush()
             cpu.failed = True
             if all(c.failed for c in self.cpus):
-                self.comm_page[_CELL_STATE_OFFSET : _CELL_STATE_OFFSET + 4] = CellState.FAILED.to_bytes(
-                    4, "little"
-                )
+                comm_write_u32(self.comm_page, CommOffset.CELL_STATE, CellState.FAILED)
         self._wake.set()
 
 
@@ -601,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an inmate image")
     run.add_argument("image", help="flat inmate binary, loaded at guest-physical 0")
-    run.add_argument("--ram-size", type=parse_size, default=0x100000, help="cell RAM (1M)")
+    run.add_argument("--ram-size", type=parse_size, default=COMM_REGION_BASE, help="cell RAM (1M)")
     run.add_argument("--phys", type=parse_int, help="back RAM with /dev/mem at this physical address")
     run.add_argument("--mem-device", default="/dev/mem", help="device or file --phys refers to (/dev/mem)")
     run.add_argument("--cmdline", help="command line loaded at 0x1000")

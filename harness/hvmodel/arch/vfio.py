@@ -81,7 +81,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
+from ..abi import (
+    MEM_COMM_REGION,
+    MEM_DMA,
+    MEM_READ,
+    MEM_WRITE,
+    PCI_CFG_COMMAND,
+    PCI_CMD_MASTER,
+    PCI_CMD_MEM,
+)
 from ..errors import Errno, HvError
+from . import HOST_PAGE_SIZE
 from .kvm import Cap, IrqchipRoute, MsiRoute, Vm
 
 if TYPE_CHECKING:
@@ -91,7 +101,6 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = mmap.PAGESIZE
 
 # ---------------------------------------------------------------------------------------
 # ioctl encoding: every VFIO request is _IO(VFIO_TYPE, VFIO_BASE + n) (no size or
@@ -1052,7 +1061,7 @@ class IommuInfo:
     @property
     def min_page(self) -> int:
         """The smallest IOMMU page (the alignment of every mapping)."""
-        return self.pgsizes & -self.pgsizes if self.pgsizes else PAGE_SIZE
+        return self.pgsizes & -self.pgsizes if self.pgsizes else HOST_PAGE_SIZE
 
 
 @dataclasses.dataclass(eq=False)
@@ -1595,12 +1604,6 @@ def _value_type(size: int) -> type[ctypes._SimpleCData[int]]:
     return kind
 
 
-PCI_COMMAND: Final = 0x04
-PCI_COMMAND_MEMORY: Final = 1 << 1
-PCI_COMMAND_MASTER: Final = 1 << 2
-PCI_COMMAND_INTX_DISABLE: Final = 1 << 10
-
-
 class Device:
     """A VFIO device (a PCI function bound to ``vfio-pci``).
 
@@ -1801,12 +1804,12 @@ class Device:
     def set_bus_master(self, enable: bool = True) -> None:
         """Set (or clear) ``COMMAND.MASTER`` and ``COMMAND.MEMORY``; a device DMAs and sends
         MSIs only with bus mastering on."""
-        command = self.config_read(PCI_COMMAND, 2)
+        command = self.config_read(PCI_CFG_COMMAND, 2)
         if enable:
-            command |= PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY
+            command |= PCI_CMD_MASTER | PCI_CMD_MEM
         else:
-            command &= ~PCI_COMMAND_MASTER
-        self.config_write(PCI_COMMAND, 2, command)
+            command &= ~PCI_CMD_MASTER
+        self.config_write(PCI_CFG_COMMAND, 2, command)
 
     def mmap_region(self, index: int) -> RegionMapping:
         """mmap region ``index`` (a BAR) as far as VFIO allows: the sparse areas, or all of it.
@@ -2088,10 +2091,6 @@ def _irq_name(index: int) -> str:
 # Bridge to the executor: cell memory into the IOMMU, device vectors into KVM
 # ---------------------------------------------------------------------------------------
 
-MEM_READ: Final = 0x0001
-MEM_WRITE: Final = 0x0002
-MEM_DMA: Final = 0x0008
-MEM_COMM_REGION: Final = 0x0020
 
 
 def dma_map_regions(
@@ -2119,7 +2118,7 @@ def dma_map_regions(
             if not flags & MEM_DMA or flags & MEM_COMM_REGION or region.size == 0:
                 continue
             where = f"memory region {region.phys_start:#x}->{region.virt_start:#x}+{region.size:#x}"
-            if (region.virt_start | region.size) % PAGE_SIZE:
+            if (region.virt_start | region.size) % HOST_PAGE_SIZE:
                 raise VfioError(
                     "container",
                     f"DMA map {where}: sub-page regions cannot be mapped for DMA",

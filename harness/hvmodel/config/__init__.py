@@ -4,61 +4,68 @@ Read, write, check and author Jailhouse system (``JHSYS``) and cell (``JHCLL``) 
 revision 14, byte for byte; revision 12 (v0.12) is read and converted. Standard library
 only. The pieces:
 
-* :mod:`.model`: the config objects (frozen dataclasses) and flag/type enums;
+* :mod:`.model`: the config objects of a cell (frozen dataclasses), :mod:`.system` the
+  system config, :mod:`.fields` their range checks; their flag/type enums and byte layout
+  are :mod:`harness.hvmodel.abi`'s (re-exported here);
 * :mod:`.parser`: :func:`parse_cell`, :func:`parse_system`, :func:`parse`, :func:`load`;
 * :mod:`.checkset`, :mod:`.check`, :mod:`.report`: ``jailhouse config check`` (the set as
   Jailhouse's tool reads it, its checks, its output); :mod:`.jhlab_checks`: jhlab's own;
-* :mod:`.toml`: TOML sources that compile to binary, and the decompiler;
+* :mod:`.toml`: TOML sources that compile to binary, :mod:`.decompile` the way back;
 * :mod:`.show`: text and JSON renderings;
+* :mod:`.collect`, :mod:`.sysfs_parser`, :mod:`.regions`, :mod:`.create`: ``config
+  create`` (the facts of a root cell, read back, turned into a system config);
 * :mod:`.cli`: ``python3 -m harness.hvmodel.config {show,check,compile,decompile,create}``
   and ``jailhouse config check``.
 """
 
-from .check import check, check_set
-from .checkset import SetCell, SetReadError, SetSystem, read_cell, read_system
-from .cli import jailhouse_config_check, main
-from .layout import CELL_DESC_SIZE, CONFIG_REVISION, SYSTEM_SIZE
-from .model import (
+from ..abi import (
+    CELL_DESC_SIZE,
+    CONFIG_REVISION,
+    SYSTEM_SIZE,
     ApicMode,
-    Arch,
+    Architecture,
     CacheFlags,
-    CacheRegion,
     CacheType,
-    CellConfig,
     CellFlags,
-    Console,
     ConsoleFlags,
     ConsoleType,
     IommuType,
-    IommuUnit,
-    Irqchip,
     MemFlags,
-    MemoryRegion,
-    PciCapability,
     PciCapFlags,
     PciCapId,
-    PciDevice,
     PciDeviceType,
-    PioRegion,
     ShmemProtocol,
     SysFlags,
-    SystemConfig,
     VirtioDevice,
-    X86Platform,
-    cpu_set_from,
+)
+from ..cpus import cpu_set_from
+from .check import check, check_set
+from .checkset import SetCell, SetReadError, SetSystem, read_cell, read_system
+from .cli import jailhouse_config_check, main
+from .decompile import decompile
+from .model import (
+    CacheRegion,
+    CellConfig,
+    Console,
+    Irqchip,
+    MemoryRegion,
+    PciCapability,
+    PciDevice,
+    PioRegion,
     format_bdf,
 )
 from .parser import convert_revision12, load, parse, parse_cell, parse_system
 from .report import CheckReport, CheckSection, Finding, render_check
 from .show import render_text, to_dict
-from .toml import compile_source, decompile, load_source
+from .system import IommuUnit, SystemConfig, X86Platform
+from .toml import compile_source, load_source
 
 __all__ = [
     "CELL_DESC_SIZE",
     "CONFIG_REVISION",
     "SYSTEM_SIZE",
     "ApicMode",
-    "Arch",
+    "Architecture",
     "CacheFlags",
     "CacheRegion",
     "CacheType",

@@ -32,10 +32,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Final
 
+from .. import abi
 from .checkset import SetCell, SetSystem, read_set, region_dump
 from .jhlab_checks import jhlab_sections
-from .model import CellConfig, MemoryRegion, SystemConfig
+from .model import CellConfig, MemoryRegion
 from .report import NEXT, CheckReport, CheckSection, Finding
+from .system import SystemConfig
 
 # Titles, exactly as the tool prints them.
 T_INSIDE: Final = "Overlapping memory regions inside cell"
@@ -47,9 +49,9 @@ T_STARVATION: Final = "Root cell CPU starvation"
 T_CORES: Final = "Overlapping cores between non-root cells"
 
 #: The xAPIC page the tool requires to be intercepted on x86 (its own literal).
-XAPIC_PAGE: Final = (0xFEE00000, 0x1000)
+XAPIC_PAGE: Final = (abi.XAPIC_BASE, abi.PAGE_SIZE)
 #: Size of the irqchip (IOAPIC) page the tool checks at each root irqchip address.
-IRQCHIP_PAGE_SIZE: Final = 0x1000
+IRQCHIP_PAGE_SIZE: Final = abi.PAGE_SIZE
 #: GIC regions per GIC version: (name, index into :attr:`SetSystem.gic_bases`, size).
 GIC_RESOURCES: Final = {
     2: (("GICD", 0, 0x1000), ("GICC", 1, 0x2000), ("GICH", 2, 0x2000), ("GICV", 3, 0x2000)),

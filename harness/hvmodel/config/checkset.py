@@ -33,15 +33,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .. import abi
+from ..abi import Architecture, IommuType, MemFlags
 from ..errors import ConfigError
-from . import layout
-from .model import Arch, CellConfig, IommuType, MemFlags, MemoryRegion, SystemConfig
+from .model import CellConfig, MemoryRegion
+from .system import SystemConfig
 
 #: Start of a cell descriptor: signature, architecture, revision, name.
 _CELL_HEAD: Final = struct.Struct("<5sBH32s")
 #: The counts the checker uses: cpu_set_size, memory regions, cache regions, irqchips, PIO.
 _CELL_COUNTS: Final = struct.Struct("<5I")
-_CELL_OFF_COUNTS: Final = 48
 #: Start of a system config as the checker unpacks it: signature, architecture, revision
 #: (and the four flag bytes it skips).
 _SYSTEM_HEAD: Final = struct.Struct("<5sBH4x")
@@ -140,9 +141,9 @@ def arch_label(value: int) -> str:
 
     :raise SetReadError: for a value above 2
     """
-    if value not in Arch._value2member_map_:
+    if value not in Architecture._value2member_map_:
         raise SetReadError(UNSUPPORTED_ARCH)
-    return Arch(value).label
+    return Architecture(value).label
 
 
 def _unpack(fmt: struct.Struct, data: bytes, offset: int, missing: str) -> tuple[Any, ...]:
@@ -168,13 +169,13 @@ def read_cell(data: bytes, *, root: bool = False, cpu_set: bool = False,
     """
     missing = NOT_A_ROOT_CELL if root else NOT_A_CELL
     try:
-        if len(data) < layout.CELL_DESC_SIZE:  # the tool unpacks the descriptor at once
+        if len(data) < abi.CELL_DESC_SIZE:  # the tool unpacks the descriptor at once
             raise SetReadError(missing)
         signature, arch_byte, revision, raw_name = _CELL_HEAD.unpack_from(data)
         if not root:
-            if signature != layout.CELL_SIGNATURE:
+            if signature != abi.CELL_SIGNATURE:
                 raise SetReadError(NOT_A_CELL)
-            if revision != layout.CONFIG_REVISION:
+            if revision != abi.CONFIG_REVISION:
                 raise SetReadError(REVISION_MISMATCH)
         try:
             name = raw_name.decode().strip("\0")
@@ -182,8 +183,8 @@ def read_cell(data: bytes, *, root: bool = False, cpu_set: bool = False,
             raise SetReadError(f"{type(exc).__name__}: {exc}", uncaught=True) from None
         label = arch_label(arch_byte)
         set_size, num_memory, num_caches, num_irqchips, num_pio = _CELL_COUNTS.unpack_from(
-            data, _CELL_OFF_COUNTS)
-        offset = layout.CELL_DESC_SIZE
+            data, abi.CELL_OFF_CPU_SET_SIZE)
+        offset = abi.CELL_DESC_SIZE
         cpus = b""
         if cpu_set:
             if offset + set_size > len(data):
@@ -192,17 +193,17 @@ def read_cell(data: bytes, *, root: bool = False, cpu_set: bool = False,
         offset += set_size
         regions = []
         for _ in range(num_memory):
-            phys, virt, size, flags = _unpack(layout.MEMORY, data, offset, missing)
+            phys, virt, size, flags = _unpack(abi.MEMORY, data, offset, missing)
             regions.append(MemoryRegion(phys_start=phys, virt_start=virt, size=size, flags=flags))
-            offset += layout.MEMORY.size
-        offset += num_caches * layout.CACHE.size
+            offset += abi.MEMORY.size
+        offset += num_caches * abi.CACHE.size
         addresses = []
         for _ in range(num_irqchips):
-            addresses.append(_unpack(layout.IRQCHIP, data, offset, missing)[0])
-            offset += layout.IRQCHIP.size
+            addresses.append(_unpack(abi.IRQCHIP, data, offset, missing)[0])
+            offset += abi.IRQCHIP.size
         for _ in range(num_pio):
-            _unpack(layout.PIO, data, offset, missing)
-            offset += layout.PIO.size
+            _unpack(abi.PIO, data, offset, missing)
+            offset += abi.PIO.size
         if arch is not None and label != arch:
             raise SetReadError(f"Cell architecture mismatch: {label}")
     except SetReadError as exc:
@@ -222,19 +223,19 @@ def read_system(data: bytes, *, cpu_set: bool = False, source: str = "<config>")
     """
     try:
         signature, arch, revision = _unpack(_SYSTEM_HEAD, data, 0, NOT_A_ROOT_CELL)
-        if signature != layout.SYSTEM_SIGNATURE:
+        if signature != abi.SYSTEM_SIGNATURE:
             raise SetReadError(NOT_A_ROOT_CELL)
-        if revision != layout.CONFIG_REVISION:
+        if revision != abi.CONFIG_REVISION:
             raise SetReadError(REVISION_MISMATCH)
         label = arch_label(arch)
-        phys, virt, size, flags = _unpack(layout.MEMORY, data, layout.SYS_OFF_HV_MEMORY,
+        phys, virt, size, flags = _unpack(abi.MEMORY, data, abi.SYS_OFF_HV_MEMORY,
                                           NOT_A_ROOT_CELL)
         hypervisor = MemoryRegion(phys_start=phys, virt_start=virt, size=size, flags=flags)
         mmconfig_base, end_bus, _virtual, _domain = _unpack(
-            layout.PLATFORM_PCI, data, layout.SYS_OFF_PLATFORM, NOT_A_ROOT_CELL)
+            abi.PLATFORM_PCI, data, abi.SYS_OFF_PLATFORM, NOT_A_ROOT_CELL)
         iommus = []
-        for slot in range(layout.MAX_IOMMU_UNITS):
-            offset = layout.SYS_OFF_IOMMU + slot * layout.IOMMU.size
+        for slot in range(abi.MAX_IOMMU_UNITS):
+            offset = abi.SYS_OFF_IOMMU + slot * abi.IOMMU.size
             kind, base, unit_size = _unpack(_IOMMU_HEAD, data, offset, NOT_A_ROOT_CELL)
             if kind not in _IOMMU_UNION_READ:
                 raise SetReadError(f"Unknown IOMMU type: {kind}")
@@ -242,9 +243,9 @@ def read_system(data: bytes, *, cpu_set: bool = False, source: str = "<config>")
                 raise SetReadError(NOT_A_ROOT_CELL)
             if kind != IommuType.UNUSED:
                 iommus.append((kind, base, unit_size))
-        arm = _unpack(_ARM_PLATFORM, data, layout.SYS_OFF_X86, NOT_A_ROOT_CELL)
-        is_arm = label != Arch.X86.label
-        root = read_cell(data[layout.ROOT_CELL_OFFSET:], root=True, cpu_set=cpu_set)
+        arm = _unpack(_ARM_PLATFORM, data, abi.SYS_OFF_X86, NOT_A_ROOT_CELL)
+        is_arm = label != Architecture.X86.label
+        root = read_cell(data[abi.ROOT_CELL_OFFSET:], root=True, cpu_set=cpu_set)
     except SetReadError as exc:
         exc.source = source
         raise

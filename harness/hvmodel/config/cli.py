@@ -45,18 +45,19 @@ from .create import (
     DEFAULT_MEM_HV,
     DEFAULT_NAME,
     CreateOptions,
-    Facts,
     create,
-    load_facts,
     parse_size,
     render_toml,
 )
+from .decompile import decompile
 from .jhlab_checks import jhlab_sections
-from .model import CellConfig, SystemConfig
+from .model import CellConfig
 from .parser import load
 from .report import READING, CheckReport, cell_line, render_check, render_sections, root_lines
 from .show import render_text, to_dict
-from .toml import decompile, load_source
+from .sysfs_parser import Facts, load_facts
+from .system import SystemConfig
+from .toml import load_source
 
 DEFAULT_PROG = "python3 -m harness.hvmodel.config"
 #: What ``tools/jailhouse-config-check`` calls itself (its file name, dashes as spaces).

@@ -40,21 +40,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from ..abi import COMM_PAGE_SIZE, COMM_REGION_BASE
-from .checkset import mem_flag_str, region_dump
-from .layout import PAGE_SIZE
-from .model import (
+from ..abi import (
+    COMM_PAGE_SIZE,
+    COMM_REGION_BASE,
+    IVSHMEM_MAX_PEERS,
+    IVSHMEM_MSIX_VECTORS,
     MEM_IO_WIDTHS,
-    Arch,
-    CellConfig,
+    PAGE_SIZE,
+    Architecture,
     MemFlags,
-    MemoryRegion,
-    PciDevice,
     PciDeviceType,
     ShmemProtocol,
-    SystemConfig,
 )
+from .checkset import mem_flag_str, region_dump
+from .model import CellConfig, MemoryRegion, PciDevice
 from .report import JHLAB, CheckSection, Finding
+from .system import SystemConfig
 
 T_BETWEEN: Final = "Overlapping memory regions between non-root cells"
 T_CPUS: Final = "Invalid CPU assignments"
@@ -66,9 +67,6 @@ T_COMM: Final = "Missing communication region"
 T_MSIX: Final = "MSI-X tables inside mapped memory"
 T_SUBPAGE: Final = "Sub-page region flags"
 
-#: ``IVSHMEM_MAX_PEERS`` and the MSI-X vector limit of the hypervisor's ivshmem.
-IVSHMEM_MAX_PEERS: Final = 12
-IVSHMEM_MAX_MSIX: Final = 16
 
 
 def _cpu_list(cpus: Iterable[int]) -> str:
@@ -227,10 +225,10 @@ def _check_ivshmem(cells: Sequence[CellConfig]) -> list[Finding]:
             if device.type != PciDeviceType.IVSHMEM:
                 continue
             name = f"cell '{cell.name}', ivshmem {device.bdf_str}"
-            if device.num_msix_vectors > IVSHMEM_MAX_MSIX:
+            if device.num_msix_vectors > IVSHMEM_MSIX_VECTORS:
                 add(cell.name, "ivshmem-msix",
                     f"In {name}: {device.num_msix_vectors} MSI-X vectors, at most "
-                    f"{IVSHMEM_MAX_MSIX}")
+                    f"{IVSHMEM_MSIX_VECTORS}")
             if device.shmem_dev_id >= min(device.shmem_peers, IVSHMEM_MAX_PEERS) or (
                 device.shmem_peers > IVSHMEM_MAX_PEERS
             ):
@@ -332,7 +330,7 @@ def _check_loadable(root: CellConfig, others: Sequence[CellConfig]) -> list[Find
 def _check_comm(others: Sequence[CellConfig]) -> list[Finding]:
     findings = []
     for cell in others:
-        if cell.architecture != Arch.X86:
+        if cell.architecture != Architecture.X86:
             continue
         comm = [(i, r) for i, r in enumerate(cell.memory_regions) if r.is_comm_region]
         if not comm:

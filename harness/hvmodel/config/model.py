@@ -1,211 +1,48 @@
-"""Config objects of ``include/jailhouse/cell-config.h`` and ``include/jailhouse/console.h``.
+"""Config objects of ``include/jailhouse/cell-config.h`` and ``include/jailhouse/console.h``:
+the cell descriptor (:class:`CellConfig`) and the structs it holds; the system config
+that embeds a root cell is :mod:`.system`'s.
 
 Every struct of the binary format is a frozen, keyword-only dataclass validated in
-``__post_init__`` against the range of its C type; flags and type codes are
-:class:`enum.IntFlag`/:class:`enum.IntEnum` with Jailhouse's exact values. Fields hold plain
+``__post_init__`` against the range of its C type; the flags and type codes, and the byte
+layout the ``to_bytes`` methods pack, are :mod:`harness.hvmodel.abi`'s. Fields hold plain
 integers (an enum member is an integer too), so values the enums do not know survive a
 round trip unchanged.
 
 Byte-exact round trip: ``to_bytes()`` of a parsed object returns the bytes it was parsed
 from. Where the C layout has bytes that carry no field, or a union, the model keeps them
 raw: :attr:`CacheRegion.padding`, the upper bits of the PCI device's MSI bit-field byte
-(:attr:`PciDevice.msi_reserved_bits`), the IOMMU union (:attr:`IommuUnit.union`), the x86
-platform padding and the 28 bytes of the arch union that only ARM uses
-(:attr:`X86Platform.padding`, :attr:`X86Platform.remainder`). The cell name is text up to
+(:attr:`PciDevice.msi_reserved_bits`), and in :mod:`.system` the IOMMU union, the x86
+platform padding and the 28 bytes of the arch union that only ARM uses. The cell name is text up to
 its NUL; any bytes after the NUL inside the 32-byte field are kept in
 :attr:`CellConfig.name_padding` (empty when they are all zero, as in every compiled config).
 A name must be UTF-8 and at most 31 bytes long.
 
 Validation errors raise :class:`~harness.hvmodel.errors.ConfigError` with ``field`` set to
-``Class.field``.
+``Class.field`` (the checks are :mod:`.fields`').
 """
 
 from __future__ import annotations
 
-import enum
-import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
+from .. import abi
+from ..abi import (
+    Architecture,
+    CacheType,
+    CellFlags,
+    ConsoleFlags,
+    ConsoleType,
+    MemFlags,
+    PciDeviceType,
+    ShmemProtocol,
+    VirtioDevice,
+)
+from ..cpus import cpus_from_bitmap
 from ..errors import ConfigError
-from . import layout
+from .fields import U8, U16, U32, U64, bits_to_set, check_bytes, check_tuple, check_uints, fail, validate
 
-# --- enums ---------------------------------------------------------------------------------
-
-
-class Arch(enum.IntEnum):
-    """``JAILHOUSE_X86``/``ARM``/``ARM64``: the architecture byte."""
-
-    X86 = 0
-    ARM = 1
-    ARM64 = 2
-
-    @property
-    def label(self) -> str:
-        """The name pyjailhouse and ``jailhouse config check`` print (``x86``...)."""
-        return self.name.lower()
-
-
-class MemFlags(enum.IntFlag):
-    """``JAILHOUSE_MEM_*``: flags of a memory region."""
-
-    READ = 0x0001
-    WRITE = 0x0002
-    EXECUTE = 0x0004
-    DMA = 0x0008
-    IO = 0x0010
-    COMM_REGION = 0x0020
-    LOADABLE = 0x0040
-    ROOTSHARED = 0x0080
-    NO_HUGEPAGES = 0x0100
-    IO_UNALIGNED = 0x8000
-    IO_8 = 0x10000
-    IO_16 = 0x20000
-    IO_32 = 0x40000
-    IO_64 = 0x80000
-
-
-#: The access-width flags of sub-page regions (bits 16..19 = width << 16).
-MEM_IO_WIDTHS: Final = MemFlags.IO_8 | MemFlags.IO_16 | MemFlags.IO_32 | MemFlags.IO_64
-#: Flags that only mean something for sub-page (MMIO-dispatched) regions.
-MEM_SUBPAGE_ONLY: Final = MemFlags.IO_UNALIGNED | MEM_IO_WIDTHS
-
-
-class CellFlags(enum.IntFlag):
-    """``JAILHOUSE_CELL_*``: flags of a cell descriptor."""
-
-    PASSIVE_COMMREG = 0x00000001
-    TEST_DEVICE = 0x00000002
-    AARCH32 = 0x00000004
-    VIRTUAL_CONSOLE_PERMITTED = 0x40000000
-    VIRTUAL_CONSOLE_ACTIVE = 0x80000000
-
-
-class SysFlags(enum.IntFlag):
-    """``JAILHOUSE_SYS_*``: flags of the system config."""
-
-    VIRTUAL_DEBUG_CONSOLE = 0x0001
-
-
-class PciCapFlags(enum.IntFlag):
-    """``JAILHOUSE_PCICAPS_*``: flags of a PCI capability entry."""
-
-    WRITE = 0x0001
-
-
-class CacheFlags(enum.IntFlag):
-    """``JAILHOUSE_CACHE_*`` flags of a cache region."""
-
-    ROOTSHARED = 0x0001
-
-
-class ConsoleType(enum.IntEnum):
-    """``JAILHOUSE_CON_TYPE_*`` (``UART_8250`` is ``JAILHOUSE_CON_TYPE_8250``)."""
-
-    NONE = 0x0000
-    EFIFB = 0x0001
-    UART_8250 = 0x0002
-    PL011 = 0x0003
-    XUARTPS = 0x0004
-    MVEBU = 0x0005
-    HSCIF = 0x0006
-    SCIFA = 0x0007
-    IMX = 0x0008
-    IMX_LPUART = 0x0009
-    SCIF = 0x000A
-
-
-class ConsoleFlags(enum.IntFlag):
-    """``JAILHOUSE_CON_*`` flags; PIO access, 1-byte spacing and 1024x768 are the zeros."""
-
-    ACCESS_MMIO = 0x0001
-    REGDIST_4 = 0x0002
-    FB_1920x1080 = 0x0004
-    INVERTED_GATE = 0x1000
-    MDR_QUIRK = 0x2000
-
-
-class PciDeviceType(enum.IntEnum):
-    """``JAILHOUSE_PCI_TYPE_*``."""
-
-    DEVICE = 1
-    BRIDGE = 2
-    IVSHMEM = 3
-
-
-class IommuType(enum.IntEnum):
-    """``JAILHOUSE_IOMMU_*`` (``PVU`` is pyjailhouse's ``TIPVU``)."""
-
-    UNUSED = 0
-    AMD = 1
-    INTEL = 2
-    SMMUV3 = 3
-    PVU = 4
-    ARM_MMU500 = 5
-
-
-class CacheType(enum.IntEnum):
-    """``JAILHOUSE_CACHE_*`` types (Intel CAT)."""
-
-    L3_CODE = 0x01
-    L3_DATA = 0x02
-    L3 = 0x03
-
-
-class ApicMode(enum.IntEnum):
-    """``JAILHOUSE_APIC_MODE_*`` of ``platform_info.x86.apic_mode``."""
-
-    AUTO = 0
-    XAPIC = 1
-    X2APIC = 2
-
-
-class PciCapId(enum.IntEnum):
-    """PCI capability IDs seen in configs; extended ones carry ``JAILHOUSE_PCI_EXT_CAP``."""
-
-    NULL = 0x00
-    PM = 0x01
-    MSI = 0x05
-    VNDR = 0x09
-    DBG = 0x0A
-    SSVID = 0x0D
-    EXP = 0x10
-    MSIX = 0x11
-    SATA = 0x12
-    AF = 0x13
-    EXT_ERR = 0x8001
-    EXT_VC = 0x8002
-    EXT_DSN = 0x8003
-    EXT_PWR = 0x8004
-    EXT_ACS = 0x800D
-    EXT_ARI = 0x800E
-    EXT_ATS = 0x800F
-    EXT_SRIOV = 0x8010
-    EXT_LTR = 0x8018
-    EXT_L1SS = 0x801E
-
-
-#: ``JAILHOUSE_PCI_EXT_CAP``: marks an extended capability ID.
-PCI_EXT_CAP: Final = 0x8000
-
-
-class ShmemProtocol(enum.IntEnum):
-    """``JAILHOUSE_SHMEM_PROTO_*`` bases; virtio ones add a :class:`VirtioDevice` number."""
-
-    UNDEFINED = 0x0000
-    VETH = 0x0001
-    CUSTOM = 0x4000
-    VIRTIO_FRONT = 0x8000
-    VIRTIO_BACK = 0xC000
-
-
-class VirtioDevice(enum.IntEnum):
-    """``VIRTIO_DEV_*`` numbers added to the virtio protocol bases."""
-
-    NET = 1
-    BLOCK = 2
-    CONSOLE = 3
+# --- ivshmem protocol names ----------------------------------------------------------------
 
 
 def shmem_protocol_name(value: int) -> str:
@@ -244,81 +81,7 @@ def shmem_protocol_value(name: str) -> int:
     raise KeyError(name)
 
 
-# --- validation helpers --------------------------------------------------------------------
-
-_MEM_COMM: Final = int(MemFlags.COMM_REGION)
-
-_U8: Final = 8
-_U16: Final = 16
-_U32: Final = 32
-_U64: Final = 64
-
-
-def _fail(obj: object, name: str, message: str) -> ConfigError:
-    return ConfigError(message, field=f"{type(obj).__name__}.{name}")
-
-
-def _check_uints(obj: object, spec: tuple[tuple[str, int], ...]) -> None:
-    """Check that each named attribute is an int that fits its C unsigned type."""
-    for name, bits in spec:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or value < 0 or value >> bits:
-            raise _fail(obj, name, f"expected an integer in 0..{(1 << bits) - 1:#x}, got {value!r}")
-
-
-def _validate(
-    obj: _Packable, spec: tuple[tuple[str, int], ...], words: tuple[str, ...] = ()
-) -> None:
-    """Range-check every field by packing the struct (fast, in C); explain failures.
-
-    :func:`struct.pack` refuses exactly what does not fit the C types (negative, too large,
-    not an integer), so packing is the check; only on failure are the fields inspected one
-    by one to name the offending one.
-    """
-    try:
-        obj.to_bytes()
-    except (struct.error, TypeError, OverflowError, ValueError):
-        _check_uints(obj, spec)
-        for name in words:
-            for word in getattr(obj, name):
-                if not isinstance(word, int) or word < 0 or word >> 32:
-                    raise _fail(obj, name, f"expected u32 words, got {word!r}") from None
-        raise ConfigError(
-            f"invalid field values in {obj!r}", field=type(obj).__name__
-        ) from None
-
-
-class _Packable(Protocol):
-    def to_bytes(self) -> bytes: ...
-
-
-def _check_bytes(obj: object, name: str, size: int) -> None:
-    value = getattr(obj, name)
-    if not isinstance(value, bytes) or len(value) != size:
-        raise _fail(obj, name, f"expected {size} bytes, got {value!r}")
-
-
-def _check_tuple(obj: object, name: str, kind: type, length: int | None = None) -> None:
-    value = getattr(obj, name)
-    if not isinstance(value, tuple):
-        raise _fail(obj, name, f"expected a tuple of {kind.__name__}, got {type(value).__name__}")
-    if length is not None and len(value) != length:
-        raise _fail(obj, name, f"expected exactly {length} entries, got {len(value)}")
-    if all(type(item) is kind for item in value):
-        return
-    for item in value:
-        if not isinstance(item, kind):
-            raise _fail(obj, name, f"expected {kind.__name__} entries, got {item!r}")
-
-
-def _bits_to_set(words: Iterable[int], width: int, base: int = 0) -> frozenset[int]:
-    found = []
-    for index, word in enumerate(words):
-        while word:
-            low = word & -word
-            found.append(base + index * width + low.bit_length() - 1)
-            word ^= low
-    return frozenset(found)
+_MEM_COMM: Final = abi.MEM_COMM_REGION
 
 
 # --- structs -------------------------------------------------------------------------------
@@ -339,15 +102,15 @@ class MemoryRegion:
     size: int = 0
     flags: int = 0
 
-    _SPEC = (("phys_start", _U64), ("virt_start", _U64), ("size", _U64), ("flags", _U64))
+    _SPEC = (("phys_start", U64), ("virt_start", U64), ("size", U64), ("flags", U64))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     @property
     def is_subpage(self) -> bool:
         """Whether ``virt_start`` or ``size`` is not 4K-aligned (MMIO-dispatched region)."""
-        return bool((self.virt_start | self.size) & (layout.PAGE_SIZE - 1))
+        return bool((self.virt_start | self.size) & (abi.PAGE_SIZE - 1))
 
     @property
     def phys_end(self) -> int:
@@ -397,7 +160,7 @@ class MemoryRegion:
 
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_memory``."""
-        return layout.MEMORY.pack(self.phys_start, self.virt_start, self.size, self.flags)
+        return abi.MEMORY.pack(self.phys_start, self.virt_start, self.size, self.flags)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -417,14 +180,14 @@ class CacheRegion:
     flags: int = 0
     padding: int = 0
 
-    _SPEC = (("start", _U32), ("size", _U32), ("type", _U8), ("flags", _U16), ("padding", _U8))
+    _SPEC = (("start", U32), ("size", U32), ("type", U8), ("flags", U16), ("padding", U8))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     def to_bytes(self) -> bytes:
         """The 12-byte ``struct jailhouse_cache``."""
-        return layout.CACHE.pack(self.start, self.size, self.type, self.padding, self.flags)
+        return abi.CACHE.pack(self.start, self.size, self.type, self.padding, self.flags)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -442,20 +205,20 @@ class Irqchip:
     pin_base: int = 0
     pin_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
 
-    _SPEC = (("address", _U64), ("id", _U32), ("pin_base", _U32))
+    _SPEC = (("address", U64), ("id", U32), ("pin_base", U32))
 
     def __post_init__(self) -> None:
-        _check_tuple(self, "pin_bitmap", int, 4)
-        _validate(self, self._SPEC, ("pin_bitmap",))
+        check_tuple(self, "pin_bitmap", int, 4)
+        validate(self, self._SPEC, ("pin_bitmap",))
 
     @property
     def pins(self) -> frozenset[int]:
         """The pin numbers this cell may use."""
-        return _bits_to_set(self.pin_bitmap, 32, self.pin_base)
+        return bits_to_set(self.pin_bitmap, 32, self.pin_base)
 
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_irqchip``."""
-        return layout.IRQCHIP.pack(self.address, self.id, self.pin_base, *self.pin_bitmap)
+        return abi.IRQCHIP.pack(self.address, self.id, self.pin_base, *self.pin_bitmap)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -469,10 +232,10 @@ class PioRegion:
     base: int = 0
     length: int = 0
 
-    _SPEC = (("base", _U16), ("length", _U16))
+    _SPEC = (("base", U16), ("length", U16))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     @property
     def end(self) -> int:
@@ -487,7 +250,7 @@ class PioRegion:
 
     def to_bytes(self) -> bytes:
         """The 4-byte ``struct jailhouse_pio``."""
-        return layout.PIO.pack(self.base, self.length)
+        return abi.PIO.pack(self.base, self.length)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -534,20 +297,20 @@ class PciDevice:
     msi_reserved_bits: int = 0
 
     _SPEC = (
-        ("type", _U8), ("iommu", _U8), ("domain", _U16), ("bdf", _U16), ("caps_start", _U16),
-        ("num_caps", _U16), ("num_msi_vectors", _U8), ("num_msix_vectors", _U16),
-        ("msix_region_size", _U16), ("msix_address", _U64), ("shmem_regions_start", _U32),
-        ("shmem_dev_id", _U8), ("shmem_peers", _U8), ("shmem_protocol", _U16),
-        ("msi_reserved_bits", _U8),
+        ("type", U8), ("iommu", U8), ("domain", U16), ("bdf", U16), ("caps_start", U16),
+        ("num_caps", U16), ("num_msi_vectors", U8), ("num_msix_vectors", U16),
+        ("msix_region_size", U16), ("msix_address", U64), ("shmem_regions_start", U32),
+        ("shmem_dev_id", U8), ("shmem_peers", U8), ("shmem_protocol", U16),
+        ("msi_reserved_bits", U8),
     )
 
     def __post_init__(self) -> None:
-        _check_tuple(self, "bar_mask", int, 6)
+        check_tuple(self, "bar_mask", int, 6)
         if not isinstance(self.msi_64bits, bool) or not isinstance(self.msi_maskable, bool):
-            raise _fail(self, "msi_64bits", "msi_64bits and msi_maskable must be bool")
-        _validate(self, self._SPEC, ("bar_mask",))
+            raise fail(self, "msi_64bits", "msi_64bits and msi_maskable must be bool")
+        validate(self, self._SPEC, ("bar_mask",))
         if self.msi_reserved_bits & 0x03:
-            raise _fail(self, "msi_reserved_bits", "bits 0 and 1 are msi_64bits/msi_maskable")
+            raise fail(self, "msi_reserved_bits", "bits 0 and 1 are msi_64bits/msi_maskable")
 
     @property
     def bus(self) -> int:
@@ -577,7 +340,7 @@ class PciDevice:
     def to_bytes(self) -> bytes:
         """The 56-byte ``struct jailhouse_pci_device``."""
         bits = self.msi_reserved_bits | int(self.msi_64bits) | int(self.msi_maskable) << 1
-        return layout.PCI_DEVICE.pack(
+        return abi.PCI_DEVICE.pack(
             self.type, self.iommu, self.domain, self.bdf, *self.bar_mask, self.caps_start,
             self.num_caps, self.num_msi_vectors, bits, self.num_msix_vectors,
             self.msix_region_size, self.msix_address, self.shmem_regions_start,
@@ -605,14 +368,14 @@ class PciCapability:
     len: int = 0
     flags: int = 0
 
-    _SPEC = (("id", _U16), ("start", _U16), ("len", _U16), ("flags", _U16))
+    _SPEC = (("id", U16), ("start", U16), ("len", U16), ("flags", U16))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     def to_bytes(self) -> bytes:
         """The 8-byte ``struct jailhouse_pci_capability``."""
-        return layout.PCI_CAP.pack(self.id, self.start, self.len, self.flags)
+        return abi.PCI_CAP.pack(self.id, self.start, self.len, self.flags)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -637,12 +400,12 @@ class Console:
     clock_reg: int = 0
 
     _SPEC = (
-        ("address", _U64), ("size", _U32), ("type", _U16), ("flags", _U16), ("divider", _U32),
-        ("gate_nr", _U32), ("clock_reg", _U64),
+        ("address", U64), ("size", U32), ("type", U16), ("flags", U16), ("divider", U32),
+        ("gate_nr", U32), ("clock_reg", U64),
     )
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     @property
     def is_mmio(self) -> bool:
@@ -658,142 +421,7 @@ class Console:
 
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_console``."""
-        return layout.CONSOLE.pack(*self.astuple())
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class IommuUnit:
-    """``struct jailhouse_iommu`` (28 bytes).
-
-    The 12 bytes after ``size`` are a union (AMD: bdf, base_cap, msi_cap, features; TI PVU:
-    tlb_base, tlb_size); :attr:`union` keeps them raw and the ``amd_*``/``tipvu_*``
-    properties read the two views. Build typed units with :meth:`amd` and :meth:`pvu`.
-
-    :param type: :class:`IommuType`
-    :param base: MMIO base of the unit
-    :param size: MMIO size
-    :param union: the raw 12-byte union
-    """
-
-    type: int = IommuType.UNUSED
-    base: int = 0
-    size: int = 0
-    union: bytes = bytes(12)
-
-    _SPEC = (("type", _U32), ("base", _U64), ("size", _U32))
-
-    def __post_init__(self) -> None:
-        _check_bytes(self, "union", 12)
-        _validate(self, self._SPEC)
-
-    @classmethod
-    def amd(
-        cls, *, base: int, size: int, bdf: int = 0, base_cap: int = 0, msi_cap: int = 0,
-        features: int = 0,
-    ) -> IommuUnit:
-        """Build an AMD unit from the fields of the AMD view of the union.
-
-        :raise ConfigError: when a field does not fit its C type
-        """
-        for name, value, bits in (
-            ("amd_bdf", bdf, 16), ("amd_base_cap", base_cap, 8), ("amd_msi_cap", msi_cap, 8),
-            ("amd_features", features, 32),
-        ):
-            if not isinstance(value, int) or value < 0 or value >> bits:
-                raise ConfigError(f"expected u{bits}, got {value!r}", field=f"IommuUnit.{name}")
-        union = layout.IOMMU_AMD.pack(bdf, base_cap, msi_cap, features)
-        return cls(type=IommuType.AMD, base=base, size=size, union=union)
-
-    @classmethod
-    def pvu(cls, *, base: int, size: int, tlb_base: int = 0, tlb_size: int = 0) -> IommuUnit:
-        """Build a TI PVU unit from the fields of the PVU view of the union.
-
-        :raise ConfigError: when a field does not fit its C type
-        """
-        for name, value, bits in (
-            ("tipvu_tlb_base", tlb_base, 64), ("tipvu_tlb_size", tlb_size, 32),
-        ):
-            if not isinstance(value, int) or value < 0 or value >> bits:
-                raise ConfigError(f"expected u{bits}, got {value!r}", field=f"IommuUnit.{name}")
-        return cls(type=IommuType.PVU, base=base, size=size,
-                   union=layout.IOMMU_PVU.pack(tlb_base, tlb_size))
-
-    @property
-    def amd_bdf(self) -> int:
-        """AMD view: BDF of the IOMMU PCI function."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[0])
-
-    @property
-    def amd_base_cap(self) -> int:
-        """AMD view: offset of the IOMMU base capability."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[1])
-
-    @property
-    def amd_msi_cap(self) -> int:
-        """AMD view: offset of the IOMMU MSI capability."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[2])
-
-    @property
-    def amd_features(self) -> int:
-        """AMD view: feature bits."""
-        return int(layout.IOMMU_AMD.unpack(self.union)[3])
-
-    @property
-    def tipvu_tlb_base(self) -> int:
-        """TI PVU view: TLB base."""
-        return int(layout.IOMMU_PVU.unpack(self.union)[0])
-
-    @property
-    def tipvu_tlb_size(self) -> int:
-        """TI PVU view: TLB size."""
-        return int(layout.IOMMU_PVU.unpack(self.union)[1])
-
-    @property
-    def in_use(self) -> bool:
-        """Whether this slot describes a unit (type != UNUSED)."""
-        return self.type != IommuType.UNUSED
-
-    def to_bytes(self) -> bytes:
-        """The 28-byte ``struct jailhouse_iommu``."""
-        return layout.IOMMU.pack(self.type, self.base, self.size, self.union)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class X86Platform:
-    """``platform_info.x86`` (the 44-byte arch union read as its x86 member).
-
-    :param pm_timer_address: ACPI PM timer port
-    :param apic_mode: :class:`ApicMode`
-    :param vtd_interrupt_limit: number of VT-d interrupt remapping entries
-    :param tsc_khz: TSC frequency (0 = the driver fills it in)
-    :param apic_khz: APIC timer frequency (0 = the driver fills it in)
-    :param padding: the byte at offset 315, kept for exactness
-    :param remainder: the last 28 bytes of the union (used by the ARM member only)
-    """
-
-    pm_timer_address: int = 0
-    apic_mode: int = ApicMode.AUTO
-    vtd_interrupt_limit: int = 0
-    tsc_khz: int = 0
-    apic_khz: int = 0
-    padding: int = 0
-    remainder: bytes = bytes(28)
-
-    _SPEC = (
-        ("pm_timer_address", _U16), ("apic_mode", _U8), ("vtd_interrupt_limit", _U32),
-        ("tsc_khz", _U32), ("apic_khz", _U32), ("padding", _U8),
-    )
-
-    def __post_init__(self) -> None:
-        _check_bytes(self, "remainder", 28)
-        _validate(self, self._SPEC)
-
-    def to_bytes(self) -> bytes:
-        """The 44 bytes of the arch union."""
-        return layout.X86_PLATFORM.pack(
-            self.pm_timer_address, self.apic_mode, self.padding, self.vtd_interrupt_limit,
-            self.tsc_khz, self.apic_khz, self.remainder,
-        )
+        return abi.CONSOLE.pack(*self.astuple())
 
 
 def encode_name(name: str, padding: bytes = b"") -> bytes:
@@ -806,16 +434,16 @@ def encode_name(name: str, padding: bytes = b"") -> bytes:
     raw = name.encode("utf-8")
     if b"\0" in raw:
         raise ConfigError("a cell name cannot contain NUL", field="CellConfig.name")
-    if len(raw) > layout.CELL_NAME_MAXLEN:
+    if len(raw) > abi.CELL_NAME_MAXLEN:
         raise ConfigError(
-            f"name {name!r} is {len(raw)} bytes, at most {layout.CELL_NAME_MAXLEN} fit",
+            f"name {name!r} is {len(raw)} bytes, at most {abi.CELL_NAME_MAXLEN} fit",
             field="CellConfig.name",
         )
-    if not isinstance(padding, bytes) or len(raw) + 1 + len(padding) > layout.NAME_FIELD_SIZE:
+    if not isinstance(padding, bytes) or len(raw) + 1 + len(padding) > abi.NAME_FIELD_SIZE:
         raise ConfigError(
             "name padding does not fit the 32-byte name field", field="CellConfig.name_padding"
         )
-    return (raw + b"\0" + padding).ljust(layout.NAME_FIELD_SIZE, b"\0")
+    return (raw + b"\0" + padding).ljust(abi.NAME_FIELD_SIZE, b"\0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -826,7 +454,7 @@ class CellConfig:
     name and counts (signature, revision and architecture are not checked there).
 
     :param signature: 5 bytes, ``b"JHCLL"`` for a cell config
-    :param architecture: :class:`Arch`
+    :param architecture: :class:`Architecture`
     :param revision: :data:`CONFIG_REVISION`
     :param name: the cell name (at most 31 bytes of UTF-8)
     :param id: cell ID (overwritten by the driver)
@@ -846,9 +474,9 @@ class CellConfig:
     :param name_padding: bytes after the name's NUL, when they are not all zero
     """
 
-    signature: bytes = layout.CELL_SIGNATURE
-    architecture: int = Arch.X86
-    revision: int = layout.CONFIG_REVISION
+    signature: bytes = abi.CELL_SIGNATURE
+    architecture: int = Architecture.X86
+    revision: int = abi.CONFIG_REVISION
     name: str
     id: int = 0
     flags: int = 0
@@ -867,32 +495,32 @@ class CellConfig:
     name_padding: bytes = b""
 
     _SPEC = (
-        ("architecture", _U8), ("revision", _U16), ("id", _U32), ("flags", _U32),
-        ("vpci_irq_base", _U32), ("cpu_reset_address", _U64), ("msg_reply_timeout", _U64),
+        ("architecture", U8), ("revision", U16), ("id", U32), ("flags", U32),
+        ("vpci_irq_base", U32), ("cpu_reset_address", U64), ("msg_reply_timeout", U64),
     )
 
     def __post_init__(self) -> None:
-        _check_bytes(self, "signature", 5)
-        _check_uints(self, self._SPEC)
+        check_bytes(self, "signature", 5)
+        check_uints(self, self._SPEC)
         encode_name(self.name, self.name_padding)
         if not isinstance(self.cpu_set, bytes) or not (
-            0 < len(self.cpu_set) <= layout.MAX_CPU_SET_SIZE
+            0 < len(self.cpu_set) <= abi.MAX_CPU_SET_SIZE
         ):
-            raise _fail(
-                self, "cpu_set", f"expected 1..{layout.MAX_CPU_SET_SIZE} bytes of CPU bitmap"
+            raise fail(
+                self, "cpu_set", f"expected 1..{abi.MAX_CPU_SET_SIZE} bytes of CPU bitmap"
             )
-        _check_tuple(self, "memory_regions", MemoryRegion)
-        _check_tuple(self, "cache_regions", CacheRegion)
-        _check_tuple(self, "irqchips", Irqchip)
-        _check_tuple(self, "pio_regions", PioRegion)
-        _check_tuple(self, "pci_devices", PciDevice)
-        _check_tuple(self, "pci_caps", PciCapability)
-        _check_tuple(self, "stream_ids", int)
+        check_tuple(self, "memory_regions", MemoryRegion)
+        check_tuple(self, "cache_regions", CacheRegion)
+        check_tuple(self, "irqchips", Irqchip)
+        check_tuple(self, "pio_regions", PioRegion)
+        check_tuple(self, "pci_devices", PciDevice)
+        check_tuple(self, "pci_caps", PciCapability)
+        check_tuple(self, "stream_ids", int)
         for sid in self.stream_ids:
             if sid < 0 or sid >> 32:
-                raise _fail(self, "stream_ids", f"expected u32 stream IDs, got {sid!r}")
+                raise fail(self, "stream_ids", f"expected u32 stream IDs, got {sid!r}")
         if not isinstance(self.console, Console):
-            raise _fail(self, "console", f"expected a Console, got {self.console!r}")
+            raise fail(self, "console", f"expected a Console, got {self.console!r}")
 
     @property
     def cpu_set_size(self) -> int:
@@ -902,7 +530,7 @@ class CellConfig:
     @property
     def cpus(self) -> frozenset[int]:
         """The CPU numbers in the CPU set."""
-        return _bits_to_set(self.cpu_set, 8)
+        return cpus_from_bitmap(self.cpu_set)
 
     @property
     def cell_flags(self) -> CellFlags:
@@ -913,14 +541,14 @@ class CellConfig:
     def size(self) -> int:
         """Size of the binary config: 132 bytes of descriptor plus the arrays."""
         return (
-            layout.CELL_DESC_SIZE + len(self.cpu_set)
-            + layout.MEMORY.size * len(self.memory_regions)
-            + layout.CACHE.size * len(self.cache_regions)
-            + layout.IRQCHIP.size * len(self.irqchips)
-            + layout.PIO.size * len(self.pio_regions)
-            + layout.PCI_DEVICE.size * len(self.pci_devices)
-            + layout.PCI_CAP.size * len(self.pci_caps)
-            + layout.STREAM_ID.size * len(self.stream_ids)
+            abi.CELL_DESC_SIZE + len(self.cpu_set)
+            + abi.MEMORY.size * len(self.memory_regions)
+            + abi.CACHE.size * len(self.cache_regions)
+            + abi.IRQCHIP.size * len(self.irqchips)
+            + abi.PIO.size * len(self.pio_regions)
+            + abi.PCI_DEVICE.size * len(self.pci_devices)
+            + abi.PCI_CAP.size * len(self.pci_caps)
+            + abi.STREAM_ID.size * len(self.stream_ids)
         )
 
     def caps_of(self, device: PciDevice) -> tuple[PciCapability, ...]:
@@ -954,7 +582,7 @@ class CellConfig:
 
     def desc_bytes(self) -> bytes:
         """The 132-byte descriptor alone."""
-        return layout.CELL_DESC.pack(
+        return abi.CELL_DESC.pack(
             self.signature, self.architecture, self.revision,
             encode_name(self.name, self.name_padding), self.id, self.flags, len(self.cpu_set),
             len(self.memory_regions), len(self.cache_regions), len(self.irqchips),
@@ -972,123 +600,5 @@ class CellConfig:
         parts.extend(pio.to_bytes() for pio in self.pio_regions)
         parts.extend(dev.to_bytes() for dev in self.pci_devices)
         parts.extend(cap.to_bytes() for cap in self.pci_caps)
-        parts.extend(layout.STREAM_ID.pack(sid) for sid in self.stream_ids)
+        parts.extend(abi.STREAM_ID.pack(sid) for sid in self.stream_ids)
         return b"".join(parts)
-
-
-def _unused_iommus() -> tuple[IommuUnit, ...]:
-    return (IommuUnit(),) * layout.MAX_IOMMU_UNITS
-
-
-def _root_cell_placeholder() -> CellConfig:
-    return CellConfig(signature=bytes(5), architecture=0, revision=0, name="")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SystemConfig:
-    """``struct jailhouse_system`` (488 bytes) plus the root cell's arrays.
-
-    :param signature: 5 bytes, ``b"JHSYS"``
-    :param architecture: :class:`Arch`
-    :param revision: :data:`CONFIG_REVISION`
-    :param flags: :class:`SysFlags`
-    :param hypervisor_memory: where the hypervisor lives (``phys_start``, ``size``)
-    :param debug_console: the hypervisor's console
-    :param pci_mmconfig_base: MMCONFIG base (0 = no interception)
-    :param pci_mmconfig_end_bus: last bus covered by MMCONFIG
-    :param pci_is_virtual: ARM vPCI
-    :param pci_domain: PCI segment of the vPCI host bridge
-    :param iommu_units: exactly 8 slots; unused ones have type UNUSED
-    :param x86: the x86 member of the arch union (raw remainder for ARM)
-    :param root_cell: the embedded root cell descriptor and its arrays
-    """
-
-    signature: bytes = layout.SYSTEM_SIGNATURE
-    architecture: int = Arch.X86
-    revision: int = layout.CONFIG_REVISION
-    flags: int = 0
-    hypervisor_memory: MemoryRegion = field(default_factory=MemoryRegion)
-    debug_console: Console = field(default_factory=Console)
-    pci_mmconfig_base: int = 0
-    pci_mmconfig_end_bus: int = 0
-    pci_is_virtual: int = 0
-    pci_domain: int = 0
-    iommu_units: tuple[IommuUnit, ...] = field(default_factory=_unused_iommus)
-    x86: X86Platform = field(default_factory=X86Platform)
-    root_cell: CellConfig = field(default_factory=_root_cell_placeholder)
-
-    _SPEC = (
-        ("architecture", _U8), ("revision", _U16), ("flags", _U32),
-        ("pci_mmconfig_base", _U64), ("pci_mmconfig_end_bus", _U8), ("pci_is_virtual", _U8),
-        ("pci_domain", _U16),
-    )
-
-    def __post_init__(self) -> None:
-        _check_bytes(self, "signature", 5)
-        _check_uints(self, self._SPEC)
-        _check_tuple(self, "iommu_units", IommuUnit, layout.MAX_IOMMU_UNITS)
-        for name, kind in (
-            ("hypervisor_memory", MemoryRegion), ("debug_console", Console),
-            ("x86", X86Platform), ("root_cell", CellConfig),
-        ):
-            if not isinstance(getattr(self, name), kind):
-                raise _fail(self, name, f"expected a {kind.__name__}")
-
-    @property
-    def name(self) -> str:
-        """The root cell's name."""
-        return self.root_cell.name
-
-    @property
-    def sys_flags(self) -> SysFlags:
-        """:attr:`flags` as :class:`SysFlags`."""
-        return SysFlags(self.flags)
-
-    @property
-    def active_iommu_units(self) -> tuple[IommuUnit, ...]:
-        """The IOMMU slots in use (type != UNUSED), in slot order."""
-        return tuple(unit for unit in self.iommu_units if unit.in_use)
-
-    @property
-    def mmconfig_size(self) -> int:
-        """Bytes of MMCONFIG space: ``(end_bus + 1) * 256 * 4096``."""
-        return (self.pci_mmconfig_end_bus + 1) * 256 * 4096
-
-    @property
-    def size(self) -> int:
-        """Size of the binary config: 356 bytes of header plus the root cell config."""
-        return layout.ROOT_CELL_OFFSET + self.root_cell.size
-
-    def header_bytes(self) -> bytes:
-        """The 356 bytes of ``struct jailhouse_system`` before the root cell descriptor."""
-        parts = [
-            layout.SYSTEM_HEAD.pack(self.signature, self.architecture, self.revision, self.flags),
-            self.hypervisor_memory.to_bytes(),
-            self.debug_console.to_bytes(),
-            layout.PLATFORM_PCI.pack(
-                self.pci_mmconfig_base, self.pci_mmconfig_end_bus, self.pci_is_virtual,
-                self.pci_domain,
-            ),
-        ]
-        parts.extend(unit.to_bytes() for unit in self.iommu_units)
-        parts.append(self.x86.to_bytes())
-        return b"".join(parts)
-
-    def to_bytes(self) -> bytes:
-        """The binary system config."""
-        return self.header_bytes() + self.root_cell.to_bytes()
-
-
-def cpu_set_from(cpus: Iterable[int], size: int = 8) -> bytes:
-    """Build a raw CPU bitmap of ``size`` bytes.
-
-    :raise ConfigError: when a CPU number is negative or does not fit
-    """
-    bits = 0
-    for cpu in cpus:
-        if not isinstance(cpu, int) or cpu < 0 or cpu >= size * 8:
-            raise ConfigError(
-                f"CPU {cpu!r} does not fit a {size}-byte CPU set", field="CellConfig.cpu_set"
-            )
-        bits |= 1 << cpu
-    return bits.to_bytes(size, "little")

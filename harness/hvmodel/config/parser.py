@@ -3,7 +3,8 @@
 :func:`parse_cell` reads a ``JHCLL`` cell config, :func:`parse_system` a ``JHSYS`` system
 config, :func:`parse` either (by signature), :func:`load` a file. Revision 14 is the native
 format; revision 12 (Jailhouse v0.12: ``JHCELL``/``JHSYST``) is read and converted to a
-revision-14 object (see :mod:`.layout` for its layout and :func:`convert_revision12`).
+revision-14 object (see :mod:`harness.hvmodel.abi.cell_config` for its layout and
+:func:`convert_revision12`).
 
 Strictness: a blob is accepted only if it is exactly what the hypervisor would read. Any
 defect raises one :class:`~harness.hvmodel.errors.ConfigError` naming the source, the byte
@@ -30,34 +31,34 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Final, TypeVar
 
+from .. import abi
+from ..abi import (
+    Architecture,
+    IommuType,
+    MemFlags,
+)
 from ..errors import ConfigError
-from . import layout
 from .model import (
-    Arch,
     CacheRegion,
     CellConfig,
     Console,
-    IommuType,
-    IommuUnit,
     Irqchip,
-    MemFlags,
     MemoryRegion,
     PciCapability,
     PciDevice,
     PioRegion,
-    SystemConfig,
-    X86Platform,
 )
+from .system import IommuUnit, SystemConfig, X86Platform
 from .toml import load_source
 
 _ARRAYS = (
-    ("memory_regions", "num_memory_regions", layout.MEMORY),
-    ("cache_regions", "num_cache_regions", layout.CACHE),
-    ("irqchips", "num_irqchips", layout.IRQCHIP),
-    ("pio_regions", "num_pio_regions", layout.PIO),
-    ("pci_devices", "num_pci_devices", layout.PCI_DEVICE),
-    ("pci_caps", "num_pci_caps", layout.PCI_CAP),
-    ("stream_ids", "num_stream_ids", layout.STREAM_ID),
+    ("memory_regions", "num_memory_regions", abi.MEMORY),
+    ("cache_regions", "num_cache_regions", abi.CACHE),
+    ("irqchips", "num_irqchips", abi.IRQCHIP),
+    ("pio_regions", "num_pio_regions", abi.PIO),
+    ("pci_devices", "num_pci_devices", abi.PCI_DEVICE),
+    ("pci_caps", "num_pci_caps", abi.PCI_CAP),
+    ("stream_ids", "num_stream_ids", abi.STREAM_ID),
 )
 
 
@@ -102,7 +103,7 @@ def _decode_name(reader: _Reader, raw: bytes, offset: int) -> tuple[str, bytes]:
 
 
 def _check_arch(reader: _Reader, value: int, offset: int) -> None:
-    if value not in Arch._value2member_map_:
+    if value not in Architecture._value2member_map_:
         raise reader.error(
             f"unsupported architecture {value}, expected 0 (x86), 1 (arm) or 2 (arm64)",
             offset,
@@ -119,21 +120,21 @@ def _parse_cell_at(
 ) -> CellConfig:
     """Parse a cell descriptor at ``base`` and its arrays; ``root`` skips the header checks."""
     data = reader.data
-    if not root and data[base:base + 5] != layout.CELL_SIGNATURE:
+    if not root and data[base:base + 5] != abi.CELL_SIGNATURE:
         raise reader.error(
-            f"signature {bytes(data[base:base + 5])!r}, expected {layout.CELL_SIGNATURE!r} "
+            f"signature {bytes(data[base:base + 5])!r}, expected {abi.CELL_SIGNATURE!r} "
             "(a cell config)",
             base,
             "signature",
         )
-    reader.need(base, layout.CELL_DESC_FIELDS, "cell descriptor")
-    fields = layout.CELL_DESC.unpack_from(data, base)
+    reader.need(base, abi.CELL_DESC_FIELDS, "cell descriptor")
+    fields = abi.CELL_DESC.unpack_from(data, base)
     signature, architecture, revision, raw_name = fields[0], fields[1], fields[2], fields[3]
     if not root:
         _check_arch(reader, architecture, base + 5)
-        if revision != layout.CONFIG_REVISION:
+        if revision != abi.CONFIG_REVISION:
             raise reader.error(
-                f"revision {revision}, expected {layout.CONFIG_REVISION}", base + 6, "revision"
+                f"revision {revision}, expected {abi.CONFIG_REVISION}", base + 6, "revision"
             )
     name, name_padding = _decode_name(reader, raw_name, base + 8)
     ident, flags, cpu_set_size = fields[4], fields[5], fields[6]
@@ -143,13 +144,13 @@ def _parse_cell_at(
         address=fields[17], size=fields[18], type=fields[19], flags=fields[20],
         divider=fields[21], gate_nr=fields[22], clock_reg=fields[23],
     )
-    if not 0 < cpu_set_size <= layout.MAX_CPU_SET_SIZE:
+    if not 0 < cpu_set_size <= abi.MAX_CPU_SET_SIZE:
         raise reader.error(
-            f"cpu_set_size {cpu_set_size}, expected 1..{layout.MAX_CPU_SET_SIZE} bytes",
+            f"cpu_set_size {cpu_set_size}, expected 1..{abi.MAX_CPU_SET_SIZE} bytes",
             base + 48,
             "cpu_set_size",
         )
-    offset = base + layout.CELL_DESC_SIZE
+    offset = base + abi.CELL_DESC_SIZE
     if offset + cpu_set_size > len(data):
         raise reader.error(
             f"truncated CPU set: cpu_set_size {cpu_set_size} needs bytes up to "
@@ -234,9 +235,9 @@ def parse_cell(data: bytes, source: str = "<bytes>") -> CellConfig:
     :raise ConfigError: on any defect
     """
     data = _as_bytes(data, source)
-    if data[:6] == layout.CELL_SIGNATURE_12:
+    if data[:6] == abi.CELL_SIGNATURE_12:
         return _parse_cell12(data, source)
-    if data[:5] == layout.SYSTEM_SIGNATURE:
+    if data[:5] == abi.SYSTEM_SIGNATURE:
         raise ConfigError(
             "this is a system config (JHSYS), expected a cell config (JHCLL)",
             source=source, offset=0, field="signature",
@@ -253,7 +254,7 @@ def parse_system(data: bytes, source: str = "<bytes>") -> SystemConfig:
     :raise ConfigError: on any defect
     """
     data = _as_bytes(data, source)
-    if data[:6] == layout.SYSTEM_SIGNATURE_12:
+    if data[:6] == abi.SYSTEM_SIGNATURE_12:
         return _parse_system12(data, source)
     return _guard(lambda: _parse_system14(data, source), source)
 
@@ -264,9 +265,9 @@ def parse(data: bytes, source: str = "<bytes>") -> SystemConfig | CellConfig:
     :raise ConfigError: on an unknown signature or any defect
     """
     data = _as_bytes(data, source)
-    if data[:5] == layout.SYSTEM_SIGNATURE:
+    if data[:5] == abi.SYSTEM_SIGNATURE:
         return parse_system(data, source)
-    if data[:5] == layout.CELL_SIGNATURE or data[:6] == layout.CELL_SIGNATURE_12:
+    if data[:5] == abi.CELL_SIGNATURE or data[:6] == abi.CELL_SIGNATURE_12:
         return parse_cell(data, source)
     raise ConfigError(
         f"signature {bytes(data[:6])!r}, expected b'JHSYS' (system) or b'JHCLL' (cell)",
@@ -319,30 +320,30 @@ def _guard(fn: Callable[[], _T], source: str) -> _T:
 
 def _parse_system14(data: bytes, source: str) -> SystemConfig:
     reader = _Reader(data, source)
-    if len(data) < 5 or data[:5] != layout.SYSTEM_SIGNATURE:
+    if len(data) < 5 or data[:5] != abi.SYSTEM_SIGNATURE:
         raise reader.error(
-            f"signature {bytes(data[:5])!r}, expected {layout.SYSTEM_SIGNATURE!r} "
+            f"signature {bytes(data[:5])!r}, expected {abi.SYSTEM_SIGNATURE!r} "
             "(a system config)",
             0,
             "signature",
         )
-    reader.need(0, layout.SYSTEM_FIELDS, "system header")
-    signature, architecture, revision, flags = layout.SYSTEM_HEAD.unpack_from(data, 0)
+    reader.need(0, abi.SYSTEM_FIELDS, "system header")
+    signature, architecture, revision, flags = abi.SYSTEM_HEAD.unpack_from(data, 0)
     _check_arch(reader, architecture, 5)
-    if revision != layout.CONFIG_REVISION:
-        raise reader.error(f"revision {revision}, expected {layout.CONFIG_REVISION}", 6, "revision")
+    if revision != abi.CONFIG_REVISION:
+        raise reader.error(f"revision {revision}, expected {abi.CONFIG_REVISION}", 6, "revision")
     hv_memory = MemoryRegion(
         **dict(zip(("phys_start", "virt_start", "size", "flags"),
-                   layout.MEMORY.unpack_from(data, layout.SYS_OFF_HV_MEMORY), strict=True))
+                   abi.MEMORY.unpack_from(data, abi.SYS_OFF_HV_MEMORY), strict=True))
     )
-    debug_console = _console_at(data, layout.SYS_OFF_DEBUG_CONSOLE)
-    mmcfg_base, end_bus, is_virtual, domain = layout.PLATFORM_PCI.unpack_from(
-        data, layout.SYS_OFF_PLATFORM
+    debug_console = _console_at(data, abi.SYS_OFF_DEBUG_CONSOLE)
+    mmcfg_base, end_bus, is_virtual, domain = abi.PLATFORM_PCI.unpack_from(
+        data, abi.SYS_OFF_PLATFORM
     )
     units = []
-    for index in range(layout.MAX_IOMMU_UNITS):
-        offset = layout.SYS_OFF_IOMMU + index * layout.IOMMU.size
-        kind, base, size, union = layout.IOMMU.unpack_from(data, offset)
+    for index in range(abi.MAX_IOMMU_UNITS):
+        offset = abi.SYS_OFF_IOMMU + index * abi.IOMMU.size
+        kind, base, size, union = abi.IOMMU.unpack_from(data, offset)
         if kind not in IommuType._value2member_map_:
             raise reader.error(
                 f"unknown IOMMU type {kind}, expected 0..{max(IommuType)}",
@@ -351,14 +352,14 @@ def _parse_system14(data: bytes, source: str) -> SystemConfig:
             )
         units.append(IommuUnit(type=kind, base=base, size=size, union=union))
     pm_timer, apic_mode, padding, vtd_limit, tsc_khz, apic_khz, remainder = (
-        layout.X86_PLATFORM.unpack_from(data, layout.SYS_OFF_X86)
+        abi.X86_PLATFORM.unpack_from(data, abi.SYS_OFF_X86)
     )
     x86 = X86Platform(
         pm_timer_address=pm_timer, apic_mode=apic_mode, padding=padding,
         vtd_interrupt_limit=vtd_limit, tsc_khz=tsc_khz, apic_khz=apic_khz, remainder=remainder,
     )
     root = _parse_cell_at(
-        _Reader(data, source, "root_cell."), layout.ROOT_CELL_OFFSET, root=True
+        _Reader(data, source, "root_cell."), abi.ROOT_CELL_OFFSET, root=True
     )
     return SystemConfig(
         signature=signature, architecture=architecture, revision=revision, flags=flags,
@@ -369,7 +370,7 @@ def _parse_system14(data: bytes, source: str) -> SystemConfig:
 
 
 def _console_at(data: bytes, offset: int) -> Console:
-    address, size, kind, flags, divider, gate_nr, clock_reg = layout.CONSOLE.unpack_from(
+    address, size, kind, flags, divider, gate_nr, clock_reg = abi.CONSOLE.unpack_from(
         data, offset
     )
     return Console(address=address, size=size, type=kind, flags=flags, divider=divider,
@@ -381,7 +382,7 @@ def _console_at(data: bytes, offset: int) -> Console:
 
 def _convert_regions12(cell: CellConfig) -> CellConfig:
     """Renumber revision 12's IO_UNALIGNED (0x0100) to revision 14's 0x8000."""
-    moved = layout.MEM_IO_UNALIGNED_12
+    moved = abi.MEM_IO_UNALIGNED_12
     regions = tuple(
         replace(r, flags=(r.flags & ~moved) | MemFlags.IO_UNALIGNED) if r.flags & moved else r
         for r in cell.memory_regions
@@ -394,10 +395,10 @@ def _parse_cell12(data: bytes, source: str) -> CellConfig:
         reader = _Reader(data, source)
         reader.need(0, ((0, 6, "signature"), (6, 2, "revision")), "cell descriptor")
         (revision,) = struct.unpack_from("<H", data, 6)
-        if revision != layout.REVISION_12:
+        if revision != abi.REVISION_12:
             raise reader.error(
-                f"revision {revision} with a v0.12 signature {layout.CELL_SIGNATURE_12!r}, "
-                f"expected {layout.REVISION_12}",
+                f"revision {revision} with a v0.12 signature {abi.CELL_SIGNATURE_12!r}, "
+                f"expected {abi.REVISION_12}",
                 6,
                 "revision",
             )
@@ -405,8 +406,8 @@ def _parse_cell12(data: bytes, source: str) -> CellConfig:
         # the revision-14 reader with the root-cell leniency, then fix up the header.
         cell = _parse_cell_at(reader, 0, root=True)
         cell = replace(
-            cell, signature=layout.CELL_SIGNATURE, architecture=Arch.X86,
-            revision=layout.CONFIG_REVISION,
+            cell, signature=abi.CELL_SIGNATURE, architecture=Architecture.X86,
+            revision=abi.CONFIG_REVISION,
         )
         return _convert_regions12(cell)
 
@@ -416,29 +417,29 @@ def _parse_cell12(data: bytes, source: str) -> CellConfig:
 def _parse_system12(data: bytes, source: str) -> SystemConfig:
     def run() -> SystemConfig:
         reader = _Reader(data, source)
-        reader.need(0, layout.SYSTEM_FIELDS_12, "v0.12 system header")
+        reader.need(0, abi.SYSTEM_FIELDS_12, "v0.12 system header")
         (revision,) = struct.unpack_from("<H", data, 6)
-        if revision != layout.REVISION_12:
+        if revision != abi.REVISION_12:
             raise reader.error(
-                f"revision {revision} with a v0.12 signature {layout.SYSTEM_SIGNATURE_12!r}, "
-                f"expected {layout.REVISION_12}",
+                f"revision {revision} with a v0.12 signature {abi.SYSTEM_SIGNATURE_12!r}, "
+                f"expected {abi.REVISION_12}",
                 6,
                 "revision",
             )
-        (flags,) = struct.unpack_from("<I", data, layout.SYS_OFF_FLAGS)
-        hv = layout.MEMORY.unpack_from(data, layout.SYS_OFF_HV_MEMORY)
+        (flags,) = struct.unpack_from("<I", data, abi.SYS_OFF_FLAGS)
+        hv = abi.MEMORY.unpack_from(data, abi.SYS_OFF_HV_MEMORY)
         hv_memory = MemoryRegion(phys_start=hv[0], virt_start=hv[1], size=hv[2], flags=hv[3])
-        debug_console = _console_at(data, layout.SYS_OFF_DEBUG_CONSOLE)
-        mmcfg_base, end_bus, is_virtual, domain = layout.PLATFORM_PCI.unpack_from(
-            data, layout.SYS_OFF_PLATFORM
+        debug_console = _console_at(data, abi.SYS_OFF_DEBUG_CONSOLE)
+        mmcfg_base, end_bus, is_virtual, domain = abi.PLATFORM_PCI.unpack_from(
+            data, abi.SYS_OFF_PLATFORM
         )
         pm_timer, vtd_limit, apic_mode, _pad, tsc_khz, apic_khz = (
-            layout.X86_PLATFORM_12.unpack_from(data, layout.SYS12_OFF_ARCH)
+            abi.X86_PLATFORM_12.unpack_from(data, abi.SYS12_OFF_ARCH)
         )
         units = []
-        for index in range(layout.MAX_IOMMU_UNITS):
-            offset = layout.SYS12_OFF_IOMMU + index * layout.IOMMU_12.size
-            kind, base, size, bdf, base_cap, msi_cap, features = layout.IOMMU_12.unpack_from(
+        for index in range(abi.MAX_IOMMU_UNITS):
+            offset = abi.SYS12_OFF_IOMMU + index * abi.IOMMU_12.size
+            kind, base, size, bdf, base_cap, msi_cap, features = abi.IOMMU_12.unpack_from(
                 data, offset
             )
             if kind not in (IommuType.UNUSED, IommuType.AMD, IommuType.INTEL, IommuType.SMMUV3):
@@ -447,14 +448,14 @@ def _parse_system12(data: bytes, source: str) -> SystemConfig:
                     offset,
                     f"platform_info.x86.iommu_units[{index}].type",
                 )
-            union = layout.IOMMU_AMD.pack(bdf, base_cap, msi_cap, features)
+            union = abi.IOMMU_AMD.pack(bdf, base_cap, msi_cap, features)
             units.append(IommuUnit(type=kind, base=base, size=size, union=union))
         x86 = X86Platform(
             pm_timer_address=pm_timer, apic_mode=apic_mode, vtd_interrupt_limit=vtd_limit,
             tsc_khz=tsc_khz, apic_khz=apic_khz,
         )
         root = _parse_cell_at(
-            _Reader(data, source, "root_cell."), layout.ROOT_CELL_OFFSET_12, root=True
+            _Reader(data, source, "root_cell."), abi.ROOT_CELL_OFFSET_12, root=True
         )
         return SystemConfig(
             flags=flags, hypervisor_memory=hv_memory, debug_console=debug_console,
@@ -472,9 +473,9 @@ def convert_revision12(data: bytes, source: str = "<bytes>") -> bytes:
     :raise ConfigError: when ``data`` is not a valid revision-12 config
     """
     data = _as_bytes(data, source)
-    if data[:6] == layout.SYSTEM_SIGNATURE_12:
+    if data[:6] == abi.SYSTEM_SIGNATURE_12:
         return _parse_system12(data, source).to_bytes()
-    if data[:6] == layout.CELL_SIGNATURE_12:
+    if data[:6] == abi.CELL_SIGNATURE_12:
         return _parse_cell12(data, source).to_bytes()
     raise ConfigError(
         f"signature {bytes(data[:6])!r}, expected b'JHSYST' or b'JHCELL' (v0.12)",

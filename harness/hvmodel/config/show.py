@@ -11,32 +11,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import (
+from ..abi import (
     ApicMode,
-    Arch,
+    Architecture,
     CacheFlags,
-    CacheRegion,
     CacheType,
-    CellConfig,
     CellFlags,
-    Console,
     ConsoleFlags,
     ConsoleType,
     IommuType,
-    IommuUnit,
-    Irqchip,
     MemFlags,
-    MemoryRegion,
-    PciCapability,
     PciCapFlags,
     PciCapId,
-    PciDevice,
     PciDeviceType,
-    PioRegion,
     SysFlags,
-    SystemConfig,
+)
+from .model import (
+    CacheRegion,
+    CellConfig,
+    Console,
+    Irqchip,
+    MemoryRegion,
+    PciCapability,
+    PciDevice,
+    PioRegion,
     shmem_protocol_name,
 )
+from .system import IommuUnit, SystemConfig
 
 JsonDict = dict[str, Any]
 
@@ -162,7 +163,7 @@ def _cell_text(cell: CellConfig, *, root: bool) -> list[str]:
     title = "Root cell" if root else "Cell"
     out = [f"{title} \"{cell.name}\"" + (f" (id {cell.id})" if cell.id else "")]
     if not root:
-        arch = enum_name(cell.architecture, Arch).lower()
+        arch = enum_name(cell.architecture, Architecture).lower()
         out.append(f"  revision {cell.revision}, {arch}, {cell.size} bytes")
     out.append(f"  flags: {' '.join(flag_names(cell.flags, CellFlags)) or 'none'}")
     out.append(f"  CPUs: {_ranges(cell.cpus)} (cpu_set_size {cell.cpu_set_size})")
@@ -223,7 +224,7 @@ def render_text(config: SystemConfig | CellConfig, source: str | None = None) ->
         lines = [f"Cell config{where}:", *_cell_text(config, root=False)]
         return "\n".join(lines) + "\n"
     system = config
-    arch = enum_name(system.architecture, Arch).lower()
+    arch = enum_name(system.architecture, Architecture).lower()
     lines = [
         f"System config{where}: revision {system.revision}, {arch}, {system.size} bytes",
         f"  flags: {' '.join(flag_names(system.flags, SysFlags)) or 'none'}",
@@ -329,7 +330,7 @@ def _cell_dict(cell: CellConfig) -> JsonDict:
     return {
         "kind": "cell",
         "signature": cell.signature.hex(), "architecture": cell.architecture,
-        "architecture_name": enum_name(cell.architecture, Arch).lower(),
+        "architecture_name": enum_name(cell.architecture, Architecture).lower(),
         "revision": cell.revision, "name": cell.name, "name_padding": cell.name_padding.hex(),
         "id": cell.id, "flags": cell.flags, "flag_names": flag_names(cell.flags, CellFlags),
         "cpu_set": cell.cpu_set.hex(), "cpu_set_size": cell.cpu_set_size,
@@ -356,7 +357,7 @@ def to_dict(config: SystemConfig | CellConfig) -> JsonDict:
     return {
         "kind": "system",
         "signature": system.signature.hex(), "architecture": system.architecture,
-        "architecture_name": enum_name(system.architecture, Arch).lower(),
+        "architecture_name": enum_name(system.architecture, Architecture).lower(),
         "revision": system.revision, "flags": system.flags,
         "flag_names": flag_names(system.flags, SysFlags),
         "hypervisor_memory": _memory_dict(system.hypervisor_memory),

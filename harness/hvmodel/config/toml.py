@@ -38,8 +38,9 @@ what a Jailhouse C config leaves zero: revision 14, architecture x86, console no
 cell signature ``JHCLL`` (the embedded root cell descriptor: signature, revision and
 architecture zero), 8-byte CPU sets. Unknown keys are errors.
 
-:func:`decompile` turns any config object back into a source that compiles to identical
-bytes, so any ``.cell`` file becomes editable.
+:func:`~harness.hvmodel.config.decompile.decompile` (:mod:`.decompile`) turns any config
+object back into a source that compiles to identical bytes, so any ``.cell`` file becomes
+editable.
 """
 
 from __future__ import annotations
@@ -51,46 +52,36 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from ..errors import ConfigError
-from . import layout
-from .model import (
+from .. import abi
+from ..abi import (
     ApicMode,
-    Arch,
+    Architecture,
     CacheFlags,
-    CacheRegion,
     CacheType,
-    CellConfig,
     CellFlags,
-    Console,
     ConsoleFlags,
     ConsoleType,
     IommuType,
-    IommuUnit,
-    Irqchip,
     MemFlags,
-    MemoryRegion,
-    PciCapability,
     PciCapFlags,
     PciCapId,
-    PciDevice,
     PciDeviceType,
-    PioRegion,
     SysFlags,
-    SystemConfig,
-    X86Platform,
-    cpu_set_from,
-    format_bdf,
-    shmem_protocol_name,
+)
+from ..cpus import cpu_set_from
+from ..errors import ConfigError
+from .model import (
+    CacheRegion,
+    CellConfig,
+    Console,
+    Irqchip,
+    MemoryRegion,
+    PciCapability,
+    PciDevice,
+    PioRegion,
     shmem_protocol_value,
 )
-
-#: Jailhouse's ivshmem BAR-mask macros (``JAILHOUSE_IVSHMEM_BAR_MASK_*``), BAR0..BAR5.
-BAR_MASKS: Final[dict[str, tuple[int, int, int, int, int, int]]] = {
-    "IVSHMEM_INTX": (0xFFFFF000, 0, 0, 0, 0, 0),
-    "IVSHMEM_MSIX": (0xFFFFF000, 0xFFFFF000, 0, 0, 0, 0),
-    "IVSHMEM_INTX_64K": (0xFFFF0000, 0, 0, 0, 0, 0),
-    "IVSHMEM_MSIX_64K": (0xFFFF0000, 0xFFFF0000, 0, 0, 0, 0),
-}
+from .system import IommuUnit, SystemConfig, X86Platform
 
 _SUFFIXES: Final = {"K": 10, "M": 20, "G": 30, "T": 40}
 _INT_RE: Final = re.compile(r"^(0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+|[0-9][0-9_]*)"
@@ -354,12 +345,12 @@ def _pci_device(ctx: _Ctx, value: object, path: str) -> PciDevice:
     mask_value = table.get("bar_mask", [])
     if isinstance(mask_value, str):
         key = mask_value.strip().upper().removeprefix("JAILHOUSE_").replace("_BAR_MASK", "")
-        if key not in BAR_MASKS:
+        if key not in abi.IVSHMEM_BAR_MASKS:
             raise ctx.error(
                 f"{path}.bar_mask",
-                f"unknown BAR mask {mask_value!r}; expected one of: {', '.join(BAR_MASKS)}",
+                f"unknown BAR mask {mask_value!r}; expected one of: {', '.join(abi.IVSHMEM_BAR_MASKS)}",
             )
-        masks = list(BAR_MASKS[key])
+        masks = list(abi.IVSHMEM_BAR_MASKS[key])
     else:
         raw = ctx.array(mask_value, f"{path}.bar_mask")
         if len(raw) > 6:
@@ -440,18 +431,18 @@ def _cell(ctx: _Ctx, value: object, path: str, *, root: bool) -> CellConfig:
     if not isinstance(name, str):
         raise ctx.error(f"{path}name", f"expected a string, got {_kind(name)}")
     size = ctx.num(table.get("cpu_set_size", 8), f"{path}cpu_set_size", 32)
-    if not 0 < size <= layout.MAX_CPU_SET_SIZE:
-        raise ctx.error(f"{path}cpu_set_size", f"expected 1..{layout.MAX_CPU_SET_SIZE} bytes")
+    if not 0 < size <= abi.MAX_CPU_SET_SIZE:
+        raise ctx.error(f"{path}cpu_set_size", f"expected 1..{abi.MAX_CPU_SET_SIZE} bytes")
     cpus = ctx.numbers(table.get("cpus", []), f"{path}cpus", size * 8)
     stream_ids = tuple(
         ctx.num(sid, f"{path}stream_ids[{i}]", 32)
         for i, sid in enumerate(ctx.array(table.get("stream_ids", []), f"{path}stream_ids"))
     )
-    default_sig = "" if root else layout.CELL_SIGNATURE.decode()
-    default_rev = 0 if root else layout.CONFIG_REVISION
+    default_sig = "" if root else abi.CELL_SIGNATURE.decode()
+    default_rev = 0 if root else abi.CONFIG_REVISION
     return ctx.build(path.rstrip("."), lambda: CellConfig(
         signature=ctx.raw(table.get("signature", default_sig), f"{path}signature", 5),
-        architecture=ctx.enum(table.get("architecture", 0), f"{path}architecture", Arch, 8,
+        architecture=ctx.enum(table.get("architecture", 0), f"{path}architecture", Architecture, 8,
                               {"X86": 0}),
         revision=ctx.num(table.get("revision", default_rev), f"{path}revision", 16),
         name=name,
@@ -529,17 +520,17 @@ def _system(ctx: _Ctx, table: Mapping[str, Any]) -> SystemConfig:
                          ("pci_mmconfig_base", "pci_mmconfig_end_bus", "pci_is_virtual",
                           "pci_domain", "iommu_units", "x86"))
     raw_units = ctx.array(platform.get("iommu_units", []), "platform.iommu_units")
-    if len(raw_units) > layout.MAX_IOMMU_UNITS:
+    if len(raw_units) > abi.MAX_IOMMU_UNITS:
         raise ctx.error("platform.iommu_units",
-                        f"{len(raw_units)} units, at most {layout.MAX_IOMMU_UNITS}")
+                        f"{len(raw_units)} units, at most {abi.MAX_IOMMU_UNITS}")
     units = [_iommu(ctx, unit, f"platform.iommu_units[{i}]") for i, unit in enumerate(raw_units)]
-    units += [IommuUnit()] * (layout.MAX_IOMMU_UNITS - len(units))
+    units += [IommuUnit()] * (abi.MAX_IOMMU_UNITS - len(units))
     if "root_cell" not in table:
         raise ctx.error("root_cell", "a system config needs a [root_cell] table")
     return SystemConfig(
         signature=ctx.raw(table.get("signature", "JHSYS"), "signature", 5),
-        architecture=ctx.enum(table.get("architecture", 0), "architecture", Arch, 8),
-        revision=ctx.num(table.get("revision", layout.CONFIG_REVISION), "revision", 16),
+        architecture=ctx.enum(table.get("architecture", 0), "architecture", Architecture, 8),
+        revision=ctx.num(table.get("revision", abi.CONFIG_REVISION), "revision", 16),
         flags=ctx.flags(table.get("flags", 0), "flags", SysFlags, 32),
         hypervisor_memory=_memory(ctx, table.get("hypervisor_memory", {}), "hypervisor_memory",
                                   virt_default_phys=False),
@@ -587,279 +578,3 @@ def load_source(path: str | os.PathLike[str]) -> SystemConfig | CellConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", source=source) from exc
     return compile_source(text, source)
-
-
-# --- decompiling ------------------------------------------------------------------------------
-
-
-def _q(text: str) -> str:
-    """A TOML basic string."""
-    out = ['"']
-    for char in text:
-        code = ord(char)
-        if char in ('"', "\\"):
-            out.append("\\" + char)
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
-
-
-def _hex(value: int) -> str:
-    return f"{value:#x}" if value > 9 else str(value)
-
-
-def _size(value: int) -> str:
-    """Whole GiB/MiB as ``"2G"``/``"74M"``, small page multiples as ``"4K"``, else hex."""
-    for suffix, shift in (("G", 30), ("M", 20)):
-        if value and value % (1 << shift) == 0:
-            return _q(f"{value >> shift}{suffix}")
-    if value and value % 0x1000 == 0 and value <= 0x10000:
-        return _q(f"{value >> 10}K")
-    return _hex(value)
-
-
-def _flag_names(value: int, enum: type[Any]) -> str:
-    names = []
-    rest = value
-    for member in enum:
-        if value & member.value:
-            names.append(_q(member.name))
-            rest &= ~member.value
-    if rest:
-        return _hex(value)
-    return "[" + ", ".join(names) + "]"
-
-
-def _enum_name(value: int, enum: type[Any], aliases: Mapping[int, str] | None = None) -> str:
-    if aliases and value in aliases:
-        return _q(aliases[value])
-    if value in enum._value2member_map_:
-        return _q(enum(value).name)
-    return _hex(value)
-
-
-def _ranges(numbers: Iterable[int]) -> str:
-    ordered = sorted(numbers)
-    parts: list[str] = []
-    index = 0
-    while index < len(ordered):
-        end = index
-        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
-            end += 1
-        first, last = ordered[index], ordered[end]
-        parts.append(str(first) if first == last else f"{first}-{last}")
-        index = end + 1
-    return _q(",".join(parts))
-
-
-def _raw(data: bytes) -> str:
-    text = data.rstrip(b"\0")
-    if all(0x20 <= b < 0x7F for b in text) and b"\0" not in text:
-        return _q(text.decode("ascii"))
-    return _q("hex:" + data.hex())
-
-
-def _console_lines(console: Console) -> list[str]:
-    lines = [f"type = {_enum_name(console.type, ConsoleType, {2: '8250'})}"]
-    if console.address or console.type != ConsoleType.NONE:
-        lines.append(f"address = {_hex(console.address)}")
-    for name in ("size", "divider", "gate_nr", "clock_reg"):
-        value = getattr(console, name)
-        if value:
-            lines.append(f"{name} = {_hex(value)}")
-    if console.flags:
-        lines.append(f"flags = {_flag_names(console.flags, ConsoleFlags)}")
-    return lines
-
-
-def _cell_lines(cell: CellConfig, prefix: str, *, root: bool) -> list[str]:
-    """Keys and tables of one cell; ``prefix`` is ``""`` or ``"root_cell."``."""
-    lines: list[str] = []
-    default_sig = bytes(5) if root else layout.CELL_SIGNATURE
-    default_rev = 0 if root else layout.CONFIG_REVISION
-    if cell.signature != default_sig:
-        lines.append(f"signature = {_raw(cell.signature)}")
-    if cell.architecture != Arch.X86:
-        lines.append(f"architecture = {_enum_name(cell.architecture, Arch)}")
-    if cell.revision != default_rev:
-        lines.append(f"revision = {cell.revision}")
-    lines.append(f"name = {_q(cell.name)}")
-    if cell.name_padding:
-        lines.append(f"name_padding = {_q('hex:' + cell.name_padding.hex())}")
-    if cell.id:
-        lines.append(f"id = {cell.id}")
-    if cell.flags:
-        lines.append(f"flags = {_flag_names(cell.flags, CellFlags)}")
-    lines.append(f"cpus = {_ranges(cell.cpus)}")
-    if cell.cpu_set_size != 8:
-        lines.append(f"cpu_set_size = {cell.cpu_set_size}")
-    for name in ("vpci_irq_base", "cpu_reset_address", "msg_reply_timeout"):
-        value = getattr(cell, name)
-        if value:
-            lines.append(f"{name} = {_hex(value)}")
-    if cell.stream_ids:
-        lines.append("stream_ids = [" + ", ".join(_hex(s) for s in cell.stream_ids) + "]")
-    if cell.pio_regions:
-        lines.append("pio_regions = [")
-        for index, pio in enumerate(cell.pio_regions):
-            lines.append(f"    {{ base = {_hex(pio.base)}, length = {_hex(pio.length)} }},"
-                         f"  # {index}")
-        lines.append("]")
-    if cell.console != Console():
-        lines += ["", f"[{prefix}console]", *_console_lines(cell.console)]
-    for index, region in enumerate(cell.memory_regions):
-        lines += ["", f"[[{prefix}memory_regions]]  # {index}"]
-        if region == MemoryRegion():
-            continue
-        if region.phys_start or region.virt_start != region.phys_start:
-            lines.append(f"phys_start = {_hex(region.phys_start)}")
-        if region.virt_start != region.phys_start:
-            lines.append(f"virt_start = {_hex(region.virt_start)}")
-        lines.append(f"size = {_size(region.size)}")
-        if region.flags:
-            lines.append(f"flags = {_flag_names(region.flags, MemFlags)}")
-    for cache in cell.cache_regions:
-        lines += ["", f"[[{prefix}cache_regions]]",
-                  f"start = {cache.start}", f"size = {cache.size}",
-                  f"type = {_enum_name(cache.type, CacheType)}"]
-        if cache.flags:
-            lines.append(f"flags = {_flag_names(cache.flags, CacheFlags)}")
-        if cache.padding:
-            lines.append(f"padding = {cache.padding}")
-    for chip in cell.irqchips:
-        lines += ["", f"[[{prefix}irqchips]]", f"address = {_hex(chip.address)}",
-                  f"id = {_hex(chip.id)}"]
-        if chip.pin_base:
-            lines.append(f"pin_base = {chip.pin_base}")
-        lines.append(f"pins = {_ranges(chip.pins)}")
-    owners: dict[int, list[str]] = {}
-    for device in cell.pci_devices:
-        for cap_index in range(device.caps_start, device.caps_start + device.num_caps):
-            owners.setdefault(cap_index, []).append(device.bdf_str)
-    for index, device in enumerate(cell.pci_devices):
-        lines += ["", f"[[{prefix}pci_devices]]  # {index}: {device.bdf_str}"]
-        lines += _pci_lines(device)
-    for index, cap in enumerate(cell.pci_caps):
-        owner = ", ".join(owners.get(index, ["unused"]))
-        lines += ["", f"[[{prefix}pci_caps]]  # {index}: {owner}",
-                  f"id = {_enum_name(cap.id, PciCapId) if cap.id else 0}",
-                  f"start = {_hex(cap.start)}",
-                  f"len = {_hex(cap.len)}"]
-        if cap.flags:
-            lines.append(f"flags = {_flag_names(cap.flags, PciCapFlags)}")
-    return lines
-
-
-def _pci_lines(device: PciDevice) -> list[str]:
-    lines = [f"type = {_enum_name(device.type, PciDeviceType)}"]
-    if device.iommu:
-        lines.append(f"iommu = {device.iommu}")
-    if device.domain:
-        lines.append(f"domain = {_hex(device.domain)}")
-    lines.append(f"bdf = {_q(device.bdf_str)}")
-    if any(device.bar_mask):
-        named = [name for name, masks in BAR_MASKS.items() if masks == device.bar_mask]
-        if named and device.is_ivshmem:
-            lines.append(f"bar_mask = {_q(named[0])}")
-        else:
-            lines.append("bar_mask = [" + ", ".join(f"{m:#010x}" for m in device.bar_mask) + "]")
-    for name in ("caps_start", "num_caps", "num_msi_vectors"):
-        value = getattr(device, name)
-        if value:
-            lines.append(f"{name} = {value}")
-    if device.msi_64bits:
-        lines.append("msi_64bits = true")
-    if device.msi_maskable:
-        lines.append("msi_maskable = true")
-    if device.msi_reserved_bits:
-        lines.append(f"msi_reserved_bits = {_hex(device.msi_reserved_bits)}")
-    if device.num_msix_vectors:
-        lines.append(f"num_msix_vectors = {device.num_msix_vectors}")
-    for name in ("msix_region_size", "msix_address"):
-        value = getattr(device, name)
-        if value:
-            lines.append(f"{name} = {_hex(value)}")
-    if device.is_ivshmem or device.shmem_peers or device.shmem_regions_start:
-        lines.append(f"shmem_regions_start = {device.shmem_regions_start}")
-        lines.append(f"shmem_dev_id = {device.shmem_dev_id}")
-        lines.append(f"shmem_peers = {device.shmem_peers}")
-        lines.append(f"shmem_protocol = {_q(shmem_protocol_name(device.shmem_protocol))}")
-    elif device.shmem_dev_id or device.shmem_protocol:
-        lines.append(f"shmem_dev_id = {device.shmem_dev_id}")
-        lines.append(f"shmem_protocol = {_q(shmem_protocol_name(device.shmem_protocol))}")
-    return lines
-
-
-def _iommu_lines(unit: IommuUnit) -> list[str]:
-    lines = [f"type = {_enum_name(unit.type, IommuType)}", f"base = {_hex(unit.base)}",
-             f"size = {_hex(unit.size)}"]
-    if unit.type == IommuType.AMD and unit.union[8:] == bytes(4):
-        lines += [f"amd_bdf = {_q(format_bdf(unit.amd_bdf))}",
-                  f"amd_base_cap = {_hex(unit.amd_base_cap)}",
-                  f"amd_msi_cap = {_hex(unit.amd_msi_cap)}",
-                  f"amd_features = {_hex(unit.amd_features)}"]
-    elif unit.type == IommuType.PVU:
-        lines += [f"tipvu_tlb_base = {_hex(unit.tipvu_tlb_base)}",
-                  f"tipvu_tlb_size = {_hex(unit.tipvu_tlb_size)}"]
-    elif any(unit.union):
-        lines.append(f"union = {_q('hex:' + unit.union.hex())}")
-    return lines
-
-
-def decompile(config: SystemConfig | CellConfig, origin: str | None = None) -> str:
-    """Write a TOML source that compiles back to exactly ``config.to_bytes()``.
-
-    :param config: a parsed or built config
-    :param origin: named in the header comment (e.g. the ``.cell`` file)
-    :return: the TOML text
-    """
-    kind = "system" if isinstance(config, SystemConfig) else "cell"
-    cell = config.root_cell if isinstance(config, SystemConfig) else config
-    header = f"# {cell.name or '(unnamed)'}: Jailhouse {kind} config, revision {config.revision}"
-    lines = [header + (f", decompiled from {origin}" if origin else ""),
-             f"# compiled size: {config.size} bytes", f"kind = {_q(kind)}"]
-    if isinstance(config, CellConfig):
-        lines += _cell_lines(config, "", root=False)
-        return "\n".join(lines) + "\n"
-    system = config
-    if system.signature != layout.SYSTEM_SIGNATURE:
-        lines.append(f"signature = {_raw(system.signature)}")
-    if system.architecture != Arch.X86:
-        lines.append(f"architecture = {_enum_name(system.architecture, Arch)}")
-    if system.revision != layout.CONFIG_REVISION:
-        lines.append(f"revision = {system.revision}")
-    if system.flags:
-        lines.append(f"flags = {_flag_names(system.flags, SysFlags)}")
-    hv = system.hypervisor_memory
-    lines += ["", "[hypervisor_memory]", f"phys_start = {_hex(hv.phys_start)}",
-              f"size = {_size(hv.size)}"]
-    if hv.virt_start:
-        lines.append(f"virt_start = {_hex(hv.virt_start)}")
-    if hv.flags:
-        lines.append(f"flags = {_flag_names(hv.flags, MemFlags)}")
-    if system.debug_console != Console():
-        lines += ["", "[debug_console]", *_console_lines(system.debug_console)]
-    lines += ["", "[platform]"]
-    for name in ("pci_mmconfig_base", "pci_mmconfig_end_bus", "pci_is_virtual", "pci_domain"):
-        value = getattr(system, name)
-        if value:
-            lines.append(f"{name} = {_hex(value)}")
-    used = [i for i, unit in enumerate(system.iommu_units) if unit != IommuUnit()]
-    for unit in system.iommu_units[: used[-1] + 1 if used else 0]:
-        lines += ["", "[[platform.iommu_units]]", *_iommu_lines(unit)]
-    x86 = system.x86
-    lines += ["", "[platform.x86]"]
-    lines.append(f"pm_timer_address = {_hex(x86.pm_timer_address)}")
-    lines.append(f"apic_mode = {_enum_name(x86.apic_mode, ApicMode)}")
-    lines.append(f"vtd_interrupt_limit = {x86.vtd_interrupt_limit}")
-    lines.append(f"tsc_khz = {x86.tsc_khz}")
-    lines.append(f"apic_khz = {x86.apic_khz}")
-    if x86.padding:
-        lines.append(f"padding = {x86.padding}")
-    if any(x86.remainder):
-        lines.append(f"remainder = {_q('hex:' + x86.remainder.hex())}")
-    lines += ["", "[root_cell]", *_cell_lines(system.root_cell, "root_cell.", root=True)]
-    return "\n".join(lines) + "\n"

@@ -1,10 +1,15 @@
-"""Byte layout of ``include/jailhouse/cell-config.h`` (revision 14, and revision 12 of v0.12).
+"""The configuration format; models ``include/jailhouse/cell-config.h`` (revision 14, and
+revision 12 of v0.12): its constants, flags, type codes and byte layout.
 
 Every Jailhouse config struct is ``__attribute__((packed))`` and little-endian on x86, so
 each one maps to one :class:`struct.Struct` with the ``<`` prefix (no padding, standard
 sizes). The offsets and sizes below are the ones the reference measured with gcc
-(``offsetof``/``sizeof``); :mod:`harness.hvmodel.config.parser` and the ``to_bytes``
-methods of the model share these definitions so reading and writing cannot drift apart.
+(``offsetof``/``sizeof``); :mod:`harness.hvmodel.config.parser`, the ``to_bytes``
+methods of the config objects, the driver and the control plane share these definitions,
+so reading and writing cannot drift apart. Flags are :class:`enum.IntFlag`, type codes
+:class:`enum.IntEnum`, with Jailhouse's exact values; the flags the control plane tests on
+its hot paths are also given as plain integers (``MEM_WRITE``, ``CELL_PASSIVE_COMMREG``...),
+derived from the enums.
 
 Revision 12 (Jailhouse v0.12, tag ``v0.12``) is described here too, for the converter:
 
@@ -26,8 +31,99 @@ Revision 12 (Jailhouse v0.12, tag ``v0.12``) is described here too, for the conv
 
 from __future__ import annotations
 
+import enum
 import struct
 from typing import Final
+
+from .console import CONSOLE
+
+__all__ = [
+    "CACHE",
+    "CELL_DESC",
+    "CELL_DESC_FIELDS",
+    "CELL_DESC_SIZE",
+    "CELL_NAME_MAXLEN",
+    "CELL_OFF_CPU_SET_SIZE",
+    "CELL_OFF_FLAGS",
+    "CELL_OFF_ID",
+    "CELL_OFF_NAME",
+    "CELL_PASSIVE_COMMREG",
+    "CELL_SIGNATURE",
+    "CELL_SIGNATURE_12",
+    "CELL_TEST_DEVICE",
+    "CELL_VIRTUAL_CONSOLE_ACTIVE",
+    "CELL_VIRTUAL_CONSOLE_PERMITTED",
+    "CONFIG_HEAD",
+    "CONFIG_REVISION",
+    "ELEMENT_SIZES",
+    "IOMMU",
+    "IOMMU_12",
+    "IOMMU_AMD",
+    "IOMMU_PVU",
+    "IRQCHIP",
+    "IVSHMEM_BAR_MASKS",
+    "MAX_CPU_SET_SIZE",
+    "MAX_IOMMU_UNITS",
+    "MEMORY",
+    "MEM_COMM_REGION",
+    "MEM_DMA",
+    "MEM_EXECUTE",
+    "MEM_IO",
+    "MEM_IO_UNALIGNED",
+    "MEM_IO_UNALIGNED_12",
+    "MEM_IO_WIDTHS",
+    "MEM_IO_WIDTH_SHIFT",
+    "MEM_LOADABLE",
+    "MEM_NO_HUGEPAGES",
+    "MEM_READ",
+    "MEM_ROOTSHARED",
+    "MEM_SUBPAGE_ONLY",
+    "MEM_WRITE",
+    "NAME_FIELD_SIZE",
+    "PCI_CAP",
+    "PCI_DEVICE",
+    "PCI_EXT_CAP",
+    "PCI_TYPE_BRIDGE",
+    "PCI_TYPE_DEVICE",
+    "PCI_TYPE_IVSHMEM",
+    "PIO",
+    "PLATFORM_PCI",
+    "REVISION_12",
+    "ROOT_CELL_OFFSET",
+    "ROOT_CELL_OFFSET_12",
+    "STREAM_ID",
+    "SYS12_ARCH_UNION_SIZE",
+    "SYS12_OFF_ARCH",
+    "SYS12_OFF_IOMMU",
+    "SYSTEM_FIELDS",
+    "SYSTEM_FIELDS_12",
+    "SYSTEM_HEAD",
+    "SYSTEM_SIGNATURE",
+    "SYSTEM_SIGNATURE_12",
+    "SYSTEM_SIZE",
+    "SYSTEM_SIZE_12",
+    "SYS_OFF_DEBUG_CONSOLE",
+    "SYS_OFF_FLAGS",
+    "SYS_OFF_HV_MEMORY",
+    "SYS_OFF_IOMMU",
+    "SYS_OFF_PLATFORM",
+    "SYS_OFF_X86",
+    "X86_PLATFORM",
+    "X86_PLATFORM_12",
+    "ApicMode",
+    "Architecture",
+    "CacheFlags",
+    "CacheType",
+    "CellFlags",
+    "IommuType",
+    "MemFlags",
+    "PciCapFlags",
+    "PciDeviceType",
+    "ShmemProtocol",
+    "SysFlags",
+    "VirtioDevice",
+    "config_size",
+]
 
 #: ``JAILHOUSE_CONFIG_REVISION`` of Jailhouse master/next.
 CONFIG_REVISION: Final = 14
@@ -46,12 +142,170 @@ NAME_FIELD_SIZE: Final = 32
 MAX_IOMMU_UNITS: Final = 8
 #: The hypervisor refuses CPU sets larger than one page (``cell_init``: -EINVAL).
 MAX_CPU_SET_SIZE: Final = 4096
-PAGE_SIZE: Final = 0x1000
+
+
+# --- flags and type codes ------------------------------------------------------------------
+
+
+class Architecture(enum.IntEnum):
+    """``JAILHOUSE_X86``/``ARM``/``ARM64``: the architecture byte."""
+
+    X86 = 0
+    ARM = 1
+    ARM64 = 2
+
+    @property
+    def label(self) -> str:
+        """The name pyjailhouse and ``jailhouse config check`` print (``x86``...)."""
+        return self.name.lower()
+
+
+class MemFlags(enum.IntFlag):
+    """``JAILHOUSE_MEM_*``: flags of a memory region."""
+
+    READ = 0x0001
+    WRITE = 0x0002
+    EXECUTE = 0x0004
+    DMA = 0x0008
+    IO = 0x0010
+    COMM_REGION = 0x0020
+    LOADABLE = 0x0040
+    ROOTSHARED = 0x0080
+    NO_HUGEPAGES = 0x0100
+    IO_UNALIGNED = 0x8000
+    IO_8 = 0x10000
+    IO_16 = 0x20000
+    IO_32 = 0x40000
+    IO_64 = 0x80000
+
+
+# The memory flags as plain integers: ``int & IntFlag`` builds an enum member per test.
+MEM_READ: Final = int(MemFlags.READ)
+MEM_WRITE: Final = int(MemFlags.WRITE)
+MEM_EXECUTE: Final = int(MemFlags.EXECUTE)
+MEM_DMA: Final = int(MemFlags.DMA)
+MEM_IO: Final = int(MemFlags.IO)
+MEM_COMM_REGION: Final = int(MemFlags.COMM_REGION)
+MEM_LOADABLE: Final = int(MemFlags.LOADABLE)
+MEM_ROOTSHARED: Final = int(MemFlags.ROOTSHARED)
+MEM_NO_HUGEPAGES: Final = int(MemFlags.NO_HUGEPAGES)
+MEM_IO_UNALIGNED: Final = int(MemFlags.IO_UNALIGNED)
+#: ``JAILHOUSE_MEM_IO_WIDTH_SHIFT``: IO_8/16/32/64 = access size << 16
+MEM_IO_WIDTH_SHIFT: Final = 16
+#: The access-width flags of sub-page regions (bits 16..19 = width << 16).
+MEM_IO_WIDTHS: Final = MemFlags.IO_8 | MemFlags.IO_16 | MemFlags.IO_32 | MemFlags.IO_64
+#: Flags that only mean something for sub-page (MMIO-dispatched) regions.
+MEM_SUBPAGE_ONLY: Final = MemFlags.IO_UNALIGNED | MEM_IO_WIDTHS
+
+
+class CellFlags(enum.IntFlag):
+    """``JAILHOUSE_CELL_*``: flags of a cell descriptor."""
+
+    PASSIVE_COMMREG = 0x00000001
+    TEST_DEVICE = 0x00000002
+    AARCH32 = 0x00000004
+    VIRTUAL_CONSOLE_PERMITTED = 0x40000000
+    VIRTUAL_CONSOLE_ACTIVE = 0x80000000
+
+
+# The cell flags the control plane tests, as plain integers.
+CELL_PASSIVE_COMMREG: Final = int(CellFlags.PASSIVE_COMMREG)
+CELL_TEST_DEVICE: Final = int(CellFlags.TEST_DEVICE)
+CELL_VIRTUAL_CONSOLE_PERMITTED: Final = int(CellFlags.VIRTUAL_CONSOLE_PERMITTED)
+CELL_VIRTUAL_CONSOLE_ACTIVE: Final = int(CellFlags.VIRTUAL_CONSOLE_ACTIVE)
+
+
+class SysFlags(enum.IntFlag):
+    """``JAILHOUSE_SYS_*``: flags of the system config."""
+
+    VIRTUAL_DEBUG_CONSOLE = 0x0001
+
+
+class PciCapFlags(enum.IntFlag):
+    """``JAILHOUSE_PCICAPS_*``: flags of a PCI capability entry."""
+
+    WRITE = 0x0001
+
+
+class CacheFlags(enum.IntFlag):
+    """``JAILHOUSE_CACHE_*`` flags of a cache region."""
+
+    ROOTSHARED = 0x0001
+
+
+class PciDeviceType(enum.IntEnum):
+    """``JAILHOUSE_PCI_TYPE_*``."""
+
+    DEVICE = 1
+    BRIDGE = 2
+    IVSHMEM = 3
+
+
+# The PCI device types as plain integers.
+PCI_TYPE_DEVICE: Final = int(PciDeviceType.DEVICE)
+PCI_TYPE_BRIDGE: Final = int(PciDeviceType.BRIDGE)
+PCI_TYPE_IVSHMEM: Final = int(PciDeviceType.IVSHMEM)
+
+
+class IommuType(enum.IntEnum):
+    """``JAILHOUSE_IOMMU_*`` (``PVU`` is pyjailhouse's ``TIPVU``)."""
+
+    UNUSED = 0
+    AMD = 1
+    INTEL = 2
+    SMMUV3 = 3
+    PVU = 4
+    ARM_MMU500 = 5
+
+
+class CacheType(enum.IntEnum):
+    """``JAILHOUSE_CACHE_*`` types (Intel CAT)."""
+
+    L3_CODE = 0x01
+    L3_DATA = 0x02
+    L3 = 0x03
+
+
+class ApicMode(enum.IntEnum):
+    """``JAILHOUSE_APIC_MODE_*`` of ``platform_info.x86.apic_mode``."""
+
+    AUTO = 0
+    XAPIC = 1
+    X2APIC = 2
+
+
+#: ``JAILHOUSE_PCI_EXT_CAP``: marks an extended capability ID.
+PCI_EXT_CAP: Final = 0x8000
+
+
+class ShmemProtocol(enum.IntEnum):
+    """``JAILHOUSE_SHMEM_PROTO_*`` bases; virtio ones add a :class:`VirtioDevice` number."""
+
+    UNDEFINED = 0x0000
+    VETH = 0x0001
+    CUSTOM = 0x4000
+    VIRTIO_FRONT = 0x8000
+    VIRTIO_BACK = 0xC000
+
+
+class VirtioDevice(enum.IntEnum):
+    """``VIRTIO_DEV_*`` numbers added to the virtio protocol bases."""
+
+    NET = 1
+    BLOCK = 2
+    CONSOLE = 3
+
+
+#: Jailhouse's ivshmem BAR-mask macros (``JAILHOUSE_IVSHMEM_BAR_MASK_*``), BAR0..BAR5.
+IVSHMEM_BAR_MASKS: Final[dict[str, tuple[int, int, int, int, int, int]]] = {
+    "IVSHMEM_INTX": (0xFFFFF000, 0, 0, 0, 0, 0),
+    "IVSHMEM_MSIX": (0xFFFFF000, 0xFFFFF000, 0, 0, 0, 0),
+    "IVSHMEM_INTX_64K": (0xFFFF0000, 0, 0, 0, 0, 0),
+    "IVSHMEM_MSIX_64K": (0xFFFF0000, 0xFFFF0000, 0, 0, 0, 0),
+}
 
 # --- revision 14 -------------------------------------------------------------------------
 
-#: ``struct jailhouse_console``: address, size, type, flags, divider, gate_nr, clock_reg.
-CONSOLE: Final = struct.Struct("<QIHHIIQ")
 #: ``struct jailhouse_cell_desc``: signature, architecture, revision, name, id, flags,
 #: cpu_set_size, 7 counts, vpci_irq_base, cpu_reset_address, msg_reply_timeout, console.
 CELL_DESC: Final = struct.Struct("<5sBH32s11IQQ" + CONSOLE.format[1:])
@@ -82,6 +336,8 @@ IOMMU_PVU: Final = struct.Struct("<QI")
 X86_PLATFORM: Final = struct.Struct("<HBBIII28s")
 #: Start of ``struct jailhouse_system``: signature, architecture, revision, flags.
 SYSTEM_HEAD: Final = struct.Struct("<5sBHI")
+#: Start of both descriptors (system and cell): signature, architecture, revision.
+CONFIG_HEAD: Final = struct.Struct("<5sBH")
 #: ``platform_info`` PCI fields: pci_mmconfig_base, end_bus, is_virtual, domain.
 PLATFORM_PCI: Final = struct.Struct("<QBBH")
 
@@ -89,6 +345,12 @@ CELL_DESC_SIZE: Final = 132
 SYSTEM_SIZE: Final = 488
 #: Offset of the embedded root cell descriptor in ``struct jailhouse_system``.
 ROOT_CELL_OFFSET: Final = 356
+
+# Offsets inside struct jailhouse_cell_desc (revision 14) the driver reads and patches.
+CELL_OFF_NAME: Final = 8
+CELL_OFF_ID: Final = 40
+CELL_OFF_FLAGS: Final = 44
+CELL_OFF_CPU_SET_SIZE: Final = 48
 
 # Offsets inside struct jailhouse_system (revision 14).
 SYS_OFF_FLAGS: Final = 8
@@ -108,6 +370,23 @@ ELEMENT_SIZES: Final = {
     "pci_caps": PCI_CAP.size,
     "stream_ids": STREAM_ID.size,
 }
+
+
+_ELEMENT_SIZES_IN_ORDER: Final = tuple(ELEMENT_SIZES.values())
+
+
+def config_size(desc: bytes | bytearray | memoryview) -> int:
+    """Total size of a cell config from its 132-byte descriptor: the descriptor, the CPU
+    set and the arrays (``jailhouse_cell_config_size``).
+
+    :raise struct.error: when ``desc`` is shorter than a descriptor
+    """
+    fields = CELL_DESC.unpack_from(desc)
+    cpu_set_size: int = fields[6]
+    counts: tuple[int, ...] = fields[7:14]
+    arrays = sum(n * size for n, size in zip(counts, _ELEMENT_SIZES_IN_ORDER, strict=True))
+    return CELL_DESC_SIZE + cpu_set_size + arrays
+
 
 #: (offset, size, field) of every field of the cell descriptor, for error messages.
 CELL_DESC_FIELDS: Final = (

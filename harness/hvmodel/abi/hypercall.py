@@ -1,12 +1,14 @@
-"""Hypervisor ABI; models ``include/jailhouse/hypercall.h`` and its x86 part.
+"""Hypercall interface; models ``include/jailhouse/hypercall.h`` and its x86 part
+``include/arch/x86/asm/jailhouse_hypercall.h``.
 
 Everything a cell, the root driver and the tools see of the hypervisor as numbers: the
 hypercall codes, the cell states, the messages on the communication region and their
-replies, the ``GET_INFO`` and ``CPU_GET_INFO`` selectors and the per-CPU statistics
-counters (with the names the driver gives them in sysfs). The communication region is
-described byte for byte (76 bytes, packed, little-endian) with pack/unpack helpers that
-work on any writable buffer, so the same code reads a ``bytearray`` in the oracle and an
-``mmap`` of the real comm page in the executor.
+replies, the ``GET_INFO`` and ``CPU_GET_INFO`` selectors, the per-CPU statistics
+counters (with the names the driver gives them in sysfs) and the CPUID leaves by which a
+cell recognises Jailhouse. The communication region is described byte for byte (76
+bytes, packed, little-endian) with pack/unpack helpers that work on any writable buffer,
+so the same code reads a ``bytearray`` in the oracle and an ``mmap`` of the real comm
+page in the executor; :data:`COMM_REGION_BASE` is where x86 inmates find it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,44 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from .errors import Errno
+from .x86 import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+__all__ = [
+    "COMM_PAGE_SIZE",
+    "COMM_REGION_ABI_REVISION",
+    "COMM_REGION_BASE",
+    "COMM_REGION_SIGNATURE",
+    "COMM_REGION_SIZE",
+    "CPU_INFO_STATE",
+    "CPU_INFO_STAT_BASE",
+    "CPU_STAT_MASK",
+    "JAILHOUSE_CPUID_FEATURES",
+    "JAILHOUSE_CPUID_SIGNATURE",
+    "JAILHOUSE_CPUID_SIGNATURE_REGS",
+    "MESSAGE_TYPE",
+    "NUM_CPU_STATS",
+    "STATE_TEXT_INVALID",
+    "CellState",
+    "CommFlag",
+    "CommOffset",
+    "CommRegion",
+    "CpuInfoState",
+    "CpuStat",
+    "Hypercall",
+    "InfoType",
+    "Message",
+    "MessageType",
+    "Reply",
+    "comm_read_u32",
+    "comm_write",
+    "comm_write_u32",
+    "state_text",
+]
 
 
 class Hypercall(enum.IntEnum):
@@ -155,16 +192,6 @@ NUM_CPU_STATS: Final = len(CpuStat)
 CPU_STAT_MASK: Final = 0x7FFFFFFF
 
 
-class CellFlag(enum.IntFlag):
-    """Cell flags the control plane looks at (``JAILHOUSE_CELL_*``)."""
-
-    PASSIVE_COMMREG = 0x00000001
-    TEST_DEVICE = 0x00000002
-    AARCH32 = 0x00000004
-    VIRTUAL_CONSOLE_PERMITTED = 0x40000000
-    VIRTUAL_CONSOLE_ACTIVE = 0x80000000
-
-
 class CommFlag(enum.IntFlag):
     """``comm_region.flags``."""
 
@@ -172,21 +199,15 @@ class CommFlag(enum.IntFlag):
     DBG_PUTC_ACTIVE = 0x0002
 
 
-class ShutdownState(enum.IntEnum):
-    """``per_cpu.shutdown_state`` (besides a stored negative errno)."""
-
-    NONE = 0
-    STARTED = 1
-
-
 # --- communication region ------------------------------------------------------------
 
 COMM_REGION_SIGNATURE: Final = b"JHCOMM"
 COMM_REGION_ABI_REVISION: Final = 2
-#: where x86 inmates expect the comm region (guest-physical)
+#: where x86 inmates expect the comm region (guest-physical; ``COMM_REGION_BASE`` of the
+#: inmate library, the address ``jailhouse config check`` insists on)
 COMM_REGION_BASE: Final = 0x100000
 #: size of the comm page (the region is mapped as one page)
-COMM_PAGE_SIZE: Final = 0x1000
+COMM_PAGE_SIZE: Final = PAGE_SIZE
 #: size of ``struct jailhouse_comm_region`` on x86
 COMM_REGION_SIZE: Final = 76
 
@@ -293,13 +314,13 @@ class CommRegion:
         return out
 
 
-def comm_read_u32(buffer: bytes | bytearray | memoryview, offset: int) -> int:
+def comm_read_u32(buffer: ReadableBuffer, offset: int) -> int:
     """Read one 32-bit field of a comm region in place (offset: a :class:`CommOffset`)."""
     value: int = _U32.unpack_from(buffer, offset)[0]
     return value
 
 
-def comm_write_u32(buffer: bytearray | memoryview, offset: int, value: int) -> None:
+def comm_write_u32(buffer: WriteableBuffer, offset: int, value: int) -> None:
     """Write one 32-bit field of a comm region in place (offset: a :class:`CommOffset`)."""
     _U32.pack_into(buffer, offset, value & 0xFFFFFFFF)
 
@@ -309,27 +330,17 @@ def comm_write(buffer: bytearray | memoryview, region: CommRegion) -> None:
     buffer[0:COMM_REGION_SIZE] = region.to_bytes()
 
 
-# --- driver ioctls (driver/jailhouse.h), used by the CLI model -----------------------
+# --- CPUID interface (x86) -----------------------------------------------------------
 
-
-class Ioctl(enum.IntEnum):
-    """``/dev/jailhouse`` ioctl numbers on x86-64."""
-
-    ENABLE = 0x40080000
-    DISABLE = 0x00000001
-    CELL_CREATE = 0x40100002
-    CELL_LOAD = 0x40300003
-    CELL_START = 0x40280004
-    CELL_DESTROY = 0x40280005
-
-
-#: ``struct jailhouse_cell_id.id`` meaning "look the cell up by name"
-CELL_ID_UNUSED: Final = -1
-
-
-def errno_of(code: int) -> Errno:
-    """The :class:`Errno` of a negative hypercall result.
-
-    :raise ValueError: when ``code`` is not a negative Jailhouse errno
-    """
-    return Errno(-code)
+#: ``JAILHOUSE_CPUID_SIGNATURE``: the leaf that names the hypervisor
+JAILHOUSE_CPUID_SIGNATURE: Final = 0x40000000
+#: ``JAILHOUSE_CPUID_FEATURES``: the feature leaf (all zero)
+JAILHOUSE_CPUID_FEATURES: Final = 0x40000001
+#: what a cell reads at the signature leaf (EAX, EBX, ECX, EDX): the highest hypervisor
+#: leaf, then "Jailhouse\0\0\0"
+JAILHOUSE_CPUID_SIGNATURE_REGS: Final = (
+    JAILHOUSE_CPUID_FEATURES,
+    int.from_bytes(b"Jail", "little"),
+    int.from_bytes(b"hous", "little"),
+    int.from_bytes(b"e\0\0\0", "little"),
+)

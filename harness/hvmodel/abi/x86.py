@@ -1,0 +1,91 @@
+"""x86 facts of Jailhouse's ``hypervisor/arch/x86/include/asm`` headers that more than
+one part of jhlab relies on: ``paging.h`` (the page size), ``processor.h`` (the CPUID
+feature bits the hypervisor hides or shows), ``apic.h`` (the xAPIC page), ``ioapic.h``
+(the IOAPIC registers) and ``pci.h`` (the port-I/O configuration mechanism); plus the
+register window of the test device (``test-device.c``).
+
+The page size here is Jailhouse's: the unit of its mappings, of the comm region and of
+the checks on memory regions. The page size of the Linux the executor runs on (the
+granularity of ``mmap``) is a different fact, :data:`mmap.PAGESIZE`; on x86 both are
+4 KiB, but code that maps host memory asks the host.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "CPUID_1_ECX_HYPERVISOR",
+    "CPUID_1_ECX_OSXSAVE",
+    "CPUID_1_ECX_TSC_DEADLINE",
+    "CPUID_1_ECX_VMX",
+    "CPUID_1_ECX_X2APIC",
+    "CPUID_80000001_ECX_SVM",
+    "IOAPIC_ID",
+    "IOAPIC_MAX_PINS",
+    "IOAPIC_REDIR_MASK",
+    "IOAPIC_REDIR_TBL_START",
+    "IOAPIC_REG_DATA",
+    "IOAPIC_REG_EOI",
+    "IOAPIC_REG_INDEX",
+    "IOAPIC_VER",
+    "MSI_ADDRESS_WINDOW",
+    "PAGE_SIZE",
+    "PCI_REG_ADDR_PORT",
+    "PCI_REG_DATA_PORT",
+    "TEST_DEVICE_REGISTER",
+    "XAPIC_BASE",
+]
+
+#: ``PAGE_SIZE`` of ``asm/paging.h``: Jailhouse maps, checks and allocates in 4 KiB pages.
+PAGE_SIZE: Final = 0x1000
+
+# --- CPUID (asm/processor.h) -------------------------------------------------------------
+
+#: leaf 1, ECX: VMX (hidden from non-root cells)
+CPUID_1_ECX_VMX: Final = 1 << 5
+#: leaf 1, ECX: x2APIC
+CPUID_1_ECX_X2APIC: Final = 1 << 21
+#: leaf 1, ECX: TSC deadline timer
+CPUID_1_ECX_TSC_DEADLINE: Final = 1 << 24
+#: leaf 1, ECX: OSXSAVE (mirrors the guest's CR4.OSXSAVE)
+CPUID_1_ECX_OSXSAVE: Final = 1 << 27
+#: leaf 1, ECX: "running under a hypervisor" (shown to non-root cells)
+CPUID_1_ECX_HYPERVISOR: Final = 1 << 31
+#: leaf 0x80000001, ECX: SVM (hidden from non-root cells)
+CPUID_80000001_ECX_SVM: Final = 1 << 2
+
+# --- local APIC (asm/apic.h) -------------------------------------------------------------
+
+#: the local APIC's MMIO page in xAPIC mode; MSIs are writes into this 0xfeexxxxx window
+XAPIC_BASE: Final = 0xFEE00000
+#: an MSI address lies in the 1 MiB window of the xAPIC page: ``address >> 20`` is this
+MSI_ADDRESS_WINDOW: Final = XAPIC_BASE >> 20
+
+# --- IOAPIC (asm/ioapic.h) ---------------------------------------------------------------
+
+#: ``IOAPIC_MAX_PINS``: redirection entries the hypervisor supports per IOAPIC
+IOAPIC_MAX_PINS: Final = 120
+#: MMIO register offsets: index (register select), data, EOI
+IOAPIC_REG_INDEX: Final = 0x00
+IOAPIC_REG_DATA: Final = 0x10
+IOAPIC_REG_EOI: Final = 0x40
+#: indirect registers: ID, version (bits 16..23: highest redirection entry)
+IOAPIC_ID: Final = 0x00
+IOAPIC_VER: Final = 0x01
+#: first indirect register of the redirection table (two per pin: low, high)
+IOAPIC_REDIR_TBL_START: Final = 0x10
+#: redirection entry bit 16: the pin is masked
+IOAPIC_REDIR_MASK: Final = 1 << 16
+
+# --- test device (test-device.c, CONFIG_TEST_DEVICE) ----------------------------------
+
+#: the page after a cell's comm region is the test device; its registers are the bytes
+#: from this offset to the end of the page (they alias the end of the comm page)
+TEST_DEVICE_REGISTER: Final = 0xFF8
+
+# --- PCI configuration mechanism #1 (asm/pci.h) ------------------------------------------
+
+#: the address register (0xCF8) and the data window (0xCFC..0xCFF)
+PCI_REG_ADDR_PORT: Final = 0xCF8
+PCI_REG_DATA_PORT: Final = 0xCFC
