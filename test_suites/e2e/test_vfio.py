@@ -43,7 +43,7 @@ PRELUDE = r'''
 import json, logging, time
 logging.basicConfig(level=logging.INFO)
 from harness.hvmodel.arch import vfio
-from harness.hvmodel.arch.kvm import PhysMapping, anonymous_memory
+from harness.hvmodel.arch.hostmem import PhysMapping, anonymous_memory
 
 EDU = "01:01.0"
 ID, LIVENESS, FACTORIAL, STATUS, IRQ_STATUS, IRQ_RAISE, IRQ_ACK = 0x00, 0x04, 0x08, 0x20, 0x24, 0x60, 0x64
@@ -254,13 +254,13 @@ def test_edu_msi_reaches_a_kvm_vm(lab: Lab, edu: dict[str, str], irqchip: str) -
     split irqchip the executor uses, and with the full one (KVM's default routes kept)."""
     body = r"""
 import os
-from harness.hvmodel.arch.kvm import Cap, Kvm
+from harness.hvmodel.arch.kvm import Cap, Kvm, Vm
 if not os.path.exists("/dev/kvm"):
     result["skip"] = "no /dev/kvm in the lab"
 else:
     claim = stub.claim(EDU)
     try:
-        with vfio.Container() as container, Kvm() as kvm, kvm.create_vm() as vm:
+        with vfio.Container() as container, Kvm() as kvm, Vm(kvm) as vm:
             device = container.device(EDU, stub=stub)
             bar = device.mmap_region(vfio.PciRegion.BAR0)
             device.set_bus_master(True)

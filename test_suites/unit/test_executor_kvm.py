@@ -26,7 +26,8 @@ import pytest
 
 from harness.hvmodel.abi import CellState, CommOffset, CpuStat, Message, Reply, comm_write_u32
 from harness.hvmodel.arch import executor as ex
-from harness.hvmodel.arch.kvm import FailEntryExit, KvmRun, ShutdownExit, UnknownExit
+from harness.hvmodel.arch.kvm import FailEntryExit, ShutdownExit, UnknownExit
+from harness.hvmodel.arch.kvm.structs import KvmRun
 from harness.hvmodel.config import CellConfig, MemoryRegion, load_source
 from harness.hvmodel.driver import Driver, HostInfo, Image
 from harness.hvmodel.errors import Errno

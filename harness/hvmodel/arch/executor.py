@@ -145,37 +145,32 @@ from ..cpus import parse_cpu_list
 from ..errors import Errno, HvError, JhlabError
 from . import HOST_PAGE_SIZE, RootBuffers
 from .cpuset import RootCpuset
+from .hostmem import PhysMapping, anonymous_memory
 from .kvm import (
     KICK_SIGNAL,
-    KVM_MSR_EXIT_REASON_INVAL,
-    KVM_MSR_EXIT_REASON_UNKNOWN,
     Cap,
     CpuidEntry,
-    ExitReason,
     FailEntryExit,
     IntrExit,
     IoExit,
     Kvm,
     KvmError,
-    KvmRun,
     MmioExit,
     MsrExit,
     OtherExit,
-    PhysMapping,
     ShutdownExit,
     UnknownExit,
     Vcpu,
     VcpuExit,
     Vm,
-    anonymous_memory,
+    XenExit,
     describe_exit,
-    format_state,
     install_kick_handler,
-    jailhouse_vcpu_reset,
-    jailhouse_vcpu_setup,
 )
+from .kvm.structs import KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, ExitReason, KvmRun
 from .passthrough import Passthrough
 from .portio import IoBitmapLoop, NativePorts, PortIo, open_ports
+from .vcpu import apic_khz, format_state, jailhouse_vcpu_reset, jailhouse_vcpu_setup, measure_tsc_khz
 
 if TYPE_CHECKING:
     import mmap
@@ -563,8 +558,6 @@ class ExecutorArch:
 
         :raise KvmError: without KVM
         """
-        from .runner import apic_khz, measure_tsc_khz
-
         if self._state is _State.SHUT_DOWN:
             raise ExecutorStateError("host_info", self._state.value)
         kvm, keeper = self._open_kvm()
@@ -585,7 +578,7 @@ class ExecutorArch:
         executor's own start and end still do (a lab that holds a VM open for its whole
         life has none at all).
         """
-        keeper = kvm.create_vm()
+        keeper = Vm(kvm)
         try:
             self._setup_vm(kvm, keeper)
             keeper.create_vcpu(0)
@@ -665,7 +658,7 @@ class ExecutorArch:
             return
         kvm = self._kvm
         assert kvm is not None  # READY
-        vm = kvm.create_vm()
+        vm = Vm(kvm)
         cell = _CellVm(cell_id, config, vm)
         try:
             self._setup_vm(kvm, vm)
@@ -1012,7 +1005,7 @@ class ExecutorArch:
                 self._exit_pio(handler, cpu, exit_)
             elif isinstance(exit_, MmioExit):
                 self._exit_mmio(handler, cpu, exit_)
-            elif isinstance(exit_, OtherExit) and exit_.code == ExitReason.XEN:
+            elif isinstance(exit_, XenExit):
                 self._exit_hypercall(handler, cpu)
             elif isinstance(exit_, OtherExit) and exit_.code == ExitReason.IOAPIC_EOI:
                 pass  # split irqchip: EOI of a level-triggered vector; no IOAPIC to tell
@@ -1600,10 +1593,8 @@ def host_info(kvm_path: str = "/dev/kvm") -> HostInfo:
     The scratch VM comes and goes; with an executor at hand, prefer
     :meth:`ExecutorArch.host_info`, which measures on its keeper VM.
     """
-    from .runner import apic_khz, measure_tsc_khz
-
     with Kvm(kvm_path) as kvm:
-        vm = kvm.create_vm()
+        vm = Vm(kvm)
         try:
             tsc = measure_tsc_khz(vm.create_vcpu(0))
         finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from .kvm import Cap, Kvm, KvmError
+from .kvm import Cap, Kvm, KvmError, Vm
 
 #: GSI routes reserved for a split irqchip (as the executor's VMs have)
 SPLIT_IRQCHIP_ROUTES = 24
@@ -28,7 +28,7 @@ def main() -> int:
     """Hold the VM until a signal ends the process."""
     try:
         kvm = Kvm()
-        vm = kvm.create_vm()
+        vm = Vm(kvm)
         if kvm.check_extension(Cap.SPLIT_IRQCHIP):
             vm.enable_cap(Cap.SPLIT_IRQCHIP, SPLIT_IRQCHIP_ROUTES)
             vm.has_irqchip = True
