@@ -30,10 +30,20 @@ and ports (:mod:`~harness.hvmodel.arch.portio`), root-cell CPU confinement
 (:mod:`~harness.hvmodel.arch.cpuset`) and PCI passthrough
 (:mod:`~harness.hvmodel.arch.passthrough` on :mod:`~harness.hvmodel.arch.vfio`).
 
-**Root hardware policy**, **passthrough**: :mod:`.devices`. **Exits and statistics**:
-:mod:`.exits`. **CPU states and management operations**: :mod:`.vcpu_loop`. **Memory**:
-:mod:`.memory`. **Hypercalls** need ``CONFIG_KVM_XEN`` in the root cell's kernel
-(:mod:`.exits`).
+Where a change goes:
+
+* a new kind of exit, an exit statistic, a FATAL line: :mod:`.exits` (the register dump
+  itself: :func:`~harness.hvmodel.arch.vcpu.format_state`);
+* what a cell CPU sees at start or in CPUID (XCR0, hypervisor leaves, INIT/SIPI start
+  state), the TSC and APIC timer frequencies: :mod:`harness.hvmodel.arch.vcpu`, with new
+  vCPU ioctls (XSAVE, XCRs, TSC) in :mod:`harness.hvmodel.arch.kvm.vcpu`;
+* delivering interrupts (MSI, IOAPIC pins, IPIs, the SCI): :mod:`.interrupts`; those of
+  passed-through devices (INTx, MSI-X): :mod:`harness.hvmodel.arch.passthrough` on
+  :mod:`harness.hvmodel.arch.vfio.irq`;
+* MMIO regions the executor serves (MMCONFIG), the root hardware policy: :mod:`.devices`;
+* how a CPU is parked, reset or held: :mod:`.vcpu_loop`; cell memory: :mod:`.memory`.
+
+Hypercalls need ``CONFIG_KVM_XEN`` in the root cell's kernel (:mod:`.exits`).
 """
 
 from __future__ import annotations
