@@ -2,9 +2,15 @@
 
 Standard library only: the same package runs inside the lab's root cell (Debian's
 python3, nothing installed) as the hypervisor, and on the host as the oracle.
-Nothing in here may import from the rest of :mod:`harness`.
+Nothing in here may import from the rest of :mod:`harness`, and no module imports one
+that imports it back (``test_suites/hvmodel/test_structure.py`` checks both).
 
-Entry points: :class:`harness.hvmodel.control.Hypervisor` (hypercalls, exits, state),
+Every Jailhouse ABI fact (numbers, flags, states, signatures, sizes, layouts) is defined
+once, in :mod:`harness.hvmodel.abi`. The units (:mod:`.unit`) define themselves and see
+the hypervisor through :class:`~harness.hvmodel.unit.UnitHost` only.
+
+Entry points: :class:`harness.hvmodel.control.Hypervisor` (hypercalls, exits; its state
+is :class:`~harness.hvmodel.core.HypervisorCore`'s),
 :class:`harness.hvmodel.driver.Driver` (the Linux driver's side),
 :mod:`harness.hvmodel.sysfs` (``/sys/devices/jailhouse``, ``jailhouse cell list``),
 :class:`harness.hvmodel.arch.Arch` (what a machine provides) and
@@ -14,7 +20,7 @@ Deliberate differences from Jailhouse (everything else follows the reference):
 
 * The root cell is not virtualized in jhlab: suspending root CPUs is bookkeeping only
   (the Arch is not asked), and root exits reach the model only if the executor sends them.
-* Page pool figures come from the model's cost model (:class:`~harness.hvmodel.control.
+* Page pool figures come from the model's cost model (:class:`~harness.hvmodel.params.
   HvParams`: core size, per-CPU pages, ``struct cell`` size; page tables counted as built
   from the current mappings, adjacent identical mappings merged). They are identical in
   oracle and guest but are not Jailhouse's numbers; a destroyed cell gives back exactly

@@ -18,6 +18,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SIZE, CellState
+from .core import HvState
 from .errors import Errno, HvError
 from .mmio import is_subpage
 from .paging import NUM_REMAP_BITMAP_PAGES, NUM_TEMPORARY_PAGES, pages
@@ -25,16 +26,16 @@ from .percpu import PerCpu
 from .printk import MSG_INIT_UNIT
 
 if TYPE_CHECKING:
-    from .control import Hypervisor
+    from .core import HypervisorCore
 
 
-def enable(hv: Hypervisor, online_cpus: list[int], master_cpu: int | None) -> None:
-    """Run the enable sequence on ``hv`` (lock held by the caller).
+def enable(hv: HypervisorCore, online_cpus: list[int], master_cpu: int | None) -> None:
+    """Run the enable sequence on ``hv`` (lock held by the caller, the
+    :class:`~harness.hvmodel.control.Hypervisor`'s :meth:`enable
+    <harness.hvmodel.control.Hypervisor.enable>`).
 
     :raise HvError: ``EINVAL`` for a CPU mismatch; ``ENOMEM``; Arch or unit errors
     """
-    from .control import HvState
-
     system = hv.system
     params = hv.params
     root_config = system.root_cell

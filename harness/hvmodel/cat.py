@@ -11,41 +11,31 @@ length, else ``EINVAL``; no free COS gives ``EBUSY``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from .abi import CacheFlags, CacheType
 from .errors import Errno, HvError
+from .unit import define_unit
 
 if TYPE_CHECKING:
     from .cell import Cell
-    from .control import Hypervisor
+    from .params import CatHardware
+    from .unit import UnitHost
 
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CatHardware:
-    """What CPUID reports about CAT.
-
-    :param cbm_length: bits in a capacity bitmask
-    :param num_cos: classes of service
-    """
-
-    cbm_length: int = 20
-    num_cos: int = 16
 
 
 class CatUnit:
-    """The CAT unit; a no-op when ``hardware`` is None.
+    """The CAT unit (``DEFINE_UNIT(cat, "Cache Allocation Technology")``), built on Intel
+    only (AMD links ``cat-stubs.c``); a no-op when ``hardware`` is None.
 
-    :param hv: the hypervisor it serves
+    :param host: what the unit may use of its hypervisor
     :param hardware: CAT capabilities, or None when CAT is absent
     """
 
     name = "Cache Allocation Technology"
 
-    def __init__(self, hv: Hypervisor, hardware: CatHardware | None) -> None:
-        self.hv = hv
+    def __init__(self, host: UnitHost, hardware: CatHardware | None) -> None:
+        self.host = host
         self.hardware = hardware
         #: cell id -> (cos, mask, rootshared)
         self.assignments: dict[int, tuple[int, int, bool]] = {}
@@ -60,7 +50,7 @@ class CatUnit:
         """Give the root COS 0 with every bit."""
         if self.hardware is not None:
             self.root_mask = self.full_mask
-            self.hv.root.cat_cos = 0
+            self.host.root.cat_cos = 0
 
     def shutdown(self) -> None:
         """Nothing to restore beyond the root's COS 0 (the mask is reset to full)."""
@@ -120,3 +110,17 @@ class CatUnit:
             "root_mask": self.root_mask,
             "cells": {str(k): list(v) for k, v in self.assignments.items()},
         }
+
+
+def cat_state(unit: CatUnit | None) -> dict[str, object]:
+    """JSON-friendly snapshot of CAT; a hypervisor without the unit (AMD) shows it absent."""
+    if unit is None:
+        return {"present": False, "root_mask": 0, "cells": {}}
+    return unit.to_dict()
+
+
+def _link(host: UnitHost) -> CatUnit | None:
+    return CatUnit(host, host.params.cat) if host.params.vendor == "intel" else None
+
+
+define_unit("cat", _link)

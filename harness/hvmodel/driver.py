@@ -42,8 +42,9 @@ from .abi import (
     Architecture,
     Hypercall,
 )
-from .control import HvParams, Hypervisor
+from .control import Hypervisor
 from .errors import ConfigError, Errno, HvError
+from .params import HvParams
 from .printk import bdf_params
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class Driver:
     :param host: the Linux side
     :param params: passed to the :class:`~harness.hvmodel.control.Hypervisor`
     :param test_device: the hypervisor is built with ``CONFIG_TEST_DEVICE``
-        (:attr:`HvParams.test_device <harness.hvmodel.control.HvParams.test_device>`,
+        (:attr:`HvParams.test_device <harness.hvmodel.params.HvParams.test_device>`,
         also set in ``params`` when given)
     """
 

@@ -25,61 +25,19 @@ from .abi import (
     IOAPIC_VER,
     PAGE_SIZE,
 )
+from .cell import CellIoapic, PhysIoapic
 from .errors import Errno, HvError
 from .mmio import MmioAccess, MmioHandler, MmioResult
 from .printk import FATAL_IOAPIC
+from .unit import define_unit
 
 if TYPE_CHECKING:
     from .cell import Cell
     from .config import Irqchip
-    from .control import Hypervisor
+    from .unit import UnitHost
 
 #: irqchips per cell: one page of ``struct cell_ioapic`` (48 bytes each on x86-64)
 MAX_CELL_IOAPICS: Final = PAGE_SIZE // 48
-
-
-class PhysIoapic:
-    """A physical IOAPIC: its pin count and the shadow of its redirection table.
-
-    :param address: MMIO base
-    :param pins: number of redirection entries
-    :param shadow: the 64-bit redirection entries as read at first use
-    """
-
-    __slots__ = ("address", "pins", "shadow")
-
-    def __init__(self, address: int, pins: int, shadow: list[int]) -> None:
-        self.address = address
-        self.pins = pins
-        self.shadow = shadow
-
-
-class CellIoapic:
-    """A cell's view of one IOAPIC (``struct cell_ioapic``).
-
-    :param info: the irqchip entry of the cell config
-    :param phys: the physical IOAPIC behind it
-    :param pin_bitmap: the pins the cell owns now (bit n = pin n)
-    """
-
-    __slots__ = ("index_reg", "info", "phys", "pin_bitmap")
-
-    def __init__(self, info: Irqchip, phys: PhysIoapic, pin_bitmap: int) -> None:
-        self.info = info
-        self.phys = phys
-        self.pin_bitmap = pin_bitmap
-        #: the shadow of the index register
-        self.index_reg = 0
-
-    @property
-    def address(self) -> int:
-        """MMIO base of the IOAPIC."""
-        return self.phys.address
-
-    def pins(self) -> list[int]:
-        """Owned pin numbers."""
-        value = self.pin_bitmap
-        return [n for n in range(value.bit_length()) if value >> n & 1]
 
 
 def _config_bitmap(chip: Irqchip) -> int:
@@ -90,22 +48,26 @@ def _config_bitmap(chip: Irqchip) -> int:
 
 
 class IoapicUnit:
-    """The IOAPIC unit.
+    """The IOAPIC unit (``DEFINE_UNIT(ioapic, "IOAPIC")``); a cell's views are
+    :class:`~harness.hvmodel.cell.CellIoapic`.
 
-    :param hv: the hypervisor it serves
+    Lifecycle: a unit (:mod:`.unit`); besides its hooks the control plane calls
+    :meth:`cell_reset` at cell start (``arch_cell_reset``).
+
+    :param host: what the unit may use of its hypervisor
     """
 
     name = "IOAPIC"
 
-    def __init__(self, hv: Hypervisor) -> None:
-        self.hv = hv
+    def __init__(self, host: UnitHost) -> None:
+        self.host = host
         self.phys: dict[int, PhysIoapic] = {}
 
     # -- unit hooks -------------------------------------------------------------------
 
     def init(self) -> None:
         """Take over the root's IOAPICs."""
-        self.cell_init(self.hv.root)
+        self.cell_init(self.host.root)
 
     def shutdown(self) -> None:
         """Restore every redirection table from its shadow."""
@@ -134,8 +96,8 @@ class IoapicUnit:
                 bitmap = _config_bitmap(chip) & ((1 << phys.pins) - 1)
                 view = CellIoapic(chip, phys, bitmap)
                 cell.ioapics.append(view)
-                if cell is not self.hv.root:
-                    for root_view in self.hv.root.ioapics:
+                if cell is not self.host.root:
+                    for root_view in self.host.root.ioapics:
                         if root_view.address == chip.address:
                             root_view.pin_bitmap &= ~bitmap
                 cell.mmio.register(chip.address, PAGE_SIZE, self._handler(cell, view))
@@ -145,7 +107,7 @@ class IoapicUnit:
 
     def cell_exit(self, cell: Cell) -> None:
         """Mask the cell's pins and give them back to the root (configured pins only)."""
-        root = self.hv.root
+        root = self.host.root
         for view in cell.ioapics:
             self._mask_pins(view)
             cell.mmio.unregister(view.address)
@@ -169,7 +131,7 @@ class IoapicUnit:
         phys = self.phys.get(address)
         if phys is not None:
             return phys
-        arch = self.hv.arch
+        arch = self.host.arch
         version = arch.ioapic_read(address, IOAPIC_VER)
         pins = ((version >> 16) & 0xFF) + 1
         if pins > IOAPIC_MAX_PINS:
@@ -184,7 +146,7 @@ class IoapicUnit:
         return phys
 
     def _write_entry(self, phys: PhysIoapic, pin: int, entry: int) -> None:
-        arch = self.hv.arch
+        arch = self.host.arch
         arch.ioapic_write(phys.address, IOAPIC_REDIR_TBL_START + 2 * pin, entry & 0xFFFFFFFF)
         arch.ioapic_write(phys.address, IOAPIC_REDIR_TBL_START + 2 * pin + 1, entry >> 32)
 
@@ -197,8 +159,8 @@ class IoapicUnit:
                 self._write_entry(phys, pin, entry)
 
     def _handler(self, cell: Cell, view: CellIoapic) -> MmioHandler:
-        console = self.hv.console
-        arch = self.hv.arch
+        console = self.host.console
+        arch = self.host.arch
 
         def fatal(access: MmioAccess) -> MmioResult:
             console.printk(
@@ -253,3 +215,6 @@ class IoapicUnit:
             f"{address:#x}": {"pins": phys.pins, "shadow": list(phys.shadow)}
             for address, phys in self.phys.items()
         }
+
+
+define_unit("ioapic", IoapicUnit)

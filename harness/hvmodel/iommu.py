@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .printk import Console
+from .unit import define_unit
 
 if TYPE_CHECKING:
     from .cell import Cell
     from .config import SystemConfig
+    from .printk import Console
+    from .unit import UnitHost
 
 
 
@@ -60,3 +62,10 @@ class IommuUnit:
     def cell_exit(self, cell: Cell) -> None:
         """Close the cell's DMA domain."""
         self.domains.pop(cell.id, None)
+
+
+def _link(host: UnitHost) -> IommuUnit:
+    return IommuUnit(host.system, host.console, host.params.vendor)
+
+
+define_unit("iommu", _link)

@@ -14,6 +14,7 @@ while COMMAND.MEM is set. Interrupts go out as MSIs through :meth:`Arch.send_msi
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from .abi import (
@@ -21,23 +22,25 @@ from .abi import (
     IVSHMEM_MAX_PEERS,
     IVSHMEM_MSIX_VECTORS,
     IVSHMEM_VENDOR_ID,
+    MSI_ADDRESS_WINDOW,
     PCI_CMD_INTX_OFF,
     PCI_CMD_MASTER,
     PCI_CMD_MEM,
-    PCI_MSIX_CTRL_ENABLE,
-    PCI_MSIX_CTRL_FMASK,
+    PCI_MSIX_DWORD_ENABLE,
+    PCI_MSIX_DWORD_FMASK,
     PCI_MSIX_VECTOR_MASKED,
-    XAPIC_BASE,
 )
+from .cell import IvshmemEndpoint, IvshmemLink
 from .errors import Errno, HvError
 from .mmio import MmioAccess, MmioHandler, MmioResult
-from .pci import PciDeviceState
 from .printk import FATAL_IVSHMEM_MSIX, MSG_ADD_VPCI, bdf_params
 
 if TYPE_CHECKING:
-    from .cell import Cell
-    from .config import MemoryRegion
-    from .control import Hypervisor
+    from .cell import Cell, PciDeviceState
+    from .unit import UnitHost
+
+#: whether an MSI address may target the given cell (the PCI unit's check)
+MsiTargetCheck = Callable[["Cell", int], bool]
 
 #: config dwords 0x00 and 0x2C: device and vendor ID (the subsystem IDs repeat them)
 IVSHMEM_VENDOR_DEVICE: Final = (IVSHMEM_DEVICE_ID << 16) | IVSHMEM_VENDOR_ID
@@ -53,80 +56,22 @@ REG_INT_CTRL: Final = 0x08
 REG_DOORBELL: Final = 0x0C
 REG_STATE: Final = 0x10
 _COMMAND_BITS: Final = PCI_CMD_MEM | PCI_CMD_MASTER | PCI_CMD_INTX_OFF
-#: MSI-X enable and function mask as the capability's first dword holds them
-_MSIX_ENABLE: Final = PCI_MSIX_CTRL_ENABLE << 16
-_MSIX_FMASK: Final = PCI_MSIX_CTRL_FMASK << 16
-_MSIX_CTRL_BITS: Final = _MSIX_ENABLE | _MSIX_FMASK
-_MSI_WINDOW: Final = XAPIC_BASE >> 20
+_MSIX_CTRL_BITS: Final = PCI_MSIX_DWORD_ENABLE | PCI_MSIX_DWORD_FMASK
 _U32: Final = struct.Struct("<I")
 
 
-class IvshmemLink:
-    """All endpoints sharing one BDF (``struct ivshmem_link``).
-
-    :param bdf: the devices' BDF
-    :param state_table: host-physical address of the state table
-    :param peers: number of peers of the link
-    """
-
-    def __init__(self, bdf: int, state_table: int, peers: int) -> None:
-        self.bdf = bdf
-        self.state_table = state_table
-        self.peers = peers
-        self.endpoints: dict[int, IvshmemEndpoint] = {}
-
-
-class IvshmemEndpoint:
-    """One cell's ivshmem device (``struct ivshmem_endpoint``).
-
-    :param device: the PCI device it backs
-    :param cell: the owning cell
-    :param link: the link it joined
-    :param regions: state table, R/W section, one output section per peer
-    """
-
-    def __init__(
-        self,
-        device: PciDeviceState,
-        cell: Cell,
-        link: IvshmemLink,
-        regions: tuple[MemoryRegion, ...],
-    ) -> None:
-        self.device = device
-        self.cell = cell
-        self.link = link
-        self.id = device.info.shmem_dev_id
-        self.regions = regions
-        self.state = 0
-        self.int_ctrl = 0
-        self.one_shot = 0
-        self.command = 0
-        self.int_line = 0
-        self.msix_ctrl = 0
-        self.vectors = [[0, 0, 0, PCI_MSIX_VECTOR_MASKED] for _ in range(device.info.num_msix_vectors)]
-        #: where BAR0/BAR1 are registered now (None = not registered)
-        self.bar_regions: list[int | None] = [None, None]
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-friendly snapshot."""
-        return {
-            "id": self.id,
-            "link": f"{self.link.bdf:#06x}",
-            "state": self.state,
-            "int_ctrl": self.int_ctrl,
-            "command": self.command,
-            "msix_ctrl": self.msix_ctrl,
-        }
-
-
 class Ivshmem:
-    """The ivshmem links of one hypervisor, driven per device by the PCI unit.
+    """The ivshmem links of one hypervisor, driven per device by the PCI unit (not a unit
+    of its own, as in Jailhouse). The device state is
+    :class:`~harness.hvmodel.cell.IvshmemEndpoint` and :class:`~harness.hvmodel.cell.IvshmemLink`.
 
-    :param hv: the hypervisor it serves
+    :param host: what it may use of its hypervisor
+    :param msi_target_ok: the PCI unit's check of an MSI address against a cell
     """
 
-    def __init__(self, hv: Hypervisor) -> None:
-        self.hv = hv
+    def __init__(self, host: UnitHost, msi_target_ok: MsiTargetCheck) -> None:
+        self.host = host
+        self.msi_target_ok = msi_target_ok
         self.links: dict[tuple[int, int], IvshmemLink] = {}
 
     # -- device lifecycle -------------------------------------------------------------
@@ -137,9 +82,9 @@ class Ivshmem:
         :raise HvError: ``EINVAL`` for bad regions, vectors or id; ``EBUSY`` when the id is
             taken on the link; ``ENOMEM`` for a new link
         """
-        hv = self.hv
+        host = self.host
         info = device.info
-        hv.console.printk(MSG_ADD_VPCI, *bdf_params(info.bdf), cell.name)
+        host.console.printk(MSG_ADD_VPCI, *bdf_params(info.bdf), cell.name)
         regions = cell.config.memory_regions
         start = info.shmem_regions_start
         if start + 2 + info.shmem_peers > len(regions) or info.num_msix_vectors > IVSHMEM_MSIX_VECTORS:
@@ -152,9 +97,9 @@ class Ivshmem:
             if info.shmem_dev_id in link.endpoints:
                 raise HvError(Errno.EBUSY, f"ivshmem {info.bdf_str}: id {info.shmem_dev_id} taken")
         else:
-            hv.mem_pool.alloc(1)
+            host.mem_pool.alloc(1)
             link = IvshmemLink(info.bdf, regions[start].phys_start, info.shmem_peers)
-            hv.arch.phys_write(link.state_table, bytes(4 * info.shmem_peers))
+            host.arch.phys_write(link.state_table, bytes(4 * info.shmem_peers))
             self.links[key] = link
         endpoint = IvshmemEndpoint(device, cell, link, regions[start : start + 2 + info.shmem_peers])
         link.endpoints[endpoint.id] = endpoint
@@ -173,7 +118,7 @@ class Ivshmem:
         link.endpoints.pop(endpoint.id, None)
         if not link.endpoints:
             del self.links[(device.info.domain, link.bdf)]
-            self.hv.mem_pool.free(1)
+            self.host.mem_pool.free(1)
         device.cell = None
 
     def reset(self, device: PciDeviceState) -> None:
@@ -319,8 +264,8 @@ class Ivshmem:
         return handler
 
     def _msix_handler(self, endpoint: IvshmemEndpoint) -> MmioHandler:
-        console = self.hv.console
-        pci = self.hv.pci
+        console = self.host.console
+        msi_target_ok = self.msi_target_ok
 
         def handler(access: MmioAccess) -> MmioResult:
             offset = access.address
@@ -336,10 +281,10 @@ class Ivshmem:
                 return MmioResult.HANDLED
             vector[dword] = access.value & 0xFFFFFFFF
             if (
-                endpoint.msix_ctrl & _MSIX_ENABLE
+                endpoint.msix_ctrl & PCI_MSIX_DWORD_ENABLE
                 and not vector[3] & PCI_MSIX_VECTOR_MASKED
-                and vector[0] >> 20 == _MSI_WINDOW
-                and not pci.msi_target_ok(endpoint.cell, vector[0])
+                and vector[0] >> 20 == MSI_ADDRESS_WINDOW
+                and not msi_target_ok(endpoint.cell, vector[0])
             ):
                 console.write(FATAL_IVSHMEM_MSIX)
                 return MmioResult.ERROR
@@ -353,7 +298,7 @@ class Ivshmem:
         changed = value != endpoint.state
         endpoint.state = value
         if endpoint.id < endpoint.link.peers:
-            self.hv.arch.phys_write(
+            self.host.arch.phys_write(
                 endpoint.link.state_table + 4 * endpoint.id, _U32.pack(value & 0xFFFFFFFF)
             )
         if changed:
@@ -368,12 +313,12 @@ class Ivshmem:
         """
         if not endpoint.int_ctrl & 1 or vector >= len(endpoint.vectors):
             return False
-        if not endpoint.msix_ctrl & _MSIX_ENABLE or endpoint.msix_ctrl & _MSIX_FMASK:
+        if not endpoint.msix_ctrl & PCI_MSIX_DWORD_ENABLE or endpoint.msix_ctrl & PCI_MSIX_DWORD_FMASK:
             return False
         entry = endpoint.vectors[vector]
         if entry[3] & PCI_MSIX_VECTOR_MASKED or not endpoint.command & PCI_CMD_MASTER:
             return False
-        self.hv.arch.send_msi(endpoint.cell.id, entry[0] | (entry[1] << 32), entry[2])
+        self.host.arch.send_msi(endpoint.cell.id, entry[0] | (entry[1] << 32), entry[2])
         if endpoint.one_shot:
             endpoint.int_ctrl = 0
         return True

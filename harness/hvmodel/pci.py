@@ -12,7 +12,11 @@ parts of ``hypervisor/arch/x86/pci.c`` (the "PCI" unit).
 * **MSI-X tables**: one MMIO region per device with ``msix_address``; vector address and
   data are shadows, the vector control dword goes to the hardware.
 
-Every hardware access goes through the :class:`~harness.hvmodel.arch.Arch`.
+Every hardware access goes through the :class:`~harness.hvmodel.arch.Arch` of the unit's
+:class:`~harness.hvmodel.unit.UnitHost`. The unit owns the hypervisor's ivshmem links
+(:class:`~harness.hvmodel.ivshmem.Ivshmem`) and drives them per device, as ``pci.c``
+calls ``ivshmem.c``. The device state it keeps (``struct pci_device``) is
+:class:`~harness.hvmodel.cell.PciDeviceState`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import enum
 from typing import TYPE_CHECKING, Final
 
 from .abi import (
+    MSI_ADDRESS_WINDOW,
     PAGE_SIZE,
     PCI_CAP_MSI,
     PCI_CAP_MSIX,
@@ -30,32 +35,26 @@ from .abi import (
     PCI_CFG_ROMBAR,
     PCI_CMD_INTX_OFF,
     PCI_CONFIG_HEADER_SIZE,
-    PCI_MSI_CTRL_ENABLE,
-    PCI_MSIX_CTRL_ENABLE,
+    PCI_MSI_DWORD_ENABLE,
+    PCI_MSIX_DWORD_ENABLE,
     PCI_MSIX_VECTOR_CTRL,
     PCI_MSIX_VECTOR_MASKED,
     PCI_MSIX_VECTOR_SIZE,
-    PCI_TYPE_BRIDGE,
     PCI_TYPE_IVSHMEM,
-    XAPIC_BASE,
     PciCapFlags,
 )
+from .cell import PciDeviceState
 from .errors import HvError
+from .ivshmem import Ivshmem
 from .mmio import MmioAccess, MmioHandler, MmioResult
 from .paging import pages
 from .printk import FATAL_MSIX, FATAL_PCI_MMCONFIG, MSG_ADD_PCI, MSG_REMOVE_PCI, bdf_params
+from .unit import define_unit
 
 if TYPE_CHECKING:
     from .cell import Cell
-    from .config import PciCapability, PciDevice
-    from .control import Hypervisor
-    from .ivshmem import IvshmemEndpoint
-
-#: MSI and MSI-X enable as the capability's first dword holds them (control: bits 16..31)
-MSI_CTRL_ENABLE: Final = PCI_MSI_CTRL_ENABLE << 16
-MSIX_CTRL_ENABLE: Final = PCI_MSIX_CTRL_ENABLE << 16
-#: the 64-bit MSI address is in the 0xfeexxxxx window (the xAPIC page)
-_MSI_WINDOW: Final = XAPIC_BASE >> 20
+    from .config import PciCapability
+    from .unit import UnitHost
 
 
 class Access(enum.Enum):
@@ -100,90 +99,38 @@ def byte_mask(size: int) -> int:
     return (1 << (8 * size)) - 1
 
 
-class PciDeviceState:
-    """A PCI device as the hypervisor tracks it (``struct pci_device``).
-
-    :param info: the device entry of the owning cell's config
-    :param caps: its capability entries (from the same config)
-    """
-
-    def __init__(self, info: PciDevice, caps: tuple[PciCapability, ...]) -> None:
-        self.info = info
-        self.caps = caps
-        #: the owner, or None while not assigned
-        self.cell: Cell | None = None
-        #: BAR shadows
-        self.bar = [0] * 6
-        #: MSI capability shadow: control/next dword, address low, address high, data
-        self.msi = [0, 0, 0, 0]
-        #: MSI-X capability shadow (first dword)
-        self.msix_ctrl = 0
-        #: MSI-X vector shadows: address low, address high, data, control
-        self.msix_vectors = [[0, 0, 0, PCI_MSIX_VECTOR_MASKED] for _ in range(info.num_msix_vectors)]
-        #: the virtual device, for IVSHMEM
-        self.ivshmem: IvshmemEndpoint | None = None
-        #: the MSI and MSI-X capabilities, if configured
-        self.msi_cap = next((cap for cap in caps if cap.id == PCI_CAP_MSI), None)
-        self.msix_cap = next((cap for cap in caps if cap.id == PCI_CAP_MSIX), None)
-
-    @property
-    def bdf(self) -> int:
-        """Bus/device/function."""
-        return self.info.bdf
-
-    @property
-    def is_bridge(self) -> bool:
-        """Type BRIDGE."""
-        return self.info.type == PCI_TYPE_BRIDGE
-
-    def find_cap(self, reg: int) -> PciCapability | None:
-        """The configured capability covering config offset ``reg``."""
-        for cap in self.caps:
-            if cap.start <= reg < cap.start + cap.len:
-                return cap
-        return None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-friendly snapshot."""
-        out: dict[str, object] = {
-            "bdf": self.info.bdf_str,
-            "type": int(self.info.type),
-            "bar": list(self.bar),
-            "msi": list(self.msi),
-            "msix_ctrl": self.msix_ctrl,
-            "msix_vectors": [list(vector) for vector in self.msix_vectors],
-        }
-        if self.ivshmem is not None:
-            out["ivshmem"] = self.ivshmem.to_dict()
-        return out
-
-
 class PciUnit:
-    """The PCI unit.
+    """The PCI unit (``DEFINE_UNIT(pci, "PCI")``).
 
-    :param hv: the hypervisor it serves
+    Lifecycle: a unit (:mod:`.unit`); besides its hooks the control plane calls
+    :meth:`cell_reset` at cell start and :meth:`config_commit` after every change, the
+    port handler :meth:`cfg_read` and :meth:`cfg_write`.
+
+    :param host: what the unit may use of its hypervisor
     """
 
     name = "PCI"
 
-    def __init__(self, hv: Hypervisor) -> None:
-        self.hv = hv
-        system = hv.system
+    def __init__(self, host: UnitHost) -> None:
+        self.host = host
+        system = host.system
         self.mmcfg_start = system.pci_mmconfig_base
         self.mmcfg_size = system.mmconfig_size if self.mmcfg_start else 0
         self.end_bus = system.pci_mmconfig_end_bus
+        #: the ivshmem links, driven per device by this unit
+        self.ivshmem = Ivshmem(host, self.msi_target_ok)
 
     # -- unit hooks -------------------------------------------------------------------
 
     def init(self) -> None:
         """Map MMCONFIG into the hypervisor and take over the root's devices."""
         if self.mmcfg_start:
-            self.hv.remap_pool.alloc(self.mmcfg_size // PAGE_SIZE)
-        self.cell_init(self.hv.root)
+            self.host.remap_pool.alloc(self.mmcfg_size // PAGE_SIZE)
+        self.cell_init(self.host.root)
 
     def shutdown(self) -> None:
         """Hand the root's devices back to Linux with their MSI/MSI-X as Linux set them."""
-        for device in self.hv.root.owned_devices():
+        for device in self.host.root.owned_devices():
             if device.ivshmem is not None:
                 continue
             for cap in device.caps:
@@ -191,7 +138,7 @@ class PciUnit:
                     self._restore_msi(device, cap)
                 elif cap.id == PCI_CAP_MSIX:
                     self._write_msix_vectors(device)
-                    self.hv.arch.pci_write_config(device.bdf, cap.start, 4, device.msix_ctrl)
+                    self.host.arch.pci_write_config(device.bdf, cap.start, 4, device.msix_ctrl)
 
     def mmio_count_regions(self, cell: Cell) -> int:
         """MMCONFIG, two per IVSHMEM device, one per MSI-X table."""
@@ -210,7 +157,7 @@ class PciUnit:
             are given back first
         """
         config = cell.config
-        hv = self.hv
+        host = self.host
         cell.pci_devices = [None] * len(config.pci_devices)
         cell.pci_index = {dev.bdf: n for n, dev in enumerate(config.pci_devices)}
         if self.mmcfg_start:
@@ -219,13 +166,13 @@ class PciUnit:
             for index, info in enumerate(config.pci_devices):
                 device = PciDeviceState(info, config.caps_of(info))
                 if info.type == PCI_TYPE_IVSHMEM:
-                    hv.ivshmem.init(cell, device)
+                    self.ivshmem.init(cell, device)
                 else:
-                    if cell is not hv.root:
-                        root_device = hv.root.assigned_device(info.bdf)
+                    if cell is not host.root:
+                        root_device = host.root.assigned_device(info.bdf)
                         if root_device is not None and root_device.info.domain == info.domain:
                             self._remove_physical(root_device)
-                            hv.root.pci_devices[hv.root.pci_index[info.bdf]] = None
+                            host.root.pci_devices[host.root.pci_index[info.bdf]] = None
                     self._add_physical(cell, device)
                 cell.pci_devices[index] = device
         except HvError:
@@ -234,14 +181,14 @@ class PciUnit:
 
     def cell_exit(self, cell: Cell) -> None:
         """Release the cell's devices; physical ones go back to the root if it lists them."""
-        hv = self.hv
-        root = hv.root
+        host = self.host
+        root = host.root
         for index, device in enumerate(cell.pci_devices):
             if device is None:
                 continue
             cell.pci_devices[index] = None
             if device.ivshmem is not None:
-                hv.ivshmem.exit(device)
+                self.ivshmem.exit(device)
                 continue
             self._remove_physical(device)
             if cell is root:
@@ -256,7 +203,7 @@ class PciUnit:
             try:
                 self._add_physical(root, root_device)
             except HvError:
-                hv.console.printk("WARNING: Failed to re-assign PCI device to root cell\n")
+                host.console.printk("WARNING: Failed to re-assign PCI device to root cell\n")
                 continue
             root.pci_devices[root_index] = root_device
         if self.mmcfg_start:
@@ -268,7 +215,7 @@ class PciUnit:
         """Reset every device of the cell (``pci_cell_reset``)."""
         for device in cell.owned_devices():
             if device.ivshmem is not None:
-                self.hv.ivshmem.reset(device)
+                self.ivshmem.reset(device)
             else:
                 self._reset_device(device)
 
@@ -276,35 +223,35 @@ class PciUnit:
         """Re-program MSI/MSI-X of the root's devices (``pci_config_commit``)."""
         if cell is None:
             return
-        for device in self.hv.root.pci_devices:
+        for device in self.host.root.pci_devices:
             if device is None or (device.msi_cap is None and device.msix_cap is None):
                 continue
-            if device.msi_cap is not None and device.msi[0] & MSI_CTRL_ENABLE:
+            if device.msi_cap is not None and device.msi[0] & PCI_MSI_DWORD_ENABLE:
                 self._update_msi(device)
-            if device.msix_cap is not None and device.msix_ctrl & MSIX_CTRL_ENABLE:
+            if device.msix_cap is not None and device.msix_ctrl & PCI_MSIX_DWORD_ENABLE:
                 self._write_msix_vectors(device)
 
     # -- physical devices ---------------------------------------------------------------
 
     def _add_physical(self, cell: Cell, device: PciDeviceState) -> None:
         """``pci_add_physical_device``: announce, assign, shadow BARs, intercept, reset."""
-        hv = self.hv
+        host = self.host
         info = device.info
-        hv.console.printk(MSG_ADD_PCI, *bdf_params(info.bdf), cell.name)
-        hv.arch.pci_add_device(cell.id, info)
+        host.console.printk(MSG_ADD_PCI, *bdf_params(info.bdf), cell.name)
+        host.arch.pci_add_device(cell.id, info)
         if info.msix_address:
             try:
-                hv.remap_pool.alloc(pages(info.msix_region_size))
+                host.remap_pool.alloc(pages(info.msix_region_size))
             except HvError:
-                hv.arch.pci_remove_device(cell.id, info)
+                host.arch.pci_remove_device(cell.id, info)
                 raise
             cell.mmio.register(info.msix_address, info.msix_region_size, self._msix_handler(device))
         device.cell = cell
         if not device.is_bridge:
             for n in range(6):
                 if info.bar_mask[n]:
-                    device.bar[n] = hv.arch.pci_read_config(info.bdf, PCI_CFG_BAR + 4 * n, 4)
-        if cell is hv.root:
+                    device.bar[n] = host.arch.pci_read_config(info.bdf, PCI_CFG_BAR + 4 * n, 4)
+        if cell is host.root:
             # The root keeps using its devices: take over their MSI state as Linux set it.
             self._save_msi(device)
         else:
@@ -312,7 +259,7 @@ class PciUnit:
 
     def _save_msi(self, device: PciDeviceState) -> None:
         """``pci_save_msi``/``pci_save_msix``: shadows from the hardware."""
-        arch = self.hv.arch
+        arch = self.host.arch
         for cap in device.caps:
             if cap.id == PCI_CAP_MSI:
                 dwords = 4 if device.info.msi_64bits else 3
@@ -328,26 +275,26 @@ class PciUnit:
 
     def _remove_physical(self, device: PciDeviceState) -> None:
         """``pci_remove_physical_device``."""
-        hv = self.hv
+        host = self.host
         cell = device.cell
         if cell is None:
             return
         info = device.info
-        hv.console.printk(MSG_REMOVE_PCI, *bdf_params(info.bdf), cell.name)
-        hv.arch.pci_remove_device(cell.id, info)
-        hv.arch.pci_write_config(info.bdf, PCI_CFG_COMMAND, 2, PCI_CMD_INTX_OFF)
+        host.console.printk(MSG_REMOVE_PCI, *bdf_params(info.bdf), cell.name)
+        host.arch.pci_remove_device(cell.id, info)
+        host.arch.pci_write_config(info.bdf, PCI_CFG_COMMAND, 2, PCI_CMD_INTX_OFF)
         if info.msix_address:
-            hv.remap_pool.free(pages(info.msix_region_size))
+            host.remap_pool.free(pages(info.msix_region_size))
             cell.mmio.unregister(info.msix_address)
         device.cell = None
 
     def _reset_device(self, device: PciDeviceState) -> None:
         """MSI and MSI-X off, vectors masked, COMMAND = INTX_OFF."""
-        arch = self.hv.arch
+        arch = self.host.arch
         bdf = device.bdf
         for cap in device.caps:
             if cap.id == PCI_CAP_MSI:
-                device.msi[0] &= ~MSI_CTRL_ENABLE
+                device.msi[0] &= ~PCI_MSI_DWORD_ENABLE
                 arch.pci_write_config(bdf, cap.start + 2, 2, device.msi[0] >> 16)
             elif cap.id == PCI_CAP_MSIX:
                 device.msix_ctrl = 0
@@ -368,11 +315,11 @@ class PciUnit:
         logical (flat) mode a bitmap of them. The root's MSIs are filtered to its CPUs,
         a non-root cell's outside its CPUs are invalid.
         """
-        if address >> 20 != _MSI_WINDOW:
+        if address >> 20 != MSI_ADDRESS_WINDOW:
             return False
         dest = (address >> 12) & 0xFF
         targets = {n for n in range(8) if dest >> n & 1} if address & (1 << 2) else {dest}
-        if cell is self.hv.root:
+        if cell is self.host.root:
             return True
         return targets <= cell.cpus
 
@@ -384,18 +331,18 @@ class PciUnit:
         cap = device.msi_cap
         if cap is None:
             return True
-        if not device.msi[0] & MSI_CTRL_ENABLE:
+        if not device.msi[0] & PCI_MSI_DWORD_ENABLE:
             return True
         if not self.msi_target_ok(cell, device.msi[1]):
             return False
-        arch = self.hv.arch
+        arch = self.host.arch
         dwords = 4 if device.info.msi_64bits else 3
         for n in range(1, dwords):
             arch.pci_write_config(device.bdf, cap.start + 4 * n, 4, device.msi[n])
         return True
 
     def _restore_msi(self, device: PciDeviceState, cap: PciCapability) -> None:
-        arch = self.hv.arch
+        arch = self.host.arch
         dwords = 4 if device.info.msi_64bits else 3
         for n in range(1, dwords):
             arch.pci_write_config(device.bdf, cap.start + 4 * n, 4, device.msi[n])
@@ -406,7 +353,7 @@ class PciUnit:
         vector = device.msix_vectors[index]
         if (
             cell is not None
-            and device.msix_ctrl & MSIX_CTRL_ENABLE
+            and device.msix_ctrl & PCI_MSIX_DWORD_ENABLE
             and not vector[3] & PCI_MSIX_VECTOR_MASKED
             and not self.msi_target_ok(cell, vector[0])
         ):
@@ -414,11 +361,11 @@ class PciUnit:
         if device.info.msix_address:
             base = device.info.msix_address + index * PCI_MSIX_VECTOR_SIZE
             for n in range(3):
-                self.hv.arch.mmio_write(base + 4 * n, 4, vector[n])
+                self.host.arch.mmio_write(base + 4 * n, 4, vector[n])
         return True
 
     def _write_msix_vectors(self, device: PciDeviceState) -> None:
-        if not device.info.msix_address or not device.msix_ctrl & MSIX_CTRL_ENABLE:
+        if not device.info.msix_address or not device.msix_ctrl & PCI_MSIX_DWORD_ENABLE:
             return
         for index in range(len(device.msix_vectors)):
             self._update_msix_vector(device, index)
@@ -432,7 +379,7 @@ class PciUnit:
         if device is None:
             return mask
         if device.ivshmem is not None:
-            return self.hv.ivshmem.cfg_read(device, reg, size)
+            return self.ivshmem.cfg_read(device, reg, size)
         shift = (reg % 4) * 8
         if reg < PCI_CONFIG_HEADER_SIZE:
             if not device.is_bridge:
@@ -440,14 +387,14 @@ class PciUnit:
                     return (device.bar[(reg - PCI_CFG_BAR) // 4] >> shift) & mask
                 if PCI_CFG_ROMBAR <= reg < PCI_CFG_ROMBAR + 4:
                     return 0
-            return self.hv.arch.pci_read_config(bdf, reg, size)
+            return self.host.arch.pci_read_config(bdf, reg, size)
         cap = device.find_cap(reg)
         if cap is not None and cap.id == PCI_CAP_MSI:
             offset = reg - cap.start
             limit = 14 if device.info.msi_64bits else 10
             if 4 <= offset < limit:
                 return (device.msi[offset // 4] >> shift) & mask
-        return self.hv.arch.pci_read_config(bdf, reg, size)
+        return self.host.arch.pci_read_config(bdf, reg, size)
 
     def cfg_write(self, cell: Cell, bdf: int, reg: int, size: int, value: int) -> bool:
         """A cell writes config space (``pci_cfg_write_moderate`` + the access).
@@ -461,7 +408,7 @@ class PciUnit:
         if access is Access.REJECT:
             return False
         if access is Access.PERFORM:
-            self.hv.arch.pci_write_config(bdf, reg, size, value & byte_mask(size))
+            self.host.arch.pci_write_config(bdf, reg, size, value & byte_mask(size))
         return True
 
     def _write_moderate(self, device: PciDeviceState, reg: int, size: int, value: int) -> Access:
@@ -474,7 +421,7 @@ class PciUnit:
             bar_mask = device.info.bar_mask[index]
             device.bar[index] = (device.bar[index] & ~mask) | (value & mask & bar_mask)
             if device.ivshmem is not None:
-                self.hv.ivshmem.bar_written(device)
+                self.ivshmem.bar_written(device)
             return Access.DONE
         if reg < PCI_CONFIG_HEADER_SIZE:
             rules = BRIDGE_WRITE_RULES if device.is_bridge else ENDPOINT_WRITE_RULES
@@ -484,11 +431,11 @@ class PciUnit:
             if rule[0] is Rule.RDONLY:
                 return Access.DONE
             if device.ivshmem is not None:
-                self.hv.ivshmem.cfg_write(device, dword, mask, value)
+                self.ivshmem.cfg_write(device, dword, mask, value)
                 return Access.DONE
             return Access.PERFORM
         if device.ivshmem is not None:
-            self.hv.ivshmem.cfg_write(device, dword, mask, value)
+            self.ivshmem.cfg_write(device, dword, mask, value)
             return Access.DONE
         cap = device.find_cap(reg)
         if cap is None or not cap.flags & PciCapFlags.WRITE:
@@ -510,7 +457,7 @@ class PciUnit:
     # -- MMIO handlers ----------------------------------------------------------------------
 
     def _mmconfig_handler(self, cell: Cell) -> MmioHandler:
-        console = self.hv.console
+        console = self.host.console
 
         def handler(access: MmioAccess) -> MmioResult:
             bdf = access.address >> 12
@@ -535,8 +482,8 @@ class PciUnit:
         return handler
 
     def _msix_handler(self, device: PciDeviceState) -> MmioHandler:
-        console = self.hv.console
-        arch = self.hv.arch
+        console = self.host.console
+        arch = self.host.arch
 
         def invalid() -> MmioResult:
             console.printk(FATAL_MSIX, *bdf_params(device.bdf))
@@ -568,3 +515,6 @@ class PciUnit:
             return MmioResult.HANDLED
 
         return handler
+
+
+define_unit("pci", PciUnit)

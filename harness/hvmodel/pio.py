@@ -24,7 +24,8 @@ from .printk import FATAL_I8042, FATAL_PCI_CONFIG, FATAL_PCI_CONFIG_PORT, FATAL_
 
 if TYPE_CHECKING:
     from .cell import Cell
-    from .control import Hypervisor
+    from .pci import PciUnit
+    from .unit import UnitHost
 
 I8042_CMD_REG: Final = 0x64
 #: "write output port" command
@@ -44,24 +45,23 @@ def _set(bitmap: bytearray, base: int, length: int, value: int) -> None:
         bitmap[base:end] = _FILL[value][: end - base]
 
 
-def cell_init(hv: Hypervisor, cell: Cell) -> None:
+def cell_init(host: UnitHost, cell: Cell) -> None:
     """Build the cell's I/O bitmap and shrink the root's (``vcpu_cell_init``)."""
     bitmap = cell.pio_open
     for pio in cell.config.pio_regions:
         _set(bitmap, pio.base, pio.length, 1)
     bitmap[I8042_CMD_REG] = 0
-    if cell is not hv.root:
-        root_bitmap = hv.root.pio_open
+    if cell is not host.root:
+        root_bitmap = host.root.pio_open
         for pio in cell.config.pio_regions:
             _set(root_bitmap, pio.base, pio.length, 0)
-    pm_timer = hv.system.x86.pm_timer_address
+    pm_timer = host.system.x86.pm_timer_address
     if pm_timer:
         _set(bitmap, pm_timer, PM_TIMER_PORTS, 1)
 
 
-def cell_exit(hv: Hypervisor, cell: Cell) -> None:
+def cell_exit(root: Cell, cell: Cell) -> None:
     """Give the root back what it is configured to have (``vcpu_cell_exit``)."""
-    root = hv.root
     if cell is root:
         return
     root_bitmap = root.pio_open
@@ -110,30 +110,32 @@ def is_open(cell: Cell, port: int, size: int) -> bool:
 
 
 def handle(
-    hv: Hypervisor, cell: Cell, port: int, size: int, is_write: bool, value: int, rep: bool
+    host: UnitHost, pci: PciUnit, cell: Cell, port: int, size: int, is_write: bool, value: int,
+    rep: bool,
 ) -> ExitResult:
     """Handle a trapped port access (``vcpu_handle_io_access``); FATAL lines printed here.
 
+    :param pci: serves the configuration ports
     :return: the result; :data:`EXIT_FAILED` tells the caller to park the CPU
     """
-    console = hv.console
+    console = host.console
     direction = "write" if is_write else "read"
     if rep:
         console.printk(FATAL_PIO, direction, port, size)
         return EXIT_FAILED
     if port == PCI_REG_ADDR_PORT or PCI_REG_DATA_PORT <= port < PCI_REG_DATA_PORT + 4:
-        return _pci_config(hv, cell, port, size, is_write, value)
+        return _pci_config(host, pci, cell, port, size, is_write, value)
     if port == I8042_CMD_REG and whitelisted(cell, port):
         if size != 1:
             console.printk(FATAL_PIO, direction, port, size)
             return EXIT_FAILED
         if not is_write:
-            return ExitResult(True, hv.arch.pio_read(port, 1))
+            return ExitResult(True, host.arch.pio_read(port, 1))
         byte = value & 0xFF
         if byte == I8042_CMD_WRITE_CTRL_PORT or byte & 0xF0 == I8042_CMD_PULSE_CTRL_PORT:
             console.write(FATAL_I8042)
             return EXIT_FAILED
-        hv.arch.pio_write(port, 1, byte)
+        host.arch.pio_write(port, 1, byte)
         return EXIT_DONE
     if port == POST_PORT and size == 1:
         return EXIT_DONE
@@ -141,9 +143,11 @@ def handle(
     return EXIT_FAILED
 
 
-def _pci_config(hv: Hypervisor, cell: Cell, port: int, size: int, is_write: bool, value: int) -> ExitResult:
+def _pci_config(
+    host: UnitHost, pci: PciUnit, cell: Cell, port: int, size: int, is_write: bool, value: int
+) -> ExitResult:
     """``x86_pci_config_handler``."""
-    console = hv.console
+    console = host.console
     direction = "write" if is_write else "read"
     if port == PCI_REG_ADDR_PORT:
         if size != 4:
@@ -160,8 +164,8 @@ def _pci_config(hv: Hypervisor, cell: Cell, port: int, size: int, is_write: bool
     bdf = (address >> 8) & 0xFFFF
     reg = (address & 0xFC) + (port - PCI_REG_DATA_PORT)
     if is_write:
-        if not hv.pci.cfg_write(cell, bdf, reg, size, value):
+        if not pci.cfg_write(cell, bdf, reg, size, value):
             console.printk(FATAL_PCI_CONFIG, direction, *bdf_params(bdf), reg, size)
             return EXIT_FAILED
         return EXIT_DONE
-    return ExitResult(True, hv.pci.cfg_read(cell, bdf, reg, size))
+    return ExitResult(True, pci.cfg_read(cell, bdf, reg, size))

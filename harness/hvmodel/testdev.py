@@ -1,7 +1,7 @@
 """The x86 test device; models ``hypervisor/arch/x86/test-device.c`` (``CONFIG_TEST_DEVICE``).
 
 A unit that exists only in a hypervisor built with ``CONFIG_TEST_DEVICE``
-(:attr:`~harness.hvmodel.control.HvParams.test_device`; off by default, as in Jailhouse).
+(:attr:`~harness.hvmodel.params.HvParams.test_device`; off by default, as in Jailhouse).
 For every non-root cell with the ``TEST_DEVICE`` flag it intercepts the page right after
 the cell's COMM_REGION (x86 inmates: 0x101000). Accesses of 1, 2, 4 or 8 bytes that lie
 inside offsets 0xff8..0xfff of that page read and write bytes 0xff8..0xfff of the cell's
@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Final
 from .abi import CELL_TEST_DEVICE, MEM_COMM_REGION, PAGE_SIZE, TEST_DEVICE_REGISTER
 from .errors import Errno, HvError
 from .mmio import MmioAccess, MmioHandler, MmioResult
+from .unit import define_unit
 
 if TYPE_CHECKING:
     from .cell import Cell
     from .printk import Console
+    from .unit import UnitHost
 
 __all__ = ["MSG_TESTDEV_INVALID", "TestDevice"]
 
@@ -110,3 +112,10 @@ class TestDevice:
             return MmioResult.HANDLED
 
         return handler
+
+
+def _link(host: UnitHost) -> TestDevice | None:
+    return TestDevice(host.console) if host.params.test_device else None
+
+
+define_unit("testdev", _link)

@@ -303,9 +303,8 @@ class Tool:
 
         :return: False when another daemon holds the run directory
         """
-        import harness
-
-        lib = os.fspath(Path(harness.__file__).resolve().parent.parent)
+        # the directory holding the harness package (hvmodel imports nothing of harness)
+        lib = os.fspath(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = lib + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:

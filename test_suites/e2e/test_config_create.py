@@ -18,7 +18,8 @@ import pytest
 import harness
 from harness.hvmodel.config import SystemConfig, check, load_source, parse
 from harness.hvmodel.config import collect as collect_module
-from harness.hvmodel.config.create import CreateOptions, CreateResult, Facts, create, load_facts
+from harness.hvmodel.config.create import CreateOptions, CreateResult, create
+from harness.hvmodel.config.sysfs_parser import Facts, load_facts
 from harness.lab import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]

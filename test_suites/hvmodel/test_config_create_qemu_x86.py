@@ -30,7 +30,8 @@ import pytest
 
 import harness
 from harness.hvmodel.config import SystemConfig, check, load_source
-from harness.hvmodel.config.create import CreateOptions, CreateResult, Facts, create, load_facts
+from harness.hvmodel.config.create import CreateOptions, CreateResult, create
+from harness.hvmodel.config.sysfs_parser import Facts, load_facts
 
 DATA = Path(__file__).parent / "data"
 FACTS = DATA / "default-lab-facts.json"

@@ -21,15 +21,8 @@ import harness
 from harness.hvmodel.config import SystemConfig, compile_source, load, load_source, main
 from harness.hvmodel.config.collect import FACTS_FORMAT, collect
 from harness.hvmodel.config.collect import main as collect_main
-from harness.hvmodel.config.create import (
-    CreateOptions,
-    Facts,
-    PciFunction,
-    Resource,
-    create,
-    parse_io_tree,
-    render_toml,
-)
+from harness.hvmodel.config.create import CreateOptions, create, render_toml
+from harness.hvmodel.config.sysfs_parser import Facts, PciFunction, Resource, parse_io_tree
 from harness.hvmodel.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"

@@ -25,7 +25,6 @@ from test_model_configs import (
 
 from harness.hvmodel.abi import CellState, Hypercall, Reply
 from harness.hvmodel.arch.oracle import OracleArch
-from harness.hvmodel.cat import CatHardware
 from harness.hvmodel.config import (
     CacheRegion,
     CellConfig,
@@ -36,6 +35,7 @@ from harness.hvmodel.config import (
 )
 from harness.hvmodel.control import HvParams, Hypervisor, ModelStateError
 from harness.hvmodel.errors import Errno, HvError
+from harness.hvmodel.params import CatHardware
 
 EPERM, ENOENT, EIO, E2BIG = -Errno.EPERM, -Errno.ENOENT, -Errno.EIO, -Errno.E2BIG
 ENOMEM, EBUSY, EEXIST, EINVAL = -Errno.ENOMEM, -Errno.EBUSY, -Errno.EEXIST, -Errno.EINVAL

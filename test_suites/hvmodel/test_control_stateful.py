@@ -34,7 +34,8 @@ from harness.hvmodel.abi import CellState, Hypercall, InfoType
 from harness.hvmodel.arch.oracle import OracleArch
 from harness.hvmodel.cell import Cell
 from harness.hvmodel.config import CellConfig
-from harness.hvmodel.control import COMM_PAGE_PHYS_BASE, Hypervisor
+from harness.hvmodel.control import Hypervisor
+from harness.hvmodel.core import COMM_PAGE_PHYS_BASE
 from harness.hvmodel.driver import Driver, Image
 from harness.hvmodel.errors import Errno, HvError
 from harness.hvmodel.sysfs import cell_list

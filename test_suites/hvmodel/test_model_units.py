@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.hvmodel import unit as unit_module
 from harness.hvmodel.abi import (
     COMM_REGION_SIZE,
     CellState,
@@ -23,7 +24,7 @@ from harness.hvmodel.errors import Errno, HvError
 from harness.hvmodel.mmio import MmioAccess, MmioResult, MmioTable
 from harness.hvmodel.paging import AddressSpace, PagePool
 from harness.hvmodel.printk import CONSOLE_RING_SIZE, Console
-from harness.hvmodel.unit import UnitRegistry
+from harness.hvmodel.unit import LINK_ORDER, UnitRegistry, define_unit
 
 
 def test_abi_values() -> None:
@@ -185,6 +186,31 @@ def test_unit_registry_unwinds_only_earlier_units() -> None:
     registry.shutdown()
     assert log == ["shutdown d", "shutdown c", "shutdown b", "shutdown a"]
     assert registry.mmio_count_regions(None) == 4  # type: ignore[arg-type]
+
+
+def test_units_define_themselves_in_link_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each hypervisor builds the defined units in Jailhouse's link order, skipping the
+    ones its build or CPU vendor lacks; a unit outside the order, defined twice or never
+    defined is an error that names it."""
+    from test_model_configs import qemu_x86
+
+    from harness.hvmodel.arch.oracle import OracleArch
+    from harness.hvmodel.control import Hypervisor
+    from harness.hvmodel.params import HvParams
+
+    intel = Hypervisor(qemu_x86(), OracleArch(), params=HvParams(test_device=True))
+    amd = Hypervisor(qemu_x86(), OracleArch(), params=HvParams(vendor="amd"))
+    assert intel.units.names() == ["VT-d", "IOAPIC", "Test device", "Cache Allocation Technology", "PCI"]
+    assert amd.units.names() == ["AMD IOMMU", "IOAPIC", "PCI"]
+    assert intel.pci is not amd.pci and intel.pci.ivshmem is intel.ivshmem
+    assert LINK_ORDER == ("iommu", "ioapic", "testdev", "cat", "pci")
+    with pytest.raises(ValueError, match="'vga'"):
+        define_unit("vga", lambda host: None)
+    with pytest.raises(ValueError, match="'pci' is defined twice"):
+        define_unit("pci", lambda host: None)
+    monkeypatch.delitem(unit_module._DEFINED, "cat")
+    with pytest.raises(LookupError, match=r"harness\.hvmodel\.cat"):
+        UnitRegistry.link(intel)
 
 
 def test_root_buffers() -> None:

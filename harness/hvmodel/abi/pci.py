@@ -20,6 +20,7 @@ __all__ = [
     "IVSHMEM_VENDOR_ID",
     "PCI_BAR_64BIT",
     "PCI_BAR_IO",
+    "PCI_BAR_MEM_TYPE_MASK",
     "PCI_CAP_MSI",
     "PCI_CAP_MSIX",
     "PCI_CFG_BAR",
@@ -37,13 +38,19 @@ __all__ = [
     "PCI_MSIX_CTRL_ENABLE",
     "PCI_MSIX_CTRL_FMASK",
     "PCI_MSIX_CTRL_TABLE_SIZE",
+    "PCI_MSIX_DWORD_ENABLE",
+    "PCI_MSIX_DWORD_FMASK",
     "PCI_MSIX_VECTOR_CTRL",
     "PCI_MSIX_VECTOR_MASKED",
     "PCI_MSIX_VECTOR_SIZE",
     "PCI_MSI_CTRL_64BIT",
     "PCI_MSI_CTRL_ENABLE",
+    "PCI_MSI_CTRL_MASKBIT",
+    "PCI_MSI_CTRL_MMC_MASK",
+    "PCI_MSI_CTRL_MMC_SHIFT",
     "PCI_MSI_CTRL_MME_MASK",
     "PCI_MSI_CTRL_MME_SHIFT",
+    "PCI_MSI_DWORD_ENABLE",
     "PCI_NUM_BARS",
     "PCI_STS_CAPS",
     "PciCapId",
@@ -59,8 +66,10 @@ PCI_CFG_STATUS: Final = 0x06
 #: status: the device has a capability list
 PCI_STS_CAPS: Final = 1 << 4
 PCI_CFG_BAR: Final = 0x10
-#: BAR bit 0: an I/O BAR; bits 1..2 = 2: a 64-bit memory BAR (its upper half follows)
+#: BAR bit 0: an I/O BAR; memory BAR type (bits 1..2) 2: a 64-bit BAR (its upper half
+#: follows)
 PCI_BAR_IO: Final = 0x1
+PCI_BAR_MEM_TYPE_MASK: Final = 0x6
 PCI_BAR_64BIT: Final = 0x4
 #: last byte of the six BARs of an endpoint
 PCI_CFG_BAR_END: Final = 0x27
@@ -107,15 +116,24 @@ PCI_CAP_MSIX: Final = int(PciCapId.MSIX)
 
 # --- MSI and MSI-X -----------------------------------------------------------------------
 
-#: MSI control: enable, multiple message enable (bits 4..6), 64-bit address
+#: MSI control: enable, multiple message capable (bits 1..3) and enable (bits 4..6),
+#: 64-bit address, per-vector masking
 PCI_MSI_CTRL_ENABLE: Final = 0x0001
+PCI_MSI_CTRL_MMC_SHIFT: Final = 1
+PCI_MSI_CTRL_MMC_MASK: Final = 0x000E
 PCI_MSI_CTRL_MME_SHIFT: Final = 4
 PCI_MSI_CTRL_MME_MASK: Final = 0x0070
 PCI_MSI_CTRL_64BIT: Final = 0x0080
+PCI_MSI_CTRL_MASKBIT: Final = 0x0100
 #: MSI-X control: table size - 1 (bits 0..10), function mask, enable
 PCI_MSIX_CTRL_TABLE_SIZE: Final = 0x07FF
 PCI_MSIX_CTRL_FMASK: Final = 0x4000
 PCI_MSIX_CTRL_ENABLE: Final = 0x8000
+#: the enable and mask bits as the capability's first dword holds them (the control
+#: register is its upper half), for code that shadows whole dwords
+PCI_MSI_DWORD_ENABLE: Final = PCI_MSI_CTRL_ENABLE << 16
+PCI_MSIX_DWORD_ENABLE: Final = PCI_MSIX_CTRL_ENABLE << 16
+PCI_MSIX_DWORD_FMASK: Final = PCI_MSIX_CTRL_FMASK << 16
 #: an MSI-X table entry: address low, address high, data, vector control
 PCI_MSIX_VECTOR_SIZE: Final = 16
 #: the dword of the vector control, and its mask bit

@@ -29,6 +29,7 @@ __all__ = [
     "IOAPIC_REG_EOI",
     "IOAPIC_REG_INDEX",
     "IOAPIC_VER",
+    "MSI_ADDRESS_WINDOW",
     "PAGE_SIZE",
     "PCI_REG_ADDR_PORT",
     "PCI_REG_DATA_PORT",
@@ -58,6 +59,8 @@ CPUID_80000001_ECX_SVM: Final = 1 << 2
 
 #: the local APIC's MMIO page in xAPIC mode; MSIs are writes into this 0xfeexxxxx window
 XAPIC_BASE: Final = 0xFEE00000
+#: an MSI address lies in the 1 MiB window of the xAPIC page: ``address >> 20`` is this
+MSI_ADDRESS_WINDOW: Final = XAPIC_BASE >> 20
 
 # --- IOAPIC (asm/ioapic.h) ---------------------------------------------------------------
 

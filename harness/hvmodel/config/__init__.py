@@ -4,12 +4,15 @@ Read, write, check and author Jailhouse system (``JHSYS``) and cell (``JHCLL``) 
 revision 14, byte for byte; revision 12 (v0.12) is read and converted. Standard library
 only. The pieces:
 
-* :mod:`.model`: the config objects (frozen dataclasses); their flag/type enums and byte
-  layout are :mod:`harness.hvmodel.abi`'s (re-exported here);
+* :mod:`.model`: the config objects of a cell (frozen dataclasses), :mod:`.system` the
+  system config, :mod:`.fields` their range checks; their flag/type enums and byte layout
+  are :mod:`harness.hvmodel.abi`'s (re-exported here);
 * :mod:`.parser`: :func:`parse_cell`, :func:`parse_system`, :func:`parse`, :func:`load`;
 * :mod:`.check`: ``jailhouse config check`` and jhlab's extra checks;
-* :mod:`.toml`: TOML sources that compile to binary, and the decompiler;
+* :mod:`.toml`: TOML sources that compile to binary, :mod:`.decompile` the way back;
 * :mod:`.show`: text and JSON renderings;
+* :mod:`.collect`, :mod:`.sysfs_parser`, :mod:`.regions`, :mod:`.create`: ``config
+  create`` (the facts of a root cell, read back, turned into a system config);
 * :mod:`.cli`: ``python3 -m harness.hvmodel.config {show,check,compile,decompile}``.
 """
 
@@ -36,23 +39,22 @@ from ..abi import (
 from ..cpus import cpu_set_from
 from .check import CheckReport, CheckSection, Finding, check, render_check
 from .cli import main
+from .decompile import decompile
 from .model import (
     CacheRegion,
     CellConfig,
     Console,
-    IommuUnit,
     Irqchip,
     MemoryRegion,
     PciCapability,
     PciDevice,
     PioRegion,
-    SystemConfig,
-    X86Platform,
     format_bdf,
 )
 from .parser import convert_revision12, load, parse, parse_cell, parse_system
 from .show import render_text, to_dict
-from .toml import compile_source, decompile, load_source
+from .system import IommuUnit, SystemConfig, X86Platform
+from .toml import compile_source, load_source
 
 __all__ = [
     "CELL_DESC_SIZE",

@@ -68,8 +68,8 @@ from .model import (
     CellConfig,
     MemoryRegion,
     PciDevice,
-    SystemConfig,
 )
+from .system import SystemConfig
 
 # Titles, exactly as the tool prints them.
 T_INSIDE: Final = "Overlapping memory regions inside cell"

@@ -33,16 +33,19 @@ from .create import (
     DEFAULT_MEM_HV,
     DEFAULT_NAME,
     CreateOptions,
-    Facts,
     create,
-    load_facts,
     parse_size,
     render_toml,
 )
-from .model import CellConfig, SystemConfig
+from .decompile import decompile
+from .model import (
+    CellConfig,
+)
 from .parser import load
 from .show import render_text, to_dict
-from .toml import decompile, load_source
+from .sysfs_parser import Facts, load_facts
+from .system import SystemConfig
+from .toml import load_source
 
 DEFAULT_PROG = "python3 -m harness.hvmodel.config"
 

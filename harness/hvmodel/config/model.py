@@ -1,4 +1,6 @@
-"""Config objects of ``include/jailhouse/cell-config.h`` and ``include/jailhouse/console.h``.
+"""Config objects of ``include/jailhouse/cell-config.h`` and ``include/jailhouse/console.h``:
+the cell descriptor (:class:`CellConfig`) and the structs it holds; the system config
+that embeds a root cell is :mod:`.system`'s.
 
 Every struct of the binary format is a frozen, keyword-only dataclass validated in
 ``__post_init__`` against the range of its C type; the flags and type codes, and the byte
@@ -9,41 +11,36 @@ round trip unchanged.
 Byte-exact round trip: ``to_bytes()`` of a parsed object returns the bytes it was parsed
 from. Where the C layout has bytes that carry no field, or a union, the model keeps them
 raw: :attr:`CacheRegion.padding`, the upper bits of the PCI device's MSI bit-field byte
-(:attr:`PciDevice.msi_reserved_bits`), the IOMMU union (:attr:`IommuUnit.union`), the x86
-platform padding and the 28 bytes of the arch union that only ARM uses
-(:attr:`X86Platform.padding`, :attr:`X86Platform.remainder`). The cell name is text up to
+(:attr:`PciDevice.msi_reserved_bits`), and in :mod:`.system` the IOMMU union, the x86
+platform padding and the 28 bytes of the arch union that only ARM uses. The cell name is text up to
 its NUL; any bytes after the NUL inside the 32-byte field are kept in
 :attr:`CellConfig.name_padding` (empty when they are all zero, as in every compiled config).
 A name must be UTF-8 and at most 31 bytes long.
 
 Validation errors raise :class:`~harness.hvmodel.errors.ConfigError` with ``field`` set to
-``Class.field``.
+``Class.field`` (the checks are :mod:`.fields`').
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 from .. import abi
 from ..abi import (
-    ApicMode,
     Architecture,
     CacheType,
     CellFlags,
     ConsoleFlags,
     ConsoleType,
-    IommuType,
     MemFlags,
     PciDeviceType,
     ShmemProtocol,
-    SysFlags,
     VirtioDevice,
 )
 from ..cpus import cpus_from_bitmap
 from ..errors import ConfigError
+from .fields import U8, U16, U32, U64, bits_to_set, check_bytes, check_tuple, check_uints, fail, validate
 
 # --- ivshmem protocol names ----------------------------------------------------------------
 
@@ -84,81 +81,7 @@ def shmem_protocol_value(name: str) -> int:
     raise KeyError(name)
 
 
-# --- validation helpers --------------------------------------------------------------------
-
 _MEM_COMM: Final = abi.MEM_COMM_REGION
-
-_U8: Final = 8
-_U16: Final = 16
-_U32: Final = 32
-_U64: Final = 64
-
-
-def _fail(obj: object, name: str, message: str) -> ConfigError:
-    return ConfigError(message, field=f"{type(obj).__name__}.{name}")
-
-
-def _check_uints(obj: object, spec: tuple[tuple[str, int], ...]) -> None:
-    """Check that each named attribute is an int that fits its C unsigned type."""
-    for name, bits in spec:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or value < 0 or value >> bits:
-            raise _fail(obj, name, f"expected an integer in 0..{(1 << bits) - 1:#x}, got {value!r}")
-
-
-def _validate(
-    obj: _Packable, spec: tuple[tuple[str, int], ...], words: tuple[str, ...] = ()
-) -> None:
-    """Range-check every field by packing the struct (fast, in C); explain failures.
-
-    :func:`struct.pack` refuses exactly what does not fit the C types (negative, too large,
-    not an integer), so packing is the check; only on failure are the fields inspected one
-    by one to name the offending one.
-    """
-    try:
-        obj.to_bytes()
-    except (struct.error, TypeError, OverflowError, ValueError):
-        _check_uints(obj, spec)
-        for name in words:
-            for word in getattr(obj, name):
-                if not isinstance(word, int) or word < 0 or word >> 32:
-                    raise _fail(obj, name, f"expected u32 words, got {word!r}") from None
-        raise ConfigError(
-            f"invalid field values in {obj!r}", field=type(obj).__name__
-        ) from None
-
-
-class _Packable(Protocol):
-    def to_bytes(self) -> bytes: ...
-
-
-def _check_bytes(obj: object, name: str, size: int) -> None:
-    value = getattr(obj, name)
-    if not isinstance(value, bytes) or len(value) != size:
-        raise _fail(obj, name, f"expected {size} bytes, got {value!r}")
-
-
-def _check_tuple(obj: object, name: str, kind: type, length: int | None = None) -> None:
-    value = getattr(obj, name)
-    if not isinstance(value, tuple):
-        raise _fail(obj, name, f"expected a tuple of {kind.__name__}, got {type(value).__name__}")
-    if length is not None and len(value) != length:
-        raise _fail(obj, name, f"expected exactly {length} entries, got {len(value)}")
-    if all(type(item) is kind for item in value):
-        return
-    for item in value:
-        if not isinstance(item, kind):
-            raise _fail(obj, name, f"expected {kind.__name__} entries, got {item!r}")
-
-
-def _bits_to_set(words: Iterable[int], width: int, base: int = 0) -> frozenset[int]:
-    found = []
-    for index, word in enumerate(words):
-        while word:
-            low = word & -word
-            found.append(base + index * width + low.bit_length() - 1)
-            word ^= low
-    return frozenset(found)
 
 
 # --- structs -------------------------------------------------------------------------------
@@ -179,10 +102,10 @@ class MemoryRegion:
     size: int = 0
     flags: int = 0
 
-    _SPEC = (("phys_start", _U64), ("virt_start", _U64), ("size", _U64), ("flags", _U64))
+    _SPEC = (("phys_start", U64), ("virt_start", U64), ("size", U64), ("flags", U64))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     @property
     def is_subpage(self) -> bool:
@@ -257,10 +180,10 @@ class CacheRegion:
     flags: int = 0
     padding: int = 0
 
-    _SPEC = (("start", _U32), ("size", _U32), ("type", _U8), ("flags", _U16), ("padding", _U8))
+    _SPEC = (("start", U32), ("size", U32), ("type", U8), ("flags", U16), ("padding", U8))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     def to_bytes(self) -> bytes:
         """The 12-byte ``struct jailhouse_cache``."""
@@ -282,16 +205,16 @@ class Irqchip:
     pin_base: int = 0
     pin_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
 
-    _SPEC = (("address", _U64), ("id", _U32), ("pin_base", _U32))
+    _SPEC = (("address", U64), ("id", U32), ("pin_base", U32))
 
     def __post_init__(self) -> None:
-        _check_tuple(self, "pin_bitmap", int, 4)
-        _validate(self, self._SPEC, ("pin_bitmap",))
+        check_tuple(self, "pin_bitmap", int, 4)
+        validate(self, self._SPEC, ("pin_bitmap",))
 
     @property
     def pins(self) -> frozenset[int]:
         """The pin numbers this cell may use."""
-        return _bits_to_set(self.pin_bitmap, 32, self.pin_base)
+        return bits_to_set(self.pin_bitmap, 32, self.pin_base)
 
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_irqchip``."""
@@ -309,10 +232,10 @@ class PioRegion:
     base: int = 0
     length: int = 0
 
-    _SPEC = (("base", _U16), ("length", _U16))
+    _SPEC = (("base", U16), ("length", U16))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     @property
     def end(self) -> int:
@@ -374,20 +297,20 @@ class PciDevice:
     msi_reserved_bits: int = 0
 
     _SPEC = (
-        ("type", _U8), ("iommu", _U8), ("domain", _U16), ("bdf", _U16), ("caps_start", _U16),
-        ("num_caps", _U16), ("num_msi_vectors", _U8), ("num_msix_vectors", _U16),
-        ("msix_region_size", _U16), ("msix_address", _U64), ("shmem_regions_start", _U32),
-        ("shmem_dev_id", _U8), ("shmem_peers", _U8), ("shmem_protocol", _U16),
-        ("msi_reserved_bits", _U8),
+        ("type", U8), ("iommu", U8), ("domain", U16), ("bdf", U16), ("caps_start", U16),
+        ("num_caps", U16), ("num_msi_vectors", U8), ("num_msix_vectors", U16),
+        ("msix_region_size", U16), ("msix_address", U64), ("shmem_regions_start", U32),
+        ("shmem_dev_id", U8), ("shmem_peers", U8), ("shmem_protocol", U16),
+        ("msi_reserved_bits", U8),
     )
 
     def __post_init__(self) -> None:
-        _check_tuple(self, "bar_mask", int, 6)
+        check_tuple(self, "bar_mask", int, 6)
         if not isinstance(self.msi_64bits, bool) or not isinstance(self.msi_maskable, bool):
-            raise _fail(self, "msi_64bits", "msi_64bits and msi_maskable must be bool")
-        _validate(self, self._SPEC, ("bar_mask",))
+            raise fail(self, "msi_64bits", "msi_64bits and msi_maskable must be bool")
+        validate(self, self._SPEC, ("bar_mask",))
         if self.msi_reserved_bits & 0x03:
-            raise _fail(self, "msi_reserved_bits", "bits 0 and 1 are msi_64bits/msi_maskable")
+            raise fail(self, "msi_reserved_bits", "bits 0 and 1 are msi_64bits/msi_maskable")
 
     @property
     def bus(self) -> int:
@@ -445,10 +368,10 @@ class PciCapability:
     len: int = 0
     flags: int = 0
 
-    _SPEC = (("id", _U16), ("start", _U16), ("len", _U16), ("flags", _U16))
+    _SPEC = (("id", U16), ("start", U16), ("len", U16), ("flags", U16))
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     def to_bytes(self) -> bytes:
         """The 8-byte ``struct jailhouse_pci_capability``."""
@@ -477,12 +400,12 @@ class Console:
     clock_reg: int = 0
 
     _SPEC = (
-        ("address", _U64), ("size", _U32), ("type", _U16), ("flags", _U16), ("divider", _U32),
-        ("gate_nr", _U32), ("clock_reg", _U64),
+        ("address", U64), ("size", U32), ("type", U16), ("flags", U16), ("divider", U32),
+        ("gate_nr", U32), ("clock_reg", U64),
     )
 
     def __post_init__(self) -> None:
-        _validate(self, self._SPEC)
+        validate(self, self._SPEC)
 
     @property
     def is_mmio(self) -> bool:
@@ -499,141 +422,6 @@ class Console:
     def to_bytes(self) -> bytes:
         """The 32-byte ``struct jailhouse_console``."""
         return abi.CONSOLE.pack(*self.astuple())
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class IommuUnit:
-    """``struct jailhouse_iommu`` (28 bytes).
-
-    The 12 bytes after ``size`` are a union (AMD: bdf, base_cap, msi_cap, features; TI PVU:
-    tlb_base, tlb_size); :attr:`union` keeps them raw and the ``amd_*``/``tipvu_*``
-    properties read the two views. Build typed units with :meth:`amd` and :meth:`pvu`.
-
-    :param type: :class:`IommuType`
-    :param base: MMIO base of the unit
-    :param size: MMIO size
-    :param union: the raw 12-byte union
-    """
-
-    type: int = IommuType.UNUSED
-    base: int = 0
-    size: int = 0
-    union: bytes = bytes(12)
-
-    _SPEC = (("type", _U32), ("base", _U64), ("size", _U32))
-
-    def __post_init__(self) -> None:
-        _check_bytes(self, "union", 12)
-        _validate(self, self._SPEC)
-
-    @classmethod
-    def amd(
-        cls, *, base: int, size: int, bdf: int = 0, base_cap: int = 0, msi_cap: int = 0,
-        features: int = 0,
-    ) -> IommuUnit:
-        """Build an AMD unit from the fields of the AMD view of the union.
-
-        :raise ConfigError: when a field does not fit its C type
-        """
-        for name, value, bits in (
-            ("amd_bdf", bdf, 16), ("amd_base_cap", base_cap, 8), ("amd_msi_cap", msi_cap, 8),
-            ("amd_features", features, 32),
-        ):
-            if not isinstance(value, int) or value < 0 or value >> bits:
-                raise ConfigError(f"expected u{bits}, got {value!r}", field=f"IommuUnit.{name}")
-        union = abi.IOMMU_AMD.pack(bdf, base_cap, msi_cap, features)
-        return cls(type=IommuType.AMD, base=base, size=size, union=union)
-
-    @classmethod
-    def pvu(cls, *, base: int, size: int, tlb_base: int = 0, tlb_size: int = 0) -> IommuUnit:
-        """Build a TI PVU unit from the fields of the PVU view of the union.
-
-        :raise ConfigError: when a field does not fit its C type
-        """
-        for name, value, bits in (
-            ("tipvu_tlb_base", tlb_base, 64), ("tipvu_tlb_size", tlb_size, 32),
-        ):
-            if not isinstance(value, int) or value < 0 or value >> bits:
-                raise ConfigError(f"expected u{bits}, got {value!r}", field=f"IommuUnit.{name}")
-        return cls(type=IommuType.PVU, base=base, size=size,
-                   union=abi.IOMMU_PVU.pack(tlb_base, tlb_size))
-
-    @property
-    def amd_bdf(self) -> int:
-        """AMD view: BDF of the IOMMU PCI function."""
-        return int(abi.IOMMU_AMD.unpack(self.union)[0])
-
-    @property
-    def amd_base_cap(self) -> int:
-        """AMD view: offset of the IOMMU base capability."""
-        return int(abi.IOMMU_AMD.unpack(self.union)[1])
-
-    @property
-    def amd_msi_cap(self) -> int:
-        """AMD view: offset of the IOMMU MSI capability."""
-        return int(abi.IOMMU_AMD.unpack(self.union)[2])
-
-    @property
-    def amd_features(self) -> int:
-        """AMD view: feature bits."""
-        return int(abi.IOMMU_AMD.unpack(self.union)[3])
-
-    @property
-    def tipvu_tlb_base(self) -> int:
-        """TI PVU view: TLB base."""
-        return int(abi.IOMMU_PVU.unpack(self.union)[0])
-
-    @property
-    def tipvu_tlb_size(self) -> int:
-        """TI PVU view: TLB size."""
-        return int(abi.IOMMU_PVU.unpack(self.union)[1])
-
-    @property
-    def in_use(self) -> bool:
-        """Whether this slot describes a unit (type != UNUSED)."""
-        return self.type != IommuType.UNUSED
-
-    def to_bytes(self) -> bytes:
-        """The 28-byte ``struct jailhouse_iommu``."""
-        return abi.IOMMU.pack(self.type, self.base, self.size, self.union)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class X86Platform:
-    """``platform_info.x86`` (the 44-byte arch union read as its x86 member).
-
-    :param pm_timer_address: ACPI PM timer port
-    :param apic_mode: :class:`ApicMode`
-    :param vtd_interrupt_limit: number of VT-d interrupt remapping entries
-    :param tsc_khz: TSC frequency (0 = the driver fills it in)
-    :param apic_khz: APIC timer frequency (0 = the driver fills it in)
-    :param padding: the byte at offset 315, kept for exactness
-    :param remainder: the last 28 bytes of the union (used by the ARM member only)
-    """
-
-    pm_timer_address: int = 0
-    apic_mode: int = ApicMode.AUTO
-    vtd_interrupt_limit: int = 0
-    tsc_khz: int = 0
-    apic_khz: int = 0
-    padding: int = 0
-    remainder: bytes = bytes(28)
-
-    _SPEC = (
-        ("pm_timer_address", _U16), ("apic_mode", _U8), ("vtd_interrupt_limit", _U32),
-        ("tsc_khz", _U32), ("apic_khz", _U32), ("padding", _U8),
-    )
-
-    def __post_init__(self) -> None:
-        _check_bytes(self, "remainder", 28)
-        _validate(self, self._SPEC)
-
-    def to_bytes(self) -> bytes:
-        """The 44 bytes of the arch union."""
-        return abi.X86_PLATFORM.pack(
-            self.pm_timer_address, self.apic_mode, self.padding, self.vtd_interrupt_limit,
-            self.tsc_khz, self.apic_khz, self.remainder,
-        )
 
 
 def encode_name(name: str, padding: bytes = b"") -> bytes:
@@ -707,32 +495,32 @@ class CellConfig:
     name_padding: bytes = b""
 
     _SPEC = (
-        ("architecture", _U8), ("revision", _U16), ("id", _U32), ("flags", _U32),
-        ("vpci_irq_base", _U32), ("cpu_reset_address", _U64), ("msg_reply_timeout", _U64),
+        ("architecture", U8), ("revision", U16), ("id", U32), ("flags", U32),
+        ("vpci_irq_base", U32), ("cpu_reset_address", U64), ("msg_reply_timeout", U64),
     )
 
     def __post_init__(self) -> None:
-        _check_bytes(self, "signature", 5)
-        _check_uints(self, self._SPEC)
+        check_bytes(self, "signature", 5)
+        check_uints(self, self._SPEC)
         encode_name(self.name, self.name_padding)
         if not isinstance(self.cpu_set, bytes) or not (
             0 < len(self.cpu_set) <= abi.MAX_CPU_SET_SIZE
         ):
-            raise _fail(
+            raise fail(
                 self, "cpu_set", f"expected 1..{abi.MAX_CPU_SET_SIZE} bytes of CPU bitmap"
             )
-        _check_tuple(self, "memory_regions", MemoryRegion)
-        _check_tuple(self, "cache_regions", CacheRegion)
-        _check_tuple(self, "irqchips", Irqchip)
-        _check_tuple(self, "pio_regions", PioRegion)
-        _check_tuple(self, "pci_devices", PciDevice)
-        _check_tuple(self, "pci_caps", PciCapability)
-        _check_tuple(self, "stream_ids", int)
+        check_tuple(self, "memory_regions", MemoryRegion)
+        check_tuple(self, "cache_regions", CacheRegion)
+        check_tuple(self, "irqchips", Irqchip)
+        check_tuple(self, "pio_regions", PioRegion)
+        check_tuple(self, "pci_devices", PciDevice)
+        check_tuple(self, "pci_caps", PciCapability)
+        check_tuple(self, "stream_ids", int)
         for sid in self.stream_ids:
             if sid < 0 or sid >> 32:
-                raise _fail(self, "stream_ids", f"expected u32 stream IDs, got {sid!r}")
+                raise fail(self, "stream_ids", f"expected u32 stream IDs, got {sid!r}")
         if not isinstance(self.console, Console):
-            raise _fail(self, "console", f"expected a Console, got {self.console!r}")
+            raise fail(self, "console", f"expected a Console, got {self.console!r}")
 
     @property
     def cpu_set_size(self) -> int:
@@ -814,106 +602,3 @@ class CellConfig:
         parts.extend(cap.to_bytes() for cap in self.pci_caps)
         parts.extend(abi.STREAM_ID.pack(sid) for sid in self.stream_ids)
         return b"".join(parts)
-
-
-def _unused_iommus() -> tuple[IommuUnit, ...]:
-    return (IommuUnit(),) * abi.MAX_IOMMU_UNITS
-
-
-def _root_cell_placeholder() -> CellConfig:
-    return CellConfig(signature=bytes(5), architecture=0, revision=0, name="")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SystemConfig:
-    """``struct jailhouse_system`` (488 bytes) plus the root cell's arrays.
-
-    :param signature: 5 bytes, ``b"JHSYS"``
-    :param architecture: :class:`Architecture`
-    :param revision: :data:`CONFIG_REVISION`
-    :param flags: :class:`SysFlags`
-    :param hypervisor_memory: where the hypervisor lives (``phys_start``, ``size``)
-    :param debug_console: the hypervisor's console
-    :param pci_mmconfig_base: MMCONFIG base (0 = no interception)
-    :param pci_mmconfig_end_bus: last bus covered by MMCONFIG
-    :param pci_is_virtual: ARM vPCI
-    :param pci_domain: PCI segment of the vPCI host bridge
-    :param iommu_units: exactly 8 slots; unused ones have type UNUSED
-    :param x86: the x86 member of the arch union (raw remainder for ARM)
-    :param root_cell: the embedded root cell descriptor and its arrays
-    """
-
-    signature: bytes = abi.SYSTEM_SIGNATURE
-    architecture: int = Architecture.X86
-    revision: int = abi.CONFIG_REVISION
-    flags: int = 0
-    hypervisor_memory: MemoryRegion = field(default_factory=MemoryRegion)
-    debug_console: Console = field(default_factory=Console)
-    pci_mmconfig_base: int = 0
-    pci_mmconfig_end_bus: int = 0
-    pci_is_virtual: int = 0
-    pci_domain: int = 0
-    iommu_units: tuple[IommuUnit, ...] = field(default_factory=_unused_iommus)
-    x86: X86Platform = field(default_factory=X86Platform)
-    root_cell: CellConfig = field(default_factory=_root_cell_placeholder)
-
-    _SPEC = (
-        ("architecture", _U8), ("revision", _U16), ("flags", _U32),
-        ("pci_mmconfig_base", _U64), ("pci_mmconfig_end_bus", _U8), ("pci_is_virtual", _U8),
-        ("pci_domain", _U16),
-    )
-
-    def __post_init__(self) -> None:
-        _check_bytes(self, "signature", 5)
-        _check_uints(self, self._SPEC)
-        _check_tuple(self, "iommu_units", IommuUnit, abi.MAX_IOMMU_UNITS)
-        for name, kind in (
-            ("hypervisor_memory", MemoryRegion), ("debug_console", Console),
-            ("x86", X86Platform), ("root_cell", CellConfig),
-        ):
-            if not isinstance(getattr(self, name), kind):
-                raise _fail(self, name, f"expected a {kind.__name__}")
-
-    @property
-    def name(self) -> str:
-        """The root cell's name."""
-        return self.root_cell.name
-
-    @property
-    def sys_flags(self) -> SysFlags:
-        """:attr:`flags` as :class:`SysFlags`."""
-        return SysFlags(self.flags)
-
-    @property
-    def active_iommu_units(self) -> tuple[IommuUnit, ...]:
-        """The IOMMU slots in use (type != UNUSED), in slot order."""
-        return tuple(unit for unit in self.iommu_units if unit.in_use)
-
-    @property
-    def mmconfig_size(self) -> int:
-        """Bytes of MMCONFIG space: ``(end_bus + 1) * 256 * 4096``."""
-        return (self.pci_mmconfig_end_bus + 1) * 256 * 4096
-
-    @property
-    def size(self) -> int:
-        """Size of the binary config: 356 bytes of header plus the root cell config."""
-        return abi.ROOT_CELL_OFFSET + self.root_cell.size
-
-    def header_bytes(self) -> bytes:
-        """The 356 bytes of ``struct jailhouse_system`` before the root cell descriptor."""
-        parts = [
-            abi.SYSTEM_HEAD.pack(self.signature, self.architecture, self.revision, self.flags),
-            self.hypervisor_memory.to_bytes(),
-            self.debug_console.to_bytes(),
-            abi.PLATFORM_PCI.pack(
-                self.pci_mmconfig_base, self.pci_mmconfig_end_bus, self.pci_is_virtual,
-                self.pci_domain,
-            ),
-        ]
-        parts.extend(unit.to_bytes() for unit in self.iommu_units)
-        parts.append(self.x86.to_bytes())
-        return b"".join(parts)
-
-    def to_bytes(self) -> bytes:
-        """The binary system config."""
-        return self.header_bytes() + self.root_cell.to_bytes()

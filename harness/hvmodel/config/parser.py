@@ -42,15 +42,13 @@ from .model import (
     CacheRegion,
     CellConfig,
     Console,
-    IommuUnit,
     Irqchip,
     MemoryRegion,
     PciCapability,
     PciDevice,
     PioRegion,
-    SystemConfig,
-    X86Platform,
 )
+from .system import IommuUnit, SystemConfig, X86Platform
 from .toml import load_source
 
 _ARRAYS = (

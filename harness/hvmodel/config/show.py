@@ -30,15 +30,14 @@ from .model import (
     CacheRegion,
     CellConfig,
     Console,
-    IommuUnit,
     Irqchip,
     MemoryRegion,
     PciCapability,
     PciDevice,
     PioRegion,
-    SystemConfig,
     shmem_protocol_name,
 )
+from .system import IommuUnit, SystemConfig
 
 JsonDict = dict[str, Any]
 
