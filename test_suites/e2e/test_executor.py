@@ -297,7 +297,7 @@ class GuestRun:
 #: A process holding one idle KVM VM while this module runs (see :func:`kvm_holder`).
 KVM_HOLDER = (
     "import os, sys, time; sys.path.insert(0, '/opt/jhlab/lib'); "
-    "from harness.hvmodel.arch import kvm; k = kvm.Kvm(); vm = k.create_vm(); "
+    "from harness.hvmodel.arch import kvm; k = kvm.Kvm(); vm = kvm.Vm(k); "
     "vm.enable_cap(kvm.Cap.SPLIT_IRQCHIP, 24); vm.create_vcpu(0); "
     f"open('{HOLDER_PID_FILE}', 'w').write(str(os.getpid())); time.sleep(3600)"
 )

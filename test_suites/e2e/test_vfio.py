@@ -43,7 +43,7 @@ PRELUDE = r'''
 import json, logging, time
 logging.basicConfig(level=logging.INFO)
 from harness.hvmodel.arch import vfio
-from harness.hvmodel.arch.kvm import PhysMapping, anonymous_memory
+from harness.hvmodel.arch.hostmem import PhysMapping, anonymous_memory
 
 EDU = "01:01.0"
 ID, LIVENESS, FACTORIAL, STATUS, IRQ_STATUS, IRQ_RAISE, IRQ_ACK = 0x00, 0x04, 0x08, 0x20, 0x24, 0x60, 0x64
@@ -148,7 +148,7 @@ try:
         result["bar0"] = [device.region_info(vfio.PciRegion.BAR0).size,
                           vfio.RegionFlags.MMAP in device.region_info(vfio.PciRegion.BAR0).flags]
         result["config_ids"] = device.config_read(0, 4)
-        result["msi_vectors"] = device.irq_info(vfio.PciIrq.MSI).count
+        result["msi_vectors"] = device.irqs.info(vfio.PciIrq.MSI).count
         bar = device.mmap_region(vfio.PciRegion.BAR0)
         result["id_mmap"] = bar.read_value(ID, 4)
         result["id_pread"] = device.read_value(vfio.PciRegion.BAR0, ID, 4)
@@ -161,7 +161,7 @@ try:
             result["reset"] = str(exc)
 
         device.set_bus_master(True)
-        (event,) = device.enable_msi(1)
+        (event,) = device.irqs.enable_msi(1)
         bar.write_value(STATUS, 4, STATUS_IRQ_FACT)
         bar.write_value(FACTORIAL, 4, 10)
         result["factorial_msi"] = event.wait(10.0)
@@ -200,8 +200,8 @@ try:
             result["cell_equal"] = phys.read(0x3000, 0x800) == pattern[::-1]
             for m in maps:
                 container.dma_unmap(m)
-        device.disable_irqs(vfio.PciIrq.MSI)
-        result["irqs_after_disable"] = sorted(device.irqs)
+        device.irqs.disable(vfio.PciIrq.MSI)
+        result["irqs_after_disable"] = sorted(device.irqs.enabled)
 finally:
     stub.release(EDU)
 result["released"] = {"driver": stub.driver_of(EDU), "override": stub.override_of(EDU)}
@@ -254,13 +254,13 @@ def test_edu_msi_reaches_a_kvm_vm(lab: Lab, edu: dict[str, str], irqchip: str) -
     split irqchip the executor uses, and with the full one (KVM's default routes kept)."""
     body = r"""
 import os
-from harness.hvmodel.arch.kvm import Cap, Kvm
+from harness.hvmodel.arch.kvm import Cap, Kvm, Vm
 if not os.path.exists("/dev/kvm"):
     result["skip"] = "no /dev/kvm in the lab"
 else:
     claim = stub.claim(EDU)
     try:
-        with vfio.Container() as container, Kvm() as kvm, kvm.create_vm() as vm:
+        with vfio.Container() as container, Kvm() as kvm, Vm(kvm) as vm:
             device = container.device(EDU, stub=stub)
             bar = device.mmap_region(vfio.PciRegion.BAR0)
             device.set_bus_master(True)
@@ -272,7 +272,7 @@ else:
             page = vcpu.get_lapic()
             page[0xF0:0xF4] = (0x1FF).to_bytes(4, "little")  # APIC software-enabled
             vcpu.set_lapic(page)
-            (event,) = device.enable_msi(1)
+            (event,) = device.irqs.enable_msi(1)
             router = vfio.MsiRouter(vm)
             vector = router.route(event, 0xFEE00000, 0x41)  # physical, APIC ID 0, vector 0x41
             result["gsi"] = vector.gsi
@@ -294,7 +294,7 @@ else:
             result["irr_updated"] = irr(0x42)
             ack(bar)
             router.close()
-            device.disable_irqs(vfio.PciIrq.MSI)
+            device.irqs.disable(vfio.PciIrq.MSI)
     finally:
         stub.release(EDU)
 """

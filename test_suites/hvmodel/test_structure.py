@@ -1,5 +1,5 @@
 """The shape of the ``harness.hvmodel`` package: what it may import, no import circles, one
-home for every Jailhouse ABI fact.
+home for every Jailhouse ABI fact, the executor's layers and module sizes.
 
 The import rules are checked on the source (an AST walk of every module), counting every
 import a module makes: at the top, inside functions, and under ``if TYPE_CHECKING:`` (a
@@ -28,10 +28,9 @@ ABI_DIR = Path(abi.__file__).resolve().parent
 #: since it does not exist at run time
 TYPING_ONLY: frozenset[str] = frozenset({"_typeshed"})
 
-#: import circles that exist today and are to be removed; each is named by its modules
-#: (relative to ``harness.hvmodel``). arch/kvm.py runs arch/runner.py's ``main`` as its
-#: ``__main__``, and runner builds on kvm: the arch split removes it.
-KNOWN_CIRCLES: frozenset[frozenset[str]] = frozenset({frozenset({"arch.kvm", "arch.runner"})})
+ARCH = HVMODEL / "arch"
+#: the style rules' limit for a module (~800 lines: past it, a module is usually two)
+MAX_LINES = 800
 
 
 @dataclass(frozen=True)
@@ -185,13 +184,37 @@ def test_import_walk_sees_every_kind_of_import() -> None:
 
 def test_no_import_circle_in_hvmodel() -> None:
     """No module of hvmodel imports, directly or through others, a module that imports it
-    (units register with the control plane instead of importing it), except the circles
-    of :data:`KNOWN_CIRCLES`, which are to go."""
-    circles = {_short(circle) for circle in _circles(_edges(_modules()))}
-    new = sorted(sorted(circle) for circle in circles - KNOWN_CIRCLES)
-    gone = sorted(sorted(circle) for circle in KNOWN_CIRCLES - circles)
-    assert new == [], f"import circles in hvmodel: {new}"
-    assert gone == [], f"these circles are gone: delete them from KNOWN_CIRCLES: {gone}"
+    (units register with the control plane instead of importing it; a KVM VM is made
+    with ``Vm(kvm)``, so the binding's objects import downward only)."""
+    circles = sorted(sorted(_short(circle)) for circle in _circles(_edges(_modules())))
+    assert circles == [], f"import circles in hvmodel: {circles}"
+
+
+def test_the_bindings_sit_below_what_is_built_on_them() -> None:
+    """The KVM and VFIO bindings import nothing of the executor, the runner, the Jailhouse
+    cell CPU (``arch.vcpu``), passthrough, the oracle or the holder."""
+    bindings = (f"{PACKAGE}.arch.kvm", f"{PACKAGE}.arch.vfio")
+    above = tuple(
+        f"{PACKAGE}.arch.{name}" for name in ("executor", "runner", "vcpu", "passthrough", "oracle", "holder")
+    )
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in _edges(_modules()).items()
+        if module.startswith(bindings)
+        for target in targets
+        if target.startswith(above)
+    )
+    assert upward == []
+
+
+def test_arch_modules_stay_small() -> None:
+    """Every module of ``harness.hvmodel.arch`` is within the style rules' ~800 lines."""
+    long = {
+        str(path.relative_to(HVMODEL)): count
+        for path in sorted(ARCH.rglob("*.py"))
+        if (count := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
 
 
 @pytest.mark.parametrize(

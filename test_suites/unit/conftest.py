@@ -19,7 +19,7 @@ def kick_handler() -> None:
 def vm(kick_handler: None) -> Iterator[kvm.Vm]:
     """A VM with an in-kernel irqchip, closed after the test."""
     with kvm.Kvm() as dev:
-        machine = dev.create_vm()
+        machine = kvm.Vm(dev)
         try:
             machine.create_irqchip()
             yield machine

@@ -24,7 +24,12 @@ import pytest
 
 from harness.hvmodel.abi import CellState, CommOffset, CpuStat, Message, Reply, comm_write_u32
 from harness.hvmodel.arch import executor as ex
-from harness.hvmodel.arch.kvm import FailEntryExit, KvmRun, ShutdownExit, UnknownExit
+from harness.hvmodel.arch.executor import host
+from harness.hvmodel.arch.executor.cells import CellCpu
+from harness.hvmodel.arch.executor.exits import ExitDispatcher, fatal_text
+from harness.hvmodel.arch.kvm import FailEntryExit, ShutdownExit, UnknownExit, XenExit
+from harness.hvmodel.arch.kvm.exits import decode_exit
+from harness.hvmodel.arch.kvm.structs import RUN_EXIT_INFO, RUN_EXIT_REASON, ExitReason
 from harness.hvmodel.config import CellConfig, MemoryRegion, load_source
 from harness.hvmodel.driver import Driver, HostInfo, Image
 from harness.hvmodel.errors import Errno
@@ -341,16 +346,15 @@ def test_twenty_cycles_leak_nothing(rig: Rig, images: dict[str, bytes]) -> None:
 
 
 def test_fatal_wording_per_vendor() -> None:
-    """Jailhouse's default-case lines (svm.c / vmx.c)."""
-    amd = ex.ExecutorArch(vendor="amd", isolate=False)
-    intel = ex.ExecutorArch(vendor="intel", isolate=False)
-    assert amd.fatal_text(ShutdownExit()) == (
+    """Jailhouse's default-case lines (svm.c / vmx.c); the executor takes only those two."""
+    assert fatal_text(ShutdownExit(), "amd") == (
         "Unexpected #VMEXIT, exitcode 7f, exitinfo1 0x0000000000000000 exitinfo2 0x0000000000000000"
     )
-    assert intel.fatal_text(ShutdownExit()) == "Unhandled VM-Exit, reason 2"
-    assert amd.fatal_text(FailEntryExit(2**64 - 1, 0)) == "VM-Entry failure, error -1"
-    assert intel.fatal_text(FailEntryExit(0x80000021, 0)) == "VM-Entry failure, reason 33"
-    assert intel.fatal_text(UnknownExit(48)) == "Unhandled VM-Exit, reason 48"
+    assert fatal_text(ShutdownExit(), "intel") == "Unhandled VM-Exit, reason 2"
+    assert fatal_text(FailEntryExit(2**64 - 1, 0), "amd") == "VM-Entry failure, error -1"
+    assert fatal_text(FailEntryExit(0x80000021, 0), "intel") == "VM-Entry failure, reason 33"
+    assert fatal_text(UnknownExit(48), "intel") == "Unhandled VM-Exit, reason 48"
+    assert ex.ExecutorArch(vendor="amd", isolate=False).status()["vendor"] == "amd"
     with pytest.raises(ValueError, match="vendor"):
         ex.ExecutorArch(vendor="arm", isolate=False)
 
@@ -436,27 +440,35 @@ class _Handler:
         self.calls.append((cpu, stat))
 
 
+def _xen_exit(page: mmap.mmap, *hcall: int) -> XenExit:
+    """A KVM_EXIT_XEN in ``page``: type, longmode, cpl, input, result, params[6]."""
+    struct.pack_into("<I", page, RUN_EXIT_REASON, ExitReason.XEN)
+    struct.pack_into("<I4xIIQQ6Q", page, RUN_EXIT_INFO, *hcall)
+    exit_ = decode_exit(page)
+    assert isinstance(exit_, XenExit)
+    return exit_
+
+
 def test_xen_hypercall_exit_is_decoded_and_answered() -> None:
     """KVM_EXIT_XEN (kernels with CONFIG_KVM_XEN): code, RDI/RSI (32-bit: masked), result
     into the run page; CPL 3 gets -EPERM without the model being asked."""
-    arch = ex.ExecutorArch(isolate=False)
     vcpu = _FakeVcpu()
-    cpu = ex._Cpu(3, None, vcpu)  # type: ignore[arg-type]
+    page = vcpu.run_page
+    cpu = CellCpu(3, None, vcpu)  # type: ignore[arg-type]
     handler = _Handler()
-    offset = KvmRun.u.offset
-    struct.pack_into("<I4xIIQQ6Q", vcpu.run_page, offset, 1, 1, 0, 8, 0, 0x41, 0, 0, 0, 0, 0)
-    arch._exit_hypercall(handler, cpu)  # type: ignore[arg-type]
+    exits = ExitDispatcher(vendor="amd", ports=lambda: None, native_pio=False)
+    exits.attach(lambda: handler)  # type: ignore[arg-type,return-value]
+    assert exits.handle_exit(cpu, _xen_exit(page, 1, 1, 0, 8, 0, 0x41, 0, 0, 0, 0, 0)) is None
     assert handler.calls == [(3, 8, 0x41, 0, 0x1234)]
-    assert struct.unpack_from("<q", vcpu.run_page, offset + 24)[0] == -int(Errno.ENOSYS)
+    assert struct.unpack_from("<q", page, RUN_EXIT_INFO + 24)[0] == -int(Errno.ENOSYS)
     handler.calls.clear()
-    struct.pack_into("<I4xIIQQ6Q", vcpu.run_page, offset, 1, 0, 0, 0x1_0000_0005, 0, 0, 0, 0, 0, 0, 0)
-    arch._exit_hypercall(handler, cpu)  # type: ignore[arg-type]
+    exits.handle_exit(cpu, _xen_exit(page, 1, 0, 0, 0x1_0000_0005, 0, 0, 0, 0, 0, 0, 0))
     assert handler.calls == [(3, 5, 1, 2, 0x1234)]
     handler.calls.clear()
-    struct.pack_into("<I4xIIQQ6Q", vcpu.run_page, offset, 1, 1, 3, 2, 0, 0, 0, 0, 0, 0, 0)
-    arch._exit_hypercall(handler, cpu)  # type: ignore[arg-type]
+    exits.handle_exit(cpu, _xen_exit(page, 1, 1, 3, 2, 0, 0, 0, 0, 0, 0, 0))
     assert handler.calls == [(3, CpuStat.VMEXITS_HYPERCALL)]
-    assert struct.unpack_from("<q", vcpu.run_page, offset + 24)[0] == -int(Errno.EPERM)
+    assert struct.unpack_from("<q", page, RUN_EXIT_INFO + 24)[0] == -int(Errno.EPERM)
+    assert cpu.exits["XenExit"] == 3
 
 
 def test_is_an_arch_and_attaches_either_way(rig: Rig) -> None:
@@ -466,9 +478,9 @@ def test_is_an_arch_and_attaches_either_way(rig: Rig) -> None:
     assert isinstance(rig.arch, Arch)
     other = ex.ExecutorArch(isolate=False)
     other.attach(rig.hv)
-    assert other._handler() is rig.hv
+    assert other._exits.handler() is rig.hv
     other.attach(lambda: None)
-    assert other._handler() is None
+    assert other._exits.handler() is None
 
 
 def test_lifecycle_is_guarded(tmp_path: Path) -> None:
@@ -506,13 +518,13 @@ def test_host_info_helpers(tmp_path: Path) -> None:
         "00000000-00000fff : Reserved\n00001000-0009fbff : System RAM\n"
         "3a000000-3f1fffff : Reserved\n  b0000000-bfffffff : Reserved\n"
     )
-    assert ex.reserved_ranges(str(iomem)) == ((0, 0x1000), (0x3A000000, 0x05200000))
+    assert host.reserved_ranges(str(iomem)) == ((0, 0x1000), (0x3A000000, 0x05200000))
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor : 0\nflags : fpu svm lm\n")
-    assert ex.cpu_vendor(str(cpuinfo)) == "amd"
+    assert host.cpu_vendor(str(cpuinfo)) == "amd"
     cpuinfo.write_text("flags : fpu vmx\n")
-    assert ex.cpu_vendor(str(cpuinfo)) == "intel"
+    assert host.cpu_vendor(str(cpuinfo)) == "intel"
     online = tmp_path / "online"
     online.write_text("0-1,3\n")
-    assert ex.online_cpus(str(online)) == {0, 1, 3}
-    assert ex.online_cpus(str(tmp_path / "missing")) == frozenset()
+    assert host.online_cpus(str(online)) == {0, 1, 3}
+    assert host.online_cpus(str(tmp_path / "missing")) == frozenset()

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.hvmodel.arch import kvm, portio
+from harness.hvmodel.arch import hostmem, kvm, portio
+from harness.hvmodel.arch.kvm import structs
+from harness.hvmodel.arch.vcpu import jailhouse_vcpu_reset, jailhouse_vcpu_setup
 
 POST = 0x80
 UART = 0x2F8
@@ -56,7 +58,7 @@ def test_the_loop_is_assembled_with_the_abi_constants() -> None:
     """The machine code calls ioctl (x86-64 syscall 16) with KVM_RUN and ends in RET."""
     code = portio._IO_BITMAP_LOOP
     assert code[9:14] == b"\xb8" + (16).to_bytes(4, "little")
-    assert code[14:19] == b"\xbe" + kvm.KVM_RUN.to_bytes(4, "little")
+    assert code[14:19] == b"\xbe" + structs.KVM_RUN.to_bytes(4, "little")
     assert code[-1:] == b"\xc3"
     assert portio._LOOP_OFFSET >= 6 * portio._STUB_SLOT
     assert portio._LOOP_OFFSET + len(code) <= 4096
@@ -112,12 +114,12 @@ def watchdog(vcpu: kvm.Vcpu, seconds: float = 5.0) -> Iterator[None]:
 
 
 def guest(vm: kvm.Vm, code: bytes) -> kvm.Vcpu:
-    memory = kvm.anonymous_memory(0x10000)
+    memory = hostmem.anonymous_memory(0x10000)
     memory[: len(code)] = code
     vm.add_memory(0, memory)
     vcpu = vm.create_vcpu(0)
-    kvm.jailhouse_vcpu_setup(vcpu)
-    kvm.jailhouse_vcpu_reset(vcpu, 0)
+    jailhouse_vcpu_setup(vcpu)
+    jailhouse_vcpu_reset(vcpu, 0)
     return vcpu
 
 

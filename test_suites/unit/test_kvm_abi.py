@@ -1,4 +1,4 @@
-"""The KVM binding's ABI: struct layouts, ioctl numbers and constants of ``kvm.py``.
+"""The KVM binding's ABI: struct layouts, ioctl numbers and constants of ``kvm/structs.py``.
 
 The reference values come from the kernel's own headers: a C program including
 ``<linux/kvm.h>`` prints ``sizeof``/``offsetof`` and the macros, compiled at test time
@@ -16,50 +16,53 @@ from pathlib import Path
 
 import pytest
 
-from harness.hvmodel.arch import kvm
+from harness.hvmodel.arch import uapi
+from harness.hvmodel.arch.kvm import structs
 
 # (ctypes class, C type, renames of Python field names to C member paths)
 STRUCTS: list[tuple[type[ctypes.Structure], str, dict[str, str]]] = [
-    (kvm.KvmUserspaceMemoryRegion, "struct kvm_userspace_memory_region", {}),
-    (kvm.KvmRegs, "struct kvm_regs", {}),
-    (kvm.KvmSegment, "struct kvm_segment", {}),
-    (kvm.KvmDtable, "struct kvm_dtable", {}),
-    (kvm.KvmSregs, "struct kvm_sregs", {}),
-    (kvm.KvmMsrEntry, "struct kvm_msr_entry", {}),
-    (kvm.KvmMsrs, "struct kvm_msrs", {}),
-    (kvm.KvmMsrList, "struct kvm_msr_list", {}),
-    (kvm.KvmCpuidEntry2, "struct kvm_cpuid_entry2", {}),
-    (kvm.KvmCpuid2, "struct kvm_cpuid2", {}),
-    (kvm.KvmLapicState, "struct kvm_lapic_state", {}),
-    (kvm.KvmMpState, "struct kvm_mp_state", {}),
-    (kvm.KvmDebugregs, "struct kvm_debugregs", {}),
-    (kvm.KvmVcpuEvents, "struct kvm_vcpu_events", {"triple_fault_pending": "triple_fault.pending"}),
-    (kvm.KvmEnableCap, "struct kvm_enable_cap", {}),
-    (kvm.KvmIrqRoutingEntry, "struct kvm_irq_routing_entry", {}),
-    (kvm.KvmIrqRouting, "struct kvm_irq_routing", {}),
-    (kvm.KvmIrqfd, "struct kvm_irqfd", {}),
-    (kvm.KvmMsi, "struct kvm_msi", {}),
-    (kvm.KvmIrqLevel, "struct kvm_irq_level", {}),
+    (structs.KvmUserspaceMemoryRegion, "struct kvm_userspace_memory_region", {}),
+    (structs.KvmRegs, "struct kvm_regs", {}),
+    (structs.KvmSegment, "struct kvm_segment", {}),
+    (structs.KvmDtable, "struct kvm_dtable", {}),
+    (structs.KvmSregs, "struct kvm_sregs", {}),
+    (structs.KvmMsrEntry, "struct kvm_msr_entry", {}),
+    (structs.KvmMsrs, "struct kvm_msrs", {}),
+    (structs.KvmMsrList, "struct kvm_msr_list", {}),
+    (structs.KvmCpuidEntry2, "struct kvm_cpuid_entry2", {}),
+    (structs.KvmCpuid2, "struct kvm_cpuid2", {}),
+    (structs.KvmLapicState, "struct kvm_lapic_state", {}),
+    (structs.KvmMpState, "struct kvm_mp_state", {}),
+    (structs.KvmDebugregs, "struct kvm_debugregs", {}),
+    (structs.KvmVcpuEvents, "struct kvm_vcpu_events", {"triple_fault_pending": "triple_fault.pending"}),
+    (structs.KvmEnableCap, "struct kvm_enable_cap", {}),
+    (structs.KvmIrqRoutingEntry, "struct kvm_irq_routing_entry", {}),
+    (structs.KvmIrqRouting, "struct kvm_irq_routing", {}),
+    (structs.KvmIrqfd, "struct kvm_irqfd", {}),
+    (structs.KvmMsi, "struct kvm_msi", {}),
+    (structs.KvmIrqLevel, "struct kvm_irq_level", {}),
+    (structs.KvmXenHvmConfig, "struct kvm_xen_hvm_config", {}),
     # the exit-info union of kvm_run is anonymous in C: its members are kvm_run's own
-    (kvm.KvmRun, "struct kvm_run", {"u": ""}),
+    (structs.KvmRun, "struct kvm_run", {"u": ""}),
 ]
 
 # sizes stated in the kernel documentation / measured with gcc for x86-64
 KNOWN_SIZES = {
-    kvm.KvmRun: 2352,
-    kvm.KvmRegs: 144,
-    kvm.KvmSregs: 312,
-    kvm.KvmSegment: 24,
-    kvm.KvmDtable: 16,
-    kvm.KvmCpuidEntry2: 40,
-    kvm.KvmUserspaceMemoryRegion: 32,
-    kvm.KvmLapicState: 1024,
-    kvm.KvmVcpuEvents: 64,
-    kvm.KvmDebugregs: 128,
-    kvm.KvmIrqRoutingEntry: 48,
-    kvm.KvmIrqfd: 32,
-    kvm.KvmMsi: 32,
-    kvm.KvmEnableCap: 104,
+    structs.KvmRun: 2352,
+    structs.KvmRegs: 144,
+    structs.KvmSregs: 312,
+    structs.KvmSegment: 24,
+    structs.KvmDtable: 16,
+    structs.KvmCpuidEntry2: 40,
+    structs.KvmUserspaceMemoryRegion: 32,
+    structs.KvmLapicState: 1024,
+    structs.KvmVcpuEvents: 64,
+    structs.KvmDebugregs: 128,
+    structs.KvmIrqRoutingEntry: 48,
+    structs.KvmIrqfd: 32,
+    structs.KvmMsi: 32,
+    structs.KvmEnableCap: 104,
+    structs.KvmXenHvmConfig: 56,
 }
 
 # request numbers as listed in Documentation/virt/kvm and every VMM's sources
@@ -110,11 +113,11 @@ def _expected_layout() -> dict[str, int]:
 
 
 def _expected_constants() -> dict[str, int]:
-    constants: dict[str, int] = dict((name, value) for value, name in kvm.IOCTL_NAMES.items())
-    constants.update({f"KVM_CAP_{cap.name}": int(cap) for cap in kvm.Cap})
-    constants.update({f"KVM_EXIT_{reason.name}": int(reason) for reason in kvm.ExitReason})
-    constants.update({f"KVM_MP_STATE_{state.name}": int(state) for state in kvm.MpState})
-    constants.update({f"KVM_SYSTEM_EVENT_{event.name}": int(event) for event in kvm.SystemEvent})
+    constants: dict[str, int] = dict((name, value) for value, name in structs.IOCTL_NAMES.items())
+    constants.update({f"KVM_CAP_{cap.name}": int(cap) for cap in structs.Cap})
+    constants.update({f"KVM_EXIT_{reason.name}": int(reason) for reason in structs.ExitReason})
+    constants.update({f"KVM_MP_STATE_{state.name}": int(state) for state in structs.MpState})
+    constants.update({f"KVM_SYSTEM_EVENT_{event.name}": int(event) for event in structs.SystemEvent})
     for name in (
         "KVM_API_VERSION",
         "KVM_MEM_LOG_DIRTY_PAGES",
@@ -132,8 +135,10 @@ def _expected_constants() -> dict[str, int]:
         "KVM_APIC_REG_SIZE",
         "KVM_CPUID_FLAG_SIGNIFCANT_INDEX",
         "SYNC_REGS_SIZE_BYTES",
+        "KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL",
+        "KVM_EXIT_XEN_HCALL",
     ):
-        constants[name] = getattr(kvm, name)
+        constants[name] = getattr(structs, name)
     return constants
 
 
@@ -203,7 +208,7 @@ def test_constants_match_kernel_headers(kernel_values: dict[str, int]) -> None:
     # every ioctl must exist in the header; only capabilities newer than it may be absent
     missing = {name for name in expected if name not in kernel_values}
     assert all(name.startswith("KVM_CAP_") for name in missing), missing
-    assert {name for name in kvm.IOCTL_NAMES.values()} <= compared
+    assert {name for name in structs.IOCTL_NAMES.values()} <= compared
 
 
 @pytest.mark.parametrize(("struct_type", "size"), list(KNOWN_SIZES.items()))
@@ -215,27 +220,29 @@ def test_struct_sizes_known_values(struct_type: type[ctypes.Structure], size: in
 @pytest.mark.parametrize(("name", "number"), list(KNOWN_IOCTLS.items()))
 def test_ioctl_numbers_known_values(name: str, number: int) -> None:
     """Request numbers as documented, independent of the headers on this machine."""
-    assert getattr(kvm, name) == number
-    assert kvm.IOCTL_NAMES[number] == name
+    assert getattr(structs, name) == number
+    assert structs.IOCTL_NAMES[number] == name
 
 
 def test_ioc_encoding_fields() -> None:
     """_IOC puts direction in bits 31:30, size in 29:16, type in 15:8, number in 7:0."""
-    number = kvm._ioc(kvm._IOC_READ | kvm._IOC_WRITE, 0xAE, 0x05, 8)
+    number = uapi.ioc(uapi.IOC_READ | uapi.IOC_WRITE, 0xAE, 0x05, 8)
     assert number >> 30 == 3
     assert (number >> 16) & 0x3FFF == 8
     assert (number >> 8) & 0xFF == 0xAE
     assert number & 0xFF == 0x05
     with pytest.raises(ValueError, match="does not fit"):
-        kvm._ioc(kvm._IOC_WRITE, 0xAE, 1, 1 << 14)
+        uapi.ioc(uapi.IOC_WRITE, 0xAE, 1, 1 << 14)
 
 
 def test_run_page_offsets_used_by_the_fast_path() -> None:
     """The struct formats run() unpacks agree with the ctypes layout of kvm_run."""
-    assert kvm._OFF_EXIT_REASON == 8
-    assert kvm._OFF_U == 32
-    assert kvm._IO_STRUCT.size == ctypes.sizeof(kvm.KvmRunIo)
-    assert kvm._MMIO_STRUCT.size == kvm.KvmRunMmio.is_write.offset + 1
-    assert kvm._MSR_STRUCT.size == ctypes.sizeof(kvm.KvmRunMsr)
-    assert kvm.KvmRunMmio.data.offset + 32 == kvm._OFF_MMIO_DATA
-    assert kvm._OFF_IMMEDIATE_EXIT == 1
+    assert structs.RUN_EXIT_REASON == 8
+    assert structs.RUN_EXIT_INFO == 32
+    assert structs.RUN_IO.size == ctypes.sizeof(structs.KvmRunIo)
+    assert structs.RUN_MMIO.size == structs.KvmRunMmio.is_write.offset + 1
+    assert structs.RUN_MSR.size == ctypes.sizeof(structs.KvmRunMsr)
+    assert structs.KvmRunMmio.data.offset + 32 == structs.RUN_MMIO_DATA
+    assert structs.RUN_IMMEDIATE_EXIT == 1
+    assert structs.RUN_XEN_HCALL.size == ctypes.sizeof(structs.KvmRunXen)
+    assert structs.RUN_XEN_HCALL_RESULT == structs.RUN_EXIT_INFO + 24

@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 
 from harness.hvmodel.abi import CellState
-from harness.hvmodel.arch import kvm, runner
+from harness.hvmodel.arch import hostmem, kvm, portio, runner
+from harness.hvmodel.arch.kvm import structs
+from harness.hvmodel.arch.vcpu import Msr, jailhouse_vcpu_reset, jailhouse_vcpu_setup
 
 pytestmark = [
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="/dev/kvm not available"),
@@ -49,12 +51,12 @@ def watchdog(vcpu: kvm.Vcpu, seconds: float = 5.0) -> Iterator[None]:
 
 def guest(vm: kvm.Vm, code: bytes, *, at: int = 0, ram: int = RAM, apic_id: int = 0) -> kvm.Vcpu:
     """RAM at 0 with ``code`` at ``at``, one vCPU in Jailhouse's start state at ``at``."""
-    memory = kvm.anonymous_memory(ram)
+    memory = hostmem.anonymous_memory(ram)
     memory[at : at + len(code)] = code
     vm.add_memory(0, memory)
     vcpu = vm.create_vcpu(apic_id)
-    kvm.jailhouse_vcpu_setup(vcpu)
-    kvm.jailhouse_vcpu_reset(vcpu, at)
+    jailhouse_vcpu_setup(vcpu)
+    jailhouse_vcpu_reset(vcpu, at)
     return vcpu
 
 
@@ -128,7 +130,7 @@ def test_start_state_as_kvm_reports_it(vm: kvm.Vm) -> None:
     assert sregs.apic_base == 0xFEE00C00
     regs = vcpu.get_regs()
     assert (regs.rip, regs.rflags, regs.rax, regs.rdx, regs.rsp) == (0, 2, 0, 0, 0)
-    msrs = vcpu.get_msrs([kvm.Msr.IA32_APIC_BASE, kvm.Msr.IA32_PAT, kvm.Msr.IA32_MTRR_DEF_TYPE])
+    msrs = vcpu.get_msrs([Msr.IA32_APIC_BASE, Msr.IA32_PAT, Msr.IA32_MTRR_DEF_TYPE])
     assert msrs == {0x1B: 0xFEE00C00, 0x277: 0x0007040600070406, 0x2FF: 0}
     assert vcpu.get_debugregs().dr7 == 0x400
     assert vcpu.get_mp_state() is kvm.MpState.RUNNABLE
@@ -232,7 +234,7 @@ def test_memory_slots_readonly_remove_and_errors(vm: kvm.Vm) -> None:
         ]
     )  # fmt: skip
     vcpu = guest(vm, code)
-    rom = kvm.anonymous_memory(0x1000)
+    rom = hostmem.anonymous_memory(0x1000)
     rom[0] = 0x77
     slot = vm.add_memory(0x20000, rom, readonly=True)
     assert slot.readonly and vm.slot_at(0x20FFF) is slot
@@ -246,7 +248,7 @@ def test_memory_slots_readonly_remove_and_errors(vm: kvm.Vm) -> None:
     assert rom[0] == 0x77
 
     with pytest.raises(kvm.KvmError) as overlap:
-        vm.add_memory(0x20000, kvm.anonymous_memory(0x1000))
+        vm.add_memory(0x20000, hostmem.anonymous_memory(0x1000))
     assert overlap.value.op == "KVM_SET_USER_MEMORY_REGION"
     assert overlap.value.os_errno == errno.EEXIST
     vm.remove_memory(slot)
@@ -254,9 +256,9 @@ def test_memory_slots_readonly_remove_and_errors(vm: kvm.Vm) -> None:
     rom.close()  # released with the slot
 
     with pytest.raises(kvm.KvmError, match="guest address not page-aligned"):
-        vm.add_memory(0x30800, kvm.anonymous_memory(0x1000))
+        vm.add_memory(0x30800, hostmem.anonymous_memory(0x1000))
     with pytest.raises(kvm.KvmError, match="host address not page-aligned"):
-        vm.add_memory(0x30000, kvm.anonymous_memory(0x2000), offset=0x800, size=0x1000)
+        vm.add_memory(0x30000, hostmem.anonymous_memory(0x2000), offset=0x800, size=0x1000)
     with pytest.raises(kvm.KvmError, match="KVM_CREATE_VCPU failed: EINVAL"):
         vm.create_vcpu(1 << 20)
 
@@ -548,7 +550,7 @@ def test_phys_mapping_offsets_and_slot(vm: kvm.Vm, tmp_path: Path) -> None:
     one becomes a memory slot the guest runs from (a file stands in for /dev/mem)."""
     backing = tmp_path / "mem"
     backing.write_bytes(bytes(0x4000))
-    with kvm.PhysMapping(0x1800, 0x1000, path=str(backing)) as window:
+    with hostmem.PhysMapping(0x1800, 0x1000, path=str(backing)) as window:
         assert window.offset == 0x800
         window.write(0, b"abc")
         window.write_value(0x10, 4, 0x11223344)
@@ -563,13 +565,13 @@ def test_phys_mapping_offsets_and_slot(vm: kvm.Vm, tmp_path: Path) -> None:
     assert data[0x1810:0x1814] == bytes.fromhex("44332211")
 
     code = bytes([0xBA, 0xF8, 0x02, 0xA0, 0x00, 0x01, 0xEE, 0xF4])  # mov al, [0x100]; out
-    ram = kvm.PhysMapping(0x2000, 0x1000, path=str(backing))
+    ram = hostmem.PhysMapping(0x2000, 0x1000, path=str(backing))
     ram.write(0, code)
     ram.write(0x100, b"\x99")
     vm.add_memory(0, ram.mmap, offset=ram.offset, size=0x1000)
     vcpu = vm.create_vcpu(0)
-    kvm.jailhouse_vcpu_setup(vcpu)
-    kvm.jailhouse_vcpu_reset(vcpu)
+    jailhouse_vcpu_setup(vcpu)
+    jailhouse_vcpu_reset(vcpu)
     with watchdog(vcpu):
         expect_out(vcpu, UART, 1, 0x99)
     vm.close()
@@ -580,18 +582,18 @@ def test_dev_port_byte_ports(tmp_path: Path) -> None:
     """DevPort reads and writes consecutive byte ports (a file stands in for /dev/port)."""
     ports = tmp_path / "port"
     ports.write_bytes(bytes(0x1000))
-    with kvm.DevPort(str(ports)) as dev:
+    with portio.DevPort(str(ports)) as dev:
         dev.write(0x608, b"\x01\x02\x03\x04")
         assert dev.read(0x609, 2) == b"\x02\x03"
     with pytest.raises(kvm.KvmError, match="open"):
-        kvm.DevPort(str(tmp_path / "missing"))
+        portio.DevPort(str(tmp_path / "missing"))
 
 
 def test_user_space_msr_exits(vm: kvm.Vm) -> None:
     """With KVM_CAP_X86_USER_SPACE_MSR, unknown MSRs exit; read results reach EDX:EAX."""
     if not vm.kvm.check_extension(kvm.Cap.X86_USER_SPACE_MSR):
         pytest.skip("KVM_CAP_X86_USER_SPACE_MSR missing")
-    vm.enable_cap(kvm.Cap.X86_USER_SPACE_MSR, kvm.KVM_MSR_EXIT_REASON_UNKNOWN)
+    vm.enable_cap(kvm.Cap.X86_USER_SPACE_MSR, structs.KVM_MSR_EXIT_REASON_UNKNOWN)
     code = bytes(
         [
             0x66, 0xB9, 0x34, 0x12, 0x00, 0x00,  # mov ecx, 0x1234 (no such MSR)
@@ -694,7 +696,7 @@ def test_reset_after_an_unfinished_in(vm: kvm.Vm) -> None:
         exit_ = vcpu.run()
         assert isinstance(exit_, kvm.IoExit) and not exit_.is_write
         exit_.set_value(0x99)
-        kvm.jailhouse_vcpu_reset(vcpu)  # the parked CPU is started again
+        jailhouse_vcpu_reset(vcpu)  # the parked CPU is started again
         regs = vcpu.get_regs()
         assert (regs.rip, regs.rax) == (0, 0)
         expect_out(vcpu, UART, 1, 0x41)

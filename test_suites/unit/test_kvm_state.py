@@ -12,6 +12,13 @@ import struct
 import pytest
 
 from harness.hvmodel.arch import kvm, runner
+from harness.hvmodel.arch.kvm import structs
+from harness.hvmodel.arch.vcpu import (
+    jailhouse_cpuid,
+    jailhouse_reset_regs,
+    jailhouse_reset_sregs,
+    lapic_reset_page,
+)
 from harness.hvmodel.errors import Errno, HvError
 
 SUPPORTED = [
@@ -34,7 +41,7 @@ def _leaf(table: list[kvm.CpuidEntry], function: int, index: int = 0) -> kvm.Cpu
 
 def test_cpuid_hypervisor_leaves_are_jailhouse_not_kvm() -> None:
     """0x40000000 says "Jailhouse" with max leaf 0x40000001, which is all zero; no KVM leaf."""
-    table = kvm.jailhouse_cpuid(SUPPORTED, apic_id=2)
+    table = jailhouse_cpuid(SUPPORTED, apic_id=2)
     signature = _leaf(table, 0x40000000)
     assert signature.eax == 0x40000001
     assert (signature.ebx, signature.ecx, signature.edx) == (0x6C69614A, 0x73756F68, 0x00000065)
@@ -48,7 +55,7 @@ def test_cpuid_hypervisor_leaves_are_jailhouse_not_kvm() -> None:
 
 def test_cpuid_leaf1_vmx_cleared_hypervisor_set_apic_id() -> None:
     """Leaf 1: VMX off, HYPERVISOR and x2APIC on, APIC ID in EBX[31:24], rest untouched."""
-    table = kvm.jailhouse_cpuid(SUPPORTED, apic_id=3)
+    table = jailhouse_cpuid(SUPPORTED, apic_id=3)
     leaf = _leaf(table, 1)
     assert not leaf.ecx & (1 << 5)
     assert leaf.ecx & (1 << 31)
@@ -62,7 +69,7 @@ def test_cpuid_leaf1_vmx_cleared_hypervisor_set_apic_id() -> None:
 
 def test_cpuid_svm_cleared_and_topology_ids() -> None:
     """0x80000001 loses SVM; every 0xb subleaf and 0x8000001e carry the APIC ID."""
-    table = kvm.jailhouse_cpuid(SUPPORTED, apic_id=5)
+    table = jailhouse_cpuid(SUPPORTED, apic_id=5)
     assert _leaf(table, 0x80000001).ecx == 0x00400397 & ~(1 << 2)
     assert _leaf(table, 0xB, 0).edx == 5
     assert _leaf(table, 0xB, 1).edx == 5
@@ -74,7 +81,7 @@ def test_cpuid_svm_cleared_and_topology_ids() -> None:
 @pytest.mark.parametrize(("force", "expected"), [(None, True), (True, True), (False, False)])
 def test_cpuid_tsc_deadline_override(force: bool | None, expected: bool) -> None:
     """TSC-deadline follows KVM unless forced."""
-    table = kvm.jailhouse_cpuid(SUPPORTED, apic_id=0, tsc_deadline=force)
+    table = jailhouse_cpuid(SUPPORTED, apic_id=0, tsc_deadline=force)
     assert bool(_leaf(table, 1).ecx & (1 << 24)) is expected
 
 
@@ -84,13 +91,13 @@ def test_cpuid_tsc_deadline_override(force: bool | None, expected: bool) -> None
 )
 def test_reset_state_real_mode(address: int, selector: int, base: int, rip: int) -> None:
     """§5.1: CS from cpu_reset_address, segment ARs, descriptor tables, CR0, EFER, APIC base."""
-    sregs = kvm.KvmSregs()
+    sregs = structs.KvmSregs()
     sregs.cr0 = 0x80000011
     sregs.efer = 0x500
     sregs.cs.base = 0x1234
     sregs.cs.l = 1
     sregs.interrupt_bitmap[1] = 4
-    kvm.jailhouse_reset_sregs(sregs, address)
+    jailhouse_reset_sregs(sregs, address)
     assert (sregs.cs.selector, sregs.cs.base, sregs.cs.limit) == (selector, base, 0xFFFF)
     assert sregs.cs.access_rights() == 0x9B
     for name in ("ds", "es", "fs", "gs", "ss"):
@@ -103,14 +110,14 @@ def test_reset_state_real_mode(address: int, selector: int, base: int, rip: int)
     assert (sregs.cr2, sregs.cr3, sregs.cr4, sregs.cr8, sregs.efer) == (0, 0, 0, 0, 0)
     assert sregs.apic_base == 0xFEE00C00  # enabled, x2APIC, not BSP
     assert list(sregs.interrupt_bitmap) == [0, 0, 0, 0]
-    regs = kvm.jailhouse_reset_regs(address)
+    regs = jailhouse_reset_regs(address)
     assert (regs.rip, regs.rflags) == (rip, 2)
-    assert all(getattr(regs, name) == 0 for name, *_ in kvm.KvmRegs._fields_[:16])
+    assert all(getattr(regs, name) == 0 for name, *_ in structs.KvmRegs._fields_[:16])
 
 
 def test_segment_access_rights_round_trip() -> None:
     """The VMX-style AR word maps onto kvm_segment's bit fields and back."""
-    seg = kvm.KvmSegment()
+    seg = structs.KvmSegment()
     for ar in (0x9B, 0x93, 0x8B, 0x82, 0xA09B, 0xC093, 0x80F3):
         seg.set_access_rights(ar)
         assert seg.access_rights() == ar
@@ -121,7 +128,7 @@ def test_segment_access_rights_round_trip() -> None:
 def test_lapic_reset_page() -> None:
     """ID/version/LDR kept, LVTs masked, SVR 0xff, DFR all ones, everything else zero."""
     current = bytearray(range(256)) * 4
-    page = kvm.lapic_reset_page(current)
+    page = lapic_reset_page(current)
     assert len(page) == 1024
 
     def reg(offset: int) -> int:

@@ -1,4 +1,4 @@
-"""The VFIO binding's ABI, and its parts that need no VFIO: ``vfio.py`` offline.
+"""The VFIO binding's ABI, and its parts that need no VFIO: ``arch/vfio`` offline.
 
 The reference values come from the kernel's own headers: a C program including
 ``<linux/vfio.h>`` prints ``sizeof``/``offsetof`` and the macros, compiled at test time
@@ -25,52 +25,54 @@ import pytest
 
 from harness.hvmodel.arch import vfio
 from harness.hvmodel.arch.kvm import IrqchipRoute
+from harness.hvmodel.arch.vfio import ioctl as vfio_ioctl
+from harness.hvmodel.arch.vfio import structs
 from harness.hvmodel.errors import Errno, HvError
 
 # (ctypes class, C type, renames of Python field names to C member paths)
 STRUCTS: list[tuple[type[ctypes.Structure], str, dict[str, str]]] = [
-    (vfio.VfioInfoCapHeader, "struct vfio_info_cap_header", {}),
-    (vfio.VfioGroupStatus, "struct vfio_group_status", {}),
-    (vfio.VfioDeviceInfo, "struct vfio_device_info", {}),
-    (vfio.VfioRegionInfo, "struct vfio_region_info", {}),
-    (vfio.VfioRegionSparseMmapArea, "struct vfio_region_sparse_mmap_area", {}),
-    (vfio.VfioRegionInfoCapSparseMmap, "struct vfio_region_info_cap_sparse_mmap", {}),
-    (vfio.VfioRegionInfoCapType, "struct vfio_region_info_cap_type", {}),
-    (vfio.VfioIrqInfo, "struct vfio_irq_info", {}),
-    (vfio.VfioIrqSet, "struct vfio_irq_set", {}),
-    (vfio.VfioPciDependentDevice, "struct vfio_pci_dependent_device", {}),
-    (vfio.VfioPciHotResetInfo, "struct vfio_pci_hot_reset_info", {}),
-    (vfio.VfioPciHotReset, "struct vfio_pci_hot_reset", {}),
-    (vfio.VfioIommuType1Info, "struct vfio_iommu_type1_info", {}),
-    (vfio.VfioIovaRange, "struct vfio_iova_range", {}),
-    (vfio.VfioIommuType1InfoCapIovaRange, "struct vfio_iommu_type1_info_cap_iova_range", {}),
-    (vfio.VfioIommuType1InfoDmaAvail, "struct vfio_iommu_type1_info_dma_avail", {}),
-    (vfio.VfioIommuType1DmaMap, "struct vfio_iommu_type1_dma_map", {}),
-    (vfio.VfioIommuType1DmaUnmap, "struct vfio_iommu_type1_dma_unmap", {}),
+    (structs.VfioInfoCapHeader, "struct vfio_info_cap_header", {}),
+    (structs.VfioGroupStatus, "struct vfio_group_status", {}),
+    (structs.VfioDeviceInfo, "struct vfio_device_info", {}),
+    (structs.VfioRegionInfo, "struct vfio_region_info", {}),
+    (structs.VfioRegionSparseMmapArea, "struct vfio_region_sparse_mmap_area", {}),
+    (structs.VfioRegionInfoCapSparseMmap, "struct vfio_region_info_cap_sparse_mmap", {}),
+    (structs.VfioRegionInfoCapType, "struct vfio_region_info_cap_type", {}),
+    (structs.VfioIrqInfo, "struct vfio_irq_info", {}),
+    (structs.VfioIrqSet, "struct vfio_irq_set", {}),
+    (structs.VfioPciDependentDevice, "struct vfio_pci_dependent_device", {}),
+    (structs.VfioPciHotResetInfo, "struct vfio_pci_hot_reset_info", {}),
+    (structs.VfioPciHotReset, "struct vfio_pci_hot_reset", {}),
+    (structs.VfioIommuType1Info, "struct vfio_iommu_type1_info", {}),
+    (structs.VfioIovaRange, "struct vfio_iova_range", {}),
+    (structs.VfioIommuType1InfoCapIovaRange, "struct vfio_iommu_type1_info_cap_iova_range", {}),
+    (structs.VfioIommuType1InfoDmaAvail, "struct vfio_iommu_type1_info_dma_avail", {}),
+    (structs.VfioIommuType1DmaMap, "struct vfio_iommu_type1_dma_map", {}),
+    (structs.VfioIommuType1DmaUnmap, "struct vfio_iommu_type1_dma_unmap", {}),
 ]
 
 # Flexible array members: the binding puts them right after the ctypes header.
 FLEXIBLE = [
-    (vfio.VfioIrqSet, "struct vfio_irq_set", "data"),
-    (vfio.VfioRegionInfoCapSparseMmap, "struct vfio_region_info_cap_sparse_mmap", "areas"),
-    (vfio.VfioIommuType1InfoCapIovaRange, "struct vfio_iommu_type1_info_cap_iova_range", "iova_ranges"),
-    (vfio.VfioPciHotResetInfo, "struct vfio_pci_hot_reset_info", "devices"),
-    (vfio.VfioPciHotReset, "struct vfio_pci_hot_reset", "group_fds"),
-    (vfio.VfioIommuType1DmaUnmap, "struct vfio_iommu_type1_dma_unmap", "data"),
+    (structs.VfioIrqSet, "struct vfio_irq_set", "data"),
+    (structs.VfioRegionInfoCapSparseMmap, "struct vfio_region_info_cap_sparse_mmap", "areas"),
+    (structs.VfioIommuType1InfoCapIovaRange, "struct vfio_iommu_type1_info_cap_iova_range", "iova_ranges"),
+    (structs.VfioPciHotResetInfo, "struct vfio_pci_hot_reset_info", "devices"),
+    (structs.VfioPciHotReset, "struct vfio_pci_hot_reset", "group_fds"),
+    (structs.VfioIommuType1DmaUnmap, "struct vfio_iommu_type1_dma_unmap", "data"),
 ]
 
 KNOWN_SIZES = {
-    vfio.VfioInfoCapHeader: 8,
-    vfio.VfioGroupStatus: 8,
-    vfio.VfioDeviceInfo: 20,
-    vfio.VfioRegionInfo: 32,
-    vfio.VfioRegionSparseMmapArea: 16,
-    vfio.VfioRegionInfoCapSparseMmap: 16,
-    vfio.VfioIrqInfo: 16,
-    vfio.VfioIrqSet: 20,
-    vfio.VfioIommuType1Info: 24,
-    vfio.VfioIommuType1DmaMap: 32,
-    vfio.VfioIommuType1DmaUnmap: 24,
+    structs.VfioInfoCapHeader: 8,
+    structs.VfioGroupStatus: 8,
+    structs.VfioDeviceInfo: 20,
+    structs.VfioRegionInfo: 32,
+    structs.VfioRegionSparseMmapArea: 16,
+    structs.VfioRegionInfoCapSparseMmap: 16,
+    structs.VfioIrqInfo: 16,
+    structs.VfioIrqSet: 20,
+    structs.VfioIommuType1Info: 24,
+    structs.VfioIommuType1DmaMap: 32,
+    structs.VfioIommuType1DmaUnmap: 24,
 }
 
 # _IO(';', 100 + n) = 0x3b00 | (100 + n), as every VFIO user (QEMU, crosvm, DPDK) hardcodes
@@ -118,25 +120,25 @@ def _expected_layout() -> dict[str, int]:
 
 
 IOMMU_CAP_NAMES = {
-    vfio.IommuCap.IOVA_RANGE: "VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE",
-    vfio.IommuCap.MIGRATION: "VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION",
-    vfio.IommuCap.DMA_AVAIL: "VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL",
+    structs.IommuCap.IOVA_RANGE: "VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE",
+    structs.IommuCap.MIGRATION: "VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION",
+    structs.IommuCap.DMA_AVAIL: "VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL",
 }
 
 
 def _expected_constants() -> dict[str, int]:
-    constants: dict[str, int] = dict(vfio.IOCTLS)
+    constants: dict[str, int] = dict(structs.IOCTLS)
     prefixes: list[tuple[type[enum.Enum], str, str]] = [
-        (vfio.Extension, "VFIO_", ""),
-        (vfio.GroupFlags, "VFIO_GROUP_FLAGS_", ""),
-        (vfio.DeviceFlags, "VFIO_DEVICE_FLAGS_", ""),
-        (vfio.RegionFlags, "VFIO_REGION_INFO_FLAG_", ""),
-        (vfio.RegionCap, "VFIO_REGION_INFO_CAP_", ""),
-        (vfio.IrqInfoFlags, "VFIO_IRQ_INFO_", ""),
-        (vfio.IrqSetFlags, "VFIO_IRQ_SET_", ""),
-        (vfio.PciRegion, "VFIO_PCI_", "_REGION_INDEX"),
-        (vfio.PciIrq, "VFIO_PCI_", "_IRQ_INDEX"),
-        (vfio.IommuInfoFlags, "VFIO_IOMMU_INFO_", ""),
+        (structs.Extension, "VFIO_", ""),
+        (structs.GroupFlags, "VFIO_GROUP_FLAGS_", ""),
+        (structs.DeviceFlags, "VFIO_DEVICE_FLAGS_", ""),
+        (structs.RegionFlags, "VFIO_REGION_INFO_FLAG_", ""),
+        (structs.RegionCap, "VFIO_REGION_INFO_CAP_", ""),
+        (structs.IrqInfoFlags, "VFIO_IRQ_INFO_", ""),
+        (structs.IrqSetFlags, "VFIO_IRQ_SET_", ""),
+        (structs.PciRegion, "VFIO_PCI_", "_REGION_INDEX"),
+        (structs.PciIrq, "VFIO_PCI_", "_IRQ_INDEX"),
+        (structs.IommuInfoFlags, "VFIO_IOMMU_INFO_", ""),
     ]
     for enum_type, prefix, suffix in prefixes:
         for member in enum_type:
@@ -155,7 +157,7 @@ def _expected_constants() -> dict[str, int]:
         "VFIO_DMA_UNMAP_FLAG_ALL",
         "VFIO_DMA_UNMAP_FLAG_VADDR",
     ):
-        constants[name] = getattr(vfio, name)
+        constants[name] = getattr(structs, name)
     return constants
 
 
@@ -216,8 +218,8 @@ def test_constants_match_kernel_headers(kernel_values: dict[str, int]) -> None:
         if kernel_values.get(name) != value
     }
     assert not mismatches, f"ours vs <linux/vfio.h>: {mismatches}"
-    assert set(vfio.IOCTLS) <= set(kernel_values)
-    assert len(vfio.IOCTLS) == 17
+    assert set(structs.IOCTLS) <= set(kernel_values)
+    assert len(structs.IOCTLS) == 17
 
 
 @pytest.mark.parametrize(("struct_type", "size"), list(KNOWN_SIZES.items()))
@@ -229,8 +231,8 @@ def test_struct_sizes_known_values(struct_type: type[ctypes.Structure], size: in
 @pytest.mark.parametrize(("name", "number"), list(KNOWN_IOCTLS.items()))
 def test_ioctl_numbers_known_values(name: str, number: int) -> None:
     """Request numbers as every VFIO user writes them, independent of the headers here."""
-    assert getattr(vfio, name) == number
-    assert vfio.IOCTLS[name] == number
+    assert getattr(structs, name) == number
+    assert structs.IOCTLS[name] == number
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,19 +458,19 @@ def test_claim_errors_name_device_and_step(fake: FakeSysfs, monkeypatch: pytest.
 def test_capability_chain_walk() -> None:
     """Caps are found by following ``next`` offsets; a loop ends the walk."""
     buf = bytearray(64)
-    struct.pack_into("=HHI", buf, 32, vfio.RegionCap.SPARSE_MMAP, 1, 48)
-    struct.pack_into("=HHI", buf, 48, vfio.RegionCap.MSIX_MAPPABLE, 1, 32)  # loops back
-    assert list(vfio._cap_chain(buf, 32)) == [(1, 1, 32), (3, 1, 48)]
-    assert list(vfio._cap_chain(buf, 0)) == []
+    struct.pack_into("=HHI", buf, 32, structs.RegionCap.SPARSE_MMAP, 1, 48)
+    struct.pack_into("=HHI", buf, 48, structs.RegionCap.MSIX_MAPPABLE, 1, 32)  # loops back
+    assert list(vfio_ioctl.cap_chain(buf, 32)) == [(1, 1, 32), (3, 1, 48)]
+    assert list(vfio_ioctl.cap_chain(buf, 0)) == []
 
 
 def test_region_mmap_areas() -> None:
     """Sparse areas restrict the mmap; no MMAP flag means nothing to map."""
-    flags = vfio.RegionFlags.READ | vfio.RegionFlags.WRITE
-    whole = vfio.RegionInfo(0, flags | vfio.RegionFlags.MMAP, 0x100000, 0)
+    flags = structs.RegionFlags.READ | structs.RegionFlags.WRITE
+    whole = vfio.RegionInfo(0, flags | structs.RegionFlags.MMAP, 0x100000, 0)
     assert whole.mmap_areas == ((0, 0x100000),)
     sparse = vfio.RegionInfo(
-        0, flags | vfio.RegionFlags.MMAP, 0x4000, 0, sparse_areas=((0, 0x2000), (0x3000, 0))
+        0, flags | structs.RegionFlags.MMAP, 0x4000, 0, sparse_areas=((0, 0x2000), (0x3000, 0))
     )
     assert sparse.mmap_areas == ((0, 0x2000),)
     assert vfio.RegionInfo(7, flags, 0x100, 7 << 40).mmap_areas == ()
@@ -495,7 +497,7 @@ def test_default_irqchip_routes_match_kvm() -> None:
 def test_vfio_error_text() -> None:
     """Kernel failures read 'who: OP failed: ENAME (text): detail' and keep the errno."""
     error = vfio.VfioError(
-        "00:05.0", vfio._failed("VFIO_DEVICE_SET_IRQS", 22, "enable MSI, 1 vector"), os_errno=22
+        "00:05.0", vfio_ioctl.failed("VFIO_DEVICE_SET_IRQS", 22, "enable MSI, 1 vector"), os_errno=22
     )
     assert (
         str(error) == "00:05.0: VFIO_DEVICE_SET_IRQS failed: EINVAL (Invalid argument): enable MSI, 1 vector"

@@ -25,7 +25,7 @@ import signal
 import sys
 
 from . import xen
-from .kvm import Cap, Kvm, KvmError
+from .kvm import Cap, Kvm, KvmError, Vm
 
 #: GSI routes reserved for a split irqchip (as the executor's VMs have)
 SPLIT_IRQCHIP_ROUTES = 24
@@ -35,10 +35,9 @@ def main() -> int:
     """Hold the VM until a signal ends the process."""
     try:
         kvm = Kvm()
-        vm = kvm.create_vm()
+        vm = Vm(kvm)
         if kvm.check_extension(Cap.SPLIT_IRQCHIP):
-            vm.enable_cap(Cap.SPLIT_IRQCHIP, SPLIT_IRQCHIP_ROUTES)
-            vm.has_irqchip = True
+            vm.create_split_irqchip(SPLIT_IRQCHIP_ROUTES)
         else:
             vm.create_irqchip()
         vm.create_vcpu(0)  # its local APIC stays software-disabled: never run

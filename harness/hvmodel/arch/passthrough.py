@@ -483,11 +483,11 @@ class Passthrough:
             data = int.from_bytes(passed.msi[12:14], "little")
         else:
             data = int.from_bytes(passed.msi[8:10], "little")
-        available = passed.device.irq_info(PciIrq.MSI).count
+        available = passed.device.irqs.info(PciIrq.MSI).count
         count = min(1 << ((ctrl & PCI_MSI_CTRL_MME_MASK) >> PCI_MSI_CTRL_MME_SHIFT), max(available, 1))
         if len(passed.msi_fds) != count:
             self._msi_off(router, passed)
-            passed.msi_fds = passed.device.enable_msi(count)
+            passed.msi_fds = passed.device.irqs.enable_msi(count)
         for vector in range(count):
             # Multiple messages: the low data bits number the vector.
             vector_data = (data & ~(count - 1)) | vector
@@ -503,7 +503,7 @@ class Passthrough:
         passed.msi_routes.clear()
         if passed.msi_fds:
             passed.msi_fds = []
-            passed.device.disable_irqs(PciIrq.MSI)
+            passed.device.irqs.disable(PciIrq.MSI)
 
     def _update_msix(self, passed: PassedDevice, only: int | None = None) -> None:
         """MSI-X as the shadow says: all table vectors enabled in VFIO while MSI-X is on;
@@ -513,7 +513,7 @@ class Passthrough:
             self._msix_off(router, passed)
             return
         if not passed.msix_fds:
-            passed.msix_fds = passed.device.enable_msix(len(passed.msix_entries))
+            passed.msix_fds = passed.device.irqs.enable_msix(len(passed.msix_entries))
         masked_all = bool(passed.msix_ctrl & PCI_MSIX_CTRL_FMASK)
         indexes = range(len(passed.msix_entries)) if only is None else (only,)
         for index in indexes:
@@ -535,7 +535,7 @@ class Passthrough:
         passed.msix_routes.clear()
         if passed.msix_fds:
             passed.msix_fds = []
-            passed.device.disable_irqs(PciIrq.MSIX)
+            passed.device.irqs.disable(PciIrq.MSIX)
 
     def _irqs_off(self, cell: _CellDevices, passed: PassedDevice) -> None:
         try:

@@ -45,10 +45,18 @@ from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 from . import HOST_PAGE_SIZE
-from .kvm import KVM_RUN, DevPort, KvmError
+from .kvm import KvmError
+from .kvm.structs import KVM_RUN
 
 __all__ = [
-    "DevPortPorts", "IoBitmapLoop", "NativePorts", "PortIo", "open_ports", "open_ranges", "stable_read",
+    "DevPort",
+    "DevPortPorts",
+    "IoBitmapLoop",
+    "NativePorts",
+    "PortIo",
+    "open_ports",
+    "open_ranges",
+    "stable_read",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -174,6 +182,50 @@ def stable_read(read_bytes: Callable[[int, int], bytes], port: int, size: int) -
             return int.from_bytes(second, "little")
         first = second
     return int.from_bytes(first, "little")
+
+
+class DevPort:
+    """Host I/O ports through ``/dev/port`` (whitelisted PIO pass-through).
+
+    ``/dev/port`` moves one byte per port: a 2- or 4-byte access becomes that many byte
+    accesses at consecutive ports, lowest first (``inb``/``outb``), not one ``inw``/``inl``.
+    Devices that latch wide registers (the ACPI PM timer) can therefore be read torn.
+
+    :param path: the port device
+    """
+
+    def __init__(self, path: str = "/dev/port") -> None:
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KvmError(f"open {path}", exc.errno or 0) from exc
+        self.path = path
+
+    def read(self, port: int, size: int) -> bytes:
+        """Read ``size`` consecutive byte ports starting at ``port``."""
+        try:
+            return os.pread(self._fd, size, port)
+        except OSError as exc:
+            raise KvmError(f"read {self.path}", exc.errno or 0, f"port {port:#x}") from exc
+
+    def write(self, port: int, data: bytes) -> None:
+        """Write ``data`` to consecutive byte ports starting at ``port``."""
+        try:
+            os.pwrite(self._fd, data, port)
+        except OSError as exc:
+            raise KvmError(f"write {self.path}", exc.errno or 0, f"port {port:#x}") from exc
+
+    def close(self) -> None:
+        """Close the device; idempotent."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DevPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class DevPortPorts:

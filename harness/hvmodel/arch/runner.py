@@ -18,7 +18,7 @@ The test vehicle for inmates until the executor exists: it does by hand what
 * with ``--test-device``, Jailhouse's test device (the cell flag TEST_DEVICE): accesses
   to 0x101ff8..0x101fff reach bytes 0xff8..0xfff of the comm page.
 
-Usage: ``python3 -m harness.hvmodel.arch.kvm run IMAGE [options]`` (``--help``).
+Usage: ``python3 -m harness.hvmodel.arch.runner run IMAGE [options]`` (``--help``).
 Exit status: 0 when the run ended by ``--timeout`` or ``--exit-on`` matched, 1 when a
 CPU failed, the cell left RUNNING, or ``--exit-on`` was not seen, 2 for usage errors.
 """
@@ -52,24 +52,10 @@ from ..abi import (
     comm_write_u32,
 )
 from . import HOST_PAGE_SIZE
-from .kvm import (
-    Cap,
-    DevPort,
-    IntrExit,
-    IoExit,
-    Kvm,
-    KvmError,
-    MmioExit,
-    PhysMapping,
-    Vcpu,
-    Vm,
-    anonymous_memory,
-    describe_exit,
-    format_state,
-    install_kick_handler,
-    jailhouse_vcpu_reset,
-    jailhouse_vcpu_setup,
-)
+from .hostmem import PhysMapping, anonymous_memory
+from .kvm import Cap, IntrExit, IoExit, Kvm, KvmError, MmioExit, Vcpu, Vm, describe_exit, install_kick_handler
+from .portio import DevPort
+from .vcpu import apic_khz, format_state, jailhouse_vcpu_reset, jailhouse_vcpu_setup, measure_tsc_khz
 
 LOG = logging.getLogger(__name__)
 
@@ -80,8 +66,6 @@ PM_TIMER_PORT: Final = 0x608
 PM_TIMER_HZ: Final = 3_579_545
 DEFAULT_UART: Final = 0x2F8
 DEFAULT_TIMEOUT: Final = 10.0
-#: KVM's local APIC timer runs at one bus cycle per nanosecond unless configured.
-KVM_APIC_BUS_CYCLE_NS: Final = 1
 
 
 def comm_region(
@@ -184,26 +168,6 @@ def parse_ports(text: str) -> list[range]:
     return ranges
 
 
-def measure_tsc_khz(vcpu: Vcpu) -> int:
-    """The guest TSC frequency: ``KVM_GET_TSC_KHZ``, else ``cpu MHz`` of /proc/cpuinfo."""
-    if vcpu.vm.kvm.check_extension(Cap.GET_TSC_KHZ):
-        return vcpu.tsc_khz()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("cpu MHz"):
-                    return int(float(line.split(":")[1]) * 1000)
-    except OSError:
-        pass
-    return 0
-
-
-def apic_khz(kvm: Kvm) -> int:
-    """Frequency of the in-kernel local APIC timer (KVM: 1 GHz unless reconfigured)."""
-    cycle_ns = kvm.check_extension(Cap.X86_APIC_BUS_CYCLES_NS) or KVM_APIC_BUS_CYCLE_NS
-    return 1_000_000 // cycle_ns
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunnerConfig:
     """What to run and how.
@@ -271,7 +235,7 @@ class InmateRunner:
     Lifecycle: construct (opens KVM, builds the VM, loads the image, resets the vCPUs)
     -> :meth:`start` (one thread per vCPU, all released at once) -> :meth:`wait` ->
     :meth:`stop` (kicks and joins the threads) -> :meth:`close`. The ``with`` block
-    does stop and close. :func:`~harness.hvmodel.arch.kvm.install_kick_handler` must
+    does stop and close. :func:`~harness.hvmodel.arch.kvm.vcpu.install_kick_handler` must
     have been called in the main thread.
 
     :param config: what to run
@@ -303,7 +267,7 @@ class InmateRunner:
         self.phys_ram: PhysMapping | None = None
         self.kvm = Kvm()
         try:
-            self.vm = self.kvm.create_vm()
+            self.vm = Vm(self.kvm)
             self._build()
         except BaseException:
             self.close()
@@ -587,7 +551,7 @@ def _stdout_writer(data: bytes) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python3 -m harness.hvmodel.arch.kvm",
+        prog="python3 -m harness.hvmodel.arch.runner",
         description="Run a Jailhouse inmate on KVM as a one-cell test vehicle.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -18,35 +18,20 @@ VM, the lab's KVM holder) configures it too, so cells coming and going never fli
 
 from __future__ import annotations
 
-import fcntl
-import struct
 from typing import Final
 
-from .kvm import Cap, Kvm, KvmError, Vm
+from .kvm import Cap, Kvm, Vm
+from .kvm.structs import KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL
 
-#: ``KVM_XEN_HVM_CONFIG``'s flag: hypercalls exit to user space
-INTERCEPT_HCALL: Final = 1 << 1
-#: ``struct kvm_xen_hvm_config``: flags, msr, blob_addr_32, blob_addr_64, blob_size_32,
-#: blob_size_64, pad (56 bytes)
-_HVM_CONFIG: Final = struct.Struct("<IIQQBB30x")
-#: ``_IOW(KVMIO, 0x7a, struct kvm_xen_hvm_config)``
-KVM_XEN_HVM_CONFIG: Final = (1 << 30) | (_HVM_CONFIG.size << 16) | (0xAE << 8) | 0x7A
 #: Xen's hypercall-page MSR where Xen puts it next to Viridian's (0x40000000 + 0x200);
 #: it only has to be non-zero for the intercept to work (see the module docstring)
 HYPERCALL_MSR: Final = 0x40000200
-#: ``struct kvm_xen_exit.type`` of a hypercall
-KVM_EXIT_XEN_HCALL: Final = 1
-#: ``struct kvm_xen_exit`` with the ``hcall`` member: type, (pad), longmode, cpl, input,
-#: result, params[6]; the union is 8-byte aligned
-XEN_EXIT: Final = struct.Struct("<I4xIIQQ6Q")
-#: offset of ``hcall.result`` in ``struct kvm_xen_exit``
-XEN_RESULT_OFFSET: Final = 24
 
 
 def intercept_available(kvm: Kvm) -> bool:
     """Whether this kernel's KVM can deliver hypercalls to user space (``KVM_CAP_XEN_HVM``
     lists ``INTERCEPT_HCALL``; Debian's kernel, without ``CONFIG_KVM_XEN``, does not)."""
-    return bool(kvm.check_extension(Cap.XEN_HVM) & INTERCEPT_HCALL)
+    return bool(kvm.check_extension(Cap.XEN_HVM) & KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL)
 
 
 def intercept_hypercalls(vm: Vm) -> None:
@@ -54,8 +39,4 @@ def intercept_hypercalls(vm: Vm) -> None:
 
     :raise KvmError: when KVM refuses (no ``CONFIG_KVM_XEN``)
     """
-    raw = bytearray(_HVM_CONFIG.pack(INTERCEPT_HCALL, HYPERCALL_MSR, 0, 0, 0, 0))
-    try:
-        fcntl.ioctl(vm.fd, KVM_XEN_HVM_CONFIG, raw)
-    except OSError as exc:
-        raise KvmError("KVM_XEN_HVM_CONFIG", exc.errno or 0, "hypercall interception") from exc
+    vm.set_xen_hvm_config(KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL, msr=HYPERCALL_MSR)

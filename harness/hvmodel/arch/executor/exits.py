@@ -1,0 +1,267 @@
+"""The executor's exit handlers; models ``vcpu_handle_exit`` and its cases in
+``hypervisor/arch/x86/vcpu.c`` (``vcpu_handle_io``, ``vcpu_handle_mmio``,
+``vcpu_handle_hypercall``) and the default cases of ``svm.c`` / ``vmx.c`` (the FATAL
+wording of an exit nobody handles).
+
+:class:`ExitDispatcher` takes each exit a vCPU thread delivers and passes it to the
+model's exit entry points (:class:`ExitHandler`, the
+:class:`~harness.hvmodel.control.Hypervisor`):
+
+* **PIO** to :meth:`Hypervisor.handle_pio` (whitelist, PCI config, i8042, FATAL). With
+  native ports the accesses the cell's I/O bitmap opens (:meth:`Hypervisor.pio_bitmap`)
+  never come here: :meth:`ExitDispatcher.io_bitmap_loop` gives the vCPU thread a
+  machine-code KVM_RUN loop (:class:`~harness.hvmodel.arch.portio.IoBitmapLoop`) that
+  performs them itself (KVM still exits to user space for each), as the CPU's I/O bitmap
+  lets them through in Jailhouse; every other exit comes back.
+* **MMIO** to :meth:`Hypervisor.handle_mmio`.
+* **Hypercalls**: with ``CONFIG_KVM_XEN`` (``KVM_CAP_XEN_HVM`` with
+  ``KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL``) VMCALL/VMMCALL exit as ``KVM_EXIT_XEN`` and go to
+  :meth:`Hypervisor.hypercall` (code in EAX, arguments in RDI and RSI, result in RAX,
+  -EPERM above CPL 0). **Debian's kernel lacks CONFIG_KVM_XEN**: there KVM answers every
+  VMCALL/VMMCALL itself with ``-KVM_ENOSYS`` (-1000) in RAX, and cells' hypercalls (the
+  debug console ``con-virtual``, CPU_GET_INFO) are not seen by the model.
+* **Fatal**: triple fault, failed entry, KVM internal errors and MSRs KVM does not know go
+  to :meth:`Hypervisor.panic_park` with Jailhouse's FATAL wording for the vendor (SVM:
+  ``Unexpected #VMEXIT, exitcode 7f, ...``; VMX: ``Unhandled VM-Exit, reason 2``) and a
+  register dump (after a triple fault on SVM, KVM has already reset the vCPU: the dump
+  shows the reset state, not the faulting one).
+
+**Statistics**: the model counts the exits it handles (``vmexits_pio``, ``vmexits_mmio``,
+``vmexits_hypercall`` and ``vmexits_total``); fatal exits are counted in
+``vmexits_total`` (MSR ones also in ``vmexits_msr_other``) through
+:meth:`Hypervisor.count_exit`. Exits KVM handles in the kernel (CPUID, CR, most MSRs,
+x2APIC, XSETBV, HLT) never reach user space and are not counted; port accesses the model
+passes through are not counted either (Jailhouse's I/O bitmap lets them through without
+an exit).
+
+**Not done here**: string port I/O with a count of 1 (KVM does not tell it from a plain
+IN/OUT), the x86 instruction decoder's FATALs (KVM emulates the MMIO instruction).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol, cast
+
+from ...abi import CpuStat
+from ...errors import Errno, JhlabError
+from ..kvm import (
+    ExitReason,
+    FailEntryExit,
+    IoExit,
+    KvmError,
+    MmioExit,
+    MsrExit,
+    OtherExit,
+    ShutdownExit,
+    UnknownExit,
+    VcpuExit,
+    XenExit,
+    describe_exit,
+)
+from ..portio import IoBitmapLoop, NativePorts, PortIo
+from ..vcpu import format_state
+from .cells import CellCpu, ExecutorStateError
+
+if TYPE_CHECKING:
+    from ...percpu import ExitResult
+
+__all__ = ["ExitDispatcher", "ExitHandler", "fatal_text"]
+
+LOG = logging.getLogger(__name__)
+
+#: SVM exit code of a shutdown (triple fault), VMX exit reason of a triple fault
+SVM_EXIT_SHUTDOWN: Final = 0x7F
+VMX_EXIT_TRIPLE_FAULT: Final = 2
+
+
+class ExitHandler(Protocol):
+    """Where the executor's vCPU threads send exits: the
+    :class:`~harness.hvmodel.control.Hypervisor`'s exit entry points."""
+
+    def handle_pio(
+        self, cpu: int, port: int, size: int, is_write: bool, value: int = 0, *, rep: bool = False
+    ) -> ExitResult: ...
+
+    def handle_mmio(
+        self, cpu: int, addr: int, size: int, is_write: bool, value: int = 0
+    ) -> ExitResult: ...
+
+    def panic_park(self, cpu: int, fatal: str | None = None) -> None: ...
+
+    def count_exit(self, cpu: int, stat: CpuStat) -> None: ...
+
+    def hypercall(self, cpu: int, code: int, arg1: int = 0, arg2: int = 0, *, rip: int = 0) -> int: ...
+
+    def pio_bitmap(self, cpu: int) -> bytearray | None: ...
+
+
+class ExitDispatcher:
+    """Hands each exit of a cell CPU to the model (module docstring).
+
+    :param vendor: ``amd`` or ``intel``, for the FATAL wording
+    :param ports: gives the port backend (None before the executor's ``init``)
+    :param native_pio: serve the port I/O a cell's I/O bitmap opens in machine code
+    """
+
+    def __init__(self, *, vendor: str, ports: Callable[[], PortIo | None], native_pio: bool) -> None:
+        self.vendor = vendor
+        self.native_pio = native_pio
+        self._ports = ports
+        self.handler: Callable[[], ExitHandler | None] = lambda: None
+
+    def attach(self, target: ExitHandler | Callable[[], ExitHandler | None]) -> None:
+        """Tell the dispatcher where exits go.
+
+        :param target: the hypervisor, or a callable returning the current one (e.g.
+            ``lambda: driver.hv``; None while disabled)
+        """
+        if hasattr(target, "handle_pio"):
+            handler = cast("ExitHandler", target)
+            self.handler = lambda: handler
+        else:
+            self.handler = target
+
+    # --- delivery ------------------------------------------------------------------------
+
+    def handle_exit(self, cpu: CellCpu, exit_: VcpuExit) -> str | None:
+        """Deliver one exit (``vcpu_handle_exit``).
+
+        :return: None, or why the CPU cannot go on and must be parked by the executor
+            (no hypervisor attached, or the model refused the exit)
+        """
+        cpu.exits[type(exit_).__name__] += 1
+        handler = self.handler()
+        if handler is None:
+            return f"no hypervisor attached for {describe_exit(exit_)}"
+        try:
+            if isinstance(exit_, IoExit):
+                self.handle_io(handler, cpu, exit_)
+            elif isinstance(exit_, MmioExit):
+                self.handle_mmio(handler, cpu, exit_)
+            elif isinstance(exit_, XenExit):
+                self.handle_hypercall(handler, cpu, exit_)
+            elif isinstance(exit_, OtherExit) and exit_.code == ExitReason.IOAPIC_EOI:
+                pass  # split irqchip: EOI of a level-triggered vector; no IOAPIC to tell
+            elif isinstance(exit_, MsrExit):
+                handler.count_exit(cpu.id, CpuStat.VMEXITS_MSR_OTHER)
+                handler.panic_park(cpu.id, with_dump(cpu, describe_exit(exit_)))
+            else:
+                handler.count_exit(cpu.id, CpuStat.VMEXITS_TOTAL)
+                handler.panic_park(cpu.id, with_dump(cpu, fatal_text(exit_, self.vendor)))
+        except JhlabError as exc:
+            # The model refused (e.g. disabled meanwhile): the CPU cannot go on.
+            LOG.warning("CPU %d: exit not handled: %s", cpu.id, exc)
+            return str(exc)
+        return None
+
+    def report_fatal(self, cpu: CellCpu, text: str) -> None:
+        """A failure of the CPU's own KVM calls: FATAL through the model (which parks the
+        CPU); the executor parks it too, whether the model could be told or not."""
+        handler = self.handler()
+        try:
+            if handler is None:
+                raise ExecutorStateError("vCPU exit", "no hypervisor attached")
+            handler.count_exit(cpu.id, CpuStat.VMEXITS_TOTAL)
+            handler.panic_park(cpu.id, text)
+        except JhlabError as exc:
+            LOG.warning("CPU %d: %s", cpu.id, exc)
+
+    # --- the cases ------------------------------------------------------------------------
+
+    @staticmethod
+    def handle_io(handler: ExitHandler, cpu: CellCpu, exit_: IoExit) -> None:
+        """An IN/OUT the I/O bitmap loop did not serve (``vcpu_handle_io``)."""
+        value = exit_.value() if exit_.is_write else 0
+        result = handler.handle_pio(
+            cpu.id, exit_.port, exit_.size, exit_.is_write, value, rep=exit_.count != 1
+        )
+        if not result.handled or exit_.is_write:
+            return
+        if result.value is None:
+            # Skipped instruction: the register keeps its value.
+            exit_.set_value(cpu.vcpu.get_regs().rax)
+        else:
+            exit_.set_value(result.value)
+
+    def io_bitmap_loop(self, cpu: CellCpu) -> IoBitmapLoop | None:
+        """The I/O bitmap loop of the run that begins on ``cpu`` (its own thread, after a
+        reset): the IN/OUT exits to ports the cell's I/O bitmap opens are served in machine
+        code, as the CPU's bitmap check lets them through in Jailhouse; the rest come to
+        :meth:`handle_exit`. None when it is off, the ports are not native, or the model
+        gives no bitmap."""
+        ports = self._ports()
+        handler = self.handler()
+        if not self.native_pio or not isinstance(ports, NativePorts) or handler is None:
+            return None
+        try:
+            bitmap = handler.pio_bitmap(cpu.id)  # does not wait for the model's lock
+            if bitmap is None:
+                return None
+            return ports.io_bitmap_loop(cpu.vcpu.fd, cpu.vcpu.run_page, bitmap)
+        except (JhlabError, OSError, ValueError) as exc:
+            LOG.warning("CPU %d: whitelisted port I/O goes through Python: %s", cpu.id, exc)
+            return None
+
+    @staticmethod
+    def handle_mmio(handler: ExitHandler, cpu: CellCpu, exit_: MmioExit) -> None:
+        """An access outside the cell's RAM slots (``vcpu_handle_mmio``)."""
+        value = exit_.value if exit_.is_write else 0
+        result = handler.handle_mmio(cpu.id, exit_.addr, exit_.length, exit_.is_write, value)
+        if result.handled and not exit_.is_write:
+            exit_.set_value(result.value or 0)
+
+    @staticmethod
+    def handle_hypercall(handler: ExitHandler, cpu: CellCpu, exit_: XenExit) -> None:
+        """A VMCALL/VMMCALL as ``KVM_EXIT_XEN`` (``vcpu_handle_hypercall``; only with
+        hypercall interception)."""
+        if not exit_.is_hcall:
+            handler.count_exit(cpu.id, CpuStat.VMEXITS_TOTAL)
+            handler.panic_park(cpu.id, with_dump(cpu, f"Unexpected Xen exit type {exit_.type}"))
+            return
+        regs = cpu.vcpu.get_regs()
+        if exit_.cpl:
+            # vcpu_handle_hypercall: a caller above CPL 0 gets -EPERM (counted all the same).
+            handler.count_exit(cpu.id, CpuStat.VMEXITS_HYPERCALL)
+            result = -int(Errno.EPERM)
+        else:
+            longmode = exit_.longmode
+            mask = 0xFFFFFFFFFFFFFFFF if longmode else 0xFFFFFFFF
+            params = exit_.params
+            arg1, arg2 = (params[0], params[1]) if longmode else (regs.rdi & mask, regs.rsi & mask)
+            result = handler.hypercall(cpu.id, exit_.input & mask, arg1, arg2, rip=regs.rip)
+        exit_.set_result(result)
+
+
+def fatal_text(exit_: VcpuExit, vendor: str) -> str:
+    """The text after ``FATAL: `` Jailhouse prints for an exit it cannot handle, on an
+    ``amd`` (``svm.c``) or ``intel`` (``vmx.c``) machine."""
+    if isinstance(exit_, ShutdownExit):
+        if vendor == "amd":
+            return _svm_unexpected(SVM_EXIT_SHUTDOWN)
+        return f"Unhandled VM-Exit, reason {VMX_EXIT_TRIPLE_FAULT}"
+    if isinstance(exit_, FailEntryExit):
+        reason = exit_.hardware_entry_failure_reason
+        if vendor == "amd":
+            signed = reason - (1 << 64) if reason >= 1 << 63 else reason
+            return f"VM-Entry failure, error {signed}"
+        return f"VM-Entry failure, reason {reason & 0xFFFF}"
+    if isinstance(exit_, UnknownExit):
+        if vendor == "amd":
+            return _svm_unexpected(exit_.hardware_exit_reason)
+        return f"Unhandled VM-Exit, reason {exit_.hardware_exit_reason & 0xFFFF}"
+    return describe_exit(exit_)
+
+
+def with_dump(cpu: CellCpu, text: str) -> str:
+    """``text`` plus the guest register dump Jailhouse prints after a FATAL line."""
+    try:
+        return f"{text}\n{format_state(cpu.vcpu)}"
+    except KvmError as exc:
+        return f"{text}\n(no register dump: {exc})"
+
+
+def _svm_unexpected(exitcode: int) -> str:
+    """``svm.c``'s default case (exit information 1 and 2 are not reported by KVM)."""
+    return f"Unexpected #VMEXIT, exitcode {exitcode:x}, exitinfo1 0x{0:016x} exitinfo2 0x{0:016x}"
