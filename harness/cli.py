@@ -403,6 +403,8 @@ def cmd_images(args: argparse.Namespace) -> int:
     print(f"kernel     {images.kernel.vmlinuz}  ({images.kernel.release})")
     print(f"initramfs  {images.initramfs}")
     print(f"rootfs     {images.rootfs}")
+    if images.linux_cell is not None:
+        print(f"linux cell {images.linux_cell.kernel}  {images.linux_cell.rootfs}")
     return 0
 
 

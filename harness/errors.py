@@ -121,6 +121,11 @@ class MachineDied(MachineError):
     """QEMU exited while the lab was in use."""
 
 
+class SnapshotRefused(MachineError):
+    """A snapshot was not taken because the lab's state could not be restored faithfully;
+    the message says what state and what to do.  The lab runs on unchanged."""
+
+
 class ConsoleError(JhlabError):
     """The serial console failed."""
 

@@ -9,6 +9,8 @@ the same artefact wait for each other (a lock file per artefact) instead of coll
 Cache layout (``$JHLAB_CACHE``, else ``$XDG_CACHE_HOME/jhlab``, else ``~/.cache/jhlab``)::
 
     images/kernel-<package>_<version>/     vmlinuz, config, lib/modules/<release>/
+    images/kernel-<package>_<version>+kvm-<key>/   the same, KVM rebuilt (harness.kbuild)
+    images/linux-cell-*                    Linux-cell guest kernel and initramfs (harness.kbuild)
     images/rootfs-<hash>.img               ext4, label jhlab-root, mounted read-only
     images/initramfs-<hash>.cpio.gz        busybox, storage modules, stage-1 init
     images/inmates-<hash>/                 demo inmates (flat binaries and map files)
@@ -35,13 +37,17 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.errors import ImageError, MissingToolError
 from harness.progress import Step, step
 from harness.recipes import CONFIGS, PACKAGE_DIR, Recipes, build_inmates, find_recipes
+
+if TYPE_CHECKING:
+    from harness.kbuild import LinuxCellImages
 
 LOG = logging.getLogger(__name__)
 
@@ -149,11 +155,15 @@ def _recipe_lines(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class Kernel:
-    """An extracted Debian kernel package."""
+    """An extracted Debian kernel package.
+
+    :param variant: what was rebuilt on top of Debian's package (``""``: nothing)
+    """
 
     package: str
     version: str
     root: Path
+    variant: str = ""
 
     @property
     def release(self) -> str:
@@ -174,7 +184,7 @@ class Kernel:
 
     @property
     def ident(self) -> str:
-        return f"{self.package}_{self.version}"
+        return f"{self.package}_{self.version}" + (f"+{self.variant}" if self.variant else "")
 
     def module_closure(self, names: Iterable[str]) -> list[str]:
         """Module files (relative to :attr:`modules`) for ``names`` and everything they
@@ -219,6 +229,7 @@ class ImageSet:
     initramfs: Path
     rootfs: Path
     inmates: Path | None = None
+    linux_cell: LinuxCellImages | None = None
 
 
 def _apt_lists_state(path: str = "/var/lib/apt/lists") -> str | None:
@@ -248,9 +259,13 @@ class ImageBuilder:
 
     def build(self) -> ImageSet:
         """Return the image set, building whatever is missing."""
+        from harness.kbuild import linux_cell_images
+
         kernel = self.kernel()
-        return ImageSet(kernel=kernel, initramfs=self.initramfs(kernel), rootfs=self.rootfs(kernel),
-                        inmates=self.inmates())
+        linux_cell = linux_cell_images(kernel.version, quiet=self.quiet)
+        return ImageSet(kernel=kernel, initramfs=self.initramfs(kernel),
+                        rootfs=self.rootfs(kernel, linux_cell.root_cell_files()),
+                        inmates=self.inmates(), linux_cell=linux_cell)
 
     # -- kernel ---------------------------------------------------------------------
 
@@ -299,6 +314,13 @@ class ImageBuilder:
         raise ImageError(f"apt has no installable version of {package}: run 'apt-get update'")
 
     def kernel(self) -> Kernel:
+        """The root cell's kernel: Debian's, with KVM rebuilt for cells' hypercalls
+        (:func:`harness.kbuild.root_kernel`)."""
+        from harness.kbuild import root_kernel
+
+        return root_kernel(self.debian_kernel(), quiet=self.quiet)
+
+    def debian_kernel(self) -> Kernel:
         """The extracted kernel package (downloaded once, never installed on the host)."""
         package, version = self.resolve_kernel_package()
         kernel = Kernel(package, version, self.dir / f"kernel-{package}_{version}")
@@ -334,23 +356,29 @@ class ImageBuilder:
 
     # -- root file system -------------------------------------------------------------
 
-    def rootfs_key(self, kernel: Kernel) -> str:
+    def rootfs_key(self, kernel: Kernel, extra: Mapping[str, Path] | None = None) -> str:
         digest = hashlib.sha256(f"{RECIPE_VERSION}\0{kernel.ident}\0{DEBIAN_SUITE}\0".encode())
         base = self.recipes.rootfs
         _hash_files(digest, _recipe_files(base), base)
+        for target, source in sorted((extra or {}).items()):
+            digest.update(f"{target}\0".encode())
+            digest.update(source.read_bytes())
         return digest.hexdigest()[:16]
 
-    def rootfs(self, kernel: Kernel) -> Path:
-        """The root file system image (ext4, read-only in the guest)."""
-        image = self.dir / f"rootfs-{self.rootfs_key(kernel)}.img"
+    def rootfs(self, kernel: Kernel, extra: Mapping[str, Path] | None = None) -> Path:
+        """The root file system image (ext4, read-only in the guest).
+
+        :param extra: more files it carries: path in the image (no leading slash) -> file
+        """
+        image = self.dir / f"rootfs-{self.rootfs_key(kernel, extra)}.img"
         with cache_lock(image.name):
             if image.exists():
                 return image
             with step("Building root file system (mmdebstrap)", quiet=self.quiet) as st:
-                self._build_rootfs(kernel, image, st)
+                self._build_rootfs(kernel, image, st, extra or {})
         return image
 
-    def _build_rootfs(self, kernel: Kernel, image: Path, st: Step) -> None:
+    def _build_rootfs(self, kernel: Kernel, image: Path, st: Step, extra: Mapping[str, Path]) -> None:
         recipe = self.recipes.rootfs
         packages = _recipe_lines(recipe / "packages.txt")
         with tempfile.TemporaryDirectory(dir=self.dir, prefix="tmp-rootfs-") as tmp:
@@ -369,6 +397,9 @@ class ImageBuilder:
             self._install_modules(kernel, tree)
             st.note("overlay")
             shutil.copytree(recipe / "overlay", tree, dirs_exist_ok=True, symlinks=True)
+            for target, source in extra.items():
+                (tree / target).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, tree / target)
             (tree / "etc" / "machine-id").write_text("")
             (tree / "opt" / "jhlab").mkdir(parents=True, exist_ok=True)
             st.note("mkfs.ext4")

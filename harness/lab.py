@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import json
 import logging
 import os
 import re
@@ -37,15 +36,16 @@ from typing import Any
 
 from harness import runtime
 from harness.console import CELL_FAILURES, ROOT_FAILURES, SerialConsole, TranscriptConsole
-from harness.errors import ConsoleError, JhlabError, LabFileError, MachineDied, MachineError
+from harness.errors import ConsoleError, JhlabError, LabFileError, MachineDied, MachineError, SnapshotRefused
 from harness.images import ImageBuilder, ImageSet, build_payload, cache_dir
 from harness.labfile import LabSpec, load_lab
-from harness.machine import AccelChoice, Machine, Snapshot, choose_accel
+from harness.machine import AccelChoice, Machine, choose_accel, types_with_migration_state
 from harness.net import PrivateNetwork
 from harness.progress import Step, step
 from harness.protocol import CommandResult, Console
 from harness.qmp import QmpSession
 from harness.qmp.relay import CONSOLE_SEND_COMMAND, QmpRelay
+from harness.resetpoint import PREPARE, GuestView, ResetPoint, refusal, stateless_pci_devices
 from harness.runtime import RunningLab
 from harness.ssh import SerialShell, SshShell, generate_key
 
@@ -152,12 +152,10 @@ class Lab:
         self.summary: LabSummary | None = None
         self.accel: AccelChoice | None = None
         self.network: PrivateNetwork | None = None
-        self.snapshot_point: Snapshot | None = None
+        #: what :meth:`reset` restores (:meth:`snapshot` saves it)
+        self.reset_point: ResetPoint | None = None
         #: this lab's run directory (payload, reset points, the QMP relay's ``qmp.sock``)
         self.run_dir: Path | None = None
-        #: PCI state at the reset point: QEMU's BARs per BDF and the guest's config headers
-        self._snapshot_bars: dict[str, list[tuple[int, int]]] = {}
-        self._snapshot_headers: dict[str, str] = {}
         self._ssh: SshShell | None = None
         self._serial: SerialShell | None = None
         self._relay: QmpRelay | None = None
@@ -461,79 +459,117 @@ class Lab:
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
-        """Save the lab's current state as its reset point (the guest runs on)."""
+    def snapshot(self) -> ResetPoint:
+        """Save the lab's current state and make it the reset point; the guest runs on.
+
+        Any state a test leaves can be saved: hypervisor enabled, cells running (their KVM
+        users are stopped for the save and continued after it; :mod:`harness.resetpoint`
+        says why).  The snapshot's files stay until :meth:`down`.
+
+        :raise SnapshotRefused: when the state could not be restored faithfully (the
+            message says what and what to do); nothing was saved, the lab runs on
+        """
         self._refuse_attached("its reset point")
+        machine = self._machine()
         if self.state is not LabState.READY:
             raise MachineError(f"{self!r}: snapshot needs a ready lab")
-        folder = Path(self._stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="snapshot-", dir=self.run_dir)))
+        status = self.qmp.status()
+        if status != "running":
+            raise SnapshotRefused(f"{self!r}: the machine is {status}, and the root cell must "
+                                  "run to prepare a snapshot; let it run (QMP cont), or after a "
+                                  f"panic bring the lab down and up (logs in {self.log_dir})")
         with step("Saving reset point", quiet=self.quiet) as st:
-            self._snapshot_headers = self._guest_pci_headers()
-            self._snapshot_bars = self._qemu_pci_bars()
-            self.snapshot_point = self._machine().save_snapshot(folder)
-            st.result = f"{self.snapshot_point.size // 2**20} MiB"
-        return self.snapshot_point
+            prepared = self.run(PREPARE, timeout=60)
+            if prepared.status != 0:  # it continued what it had stopped
+                raise SnapshotRefused(f"{self!r}: snapshot refused: {prepared.output.strip()}")
+            view = GuestView.parse(prepared.stdout)
+            resume = view.resume_command()
+            try:
+                pci = self.qmp.pci_devices()
+                stateless = stateless_pci_devices(self.spec, pci, types_with_migration_state())
+                reason = refusal(view, stateless)
+                if reason is not None:
+                    raise SnapshotRefused(f"{self!r}: snapshot refused: {reason}")
+                folder = Path(self._stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="snapshot-", dir=self.run_dir)))
+                saved = machine.save_snapshot(folder)
+            finally:
+                if resume is not None:
+                    self.run(resume, check=True, timeout=60)
+            self.reset_point = ResetPoint(saved, time.strftime("%H:%M:%S"), view,
+                                          _decoded_bars(pci), stateless)
+            st.result = f"{saved.size // 2**20} MiB" + (
+                f", {len(view.stopped)} KVM user(s) paused for it" if view.stopped else "")
+        return self.reset_point
 
-    def _qemu_pci_bars(self) -> dict[str, list[tuple[int, int]]]:
-        """The BARs QEMU decodes per device, as ``(bar, address)``."""
-        return {dev["bdf"]: [(r["bar"], r["address"]) for r in dev.get("regions", [])]
-                for dev in self.qmp.pci_devices()}
-
-    def _guest_pci_headers(self) -> dict[str, str]:
-        """The first 64 bytes of every PCI function's config space, as the guest reads
-        them (hex, keyed by ``BB:DD.F``)."""
-        result = self.run(_READ_PCI_HEADERS, check=True, timeout=60)
-        return {bdf[5:]: header for bdf, header in json.loads(result.stdout).items()}
-
-    def _repair_pci_state(self) -> None:
-        """Devices without migration state in QEMU (``edu``) come back from a restore
-        as if reset: BARs unassigned, decoding off. Write their config headers back from
-        what the guest had at the reset point, then check QEMU decodes them again."""
-        lost = sorted(bdf for bdf, bars in self._qemu_pci_bars().items()
-                      if bars != self._snapshot_bars.get(bdf, bars) and bdf in self._snapshot_headers)
+    def _put_back_devices(self, point: ResetPoint) -> None:
+        """With the restored guest still stopped: write back the config headers of the
+        devices QEMU does not migrate (they come back as if reset: BARs unassigned,
+        decoding off), and check that QEMU decodes their BARs where they were."""
+        lost = sorted(bdf for bdf, bars in _decoded_bars(self.qmp.pci_devices()).items()
+                      if bdf in point.guest.pci and bars != point.bars.get(bdf, bars))
         if not lost:
             return
-        LOG.info("%r: restoring the PCI config of %s (no migration state in QEMU)", self, ", ".join(lost))
-        self.run("; ".join(_setpci_restore(bdf, bytes.fromhex(self._snapshot_headers[bdf]))
-                           for bdf in lost), check=True, timeout=60)
-        after = self._qemu_pci_bars()
-        broken = [bdf for bdf in lost if after.get(bdf) != self._snapshot_bars[bdf]]
+        LOG.info("%r: writing back the PCI config of %s (no migration state in QEMU)", self,
+                 ", ".join(lost))
+        for bdf in lost:
+            for offset, size, value in point.config_writes(bdf):
+                self.qmp.write_pci_config(bdf, offset, value, size)
+        after = _decoded_bars(self.qmp.pci_devices())
+        broken = [bdf for bdf in lost if after.get(bdf) != point.bars[bdf]]
         if broken:
             raise MachineError(f"{self!r}: after restoring the reset point, the BARs of "
                                f"{', '.join(broken)} stay unassigned; use a fresh lab (down, up)")
 
-    def reset(self) -> float:
-        """Put the lab back to its reset point (taken by :meth:`snapshot`, or now if
-        there is none): QEMU is replaced by one restored from the snapshot, far faster
-        than a boot.  Returns the seconds it took."""
+    def reset(self, point: ResetPoint | None = None) -> float:
+        """Put the lab back to ``point`` (default: the reset point, taken now if there is
+        none), which becomes the reset point: QEMU is replaced by one restored from the
+        snapshot, far faster than a boot.  What QEMU does not restore is put back (see
+        :mod:`harness.resetpoint`).  The serial transcripts go on in the same files (a
+        marker line where the restored machine's output begins).
+
+        :return: the seconds it took
+        :raise MachineError: when the restore fails; the lab is down then, its logs kept
+        """
         self._refuse_attached("resetting it")
-        if self.snapshot_point is None:
-            self.snapshot()
-        assert self.snapshot_point is not None and self.images is not None  # ready lab
-        assert self.accel is not None and self.log_dir is not None
+        if point is None:
+            point = self.reset_point or self.snapshot()
+        assert self.images is not None and self.accel is not None  # the lab was up
+        assert self.log_dir is not None
         started = time.monotonic()
         if self._ssh is not None:
             self._ssh.close()
         self._serial = None
         self._machine().shutdown(hard=True)
-        tap_fds = {n.id: self.network.attach(n.ifname) for n in self.spec.netdevs
-                   if n.type == "tap"} if self.network else {}
-        self.machine = Machine(self.spec, self.images, self.accel, log_dir=self.log_dir,
-                               incoming=self.snapshot_point, tap_fds=tap_fds)
-        with step("Restoring reset point", quiet=self.quiet) as st:
-            try:
-                self.machine.launch()
-            finally:
-                _close_fds(tap_fds)
-            st.result = f"pid {self.machine.pid}"
-        self._ssh = SshShell(self.machine.ssh_port or 0, self.key_path)
-        if self._relay is not None:
-            self._relay.follow(self.qmp)
-        if self.summary is not None:
-            self.summary = dataclasses.replace(self.summary, pid=self.machine.pid or 0,
-                                               ssh_port=self.machine.ssh_port or 0)
-        self._repair_pci_state()
+        try:
+            tap_fds = {n.id: self.network.attach(n.ifname) for n in self.spec.netdevs
+                       if n.type == "tap"} if self.network else {}
+            self.machine = Machine(self.spec, self.images, self.accel, log_dir=self.log_dir,
+                                   incoming=point.snapshot, tap_fds=tap_fds)
+            with step(f"Restoring the reset point of {point.taken_at}", quiet=self.quiet) as st:
+                try:
+                    self.machine.launch(paused=True)
+                finally:
+                    _close_fds(tap_fds)
+                self._put_back_devices(point)
+                self.machine.resume()
+                st.result = f"pid {self.machine.pid}"
+            self._ssh = SshShell(self.machine.ssh_port or 0, self.key_path)
+            if self._relay is not None:
+                self._relay.follow(self.qmp)
+            if self.summary is not None:
+                self.summary = dataclasses.replace(self.summary, pid=self.machine.pid or 0,
+                                                   ssh_port=self.machine.ssh_port or 0)
+            resume = point.guest.resume_command()
+            if resume is not None:  # the KVM users stopped for the save, stopped here too
+                self.run(resume, check=True, timeout=60)
+        except BaseException as exc:
+            self.down()
+            if isinstance(exc, JhlabError):
+                raise MachineError(f"{self!r}: restoring the reset point of {point.taken_at} "
+                                   f"failed, the lab is down: {exc}\nlogs in {self.log_dir}") from exc
+            raise
+        self.reset_point = point
         return time.monotonic() - started
 
     def down(self, *, stop_owner: bool = False) -> None:
@@ -560,26 +596,17 @@ class Lab:
         self._serial = None
         if self.machine is not None:
             self.machine.shutdown()
-        self.snapshot_point = None  # its files go with the stack
+        self.reset_point = None  # its files go with the stack
         self._stack.close()
         self.network = None
         self.run_dir = None
         self.state = LabState.DOWN
 
 
-#: prints {"DDDD:BB:DD.F": "<64 bytes of config space, hex>"} for every PCI function
-_READ_PCI_HEADERS = (
-    "python3 -c 'import json, os; d = \"/sys/bus/pci/devices\"; "
-    "print(json.dumps({b: open(os.path.join(d, b, \"config\"), \"rb\").read(64).hex() "
-    "for b in sorted(os.listdir(d))}))'"
-)
-def _setpci_restore(bdf: str, header: bytes) -> str:
-    """A ``setpci`` command writing a saved config header back: BARs, ROM BAR and
-    interrupt line first, the command register last (decoding on once the BARs are set)."""
-    fields = [(0x10 + 4 * n, "L", 4) for n in range(6)] + [(0x30, "L", 4), (0x3C, "B", 1), (0x04, "W", 2)]
-    writes = " ".join(f"{offset:x}.{width}={int.from_bytes(header[offset:offset + size], 'little'):x}"
-                      for offset, width, size in fields)
-    return f"setpci -s {bdf} {writes}"
+def _decoded_bars(devices: list[dict[str, Any]]) -> dict[str, tuple[tuple[int, int], ...]]:
+    """The BARs QEMU decodes per ``BB:DD.F``, as ``(bar, address)``."""
+    return {dev["bdf"]: tuple((r["bar"], r["address"]) for r in dev.get("regions", []))
+            for dev in devices}
 
 
 def _close_fds(fds: dict[str, int]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,7 +206,11 @@ class Machine:
         if spec.reserve is not None:
             args.append(spec.reserve.kernel_arg)
         if spec.iommu == "intel":
-            args += ["intel_iommu=on", "iommu=pt"]
+            # no_timer_check: on a loaded host, TCG's timer interrupt can miss the few
+            # ticks check_timer() waits for, and with interrupt remapping that panics
+            # ("timer doesn't work through Interrupt-remapped IO-APIC") instead of
+            # falling back; the timer works, it is only late.
+            args += ["intel_iommu=on", "iommu=pt", "no_timer_check"]
         if spec.cmdline:
             args.append(spec.cmdline)
         return " ".join(args)
@@ -264,8 +270,9 @@ class Machine:
 
     # -- launch ---------------------------------------------------------------------------
 
-    def launch(self) -> None:
-        """Start QEMU paused, connect QMP and both consoles, then let the guest run.
+    def launch(self, *, paused: bool = False) -> None:
+        """Start QEMU paused, connect QMP and both consoles (and restore the snapshot, if
+        any), then let the guest run, unless ``paused``: then :meth:`resume` does.
 
         :raise LaunchError: QEMU refused the command line or died during launch
         """
@@ -306,10 +313,16 @@ class Machine:
             assert self.qmp is not None  # set by _connect_channels
             if self.incoming is not None:
                 self._migrate_in(self.incoming)
-            self.qmp.execute("cont")
-            self.started_at = time.monotonic()
+            if not paused:
+                self.resume()
             rollback.pop_all()
         self.state = MachineState.RUNNING
+
+    def resume(self) -> None:
+        """Let the guest run (QMP ``cont``): after ``launch(paused=True)``, or a stop."""
+        assert self.qmp is not None  # launched
+        self.qmp.execute("cont")
+        self.started_at = time.monotonic()
 
     def _start_process(self, cmd: list[str]) -> None:
         assert self.run_dir is not None  # created by launch()
@@ -402,10 +415,18 @@ class Machine:
     # -- snapshots ------------------------------------------------------------------------
 
     def save_snapshot(self, folder: Path, *, timeout: float = 120.0) -> Snapshot:
-        """Save the running machine's whole state to ``folder`` and let it run on.
+        """Save the machine's whole state to ``folder`` and let it run on.
 
-        The guest is paused while its RAM is streamed out (QMP ``migrate`` to a file),
-        then resumed.
+        The vCPUs are stopped (QMP ``stop``) *before* RAM is streamed out (``migrate`` to
+        a file) and resumed after, so the file holds one instant of the guest.  A live
+        (pre-copy) save of a running TCG guest is torn in QEMU 7.2: its dirty-bitmap sync
+        clears the migration dirty bits of whole bitmap words without resetting the
+        vCPUs' TLB entries, so stores through an entry that was already writable set no
+        dirty bit and the page is never sent again (QEMU 9.0 fixed it, commit 03bfc2188f,
+        "physmem: Fix migration dirty bitmap coherency with TCG memory access").  Such a
+        snapshot restores a kernel whose memory mixes two moments; one taken while the
+        root cell's KVM holder created its VM (text patching, per-CPU state) panicked on
+        restore.  While stopped, the guest's clocks (TSC, virtual clock) stand still too.
         """
         self._require(MachineState.RUNNING)
         assert self.qmp is not None and self.run_dir is not None  # running
@@ -413,16 +434,29 @@ class Machine:
         state = folder / "state.bin"
         initrd = folder / "initrd.img"
         shutil.copyfile(self.run_dir / "initrd.img", initrd)
-        self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
-            "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"}), timeout, "save")
-        self.qmp.execute("cont")
+        resume = self.qmp.status() == "running"
+        self.qmp.execute("stop")
+        try:
+            self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
+                "migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"}), timeout, "save")
+        finally:
+            if resume and self.alive():
+                self.qmp.execute("cont")
         return Snapshot(state=state, initrd=initrd, size=state.stat().st_size)
 
     def _migrate_in(self, snapshot: Snapshot, timeout: float = 120.0) -> None:
         assert self.qmp is not None  # connected
+        self._note_in_transcripts(f"jhlab: restoring the snapshot {snapshot.state}")
         self._migrate(lambda: self.qmp.execute(  # type: ignore[union-attr]
             "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snapshot.state))}"}),
             timeout, "restore")
+
+    def _note_in_transcripts(self, text: str) -> None:
+        """A line in both serial transcripts (QEMU appends to them) where this QEMU's
+        output begins, so a reader sees which run each part of a transcript is from."""
+        for index in (0, 1):
+            with open(self.log_dir / f"serial{index}.log", "a") as transcript:
+                transcript.write(f"\n--- {text} ({time.strftime('%H:%M:%S')}) ---\n")
 
     def _migrate(self, start: Callable[[], object], timeout: float, what: str) -> None:
         assert self.qmp is not None  # connected
@@ -442,9 +476,26 @@ class Machine:
                                    f"{timeout:.0f} s")
             time.sleep(0.05)
         if done[0] != "completed":
-            info = self.qmp.execute("query-migrate")
             raise MachineError(f"lab {self.spec.name}: snapshot {what} {done[0]}: "
-                               f"{info.get('error-desc', info)}")
+                               f"{self._migration_error(what)}; logs in {self.log_dir}")
+
+    def _migration_error(self, what: str) -> str:
+        """Why a migration failed: QEMU's own account (an incoming QEMU exits at once and
+        says it only in its output), with what to do for the failures we know."""
+        if what == "save":
+            info = self.qmp.execute("query-migrate") if self.qmp is not None else {}
+            return str(info.get("error-desc", info))
+        assert self.process is not None  # launched
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        lines = [line for line in self._qemu_output().splitlines()
+                 if line.startswith("qemu-system") and "terminating on signal" not in line]
+        text = "; ".join(line.split(": ", 1)[-1] for line in lines[-3:]) or "QEMU gave no reason"
+        if "guest-mode inconsistent" in text:
+            text += (" (a vCPU was inside a nested guest when the snapshot was saved, which "
+                     "QEMU 7.2 under TCG saves but cannot load; Lab.snapshot stops the root "
+                     "cell's KVM users first: take the snapshot through it)")
+        return text
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -496,6 +547,27 @@ class Machine:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
         self.state = MachineState.STOPPED
+
+
+@functools.cache
+def types_with_migration_state(binary: str | None = None) -> frozenset[str]:
+    """The device types whose state this QEMU migrates: those with a VMState description
+    (``-dump-vmstate``, keyed by type name).  A type missing here (QEMU's ``edu``) comes
+    back from a snapshot as if reset.
+
+    :raise MachineError: when QEMU cannot dump them
+    """
+    binary = binary or qemu_binary()
+    with tempfile.TemporaryDirectory(prefix="jhlab-vmstate-") as tmp:
+        dump = Path(tmp) / "vmstate.json"
+        proc = subprocess.run(
+            [binary, "-machine", "q35", "-nodefaults", "-display", "none", "-dump-vmstate", str(dump)],
+            capture_output=True, text=True, timeout=60, check=False)
+        try:
+            return frozenset(json.loads(dump.read_text()))
+        except (OSError, ValueError) as exc:
+            raise MachineError(f"{binary} -dump-vmstate failed (status {proc.returncode}): "
+                               f"{proc.stderr.strip() or exc}") from exc
 
 
 # -- accelerator choice -----------------------------------------------------------------

@@ -10,7 +10,8 @@ Benchmarks: ``config`` (parse + check of the default system config), ``model``
 through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker),
 ``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
 create+load+start to the inmate's first line, and the executor's PIO exits per second
-against a minimal C KVM loop in the same lab VM).
+against a minimal C KVM loop in the same lab VM), ``kbuild`` (the image set when all is
+cached, and the recorded phases of the kernel builds' cold runs).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -47,6 +50,19 @@ class Figure:
         median = statistics.median(samples)
         return cls(name, unit, min(samples), median, max(samples), len(samples), goal,
                    met(median) if met else None)
+
+
+def bench_log_dir(name: str) -> Path:
+    """A new folder for the lab logs of one benchmark run, kept whatever happens
+    (``$XDG_STATE_HOME/jhlab/bench-logs/NAME-TIME-PID``); its path is printed at once,
+    so the evidence of a failure is found."""
+    from harness.lab import state_dir
+    from harness.progress import console
+
+    path = state_dir() / "bench-logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    console.print(f"{name}: lab logs in {path}")
+    return path
 
 
 def machine_description() -> str:
@@ -88,10 +104,10 @@ def _bench_boot(repeats: int) -> list[Figure]:
     return boot.bench(repeats=repeats)
 
 
-def _bench_reset(repeats: int) -> list[Figure]:
+def _bench_reset(repeats: int, resets: int | None = None) -> list[Figure]:
     from harness.bench import boot
 
-    return boot.bench_reset(repeats=max(repeats, 3))
+    return boot.bench_reset(repeats=max(repeats, 3), resets=resets or boot.RESETS)
 
 
 def _bench_cells(repeats: int) -> list[Figure]:
@@ -100,12 +116,19 @@ def _bench_cells(repeats: int) -> list[Figure]:
     return cells.bench(repeats=max(repeats, 3))
 
 
+def _bench_kbuild(repeats: int) -> list[Figure]:
+    from harness.bench import kbuild
+
+    return kbuild.bench(repeats=max(repeats, 5))
+
+
 BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "config": _bench_config,
     "model": _bench_model,
     "boot": _bench_boot,
     "reset": _bench_reset,
     "cells": _bench_cells,
+    "kbuild": _bench_kbuild,
 }
 
 
@@ -123,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", default=[],
                         help=f"benchmarks to run (default: all): {', '.join(BENCHES)}")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of slow benchmarks")
+    parser.add_argument("--resets", type=int, default=None,
+                        help="resets in a row of the reset benchmark (default 50)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHES]
@@ -133,7 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures: list[Figure] = []
     for name in args.names or list(BENCHES):
         out.print(f"[bold]{name}[/] ...")
-        figures += BENCHES[name](args.repeats)
+        if name == "reset":
+            figures += _bench_reset(args.repeats, args.resets)
+        else:
+            figures += BENCHES[name](args.repeats)
     render(figures, out)
     if args.json:
         with open(args.json, "w") as handle:

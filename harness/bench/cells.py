@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from harness.bench import Figure
+from harness.bench import Figure, bench_log_dir
 from harness.errors import ConsoleTimeout, JhlabError
 from harness.hvmodel.config import CellConfig, load_source
 from harness.images import ImageBuilder, compiled_configs
@@ -229,7 +229,7 @@ def bench(repeats: int = 3, starts: int = 10) -> list[Figure]:
         raise JhlabError("the image set has no inmates")
     with tempfile.TemporaryDirectory(prefix="jhlab-bench-") as tmp:
         kvmloop = build_kvmloop(Path(tmp) / "tools-build")
-        with Lab("default", log_dir=Path(tmp) / "lab", quiet=True) as lab:
+        with Lab("default", log_dir=bench_log_dir("cells"), quiet=True) as lab:
             cells = CellBench(lab)
             cells.upload(images.inmates, kvmloop)
             cells.enable()

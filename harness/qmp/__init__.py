@@ -74,6 +74,14 @@ class Event:
                 "qemu_time": self.qemu_time, "received": self.received}
 
 
+def config_address(bdf: str, offset: int) -> int:
+    """The 0xcf8 value selecting the dword at ``offset`` of ``BB:DD.F``'s config space."""
+    bus, _, rest = bdf.partition(":")
+    slot, _, function = rest.partition(".")
+    return (0x80000000 | int(bus, 16) << 16 | int(slot, 16) << 11 | int(function, 16) << 8
+            | offset & 0xFC)
+
+
 def _contains(data: Any, match: Any) -> bool:
     if isinstance(match, Mapping):
         return isinstance(data, Mapping) and all(
@@ -373,6 +381,27 @@ class QmpSession:
         for bus in self.execute("query-pci"):
             walk(bus["devices"])
         return found
+
+    def write_pci_config(self, bdf: str, offset: int, value: int, size: int) -> None:
+        """Write ``size`` (1, 2 or 4) bytes at ``offset`` of a PCI function's config space
+        through the legacy ports 0xcf8/0xcfc (HMP ``o``), keeping the guest's 0xcf8 latch.
+        Only while the guest is stopped: a running guest's own 0xcf8/0xcfc pair could
+        interleave with this one.
+
+        :param bdf: ``BB:DD.F``
+        """
+        width = {1: "b", 2: "h", 4: "w"}[size]
+        saved = self._port_in(0xCF8)
+        self.human(f"o /w 0xcf8 {config_address(bdf, offset):#x}")
+        self.human(f"o /{width} {0xCFC + (offset & 3):#x} {value:#x}")
+        self.human(f"o /w 0xcf8 {saved:#x}")
+
+    def _port_in(self, port: int) -> int:
+        reply = self.human(f"i /w {port:#x}")
+        try:
+            return int(reply.rsplit("=", 1)[1], 16)
+        except (IndexError, ValueError) as exc:
+            raise QmpError(f"{self.name}: reading port {port:#x}: {reply.strip()!r}") from exc
 
     def device_add(self, driver: str, device_id: str, **props: Any) -> None:
         """Hot-plug a device."""

@@ -66,11 +66,12 @@
   Closing that needs the model: exit entry points that name the cell the exit came
   from, or that ignore exits of parked and suspended CPUs.
 * **Hypercalls**: with ``CONFIG_KVM_XEN`` (``KVM_CAP_XEN_HVM`` with
-  ``KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL``) VMCALL/VMMCALL exit as ``KVM_EXIT_XEN`` and go to
-  :meth:`Hypervisor.hypercall` (code in EAX, arguments in RDI and RSI, result in RAX,
-  -EPERM above CPL 0). **Debian's kernel lacks CONFIG_KVM_XEN**: there KVM answers every
-  VMCALL/VMMCALL itself with ``-KVM_ENOSYS`` (-1000) in RAX, and cells' hypercalls (the
-  debug console ``con-virtual``, CPU_GET_INFO) are not seen by the model.
+  ``KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL``; :mod:`.xen`) VMCALL/VMMCALL exit as
+  ``KVM_EXIT_XEN`` and go to :meth:`Hypervisor.hypercall` (code in EAX, arguments in RDI
+  and RSI, result in RAX, -EPERM above CPL 0). The lab's root kernel has it (Debian's
+  with KVM rebuilt, ``harness/kbuild``); **Debian's stock kernel lacks it**: there KVM
+  answers every VMCALL/VMMCALL itself with ``-KVM_ENOSYS`` (-1000) in RAX, and cells'
+  hypercalls (the debug console ``con-virtual``, CPU_GET_INFO) are not seen by the model.
 
 **A keeper VM.** From :meth:`ExecutorArch.init` to :meth:`ExecutorArch.shutdown` an idle
 VM with one never-run vCPU exists, so that creating and destroying cells never flips
@@ -108,7 +109,6 @@ import contextlib
 import dataclasses
 import enum
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -143,7 +143,7 @@ from ..abi import (
 )
 from ..cpus import parse_cpu_list
 from ..errors import Errno, HvError, JhlabError
-from . import HOST_PAGE_SIZE, RootBuffers
+from . import HOST_PAGE_SIZE, RootBuffers, xen
 from .cpuset import RootCpuset
 from .kvm import (
     KICK_SIGNAL,
@@ -211,15 +211,6 @@ DETACHED_IOAPIC_PINS: Final = 24
 SVM_EXIT_SHUTDOWN: Final = 0x7F
 VMX_EXIT_TRIPLE_FAULT: Final = 2
 
-# KVM's Xen hypercall interception (<linux/kvm.h>); only used when the kernel has it.
-KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL: Final = 1 << 1
-_XEN_HVM_CONFIG: Final = struct.Struct("<IIQQBB30x")  # struct kvm_xen_hvm_config, 56 bytes
-KVM_XEN_HVM_CONFIG: Final = (1 << 30) | (_XEN_HVM_CONFIG.size << 16) | (0xAE << 8) | 0x7A
-KVM_EXIT_XEN_HCALL: Final = 1
-#: ``struct kvm_xen_exit`` with the ``hcall`` member: type, longmode, cpl, input, result,
-#: params[6]; the union is 8-byte aligned
-_XEN_EXIT: Final = struct.Struct("<I4xIIQQ6Q")
-_XEN_RESULT_OFFSET: Final = 24
 _KVM_RUN_U_OFFSET: Final = KvmRun.u.offset
 
 
@@ -505,7 +496,6 @@ class ExecutorArch:
             kvm, _keeper = self._open_kvm()
             kvm.require(Cap.USER_MEMORY, Cap.MP_STATE)
             supported = kvm.supported_cpuid()
-            xen = kvm.check_extension(Cap.XEN_HVM)
             if self._ports is None:
                 pm_timer = system.x86.pm_timer_address
                 ports = open_ports(range(pm_timer, pm_timer + 4) if pm_timer else (), mode=self.port_mode)
@@ -515,7 +505,6 @@ class ExecutorArch:
             if self.isolation_problem is not None:
                 LOG.warning("cell CPUs stay in the root's scheduling: %s", self.isolation_problem)
             undo.pop_all()
-        self._xen_hypercalls = bool(xen & KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL)
         self._supported_cpuid = supported
         self._system = system
         self._root_id = system.root_cell.id
@@ -540,6 +529,8 @@ class ExecutorArch:
             try:
                 if not (kvm.check_extension(Cap.SPLIT_IRQCHIP) or kvm.check_extension(Cap.IRQCHIP)):
                     raise KvmError("KVM_CHECK_EXTENSION", errno.ENODEV, "no in-kernel local APIC")
+                # Before the keeper: it takes the intercept too (see .xen).
+                self._xen_hypercalls = xen.intercept_available(kvm)
                 keeper = self._keeper(kvm)
             except BaseException:
                 kvm.close()
@@ -709,11 +700,7 @@ class ExecutorArch:
                 Cap.X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL
             )
         if self._xen_hypercalls:
-            raw = bytearray(_XEN_HVM_CONFIG.pack(KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL, 0, 0, 0, 0, 0))
-            try:
-                fcntl.ioctl(vm.fd, KVM_XEN_HVM_CONFIG, raw)
-            except OSError as exc:
-                raise KvmError("KVM_XEN_HVM_CONFIG", exc.errno or 0, "hypercall interception") from exc
+            xen.intercept_hypercalls(vm)
 
     def cell_destroy(self, cell_id: int) -> None:
         """Stop and join the cell's threads, close its VM and slots, give its CPUs back
@@ -1068,8 +1055,8 @@ class ExecutorArch:
     def _exit_hypercall(self, handler: ExitHandler, cpu: _Cpu) -> None:
         """A VMCALL/VMMCALL as ``KVM_EXIT_XEN`` (only with hypercall interception)."""
         page = cpu.vcpu.run_page
-        kind, longmode, cpl, code, _result, *params = _XEN_EXIT.unpack_from(page, _KVM_RUN_U_OFFSET)
-        if kind != KVM_EXIT_XEN_HCALL:
+        kind, longmode, cpl, code, _result, *params = xen.XEN_EXIT.unpack_from(page, _KVM_RUN_U_OFFSET)
+        if kind != xen.KVM_EXIT_XEN_HCALL:
             handler.count_exit(cpu.id, CpuStat.VMEXITS_TOTAL)
             handler.panic_park(cpu.id, self._with_dump(cpu, f"Unexpected Xen exit type {kind}"))
             return
@@ -1083,7 +1070,7 @@ class ExecutorArch:
             arg1, arg2 = (params[0], params[1]) if longmode else (regs.rdi & mask, regs.rsi & mask)
             result = handler.hypercall(cpu.id, code & mask, arg1, arg2, rip=regs.rip)
         struct.pack_into(
-            "<Q", page, _KVM_RUN_U_OFFSET + _XEN_RESULT_OFFSET, result & 0xFFFFFFFFFFFFFFFF
+            "<Q", page, _KVM_RUN_U_OFFSET + xen.XEN_RESULT_OFFSET, result & 0xFFFFFFFFFFFFFFFF
         )
 
     def fatal_text(self, exit_: VcpuExit) -> str:

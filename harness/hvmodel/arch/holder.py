@@ -7,7 +7,13 @@ transition right after nested guests ran has been seen to wedge the root cell's 
 (a CPU looping on a text-patching int3 with interrupts off). The executor keeps a keeper
 VM from ``enable`` to ``disable`` (see :meth:`~.executor.ExecutorArch._keeper`), so cells
 never cause a transition; this process, started by the lab's init, removes the
-remaining ones at every ``enable`` and ``disable``.
+remaining ones at every ``enable`` and ``disable``. With ``CONFIG_KVM_XEN`` its VM takes
+the hypercall intercept too, which holds KVM's ``kvm_xen_enabled`` key on (see
+:mod:`.xen`).
+
+Its vCPU must never run: a lab snapshot stops every other process holding a vCPU so that
+no lab CPU is inside a guest when QEMU saves it (``images/guest/bin/jhlab-snapshot``),
+and leaves this one running, found by this module's name on its command line.
 
 Usage: ``python3 -m harness.hvmodel.arch.holder`` (runs until killed; exit status 1 when
 KVM cannot be opened).
@@ -18,6 +24,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from . import xen
 from .kvm import Cap, Kvm, KvmError
 
 #: GSI routes reserved for a split irqchip (as the executor's VMs have)
@@ -35,6 +42,8 @@ def main() -> int:
         else:
             vm.create_irqchip()
         vm.create_vcpu(0)  # its local APIC stays software-disabled: never run
+        if xen.intercept_available(kvm):
+            xen.intercept_hypercalls(vm)
     except KvmError as exc:
         print(f"jhlab-kvm-holder: {exc}", file=sys.stderr)
         return 1
