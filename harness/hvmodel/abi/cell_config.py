@@ -67,7 +67,6 @@ __all__ = [
     "MEMORY",
     "MEM_COMM_REGION",
     "MEM_DMA",
-    "MEM_EXECUTE",
     "MEM_IO",
     "MEM_IO_UNALIGNED",
     "MEM_IO_UNALIGNED_12",
@@ -77,7 +76,6 @@ __all__ = [
     "MEM_NO_HUGEPAGES",
     "MEM_READ",
     "MEM_ROOTSHARED",
-    "MEM_SUBPAGE_ONLY",
     "MEM_WRITE",
     "NAME_FIELD_SIZE",
     "PCI_CAP",
@@ -182,7 +180,6 @@ class MemFlags(enum.IntFlag):
 # The memory flags as plain integers: ``int & IntFlag`` builds an enum member per test.
 MEM_READ: Final = int(MemFlags.READ)
 MEM_WRITE: Final = int(MemFlags.WRITE)
-MEM_EXECUTE: Final = int(MemFlags.EXECUTE)
 MEM_DMA: Final = int(MemFlags.DMA)
 MEM_IO: Final = int(MemFlags.IO)
 MEM_COMM_REGION: Final = int(MemFlags.COMM_REGION)
@@ -194,8 +191,6 @@ MEM_IO_UNALIGNED: Final = int(MemFlags.IO_UNALIGNED)
 MEM_IO_WIDTH_SHIFT: Final = 16
 #: The access-width flags of sub-page regions (bits 16..19 = width << 16).
 MEM_IO_WIDTHS: Final = MemFlags.IO_8 | MemFlags.IO_16 | MemFlags.IO_32 | MemFlags.IO_64
-#: Flags that only mean something for sub-page (MMIO-dispatched) regions.
-MEM_SUBPAGE_ONLY: Final = MemFlags.IO_UNALIGNED | MEM_IO_WIDTHS
 
 
 class CellFlags(enum.IntFlag):

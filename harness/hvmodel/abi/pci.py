@@ -51,7 +51,6 @@ __all__ = [
     "PCI_MSI_CTRL_MME_MASK",
     "PCI_MSI_CTRL_MME_SHIFT",
     "PCI_MSI_DWORD_ENABLE",
-    "PCI_NUM_BARS",
     "PCI_STS_CAPS",
     "PciCapId",
 ]
@@ -81,7 +80,6 @@ PCI_CFG_CAPS: Final = 0x34
 PCI_CONFIG_HEADER_SIZE: Final = 0x40
 #: conventional config space; PCI Express extended capabilities start here
 PCI_CFG_SPACE_SIZE: Final = 0x100
-PCI_NUM_BARS: Final = 6
 
 
 class PciCapId(enum.IntEnum):

@@ -21,7 +21,6 @@ __all__ = [
     "CPUID_1_ECX_VMX",
     "CPUID_1_ECX_X2APIC",
     "CPUID_80000001_ECX_SVM",
-    "IOAPIC_ID",
     "IOAPIC_MAX_PINS",
     "IOAPIC_REDIR_MASK",
     "IOAPIC_REDIR_TBL_START",
@@ -70,8 +69,7 @@ IOAPIC_MAX_PINS: Final = 120
 IOAPIC_REG_INDEX: Final = 0x00
 IOAPIC_REG_DATA: Final = 0x10
 IOAPIC_REG_EOI: Final = 0x40
-#: indirect registers: ID, version (bits 16..23: highest redirection entry)
-IOAPIC_ID: Final = 0x00
+#: indirect register: version (bits 16..23: the highest redirection entry)
 IOAPIC_VER: Final = 0x01
 #: first indirect register of the redirection table (two per pin: low, high)
 IOAPIC_REDIR_TBL_START: Final = 0x10
