@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from ...config import CellConfig, MemoryRegion
     from ..hostmem import PhysMapping
     from ..kvm import Vcpu, Vm
-    from ..portio import IoBitmapLoop
+    from ..portio import CellPorts, IoBitmapLoop
+    from .cellports import CellPortsSync
 
 __all__ = ["CellCpu", "CellSlot", "CellTable", "CellVm", "CpuState", "ExecutorStateError"]
 
@@ -91,12 +92,14 @@ class CellCpu:
     dropped: int = 0
     #: the current run's I/O bitmap loop (its IN/OUT exits are not in :attr:`exits` yet)
     io_loop: IoBitmapLoop | None = None
+    #: keeps the model in step with what the loop answers for the cell (see .cellports)
+    ports_sync: CellPortsSync | None = None
 
     def exit_counts(self) -> dict[str, int]:
         """:attr:`exits` with what the I/O bitmap loop is serving (``IoExit``)."""
         counts = dict(self.exits)
         if self.io_loop is not None:
-            counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served
+            counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served + self.io_loop.pci_served
         return counts
 
     def held(self) -> bool:
@@ -122,6 +125,8 @@ class CellVm:
     subpage_ranges: tuple[tuple[int, int], ...] = ()
     #: (IOAPIC address, pin) pairs it owns
     ioapic_pins: frozenset[tuple[int, int]] = frozenset()
+    #: what its CPUs' I/O bitmap loops share (PCI address latch, UART capture)
+    ports: CellPorts | None = None
 
 
 class CellTable:

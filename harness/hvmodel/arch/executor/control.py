@@ -12,6 +12,8 @@ part                      hooks
 :mod:`.vcpu_loop`         ``park_cpu``, ``reset_cpu``, ``suspend_cpu``, ``resume_cpu``;
                           the threads that run the vCPUs
 :mod:`.exits`             what the threads do with each exit (to the model's entry points)
+:mod:`.cellports`         what a cell's I/O bitmap loops answer without the model (PCI
+                          configuration ports of absent devices, UART capture)
 :mod:`.memory`            ``map_memory_region``, ``unmap_memory_region``, comm pages,
                           ``phys_read``, ``phys_write``
 :mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``
@@ -74,6 +76,7 @@ from ..kvm.structs import (
 from ..passthrough import Passthrough
 from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
+from .cellports import CellPortsSync, cell_ports, console_tail
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
 from .devices import DeviceAccess
@@ -97,6 +100,8 @@ TSS_ADDRESS: Final = 0xFFFBD000
 SPLIT_IRQCHIP_ROUTES: Final = 24
 #: seconds a destroy waits for a cell's vCPU threads to stop
 STOP_TIMEOUT: Final = 5.0
+#: bytes of a cell's UART output :meth:`ExecutorArch.status` shows
+CONSOLE_TAIL: Final = 2048
 #: comm page polling: first and longest pause (seconds)
 POLL_MIN: Final = 0.0002
 POLL_MAX: Final = 0.005
@@ -414,14 +419,15 @@ class ExecutorArch:
         kvm = self._kvm
         assert kvm is not None  # READY
         vm = Vm(kvm)
-        cell = CellVm(cell_id, config, vm)
+        ports = cell_ports(config)
+        cell = CellVm(cell_id, config, vm, ports=ports)
         try:
             self._setup_vm(kvm, vm)
             supported = self._supported_cpuid
             for cpu_id in sorted(config.cpus):
                 vcpu = vm.create_vcpu(cpu_id)
                 jailhouse_vcpu_setup(vcpu, supported)
-                cell.cpus[cpu_id] = CellCpu(cpu_id, cell, vcpu)
+                cell.cpus[cpu_id] = CellCpu(cpu_id, cell, vcpu, ports_sync=CellPortsSync(cpu_id, ports))
         except BaseException:
             vm.close()
             raise
@@ -714,7 +720,10 @@ class ExecutorArch:
                 for cpu in self._table.cpus.values()
             }
             cells = {
-                cell.id: {"name": cell.config.name, "cpus": sorted(cell.cpus), "slots": len(cell.slots)}
+                cell.id: {
+                    "name": cell.config.name, "cpus": sorted(cell.cpus), "slots": len(cell.slots),
+                    "console": console_tail(cell.ports, CONSOLE_TAIL) if cell.ports is not None else "",
+                }
                 for cell in self._table.cells.values()
             }
         return {
