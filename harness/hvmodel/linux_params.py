@@ -52,6 +52,7 @@ from .abi import (
     E820_RESERVED,
     E820_TABLE,
     HDR_CMD_LINE_PTR,
+    HDR_INIT_SIZE,
     HDR_KERNEL_ALIGNMENT,
     HDR_PAYLOAD_LENGTH,
     HDR_PREF_ADDRESS,
@@ -175,6 +176,12 @@ class KernelImage:
         the jump's offset byte``)."""
         end = BOOT_HEADER_END_BASE + (self.jump >> 8)
         return self.data[BOOT_HEADER_BASE:end]
+
+    @property
+    def init_size(self) -> int:
+        """Memory the kernel needs from ``pref_address`` on while it unpacks and starts
+        (``init_size``, boot protocol 2.10)."""
+        return int.from_bytes(self.data[HDR_INIT_SIZE : HDR_INIT_SIZE + 4], "little")
 
     @property
     def payload_magic(self) -> bytes:
