@@ -183,7 +183,7 @@ class _OfflineDriver:
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         if op != "console":
             return reply(-errno.EINVAL)
-        from .daemon import dump_delta
+        from .console_ring import dump_delta
 
         if self._console is None or self._done:
             return reply(-errno.EAGAIN if self._console is None else 0, data="", head=0)

@@ -12,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.hvmodel.daemon import (
-    ConsoleRing,
-    DaemonError,
-    SysfsWriter,
-    Uart8250,
-    dump_delta,
-    make_arch,
-    parse_cpu_list,
-    parse_memmap,
-)
+from harness.hvmodel.archfactory import make_arch
+from harness.hvmodel.console_ring import ConsoleRing, dump_delta
+from harness.hvmodel.errors import DaemonError
+from harness.hvmodel.hostprobe import parse_cpu_list, parse_memmap
 from harness.hvmodel.ipc import CELL_ID_UNUSED, CellId, RunDir
+from harness.hvmodel.sysfs_files import SysfsWriter
 from harness.hvmodel.tool import USAGE, CellStats, HardwareCheck, Tool, strtoll
+from harness.hvmodel.uart import Uart8250
 
 #: ``help()`` of Jailhouse's tools/jailhouse.c (master) for the built-in commands
 JAILHOUSE_USAGE = """Usage: jailhouse { COMMAND | --help | --version }
