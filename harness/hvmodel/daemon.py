@@ -14,13 +14,15 @@ What it does, all of it in the run directory (:class:`~harness.hvmodel.ipc.RunDi
   serialised by one lock (the driver's ``jailhouse_lock``), console readers never take
   it, so ``jailhouse console -f`` does not hold up other commands;
 * writes Jailhouse's sysfs tree (:func:`~harness.hvmodel.sysfs.sysfs_tree`) as real files
-  under ``sys/devices/jailhouse`` (:mod:`~harness.hvmodel.sysfs_files`): after every operation, on request (``sysfs``) and, while
-  a non-root cell runs, every ``--refresh`` seconds (states, failed CPUs and statistics
-  change on their own then). Each refresh reads every file, so it costs the root CPU the
-  hypercalls a reader of the real tree would cause;
+  under ``sys/devices/jailhouse`` (:mod:`~harness.hvmodel.sysfs_files`): after every
+  operation, on request (``sysfs``) and, while a non-root cell runs, every ``--refresh``
+  seconds (states, failed CPUs and statistics change on their own then). Each refresh
+  reads every file, so it costs the root CPU the hypercalls a reader of the real tree
+  would cause;
 * keeps the hypervisor console: a 2048-byte ring read as the driver's ``read()`` does
-  (``<missed N bytes of console log>``, :mod:`~harness.hvmodel.console_ring`), followed by ``console -f`` readers, saved to
-  ``last_console`` at exit (the driver's ``last_console``);
+  (``<missed N bytes of console log>``, :mod:`~harness.hvmodel.console_ring`), followed
+  by ``console -f`` readers, saved to ``last_console`` at exit (the driver's
+  ``last_console``);
 * writes every console character to the system config's debug console, an 8250 UART at
   ``debug_console.address`` (0x3f8 for qemu-x86), through ``/dev/port`` with the 8250
   protocol (wait for THRE in LSR, then THR; ``\\n`` becomes ``\\r\\n``), where Jailhouse's
@@ -114,6 +116,8 @@ EXIT_BUSY: Final = 75
 READY_LINE: Final = "ready"
 #: how long shutdown waits for the management lock, the UART queue, readers
 SHUTDOWN_TIMEOUT: Final = 30.0
+#: how long an operation's reply waits for its console lines to be out on the UART
+DEBUG_CONSOLE_FLUSH_TIMEOUT: Final = 5.0
 #: a daemon that was not enabled this long after its start ends (its starter died)
 ENABLE_TIMEOUT: Final = 120.0
 
@@ -439,6 +443,7 @@ class Daemon:
                 detail = f"{type(exc).__name__}: {exc}"
             info = driver.kernel_log[log_mark:]
             self._refresh_locked()
+        self._flush_debug_console()
         console = self.ring.since(console_mark).decode("latin-1")
         LOG.info("%s -> %d%s (%.3f s)", name, result, f" [{detail}]" if detail else "",
                  time.monotonic() - started)
@@ -636,6 +641,14 @@ class Daemon:
         target, description = open_target(self.options.debug_console, system_data,
                                           self.options.port_device)
         console.set_target(target, description)
+
+    def _flush_debug_console(self) -> None:
+        """Wait (bounded) until this operation's console lines are out on the debug
+        console: on Jailhouse they are on the UART when the hypercall returns."""
+        console = self.debug_console
+        if console is not None and not console.flush(DEBUG_CONSOLE_FLUSH_TIMEOUT):
+            LOG.warning("debug console: output still queued after %.1f s",
+                        DEBUG_CONSOLE_FLUSH_TIMEOUT)
 
     def _refresh_locked(self) -> None:
         """Rewrite the sysfs files (management lock held)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from typing import Final, Protocol
@@ -168,16 +167,21 @@ class ConsoleTarget(Protocol):
 
 class DebugConsole:
     """Feeds hypervisor console text to a target (UART or file) from its own thread, so
-    the model never waits for the UART.
+    the model never waits for the UART while it works.
 
     Lifecycle: built without a target; :meth:`set_target` before enable; text written
-    with :meth:`write` (any thread, order kept); :meth:`close` flushes (bounded) and ends
-    the thread. Text written while there is no target is dropped. :attr:`description`
-    says what the target is, for logs and the daemon's ``state`` reply.
+    with :meth:`write` (any thread, order kept); :meth:`flush` waits until it is out (the
+    daemon does before it answers an operation, as Jailhouse's ``printk`` has written to
+    the UART when the hypercall returns); :meth:`close` flushes (bounded) and ends the
+    thread. Text written while there is no target is dropped. :attr:`description` says
+    what the target is, for logs and the daemon's ``state`` reply.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._pending: list[bytes] = []
+        self._busy = False
+        self._closing = False
         self._target: ConsoleTarget | None = None
         self._target_lock = threading.Lock()
         self.description = "none"
@@ -195,34 +199,56 @@ class DebugConsole:
 
     def write(self, data: bytes) -> None:
         """Queue ``data`` for the target."""
-        self._queue.put(data)
+        with self._cond:
+            self._pending.append(data)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything written so far reached the target.
+
+        :return: False when it had not after ``timeout`` seconds
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._pending or self._busy), timeout)
 
     def _run(self) -> None:
         while True:
-            data = self._queue.get()
-            if data is None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closing)
+                if not self._pending:
+                    return  # closing, and everything is out
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self._busy = True
+            try:
+                self._send(data)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _send(self, data: bytes) -> None:
+        with self._target_lock:
+            target = self._target
+            if target is None:
                 return
-            with self._target_lock:
-                target = self._target
-                if target is None:
-                    continue
-                try:
-                    target.write(data)
-                except OSError as exc:
-                    LOG.error("debug console %s failed: %s; output to it stops",
-                              self.description, exc)
-                    self._target = None
-                    self.description = "none"
+            try:
+                target.write(data)
+            except OSError as exc:
+                LOG.error("debug console %s failed: %s; output to it stops", self.description, exc)
+                self._target = None
+                self.description = "none"
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush what is queued (at most ``timeout`` seconds), end the thread, close
         the target."""
-        self._queue.put(None)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
             LOG.warning("debug console: output still queued after %.1f s; dropped", timeout)
         self.set_target(None, "none")
-
 
 
 def open_target(mode: str, system_data: bytes, port_device: str) -> tuple[ConsoleTarget | None, str]:
