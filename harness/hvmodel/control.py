@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
-from . import faults, pio
+from . import JAILHOUSE_VERSION, faults, pio
 from .abi import (
     COMM_PAGE_SIZE,
     COMM_REGION_ABI_REVISION,
@@ -189,7 +189,7 @@ class HvParams:
     """
 
     vendor: str = "intel"
-    version: str = "v0.12 (jhlab)"
+    version: str = JAILHOUSE_VERSION
     code_location: int = 0xFFFFFFFFF0000050
     core_size: int = 0x40000
     percpu_pages: int = 6

@@ -1,0 +1,533 @@
+"""How a driver daemon process comes to be: forked from the preloaded loader, or spawned.
+
+``jailhouse enable`` starts the driver daemon (:mod:`harness.hvmodel.daemon`) when none
+runs. Spawned as ``python3 -m harness.hvmodel.daemon``, the new interpreter first imports
+the model, the executor and the config package: seconds in the lab's root cell, where
+Python runs under nested TCG. The **loader** stands where loading ``jailhouse.ko`` does
+before any ``enable``: a process started once at boot (``python3 -m
+harness.hvmodel.loader``, by the lab's ``jhlab-guest-setup``) that imports all of that
+and then waits. On request it forks a child that becomes the daemon, with the command
+line, environment and stdio of the ``jailhouse`` command that asked, in a session of its
+own: the same process ``python3 -m harness.hvmodel.daemon`` would be, without the imports.
+
+The daemon's lifecycle does not change: it still ends at ``disable`` (or a failed
+``enable``); the loader stays and forks the next one. The loader only ever runs one
+thread, so forking it is safe. It serves one request at a time on its socket
+(``$JAILHOUSE_LOADER``, default ``/run/jailhouse-loader.sock``, mode 0600), one JSON line
+each way (:func:`~harness.hvmodel.ipc.encode`); the request carries the stdout and
+stderr the daemon gets as ``SCM_RIGHTS``::
+
+    -> {"op": "start", "argv": [...], "env": {...}, "cwd": "/"}   + fds (stdout, stderr)
+    <- {"result": 0, "pid": PID}         or {"result": -errno, "detail": "..."}
+    <- {"exit": STATUS}                  when the daemon ended while the asker was still
+                                         connected (STATUS as Popen.returncode)
+
+Code that changed under the loader (``jhlab sync``) is noticed before a fork: the loader
+answers ``ESTALE``, the command spawns the daemon itself this once, and the loader
+replaces itself (``exec``) with a fresh one that preloads the new code.
+
+:func:`start_daemon` is the command's side: the loader when its socket answers, else a
+spawned interpreter. Either way the command gets a :class:`StartedDaemon` and reads the
+daemon's ``ready`` line from its stdout.
+
+Usage: ``python3 -m harness.hvmodel.loader [--socket PATH] [--log PATH]``; runs until
+SIGTERM or SIGINT (exit status 0), 1 when it cannot listen.
+"""
+
+from __future__ import annotations
+
+import _socket
+import contextlib
+import errno
+import os
+import select
+import sys
+import time
+
+from .ipc import MAX_LINE, decode, encode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    import socket
+    import subprocess
+    from collections.abc import Mapping, Sequence
+    from typing import Final
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "LOADER_ENV",
+    "PRELOAD",
+    "Loader",
+    "StartedDaemon",
+    "main",
+    "start_daemon",
+]
+
+#: where the loader listens unless ``$JAILHOUSE_LOADER`` says otherwise
+DEFAULT_SOCKET: Final = "/run/jailhouse-loader.sock"
+LOADER_ENV: Final = "JAILHOUSE_LOADER"
+#: what the loader imports before it serves: everything a daemon imports when it starts
+#: and enables (the config parser for the debug console included)
+PRELOAD: Final = (
+    "harness.hvmodel.daemon",
+    "harness.hvmodel.arch.executor",
+    "harness.hvmodel.arch.oracle",
+    "harness.hvmodel.config",
+)
+#: seconds the loader waits for a connected command to send its request
+REQUEST_TIMEOUT: Final = 10.0
+#: file descriptors a request carries: the daemon's stdout and stderr
+_REQUEST_FDS: Final = 2
+_FD_SIZE: Final = 4  # sizeof(int), the unit of SCM_RIGHTS data
+
+
+def socket_path() -> str:
+    """The loader's socket: ``$JAILHOUSE_LOADER``, else :data:`DEFAULT_SOCKET`."""
+    return os.environ.get(LOADER_ENV) or DEFAULT_SOCKET
+
+
+def _recv_line(sock: _socket.socket, want_fds: int = 0) -> tuple[bytes, list[int]]:
+    """One line from ``sock`` and the descriptors that came with it."""
+    data = b""
+    fds: list[int] = []
+    space = _socket.CMSG_SPACE(want_fds * _FD_SIZE) if want_fds else 0
+    while not data.endswith(b"\n"):
+        if len(data) > MAX_LINE:
+            raise OSError(errno.EMSGSIZE, "request too long")
+        chunk, ancillary, _, _ = sock.recvmsg(65536, space)
+        for level, kind, payload in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % _FD_SIZE
+                fds += [int.from_bytes(payload[i:i + _FD_SIZE], sys.byteorder)
+                        for i in range(0, usable, _FD_SIZE)]
+        if not chunk:
+            break
+        data += chunk
+    return data, fds
+
+
+# =======================================================================================
+# the command's side
+# =======================================================================================
+
+
+class StartedDaemon:
+    """A daemon process just started: its stdout and stderr (read ends) and how to wait
+    for it or stop it, whether it was forked by the loader or spawned.
+
+    :param pid: the daemon's process id
+    :param stdout: read end of its stdout
+    :param stderr: read end of its stderr
+    """
+
+    def __init__(self, pid: int, stdout: int, stderr: int) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.stderr = stderr
+        self.forked = False
+
+    def wait(self, timeout: float) -> int | None:
+        """Its exit status (``Popen.returncode`` style), or None when it still runs after
+        ``timeout`` seconds."""
+        raise NotImplementedError
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the daemon (gone already: nothing)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def read_ready(self, deadline: float) -> bytes | None:
+        """The first line the daemon writes on stdout; None when it closed stdout first
+        or the ``deadline`` (``time.monotonic``) passed."""
+        data = b""
+        poller = select.poll()
+        poller.register(self.stdout, select.POLLIN)
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                return None
+            chunk = os.read(self.stdout, 4096)
+            if not chunk:
+                return None
+            data += chunk
+        return data.split(b"\n", 1)[0]
+
+    def read_errors(self) -> str:
+        """What the daemon wrote on stderr (call once it ended)."""
+        chunks = []
+        while chunk := os.read(self.stderr, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        """Let go of its stdout and stderr (and the loader connection)."""
+        for fd in (self.stdout, self.stderr):
+            if fd >= 0:
+                os.close(fd)
+        self.stdout = self.stderr = -1
+
+
+class _SpawnedDaemon(StartedDaemon):
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None and proc.stderr is not None  # PIPE
+        super().__init__(proc.pid, proc.stdout.fileno(), proc.stderr.fileno())
+        self._proc = proc
+
+    def wait(self, timeout: float) -> int | None:
+        import subprocess
+
+        try:
+            return self._proc.wait(max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        for stream in (self._proc.stdout, self._proc.stderr):
+            if stream is not None:
+                stream.close()
+        self.stdout = self.stderr = -1
+
+
+class _ForkedDaemon(StartedDaemon):
+    def __init__(self, pid: int, stdout: int, stderr: int, connection: _socket.socket) -> None:
+        super().__init__(pid, stdout, stderr)
+        self.forked = True
+        self._connection = connection
+        self._status: int | None = None
+
+    def wait(self, timeout: float) -> int | None:
+        # The loader, the daemon's parent, reports its exit on this connection.
+        if self._status is not None:
+            return self._status
+        self._connection.settimeout(max(0.001, timeout))
+        try:
+            line, _ = _recv_line(self._connection)
+            status = decode(line).get("exit") if line else None
+        except (OSError, ValueError):
+            return None
+        if isinstance(status, int):
+            self._status = status
+        return self._status
+
+    def close(self) -> None:
+        super().close()
+        self._connection.close()
+
+
+def _start_by_loader(command: Sequence[str], env: Mapping[str, str], cwd: str,
+                     deadline: float) -> StartedDaemon | None:
+    """Ask the loader for a daemon; None when no loader answers or it cannot serve."""
+    path = socket_path()
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    try:
+        request = encode({"op": "start", "argv": list(command), "env": dict(env), "cwd": cwd})
+        fds = out_write.to_bytes(_FD_SIZE, sys.byteorder) + err_write.to_bytes(_FD_SIZE, sys.byteorder)
+        sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        line, _ = _recv_line(sock)
+        answer = decode(line) if line else {}
+    except (OSError, ValueError):
+        answer = {}
+    finally:
+        os.close(out_write)  # the daemon has its own copies now (or none: EOF at once)
+        os.close(err_write)
+    pid = answer.get("pid")
+    if answer.get("result") != 0 or not isinstance(pid, int):
+        sock.close()
+        os.close(out_read)
+        os.close(err_read)
+        return None
+    return _ForkedDaemon(pid, out_read, err_read, sock)
+
+
+def _spawn(command: Sequence[str], env: Mapping[str, str], cwd: str) -> StartedDaemon:
+    import subprocess
+
+    proc = subprocess.Popen(
+        list(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, env=dict(env), cwd=cwd,
+    )
+    return _SpawnedDaemon(proc)
+
+
+def start_daemon(command: Sequence[str], env: Mapping[str, str], *, cwd: str = "/",
+                 deadline: float) -> StartedDaemon:
+    """Start a daemon: forked by the loader when one answers, else spawned.
+
+    :param command: the daemon's command line (``python3 -m harness.hvmodel.daemon ...``;
+        the loader uses the arguments after the module name)
+    :param env: its environment
+    :param cwd: its working directory
+    :param deadline: ``time.monotonic`` by which the loader must have answered
+    :raise OSError: when spawning fails
+    """
+    started = _start_by_loader(command, env, cwd, deadline)
+    return started if started is not None else _spawn(command, env, cwd)
+
+
+# =======================================================================================
+# the loader
+# =======================================================================================
+
+
+def _code_stamp() -> dict[str, tuple[int, int, int, int]]:
+    """Identity of every loaded ``harness`` module file (inode, size, mtime, ctime):
+    a copy over it (``jhlab sync``) or an edit changes it."""
+    stamp = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not name.startswith("harness.") or not path:
+            continue
+        try:
+            info = os.stat(path)
+        except OSError:
+            info = None
+        stamp[path] = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns) if info \
+            else (0, -1, 0, 0)
+    return stamp
+
+
+class Loader:
+    """The resident loader: listens, preloads, forks daemons on request.
+
+    Lifecycle: :meth:`listen` (socket first, so commands that come early wait for the
+    preload instead of spawning a second interpreter beside it) -> :meth:`preload` ->
+    :meth:`serve` (until SIGTERM/SIGINT, or until loaded code changed: then
+    :attr:`stale`) -> :meth:`close`. Signals reach :meth:`serve` through a wake-up pipe
+    (``signal.set_wakeup_fd``); SIGCHLD makes it reap the daemons that ended, including
+    any a replaced loader forked.
+
+    :param path: the socket
+    :param log: the loader's logger
+    """
+
+    def __init__(self, path: str, log: logging.Logger) -> None:
+        self.path = path
+        self.log = log
+        self.stale = False
+        self.stopping = False
+        self._listener: socket.socket | None = None
+        self._stamp: dict[str, tuple[int, int, int, int]] = {}
+        #: daemon pid -> the connection of the command that asked for it (told its exit)
+        self._children: dict[int, socket.socket] = {}
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end :meth:`serve`; SIGCHLD wakes it (main thread only)."""
+        import signal
+
+        def stop(signum: int, frame: object) -> None:
+            self.stopping = True
+
+        signal.set_wakeup_fd(self._wake_write)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def listen(self) -> None:
+        """Bind and listen (mode 0600; a stale socket is replaced)."""
+        import socket
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(16)
+        self._listener = listener
+
+    def preload(self) -> None:
+        """Import :data:`PRELOAD` and note the files' identity."""
+        import importlib
+
+        started = time.monotonic()
+        for name in PRELOAD:
+            importlib.import_module(name)
+        self._stamp = _code_stamp()
+        self.log.info("preloaded %d modules in %.2f s", len(self._stamp), time.monotonic() - started)
+
+    def serve(self) -> None:
+        """Serve requests and reap daemons until stopped or stale."""
+        listener = self._listener
+        assert listener is not None  # listen() first
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        poller.register(self._wake_read, select.POLLIN)
+        self._reap()  # daemons of a loader this one replaced may have ended meanwhile
+        while not (self.stale or self.stopping):
+            for fd, _ in poller.poll():
+                if fd == self._wake_read:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 4096)
+                    self._reap()
+                elif fd == listener.fileno() and not self.stopping:
+                    self._accept(listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        fds: list[int] = []
+        pid = 0
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            line, fds = _recv_line(conn, _REQUEST_FDS)
+            request = decode(line)
+            if request.get("op") != "start" or len(fds) != _REQUEST_FDS:
+                raise ValueError("expected a start request with two descriptors")
+            argv, env, cwd = request["argv"], request["env"], request.get("cwd", "/")
+            if not (isinstance(argv, list) and isinstance(env, dict) and isinstance(cwd, str)):
+                raise ValueError("argv, env, cwd: expected a list, an object and a string")
+            if _code_stamp() != self._stamp:
+                self.log.info("code changed since the preload; replacing this loader")
+                self.stale = True
+                conn.sendall(encode({"result": -errno.ESTALE, "detail": "loader code is stale"}))
+                conn.close()
+                return
+            pid = self._fork(argv, env, cwd, fds)
+            self._children[pid] = conn
+            conn.sendall(encode({"result": 0, "pid": pid}))
+        except (OSError, ValueError, KeyError) as exc:
+            self.log.warning("request failed: %s", exc)
+            if pid:
+                return  # forked; the command went away: the daemon is reaped all the same
+            with contextlib.suppress(OSError):
+                conn.sendall(encode({"result": -errno.EINVAL, "detail": str(exc)}))
+            conn.close()
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.log.info("daemon %d forked: %s", pid, " ".join(argv))
+
+    def _fork(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return pid
+        # The child: become what ``python3 -m harness.hvmodel.daemon ARGS`` would be.
+        status = 1
+        try:
+            import signal
+
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(fds[0], 1)
+            os.dup2(fds[1], 2)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the loader's sockets and pipes
+            os.environ.clear()
+            os.environ.update({str(k): str(v) for k, v in env.items()})
+            os.chdir(cwd)
+            for handler in list(self.log.handlers):
+                self.log.removeHandler(handler)
+            from . import daemon
+
+            status = daemon.main(_daemon_args(argv))
+        except BaseException:  # the daemon never returns to the loader's code
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)  # as daemon's __main__: the held connection closes at exit
+
+    def _reap(self) -> None:
+        """Collect every ended child; tell the command that asked for it, if still there."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            self.log.info("daemon %d ended with status %d", pid, code)
+            conn = self._children.pop(pid, None)
+            if conn is not None:
+                with contextlib.suppress(OSError):  # the command may be gone: it had what it needed
+                    conn.sendall(encode({"exit": code}))
+                conn.close()
+
+    def close(self) -> None:
+        """Stop listening and remove the socket; idempotent. Daemons live on."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for conn in self._children.values():
+            conn.close()
+        self._children.clear()
+
+
+def _daemon_args(argv: Sequence[str]) -> list[str]:
+    """The daemon's arguments in a start request's command line (what follows ``-m
+    harness.hvmodel.daemon``; the whole list when it does not have that form)."""
+    for index in range(len(argv) - 1):
+        if argv[index] == "-m" and argv[index + 1].endswith("hvmodel.daemon"):
+            return list(argv[index + 2:])
+    return list(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the loader; return its exit status."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(
+        prog="python3 -m harness.hvmodel.loader",
+        description="jhlab's driver loader: preloads the driver daemon, forks one per enable.")
+    parser.add_argument("--socket", default=None,
+                        help=f"socket (default: ${LOADER_ENV} or {DEFAULT_SOCKET})")
+    parser.add_argument("--log", default=None, help="log file (default: stderr)")
+    args = parser.parse_args(argv)
+    path = args.socket or socket_path()
+    log = logging.getLogger("harness.hvmodel.loader")
+    log.propagate = False  # daemons forked from here set up logging of their own
+    handler: logging.Handler = logging.FileHandler(args.log) if args.log else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    loader = Loader(path, log)
+    loader.install_signal_handlers()
+    try:
+        loader.listen()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", path, exc)
+        return 1
+    log.info("loader %d listening on %s", os.getpid(), path)
+    try:
+        loader.preload()
+        loader.serve()
+    finally:
+        loader.close()
+    if loader.stale:
+        handler.close()
+        os.execv(sys.executable, [sys.executable, "-m", "harness.hvmodel.loader", "--socket", path,
+                                  *(["--log", args.log] if args.log else [])])
+    log.info("loader %d ends", os.getpid())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
