@@ -23,6 +23,7 @@ demos in ``/usr/libexec/jailhouse/demos`` (with Jailhouse's demo names as aliase
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import fcntl
 import gzip
@@ -31,8 +32,10 @@ import io
 import json
 import logging
 import os
+import py_compile
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -64,6 +67,10 @@ TOOLS = {
     "make": "make",
     "gcc": "gcc",
 }
+
+#: ``sys.implementation.cache_tag`` of the root cell's Python (Debian bookworm's python3):
+#: the payload carries byte-compiled modules when the host's Python makes the same ones
+GUEST_PYTHON_CACHE_TAG = "cpython-311"
 
 #: Jailhouse's demo names for our inmates, so scripts written for Jailhouse find them.
 DEMO_ALIASES = {
@@ -500,7 +507,8 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
     """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
     and copied to ``/opt/jhlab`` in the root cell.
 
-    It holds the hypervisor model (``lib/harness/hvmodel``), the guest tools
+    It holds the hypervisor model (``lib/harness/hvmodel``, byte-compiled when the host's
+    Python is the guest's version, see :func:`compile_guest_modules`), the guest tools
     (``bin/``, from ``images/guest/bin``), the compiled cell configs (``configs/``, seen
     as ``/etc/jailhouse``), the demo inmates (``libexec/demos/``, seen as
     ``/usr/libexec/jailhouse/demos``) and the lab's SSH public key.
@@ -514,6 +522,7 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             REPO_ROOT / "harness" / "hvmodel", lib / "hvmodel",
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
+        compile_guest_modules(lib)
         guest_bin = RECIPES / "guest" / "bin"
         (root / "bin").mkdir()
         if guest_bin.is_dir():
@@ -537,6 +546,30 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             target.write_bytes(data)
         write_cpio(Path(tmp), dest)
     return dest
+
+
+def compile_guest_modules(lib: Path) -> bool:
+    """Byte-compile the modules under ``lib`` for the root cell's Python, so that no
+    command there compiles them first (seconds under nested TCG, and again after every
+    boot: the overlay is fresh).
+
+    The ``.pyc`` files are hash-checked (PEP 552): Python validates them against the
+    source's content, not its time stamp (the payload's files all carry time 0), and an
+    edited source is compiled anew as usual. Only a host Python of the guest's version
+    (:data:`GUEST_PYTHON_CACHE_TAG`) writes files the guest uses; with another one
+    nothing is compiled and the guest compiles on first import, as without this step.
+
+    :return: whether modules were compiled
+    """
+    if sys.implementation.cache_tag != GUEST_PYTHON_CACHE_TAG:
+        LOG.info("host Python %s is not the guest's %s: the payload carries sources only",
+                 sys.implementation.cache_tag, GUEST_PYTHON_CACHE_TAG)
+        return False
+    compiled = compileall.compile_dir(
+        lib, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    if not compiled:
+        raise ImageError(f"byte-compiling the guest's modules in {lib} failed")
+    return True
 
 
 def check_kernel_config(fragment: str, config: str) -> list[str]:
