@@ -55,7 +55,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import importlib
 import json
 import logging
 import os
@@ -72,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from . import faults
 from .abi import CellState
 from .arch.oracle import RESPONDER_POLICIES
-from .archfactory import EXECUTOR_MODULE, ArchTap, make_arch
+from .archfactory import ArchTap, make_arch
 from .config import SysFlags
 from .console_ring import ConsoleRing
 from .driver import CellRef, Driver, HostInfo, Image
@@ -168,6 +167,8 @@ class DaemonOptions:
     :param rebind_pci: give released passed-through devices back to their root driver
     :param native_pio: the executor performs whitelisted port I/O in machine code (its
         I/O bitmap loop); off: every port exit goes through Python
+    :param profile: a directory to write a ``cProfile`` dump of each operation to
+        (``NNN-OP.prof``, read with ``python3 -m pstats``); None: no profiling
     """
 
     run_dir: RunDir
@@ -183,6 +184,7 @@ class DaemonOptions:
     test_device: bool = False
     rebind_pci: bool = False
     native_pio: bool = True
+    profile: str | None = None
 
 
 class Daemon:
@@ -223,6 +225,7 @@ class Daemon:
         self._dir_fd = -1
         self._was_running = False
         self._log_handler: logging.Handler | None = None
+        self._profiles = 0
 
     # -- start --------------------------------------------------------------------------
 
@@ -271,11 +274,12 @@ class Daemon:
 
     def _probe_host(self) -> HostInfo:
         """This machine for the driver: the executor's ``host_info`` (timer frequencies as
-        KVM gives them to cells) when it runs the cells, else :func:`probe_host`."""
-        if self.arch_name == "executor":
+        KVM gives them to cells, measured on the VM it keeps anyway: no scratch VM comes
+        and goes) when it runs the cells, else :func:`probe_host`."""
+        measure = getattr(self.arch, "host_info", None)
+        if self.arch_name == "executor" and callable(measure):
             try:
-                module = importlib.import_module(EXECUTOR_MODULE)
-                return cast(HostInfo, module.host_info())
+                return cast(HostInfo, measure())
             except Exception:
                 LOG.exception("the executor's host_info failed; probing /proc and /sys")
         return probe_host()
@@ -420,6 +424,24 @@ class Daemon:
     def _call(self, name: str, operation: Callable[[Driver], object],
               extra_lines: Callable[[HvError], list[str]] | None = None) -> dict[str, Any]:
         """Run one driver command under the management lock, refresh sysfs, build the reply."""
+        if self.options.profile is None:
+            return self._call_locked(name, operation, extra_lines)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        try:
+            return profiler.runcall(self._call_locked, name, operation, extra_lines)
+        finally:
+            self._profiles += 1
+            path = os.path.join(self.options.profile, f"{self._profiles:03d}-{name}.prof")
+            try:
+                os.makedirs(self.options.profile, exist_ok=True)
+                profiler.dump_stats(path)
+            except OSError as exc:
+                LOG.warning("profile %s: %s", path, exc)
+
+    def _call_locked(self, name: str, operation: Callable[[Driver], object],
+                     extra_lines: Callable[[HvError], list[str]] | None) -> dict[str, Any]:
         driver = self.driver
         assert driver is not None  # set by start()
         with self._lock:
@@ -816,6 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--native-pio", action=argparse.BooleanOptionalAction, default=True,
                         help="executor: whitelisted port I/O in machine code, not through "
                              "Python (default: on)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="write a cProfile dump of each operation to DIR (NNN-OP.prof)")
     parser.add_argument("--foreground", action="store_true", help="keep stdio, log to stderr too")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     return parser
@@ -841,6 +865,7 @@ def _options(args: argparse.Namespace) -> DaemonOptions:
         debug_console=mode, port_device=args.port_device, responders=responders,
         refresh=args.refresh, kmsg=args.kmsg, foreground=args.foreground, verbose=args.verbose,
         test_device=args.test_device, rebind_pci=args.rebind_pci, native_pio=args.native_pio,
+        profile=args.profile,
     )
 
 
