@@ -68,9 +68,11 @@ __all__ = [
     "CELL_ID_UNUSED",
     "CELL_NAME_MAXLEN",
     "DEFAULT_RUN_DIR",
+    "EXIT_BUSY",
     "LAST_CONSOLE_NAME",
     "LOG_NAME",
     "PROTOCOL_VERSION",
+    "READY_LINE",
     "RUN_DIR_ENV",
     "SOCKET_NAME",
     "SYSFS_PATH",
@@ -96,6 +98,11 @@ LAST_CONSOLE_NAME: Final = "last_console"
 SYSFS_PATH: Final = "sys/devices/jailhouse"
 CELLS_PATH: Final = SYSFS_PATH + "/cells"
 PROTOCOL_VERSION: Final = 1
+#: what a daemon prints on stdout once it accepts connections (then its pid)
+READY_LINE: Final = "ready"
+#: exit status of a daemon that found another one holding its run directory
+#: (``EX_TEMPFAIL``): the starting command connects to that one instead
+EXIT_BUSY: Final = 75
 #: ``JAILHOUSE_CELL_ID_UNUSED``: look the cell up by name
 CELL_ID_UNUSED: Final = -1
 #: ``JAILHOUSE_CELL_ID_NAMELEN``: characters of a name (the 32nd byte is the NUL)

@@ -51,7 +51,9 @@ from .ipc import (
     CELL_ID_UNUSED,
     CELL_NAME_MAXLEN,
     CELLS_PATH,
+    EXIT_BUSY,
     LAST_CONSOLE_NAME,
+    READY_LINE,
     SOCKET_NAME,
     SYSFS_PATH,
     CellId,
@@ -105,8 +107,6 @@ READY_TIMEOUT: Final = 60.0
 #: seconds ``disable`` waits for the daemon to end
 EXIT_TIMEOUT: Final = 60.0
 DEFAULT_TIMEOUT: Final = 600.0
-#: exit status of a daemon that found another one running (``daemon.EXIT_BUSY``)
-DAEMON_BUSY: Final = 75
 LLONG_MAX: Final = (1 << 63) - 1
 #: ``signal.SIGINT`` and ``SIGTERM`` (the signal module would cost an enum import here)
 _SIGINT: Final = 2
@@ -344,7 +344,7 @@ class Tool:
             raise Exit(1) from exc
         try:
             line = daemon.read_ready(deadline)
-            if line is not None and line.startswith(b"ready"):
+            if line is not None and line.startswith(READY_LINE.encode()):
                 return True
             status = daemon.wait(max(0.0, deadline - time.monotonic()))  # it closed stdout: it ends
             if status is None:  # neither ready nor gone by the deadline
@@ -356,7 +356,7 @@ class Tool:
             problem = daemon.read_errors().strip()
         finally:
             daemon.close()
-        if status == DAEMON_BUSY:
+        if status == EXIT_BUSY:
             return False
         if problem:
             self.err.write(problem + "\n")
