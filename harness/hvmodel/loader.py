@@ -37,6 +37,7 @@ SIGTERM or SIGINT (exit status 0), 1 when it cannot listen.
 from __future__ import annotations
 
 import _socket
+import abc
 import contextlib
 import errno
 import os
@@ -112,7 +113,7 @@ def _recv_line(sock: _socket.socket, want_fds: int = 0) -> tuple[bytes, list[int
 # =======================================================================================
 
 
-class StartedDaemon:
+class StartedDaemon(abc.ABC):
     """A daemon process just started: its stdout and stderr (read ends) and how to wait
     for it or stop it, whether it was forked by the loader or spawned.
 
@@ -125,12 +126,11 @@ class StartedDaemon:
         self.pid = pid
         self.stdout = stdout
         self.stderr = stderr
-        self.forked = False
 
+    @abc.abstractmethod
     def wait(self, timeout: float) -> int | None:
         """Its exit status (``Popen.returncode`` style), or None when it still runs after
         ``timeout`` seconds."""
-        raise NotImplementedError
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the daemon (gone already: nothing)."""
@@ -192,7 +192,6 @@ class _SpawnedDaemon(StartedDaemon):
 class _ForkedDaemon(StartedDaemon):
     def __init__(self, pid: int, stdout: int, stderr: int, connection: _socket.socket) -> None:
         super().__init__(pid, stdout, stderr)
-        self.forked = True
         self._connection = connection
         self._status: int | None = None
 

@@ -20,8 +20,9 @@ The device is the driver daemon's socket (:mod:`harness.hvmodel.ipc`); messages 
   (EINVAL, as the driver answers), ``console`` prints the console kept at disable (the
   driver's ``last_console``) or fails with ``read(console): Resource temporarily
   unavailable``;
-* ``enable`` starts the daemon (``python3 -m harness.hvmodel.daemon``, new session, stdio
-  let go) and waits until it listens, then sends the ioctl.
+* ``enable`` starts the daemon (forked by the driver loader, :mod:`harness.hvmodel.loader`,
+  when one runs, else ``python3 -m harness.hvmodel.daemon``; new session, stdio let go)
+  and waits until it listens, then sends the ioctl.
 
 The command starts in a fraction of a second in the lab's root cell, where Python runs
 under nested TCG: this module imports only what the interpreter has built in or frozen,
@@ -36,7 +37,7 @@ create``, ``config collect``. ``console -f`` ends (exit 0) when the daemon ends.
 Environment: ``JAILHOUSE_RUN_DIR`` (run directory), ``JAILHOUSE_ARCH`` (``--arch`` of a
 daemon ``enable`` starts), ``JAILHOUSE_DAEMON_ARGS`` (more daemon options, shell words;
 relative paths are relative to ``/``), ``JAILHOUSE_TIMEOUT`` (seconds to wait for one
-reply, default 600).
+reply, default 600), ``JAILHOUSE_LOADER`` (the loader's socket).
 """
 
 from __future__ import annotations
