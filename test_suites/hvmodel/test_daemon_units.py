@@ -9,6 +9,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -311,3 +313,33 @@ def test_base64_on_the_wire_is_strict() -> None:
     for text in ("a", "@@@@", "YQ==YQ=="):
         with pytest.raises(ValueError):
             b64decode(text)
+
+
+#: modules the ``jailhouse`` command must not import on its way to the daemon: each costs
+#: a noticeable part of a second under the lab's nested TCG
+HEAVY_MODULES = ("json", "re", "enum", "typing", "dataclasses", "pathlib", "socket", "subprocess",
+                 "logging", "threading", "contextlib", "harness.hvmodel.control",
+                 "harness.hvmodel.config", "harness.hvmodel.daemon")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["cell", "list"], ["cell", "start", "x"]])
+def test_the_command_imports_only_the_wire_protocol(tmp_path: Path, argv: list[str]) -> None:
+    """``jailhouse`` started as in the lab (``python3 -IS``) runs its built-in commands with
+    the interpreter's own modules and :mod:`harness.hvmodel.ipc`, nothing heavier."""
+    repo = Path(__file__).resolve().parents[2]
+    script = repo / "images" / "guest" / "bin" / "jailhouse"
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        f"sys.argv = ['jailhouse', *{argv!r}]\n"
+        f"path = {str(script)!r}\n"
+        "try:\n"
+        "    exec(compile(open(path).read(), path, 'exec'), {'__name__': '__main__', '__file__': path})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    env = {"JAILHOUSE_RUN_DIR": os.fspath(tmp_path)}
+    result = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.stderr.splitlines()[-1] == "[]", result.stderr
