@@ -509,8 +509,10 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
 
     It holds the hypervisor model (``lib/harness/hvmodel``, byte-compiled when the host's
     Python is the guest's version, see :func:`compile_guest_modules`), the guest tools
-    (``bin/``, from ``images/guest/bin``), the compiled cell configs (``configs/``, seen
-    as ``/etc/jailhouse``), the demo inmates (``libexec/demos/``, seen as
+    (``bin/``: the scripts of ``images/guest/bin`` and the ``jailhouse`` launcher built
+    from ``images/guest/src``, see :func:`guest_programs`; ``libexec/``: the Python
+    ``jailhouse`` command the launcher falls back to), the compiled cell configs (``configs/``, seen as
+    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``, seen as
     ``/usr/libexec/jailhouse/demos``) and the lab's SSH public key.
     """
     with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
@@ -523,10 +525,9 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
         compile_guest_modules(lib)
-        guest_bin = RECIPES / "guest" / "bin"
-        (root / "bin").mkdir()
-        if guest_bin.is_dir():
-            shutil.copytree(guest_bin, root / "bin", dirs_exist_ok=True)
+        shutil.copytree(RECIPES / "guest" / "bin", root / "bin")
+        shutil.copytree(guest_programs(), root / "bin", dirs_exist_ok=True)
+        shutil.copytree(RECIPES / "guest" / "libexec", root / "libexec")
         (root / "authorized_keys").write_text(authorized_key.strip() + "\n")
         configs = root / "configs"
         configs.mkdir()
@@ -534,7 +535,7 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             (configs / name).write_bytes(data)
         if inmates is not None:
             demos = root / "libexec" / "demos"
-            demos.mkdir(parents=True)
+            demos.mkdir()
             for binary in sorted(inmates.glob("*.bin")):
                 shutil.copy2(binary, demos / binary.name)
             for alias, demo in DEMO_ALIASES.items():
@@ -546,6 +547,31 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             target.write_bytes(data)
         write_cpio(Path(tmp), dest)
     return dest
+
+
+def guest_programs() -> Path:
+    """The guest's compiled programs, built from ``images/guest/src`` (one static binary
+    per C file, named after it) into the cache, once per source content.
+
+    :raise MissingToolError: without gcc
+    :raise ImageError: when a program does not compile
+    """
+    sources = sorted((RECIPES / "guest" / "src").glob("*.c"))
+    digest = hashlib.sha256(f"{RECIPE_VERSION}\0guest-programs\0".encode())
+    _hash_files(digest, sources, RECIPES / "guest" / "src")
+    folder = cache_dir() / "images" / f"guest-programs-{digest.hexdigest()[:16]}"
+    with cache_lock(folder.name):
+        if folder.is_dir():
+            return folder
+        require_tool("gcc", "to build the guest's jailhouse command")
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix="tmp-guest-") as tmp:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            for source in sources:
+                run_tool(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+                          str(out / source.stem), str(source)], what=f"building {source.name}")
+            out.rename(folder)
+    return folder
 
 
 def compile_guest_modules(lib: Path) -> bool:

@@ -1,32 +1,41 @@
-"""How a driver daemon process comes to be: forked from the preloaded loader, or spawned.
+"""The preloaded hypervisor model in the lab's root cell: it forks the driver daemons and
+runs the ``jailhouse`` commands, so that neither starts a Python interpreter of its own.
 
 ``jailhouse enable`` starts the driver daemon (:mod:`harness.hvmodel.daemon`) when none
 runs. Spawned as ``python3 -m harness.hvmodel.daemon``, the new interpreter first imports
 the model, the executor and the config package: seconds in the lab's root cell, where
-Python runs under nested TCG. The **loader** stands where loading ``jailhouse.ko`` does
-before any ``enable``: a process started once at boot (``python3 -m
-harness.hvmodel.loader``, by the lab's ``jhlab-guest-setup``) that imports all of that
-and then waits. On request it forks a child that becomes the daemon, with the command
-line, environment and stdio of the ``jailhouse`` command that asked, in a session of its
-own: the same process ``python3 -m harness.hvmodel.daemon`` would be, without the imports.
+Python runs under nested TCG; and every ``jailhouse`` command is an interpreter start of
+its own (a few tenths of a second there). The **loader** stands where loading
+``jailhouse.ko`` does before any ``enable``: a process started once at boot (``python3
+-m harness.hvmodel.loader``, by the lab's ``jhlab-guest-setup``) that imports all of
+that and then waits. On request it forks a child that becomes
+
+* a daemon (``start``), with the command line, environment and stdout/stderr of the
+  ``jailhouse enable`` that asked, in a session of its own: the same process ``python3
+  -m harness.hvmodel.daemon`` would be, without the imports;
+* a ``jailhouse`` command (``run``), for the launcher ``/opt/jhlab/bin/jailhouse``
+  (``images/guest/src/jailhouse.c``), with the launcher's arguments, environment,
+  working directory and standard input, output and error: what ``python3 -IS
+  jailhouse ARGS`` would be.
 
 The daemon's lifecycle does not change: it still ends at ``disable`` (or a failed
 ``enable``); the loader stays and forks the next one. The loader only ever runs one
 thread, so forking it is safe. It serves one request at a time on its socket
 (``$JAILHOUSE_LOADER``, default ``/run/jailhouse-loader.sock``, mode 0600), one JSON line
-each way (:func:`~harness.hvmodel.ipc.encode`); the request carries the stdout and
-stderr the daemon gets as ``SCM_RIGHTS``::
+each way (:func:`~harness.hvmodel.ipc.encode`); the request carries the child's
+descriptors as ``SCM_RIGHTS``; strings carry bytes as ``surrogateescape`` code points::
 
     -> {"op": "start", "argv": [...], "env": {...}, "cwd": "/"}   + fds (stdout, stderr)
+    -> {"op": "run", "argv": [...], "env": {...}, "cwd": DIR}     + fds (stdin, stdout, stderr)
     <- {"result": 0, "pid": PID}         or {"result": -errno, "detail": "..."}
-    <- {"exit": STATUS}                  when the daemon ended while the asker was still
+    <- {"exit": STATUS}                  when the child ended while the asker was still
                                          connected (STATUS as Popen.returncode)
 
 Code that changed under the loader (``jhlab sync``) is noticed before a fork: the loader
-answers ``ESTALE``, the command spawns the daemon itself this once, and the loader
+answers ``ESTALE``, the asker starts an interpreter itself this once, and the loader
 replaces itself (``exec``) with a fresh one that preloads the new code.
 
-:func:`start_daemon` is the command's side: the loader when its socket answers, else a
+:func:`start_daemon` is ``enable``'s side: the loader when its socket answers, else a
 spawned interpreter. Either way the command gets a :class:`StartedDaemon` and reads the
 daemon's ``ready`` line from its stdout.
 
@@ -71,6 +80,8 @@ LOADER_ENV: Final = "JAILHOUSE_LOADER"
 #: what the loader imports before it serves: everything a daemon imports when it starts
 #: and enables (the config parser for the debug console included)
 PRELOAD: Final = (
+    "harness.hvmodel.tool",
+    "harness.hvmodel.tool_extensions",
     "harness.hvmodel.daemon",
     "harness.hvmodel.arch.executor",
     "harness.hvmodel.arch.oracle",
@@ -78,8 +89,9 @@ PRELOAD: Final = (
 )
 #: seconds the loader waits for a connected command to send its request
 REQUEST_TIMEOUT: Final = 10.0
-#: file descriptors a request carries: the daemon's stdout and stderr
-_REQUEST_FDS: Final = 2
+#: the requests and the file descriptors each carries: a daemon's stdout and stderr
+#: (start); the command's stdin, stdout and stderr (run)
+_FDS: Final = {"start": 2, "run": 3}
 _FD_SIZE: Final = 4  # sizeof(int), the unit of SCM_RIGHTS data
 
 
@@ -381,10 +393,12 @@ class Loader:
         pid = 0
         try:
             conn.settimeout(REQUEST_TIMEOUT)
-            line, fds = _recv_line(conn, _REQUEST_FDS)
+            line, fds = _recv_line(conn, max(_FDS.values()))
             request = decode(line)
-            if request.get("op") != "start" or len(fds) != _REQUEST_FDS:
-                raise ValueError("expected a start request with two descriptors")
+            op = request.get("op")
+            if op not in _FDS or len(fds) != _FDS[op]:
+                raise ValueError("expected a start request with two descriptors "
+                                 "or a run request with three")
             argv, env, cwd = request["argv"], request["env"], request.get("cwd", "/")
             if not (isinstance(argv, list) and isinstance(env, dict) and isinstance(cwd, str)):
                 raise ValueError("argv, env, cwd: expected a list, an object and a string")
@@ -394,13 +408,15 @@ class Loader:
                 conn.sendall(encode({"result": -errno.ESTALE, "detail": "loader code is stale"}))
                 conn.close()
                 return
-            pid = self._fork(argv, env, cwd, fds)
+            pid = self._fork(op, [_os_string(a) for a in argv],
+                             {_os_string(k): _os_string(v) for k, v in env.items()},
+                             _os_string(cwd), fds)
             self._children[pid] = conn
             conn.sendall(encode({"result": 0, "pid": pid}))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             self.log.warning("request failed: %s", exc)
             if pid:
-                return  # forked; the command went away: the daemon is reaped all the same
+                return  # forked; the asker went away: the child is reaped all the same
             with contextlib.suppress(OSError):
                 conn.sendall(encode({"result": -errno.EINVAL, "detail": str(exc)}))
             conn.close()
@@ -408,38 +424,46 @@ class Loader:
         finally:
             for fd in fds:
                 os.close(fd)
-        self.log.info("daemon %d forked: %s", pid, " ".join(argv))
+        self.log.info("%s %d forked: %s", "daemon" if op == "start" else "command", pid, " ".join(argv))
 
-    def _fork(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> int:
+    def _fork(self, op: str, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid:
             return pid
-        # The child: become what ``python3 -m harness.hvmodel.daemon ARGS`` would be.
+        # The child: become what ``python3 -m harness.hvmodel.daemon ARGS`` (start) or
+        # ``python3 -IS jailhouse.py ARGS`` (run) would be.
         status = 1
         try:
             import signal
 
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for signum in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(fds[0], 1)
-            os.dup2(fds[1], 2)
+            if op == "start":
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(fds[0], 1)
+                os.dup2(fds[1], 2)
+            else:
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the loader's sockets and pipes
             os.environ.clear()
-            os.environ.update({str(k): str(v) for k, v in env.items()})
+            os.environ.update(env)
             os.chdir(cwd)
             for handler in list(self.log.handlers):
                 self.log.removeHandler(handler)
-            from . import daemon
+            if op == "start":
+                from . import daemon
 
-            status = daemon.main(_daemon_args(argv))
-        except BaseException:  # the daemon never returns to the loader's code
+                status = daemon.main(_daemon_args(argv))
+            else:
+                status = _run_tool(argv)
+        except BaseException:  # the child never returns to the loader's code
             import traceback
 
             traceback.print_exc()
@@ -460,7 +484,7 @@ class Loader:
             if not pid:
                 return
             code = os.waitstatus_to_exitcode(status)
-            self.log.info("daemon %d ended with status %d", pid, code)
+            self.log.info("process %d ended with status %d", pid, code)
             conn = self._children.pop(pid, None)
             if conn is not None:
                 with contextlib.suppress(OSError):  # the command may be gone: it had what it needed
@@ -479,6 +503,29 @@ class Loader:
         self._children.clear()
 
 
+def _os_string(value: object) -> str:
+    """A string of a request as the interpreter would have made it from the bytes (the
+    command line, the environment, a path: file system encoding, surrogateescape); the
+    launcher sends those bytes as surrogateescape code points."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return os.fsdecode(os.fsencode(value))
+
+
+def _run_tool(argv: list[str]) -> int:
+    """Run the ``jailhouse`` command in this (forked) process on descriptors 0-2, with
+    the standard streams Python gives a command in the lab (UTF-8 mode)."""
+    from . import tool
+
+    # open() line-buffers a terminal, as the interpreter's own stdout does
+    sys.stdin = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
+                      closefd=False)
+    sys.argv = argv
+    return tool.main(argv)
+
+
 def _daemon_args(argv: Sequence[str]) -> list[str]:
     """The daemon's arguments in a start request's command line (what follows ``-m
     harness.hvmodel.daemon``; the whole list when it does not have that form)."""
@@ -495,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python3 -m harness.hvmodel.loader",
-        description="jhlab's driver loader: preloads the driver daemon, forks one per enable.")
+        description="jhlab's driver loader: preloads the hypervisor model, forks a driver "
+                    "daemon per enable and runs jailhouse commands for the launcher.")
     parser.add_argument("--socket", default=None,
                         help=f"socket (default: ${LOADER_ENV} or {DEFAULT_SOCKET})")
     parser.add_argument("--log", default=None, help="log file (default: stderr)")
@@ -503,7 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.socket or socket_path()
     log = logging.getLogger("harness.hvmodel.loader")
     log.propagate = False  # daemons forked from here set up logging of their own
-    handler: logging.Handler = logging.FileHandler(args.log) if args.log else logging.StreamHandler()
+    # backslashreplace: a command line may hold any bytes (surrogateescape'd)
+    handler: logging.Handler = (logging.FileHandler(args.log, errors="backslashreplace") if args.log
+                                else logging.StreamHandler())
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

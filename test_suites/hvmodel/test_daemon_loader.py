@@ -26,7 +26,7 @@ from harness.hvmodel.config import load_source
 from harness.hvmodel.ipc import DriverClient, RunDir, decode, encode
 
 REPO = Path(__file__).resolve().parents[2]
-JAILHOUSE = REPO / "images" / "guest" / "bin" / "jailhouse"
+JAILHOUSE = REPO / "images" / "guest" / "libexec" / "jailhouse"
 CONFIGS = REPO / "harness" / "configs"
 #: seconds one command may take; the loader's start (it imports the model and executor)
 COMMAND_TIMEOUT = 60.0
@@ -162,7 +162,7 @@ def test_enable_forks_the_daemon_from_the_loader(loader: Loaded) -> None:
     assert "apic-demo               shut down" in listing.stdout
     ok(loader.jailhouse("disable"))
     assert gone(pid)
-    loader.wait_log(f"daemon {pid} ended with status 0")
+    loader.wait_log(f"process {pid} ended with status 0")
     assert not loader.run.socket.exists()
     ok(loader.jailhouse("enable", loader.system))
     second = loader.daemon_pid()
@@ -222,3 +222,108 @@ def test_changed_code_replaces_the_loader(tmp_path: Path) -> None:
         ok(loaded.jailhouse("disable"))
     finally:
         stop_loader(loaded)
+
+
+# =========================================================================================
+# the launcher (images/guest/src/jailhouse.c)
+# =========================================================================================
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The guest's tool layout: ``bin/jailhouse`` (the launcher, built as for the
+    payload), ``libexec/jailhouse`` (the Python command) and ``lib/harness`` (this
+    checkout)."""
+    from harness.images import guest_programs
+
+    root = tmp_path_factory.mktemp("tools")
+    for folder in ("bin", "lib", "libexec"):
+        (root / folder).mkdir()
+    shutil.copy2(guest_programs() / "jailhouse", root / "bin" / "jailhouse")
+    shutil.copy2(JAILHOUSE, root / "libexec" / "jailhouse")
+    (root / "lib" / "harness").symlink_to(REPO / "harness")
+    return root
+
+
+def launch(loader: Loaded, tools: Path, *args: str | bytes,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run the launcher with ``args`` (bytes kept as they are)."""
+    return subprocess.run([os.fspath(tools / "bin" / "jailhouse"), *args], env=env or loader.env,
+                          capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
+
+
+def script(loader: Loaded, *args: str | bytes) -> subprocess.CompletedProcess[bytes]:
+    """Run the Python command itself with ``args``."""
+    return subprocess.run([sys.executable, os.fspath(JAILHOUSE), *args], env=loader.env,
+                          capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
+
+
+def outcome(result: subprocess.CompletedProcess[bytes]) -> tuple[int, bytes, bytes]:
+    return result.returncode, result.stdout, result.stderr
+
+
+#: commands that change nothing: the launcher and the Python command must agree on them
+STATELESS: tuple[tuple[str | bytes, ...], ...] = (
+    (), ("--version",), ("--help",), ("foo",), ("cell", "list"), ("cell", "start", "nosuch"),
+    ("cell", "destroy", "0"), ("cell", "create", b"/nonexistent/\xff\xfe.cell"),
+    ("console",),
+)
+
+
+def test_the_launcher_answers_as_the_python_command(loader: Loaded, tools: Path) -> None:
+    """With and without a hypervisor enabled, each command the launcher is given runs in a
+    child of the loader and ends exactly as the Python command does (output, errors, exit
+    status; arguments byte for byte)."""
+    for enabled in (False, True):
+        if enabled:
+            assert outcome(launch(loader, tools, "enable", loader.system)) == (0, b"", b"")
+        for args in STATELESS:
+            assert outcome(launch(loader, tools, *args)) == outcome(script(loader, *args)), args
+    assert loader.log_text().count("command ") >= 2 * len(STATELESS) + 1
+    assert outcome(launch(loader, tools, "disable")) == (0, b"", b"")
+
+
+def test_the_launcher_drives_a_lifecycle(loader: Loaded, tools: Path) -> None:
+    """Jailhouse's demo steps through the launcher: the cell list it prints, the refused
+    first shutdown of apic-demo, the daemon forked for enable and gone after disable."""
+    ok = (0, b"", b"")
+    assert outcome(launch(loader, tools, "enable", loader.system)) == ok
+    pid = loader.daemon_pid()
+    assert outcome(launch(loader, tools, "cell", "create", loader.apic)) == ok
+    assert outcome(launch(loader, tools, "cell", "load", "apic-demo", "-s", "x", "-a", "0x1000")) == ok
+    assert outcome(launch(loader, tools, "cell", "start", "apic-demo")) == ok
+    listing = launch(loader, tools, "cell", "list")
+    assert listing.returncode == 0 and b"1       apic-demo               running" in listing.stdout
+    assert outcome(launch(loader, tools, "cell", "shutdown", "apic-demo")) == \
+        (1, b"", b"JAILHOUSE_CELL_LOAD: Operation not permitted\n")
+    assert outcome(launch(loader, tools, "cell", "destroy", "apic-demo")) == ok
+    assert outcome(launch(loader, tools, "disable")) == ok
+    assert gone(pid)
+
+
+def test_without_a_loader_the_launcher_runs_the_script(loader: Loaded, tools: Path) -> None:
+    """No loader at ``$JAILHOUSE_LOADER``: the launcher runs ``libexec/jailhouse`` beside
+    its own directory, with the same result."""
+    env = dict(loader.env, JAILHOUSE_LOADER=os.fspath(loader.socket) + ".absent")
+    before = loader.log_text().count("command ")
+    for args in (("--version",), ("cell", "start", "nosuch"), ("foo",)):
+        assert outcome(launch(loader, tools, *args, env=env)) == outcome(script(loader, *args))
+    assert loader.log_text().count("command ") == before
+
+
+def test_the_launcher_passes_signals_and_ends_as_the_command(loader: Loaded, tools: Path) -> None:
+    """SIGINT to the launcher reaches the command in the loader (``console -f`` ends as a
+    Python command interrupted ends: status 130); the launcher ends with its status."""
+    assert outcome(launch(loader, tools, "enable", loader.system))[0] == 0
+    follower = subprocess.Popen([os.fspath(tools / "bin" / "jailhouse"), "console", "-f"],
+                                env=loader.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline().startswith(b"Initializing Jailhouse hypervisor")
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(COMMAND_TIMEOUT) == 130
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(10)
+    assert outcome(launch(loader, tools, "disable"))[0] == 0

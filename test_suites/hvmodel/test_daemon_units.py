@@ -327,7 +327,7 @@ def test_the_command_imports_only_the_wire_protocol(tmp_path: Path, argv: list[s
     """``jailhouse`` started as in the lab (``python3 -IS``) runs its built-in commands with
     the interpreter's own modules and :mod:`harness.hvmodel.ipc`, nothing heavier."""
     repo = Path(__file__).resolve().parents[2]
-    script = repo / "images" / "guest" / "bin" / "jailhouse"
+    script = repo / "images" / "guest" / "libexec" / "jailhouse"
     probe = (
         "import sys\n"
         f"sys.path.insert(0, {str(repo)!r})\n"

@@ -68,7 +68,7 @@ def local(tmp_path: Path) -> Iterator[tuple[LocalLab, dict[str, object]]]:
     tools = tmp_path / "tools"
     (tools / "bin").mkdir(parents=True)
     (tools / "lib").mkdir()
-    shutil.copy2(REPO / "images" / "guest" / "bin" / "jailhouse", tools / "bin" / "jailhouse")
+    shutil.copy2(REPO / "images" / "guest" / "libexec" / "jailhouse", tools / "bin" / "jailhouse")
     (tools / "lib" / "harness").symlink_to(REPO / "harness")
     pci = tmp_path / "pci"
     for address, driver in (("0000:00:02.0", "e1000e"), ("0000:00:05.0", None)):
