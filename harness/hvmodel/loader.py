@@ -395,6 +395,12 @@ class Loader:
             conn.settimeout(REQUEST_TIMEOUT)
             line, fds = _recv_line(conn, max(_FDS.values()))
             request = decode(line)
+            if _code_stamp() != self._stamp:  # first: a newer asker may speak a newer wire
+                self.log.info("code changed since the preload; replacing this loader")
+                self.stale = True
+                conn.sendall(encode({"result": -errno.ESTALE, "detail": "loader code is stale"}))
+                conn.close()
+                return
             op = request.get("op")
             if op not in _FDS or len(fds) != _FDS[op]:
                 raise ValueError("expected a start request with two descriptors "
@@ -402,12 +408,6 @@ class Loader:
             argv, env, cwd = request["argv"], request["env"], request.get("cwd", "/")
             if not (isinstance(argv, list) and isinstance(env, dict) and isinstance(cwd, str)):
                 raise ValueError("argv, env, cwd: expected a list, an object and a string")
-            if _code_stamp() != self._stamp:
-                self.log.info("code changed since the preload; replacing this loader")
-                self.stale = True
-                conn.sendall(encode({"result": -errno.ESTALE, "detail": "loader code is stale"}))
-                conn.close()
-                return
             pid = self._fork(op, [_os_string(a) for a in argv],
                              {_os_string(k): _os_string(v) for k, v in env.items()},
                              _os_string(cwd), fds)
