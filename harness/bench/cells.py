@@ -48,6 +48,7 @@ from harness.errors import JhlabError
 from harness.hvmodel.config import CellConfig, load_source
 from harness.images import RECIPES, ImageBuilder, compiled_configs
 from harness.lab import Lab
+from harness.progress import Step, step
 from harness.ssh import CommandResult
 
 LOG = logging.getLogger(__name__)
@@ -249,9 +250,10 @@ class CellBench:
         return run
 
 
-def _pio_figures(cells: CellBench, repeats: int) -> list[Figure]:
+def _pio_figures(cells: CellBench, repeats: int, st: Step) -> list[Figure]:
     native, c_native, python, c_python = [], [], [], []
     for index in range(repeats):
+        st.note(f"repeat {index + 1}/{repeats}")
         cells.enable()
         # Each pair runs in both orders over the repeats (drifting noise cancels).
         if index % 2 == 0:
@@ -303,20 +305,25 @@ def bench(repeats: int = 3, cycles: int = 10) -> list[Figure]:
     :param repeats: interleaved repeats of the PIO benchmark
     :param cycles: lifecycle cycles timed
     """
-    images = ImageBuilder(quiet=True).build()
+    images = ImageBuilder().build()
     if images.inmates is None:
         raise JhlabError("the image set has no inmates")
     with tempfile.TemporaryDirectory(prefix="jhlab-bench-") as tmp:
         kvmloop = build_kvmloop(Path(tmp) / "tools-build")
-        lab = Lab("default", quiet=True)
+        lab = Lab("default")
         with lab:
             LOG.info("cells benchmark: lab logs in %s", lab.log_dir)
             cells = CellBench(lab)
             cells.start()
             try:
                 cells.upload(images.inmates, kvmloop)
-                runs = [cells.cycle(index) for index in range(cycles)]
-                figures = _lifecycle_figures(runs) + _pio_figures(cells, repeats)
+                runs = []
+                with step(f"Cell lifecycle, {cycles} cycles (logs in {lab.log_dir})") as st:
+                    for index in range(cycles):
+                        st.note(f"cycle {index + 1}/{cycles}")
+                        runs.append(cells.cycle(index))
+                with step(f"PIO exits, executor and C side by side, {repeats} repeats") as st:
+                    figures = _lifecycle_figures(runs) + _pio_figures(cells, repeats, st)
             except JhlabError as exc:
                 raise JhlabError(f"{exc}\n(lab logs kept in {lab.log_dir})") from exc
             finally:
