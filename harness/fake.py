@@ -68,7 +68,7 @@ class LocalRootCell:
         self.pci_root = root / "pci"
         (self.tools / "bin").mkdir(parents=True, exist_ok=True)
         (self.tools / "lib").mkdir(exist_ok=True)
-        shutil.copy2(find_recipes().guest_bin / "jailhouse", self.tools / "bin" / "jailhouse")
+        shutil.copy2(find_recipes().guest_libexec / "jailhouse", self.tools / "bin" / "jailhouse")
         lib = self.tools / "lib" / "harness"
         if not lib.exists():
             lib.symlink_to(PACKAGE_DIR)

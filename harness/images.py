@@ -26,6 +26,7 @@ demos in ``/usr/libexec/jailhouse/demos`` (with Jailhouse's demo names as aliase
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import fcntl
 import gzip
@@ -34,8 +35,10 @@ import io
 import json
 import logging
 import os
+import py_compile
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,6 +71,10 @@ TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "cpio": "cpio",
 }
+
+#: ``sys.implementation.cache_tag`` of the root cell's Python (Debian bookworm's python3):
+#: the payload carries byte-compiled modules when the host's Python makes the same ones
+GUEST_PYTHON_CACHE_TAG = "cpython-311"
 
 #: Jailhouse's demo names for our inmates, so scripts written for Jailhouse find them.
 DEMO_ALIASES = {
@@ -530,10 +537,13 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
     """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
     and copied to ``/opt/jhlab`` in the root cell.
 
-    It holds the hypervisor model (``lib/harness/hvmodel``), the harness's guest programs
-    (``lib/harness/guest``), the guest tools (``bin/``, from ``images/guest/bin``),
-    Jailhouse's helper scripts (``libexec/``, from ``images/guest/libexec``, seen as
-    ``/usr/libexec/jailhouse``), the compiled cell configs (``configs/``, seen as
+    It holds the hypervisor model (``lib/harness/hvmodel``, byte-compiled when the host's
+    Python is the guest's version, see :func:`compile_guest_modules`), the harness's guest
+    programs (``lib/harness/guest``), the guest tools (``bin/``: the scripts of
+    ``images/guest/bin`` and the ``jailhouse`` launcher built from ``images/guest/src``, see
+    :func:`guest_programs`), ``libexec/`` (from ``images/guest/libexec``, seen as
+    ``/usr/libexec/jailhouse``: Jailhouse's helper scripts and the Python ``jailhouse``
+    command the launcher falls back to), the compiled cell configs (``configs/``, seen as
     ``/etc/jailhouse``), the demo inmates (``libexec/demos/``) and the lab's SSH public key.
     """
     with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
@@ -546,12 +556,14 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
                 PACKAGE_DIR / package, lib / package,
                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
             )
+        compile_guest_modules(lib)
         recipes = find_recipes()
-        guest_bin = recipes.guest_bin
         (root / "bin").mkdir()
-        if guest_bin.is_dir():
-            shutil.copytree(guest_bin, root / "bin", dirs_exist_ok=True)
-        # Jailhouse's helper scripts, where Jailhouse installs them (/usr/libexec/jailhouse)
+        if recipes.guest_bin.is_dir():
+            shutil.copytree(recipes.guest_bin, root / "bin", dirs_exist_ok=True)
+        shutil.copytree(guest_programs(recipes), root / "bin", dirs_exist_ok=True)
+        # Jailhouse's helper scripts and the Python command, where Jailhouse installs its
+        # tools (/usr/libexec/jailhouse)
         shutil.copytree(recipes.guest_libexec, root / "libexec")
         (root / "authorized_keys").write_text(authorized_key.strip() + "\n")
         configs = root / "configs"
@@ -560,7 +572,7 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             (configs / name).write_bytes(data)
         if inmates is not None:
             demos = root / "libexec" / "demos"
-            demos.mkdir(parents=True)
+            demos.mkdir()
             for binary in sorted(inmates.glob("*.bin")):
                 shutil.copy2(binary, demos / binary.name)
             for alias, demo in DEMO_ALIASES.items():
@@ -572,6 +584,56 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             target.write_bytes(data)
         write_cpio(Path(tmp), dest)
     return dest
+
+
+def guest_programs(recipes: Recipes | None = None) -> Path:
+    """The guest's compiled programs, built from ``images/guest/src`` (one static binary
+    per C file, named after it) into the cache, once per source content.
+
+    :raise MissingToolError: without gcc
+    :raise ImageError: when a program does not compile
+    """
+    src = (recipes or find_recipes()).guest_src
+    sources = sorted(src.glob("*.c"))
+    digest = hashlib.sha256(f"{RECIPE_VERSION}\0guest-programs\0".encode())
+    _hash_files(digest, sources, src)
+    folder = cache_dir() / "images" / f"guest-programs-{digest.hexdigest()[:16]}"
+    with cache_lock(folder.name):
+        if folder.is_dir():
+            return folder
+        require_tool("gcc", "to build the guest's jailhouse command")
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix="tmp-guest-") as tmp:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            for source in sources:
+                run_tool(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+                          str(out / source.stem), str(source)], what=f"building {source.name}")
+            out.rename(folder)
+    return folder
+
+
+def compile_guest_modules(lib: Path) -> bool:
+    """Byte-compile the modules under ``lib`` for the root cell's Python, so that no
+    command there compiles them first (seconds under nested TCG, and again after every
+    boot: the overlay is fresh).
+
+    The ``.pyc`` files are hash-checked (PEP 552): Python validates them against the
+    source's content, not its time stamp (the payload's files all carry time 0), and an
+    edited source is compiled anew as usual. Only a host Python of the guest's version
+    (:data:`GUEST_PYTHON_CACHE_TAG`) writes files the guest uses; with another one
+    nothing is compiled and the guest compiles on first import, as without this step.
+
+    :return: whether modules were compiled
+    """
+    if sys.implementation.cache_tag != GUEST_PYTHON_CACHE_TAG:
+        LOG.info("host Python %s is not the guest's %s: the payload carries sources only",
+                 sys.implementation.cache_tag, GUEST_PYTHON_CACHE_TAG)
+        return False
+    compiled = compileall.compile_dir(
+        lib, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    if not compiled:
+        raise ImageError(f"byte-compiling the guest's modules in {lib} failed")
+    return True
 
 
 def check_kernel_config(fragment: str, config: str) -> list[str]:

@@ -74,6 +74,11 @@ class Recipes:
         return self.images / "guest" / "bin"
 
     @property
+    def guest_src(self) -> Path:
+        """C sources of the guest's compiled programs (the ``jailhouse`` launcher)."""
+        return self.images / "guest" / "src"
+
+    @property
     def guest_libexec(self) -> Path:
         """Jailhouse's helper scripts, copied to ``/opt/jhlab/libexec`` (seen as
         ``/usr/libexec/jailhouse``, where Jailhouse installs them)."""

@@ -52,3 +52,8 @@ Deliberate differences from Jailhouse (everything else follows the reference):
 * Driver: the ``claimed for use in non-root cell`` log line is approximate; the binary
   ``core`` sysfs file is not rendered.
 """
+
+#: ``JAILHOUSE_VERSION`` of this hypervisor model: printed at enable and by ``jailhouse
+#: --version``. Here, not in :mod:`.control`, so the command can print it without
+#: importing the model.
+JAILHOUSE_VERSION = "v0.12 (jhlab)"

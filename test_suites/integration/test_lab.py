@@ -266,6 +266,18 @@ def test_guest_tools_are_on_the_path_over_ssh(lab: Lab) -> None:
     assert out.stdout.strip() == "/opt/jhlab/bin/jailhouse"
 
 
+def test_jailhouse_commands_run_in_the_preloaded_loader(lab: Lab) -> None:
+    """The lab's init starts the driver loader; ``jailhouse`` (the launcher) has it run the
+    command, and without it (a socket that does not exist) runs the Python command: the
+    same output either way."""
+    served = lab.run("jailhouse --version && tail -n 20 /run/jhlab-loader.log", check=True).stdout
+    version, _, log = served.partition("\n")
+    assert version == "Jailhouse management tool v0.12 (jhlab)"
+    assert "command " in log and "forked: jailhouse --version" in log
+    alone = lab.run("JAILHOUSE_LOADER=/run/no-such-loader jailhouse --version", check=True)
+    assert alone.stdout.strip() == version
+
+
 @pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm here")
 def test_kvm_probe_boot_decides_from_what_the_guest_shows(tmp_path: Path) -> None:
     """The probe really boots the lab kernel on KVM; it picks KVM only if the root cell

@@ -1,10 +1,13 @@
 """Image helpers: module dependency order, kernel config checks, reproducible cpio,
-cache locking."""
+cache locking, the guest payload's byte code."""
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 
 from harness import images
 from harness.errors import ImageError
-from harness.images import Kernel, check_kernel_config, write_cpio
+from harness.images import GUEST_PYTHON_CACHE_TAG, Kernel, build_payload, check_kernel_config, write_cpio
 
 
 def _kernel(tmp_path: Path) -> Kernel:
@@ -114,3 +117,23 @@ def test_kernel_package_is_asked_once_per_apt_lists_state(tmp_path: Path,
     os.utime(lists / "Packages", ns=(1, 10**18))  # apt-get update touched the lists
     assert builder.resolve_kernel_package() == expected
     assert len(asked) == 4
+
+
+def test_payload_carries_hash_checked_bytecode(tmp_path: Path) -> None:
+    """The payload's modules come byte-compiled for the guest's Python (hash-checked, so
+    the time stamps of the reproducible archive do not matter) when the host's Python is
+    the guest's version; the guest tools include the setup hook that starts the loader."""
+    payload = build_payload(tmp_path / "payload.cpio.gz", authorized_key="ssh-ed25519 AAAA test")
+    listing = subprocess.run(["cpio", "-t", "--quiet"], input=gzip.decompress(payload.read_bytes()),
+                             capture_output=True, check=True).stdout.decode().split()
+    assert "jhlab/bin/jailhouse" in listing and "jhlab/bin/jhlab-guest-setup" in listing
+    pyc = f"jhlab/lib/harness/hvmodel/__pycache__/tool.{GUEST_PYTHON_CACHE_TAG}.pyc"
+    if sys.implementation.cache_tag != GUEST_PYTHON_CACHE_TAG:
+        assert pyc not in listing
+        return
+    assert pyc in listing
+    subprocess.run(["cpio", "-id", "--quiet", pyc], input=gzip.decompress(payload.read_bytes()),
+                   cwd=tmp_path, check=True)
+    header = (tmp_path / pyc).read_bytes()[:8]
+    assert header[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(header[4:8], "little") == 0b11  # hash-based, checked (PEP 552)

@@ -286,6 +286,7 @@ class ExecutorArch:
         self.passthrough.domain = system.pci_domain
         self._console.pick(system)
         self._state = _State.READY
+        self._update_isolation()  # the root's tasks into their group, every CPU still theirs
         LOG.info(
             "executor ready: %s ports, vendor %s, hypercalls %s, debug UART %s",
             self._ports.mode if self._ports else "no",
@@ -493,16 +494,16 @@ class ExecutorArch:
     def _update_isolation(self) -> None:
         """The root's tasks on the CPUs no cell holds (:mod:`~harness.hvmodel.arch.cpuset`).
 
-        The group is made by the first cell and kept until :meth:`shutdown`: with no cell
-        left it simply has every CPU again, so a create/destroy cycle costs one write of
-        ``cpuset.cpus`` (plus moving new processes), not moving every task twice.
+        The group is made at :meth:`init`, with every CPU, and kept until
+        :meth:`shutdown`: moving a task into a cpuset is the expensive part (the kernel
+        waits for an RCU grace period per task), so it is done once at enable, and a
+        create/destroy cycle costs one write of ``cpuset.cpus`` (plus moving new
+        processes).
         """
         cpuset = self.cpuset
         if cpuset is None or self.isolation_problem is not None or self._system is None:
             return
         taken = {cpu for cell in self._table.snapshot() for cpu in cell.cpus}
-        if not taken and not cpuset.active:
-            return
         try:
             cpus = online_cpus() or frozenset(self._system.root_cell.cpus)
             cpuset.apply(cpus - taken)
