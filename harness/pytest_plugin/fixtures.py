@@ -167,7 +167,7 @@ def inmates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def jailhouse_arch(request: pytest.FixtureRequest) -> str:
     """What the guest's daemon runs cells on: the executor for ``kvm`` tests, else
-    ``--hv-arch`` (override in a module to pin it)."""
+    ``--hv-arch`` (default: the executor; parametrize or override it to pin it)."""
     if request.node.get_closest_marker("kvm") is not None:
         return "executor"
     return str(request.config.getoption("--hv-arch"))
@@ -184,7 +184,11 @@ def jailhouse_test_device() -> bool:
 def jailhouse(lab: Lab, jailhouse_arch: str, jailhouse_test_device: bool,
               request: pytest.FixtureRequest) -> Iterator[CheckedJailhouse]:
     """A checked driver on the session lab; at teardown the cells left are destroyed and
-    the hypervisor disabled (after a failure the lab is reset instead)."""
+    the hypervisor disabled (after a failure the lab is reset instead). Cells on the
+    executor need KVM inside the lab: without, the test is skipped."""
+    if jailhouse_arch == "executor" and not (lab.summary and lab.summary.kvm_in_guest):
+        pytest.skip(f"lab {lab.spec.name} shows no KVM inside, so cells cannot run on the "
+                    "executor (--hv-arch oracle runs the bookkeeping-only variant)")
     checked = CheckedJailhouse(lab, jailhouse_arch, test_device=jailhouse_test_device)
     yield checked
     node = request.node

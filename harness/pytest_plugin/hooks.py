@@ -30,8 +30,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "booting one; it is not reset and stays up")
     group.addoption("--keep-lab", action="store_true",
                     help="leave the session lab running at the end (pytest waits; Ctrl-C ends it)")
-    group.addoption("--hv-arch", default="oracle", choices=["oracle", "executor"],
-                    help="the guest daemon's arch for tests not marked kvm (default: oracle)")
+    group.addoption("--hv-arch", default="executor", choices=["executor", "oracle"],
+                    help="what the guest daemon runs cells on in lifecycle tests that do not "
+                    "choose: executor (KVM in the lab, the default) or oracle (bookkeeping "
+                    "only: fast, nothing executes)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -207,10 +207,13 @@ def test_counters(jailhouse: CheckedJailhouse, inmates: Path, lab: Lab,
     assert not short, f"counters below what the cell did (got, issued): {short}"
 
 
+@pytest.mark.dirty
 def test_sci(jailhouse: CheckedJailhouse, inmates: Path, lab: Lab,
              request: pytest.FixtureRequest) -> None:
     """A cell owning the SCI's IOAPIC pin (9) gets the SCI: the PM timer overflow with
-    TMR_EN, and the power button when the host sends ``system_powerdown`` over QMP."""
+    TMR_EN, and the power button when the host sends ``system_powerdown`` over QMP.
+    (Marked dirty: while the SCI stays with the root, its ACPI driver disables the fixed
+    event the cell enabled; the lab is reset afterwards.)"""
     jh = jailhouse
     jh.enable(CONFIGS / "qemu-x86.toml")
     jh.cell_create(CELLS / "sci.toml")

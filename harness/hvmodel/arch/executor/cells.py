@@ -91,6 +91,8 @@ class CellCpu:
     dropped: int = 0
     #: the current run's I/O bitmap loop (its IN/OUT exits are not in :attr:`exits` yet)
     io_loop: IoBitmapLoop | None = None
+    #: IN/OUT exits the I/O bitmap loops of earlier runs served (part of ``IoExit``)
+    native_io: int = 0
 
     def exit_counts(self) -> dict[str, int]:
         """:attr:`exits` with what the I/O bitmap loop is serving (``IoExit``)."""
@@ -98,6 +100,11 @@ class CellCpu:
         if self.io_loop is not None:
             counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served
         return counts
+
+    def native_io_count(self) -> int:
+        """IN/OUT exits served in machine code by the I/O bitmap loop, this run's
+        included: the part of ``IoExit`` that never reached Python."""
+        return self.native_io + (self.io_loop.served if self.io_loop is not None else 0)
 
     def held(self) -> bool:
         return self.suspended or self.cell.gate_closed

@@ -710,6 +710,7 @@ class ExecutorArch:
                     "affinity": sorted(cpu.affinity) if cpu.affinity is not None else None,
                     "thread_alive": bool(cpu.thread and cpu.thread.is_alive()),
                     "exits": cpu.exit_counts(),
+                    "native_pio": cpu.native_io_count(),
                     "dropped": cpu.dropped,
                 }
                 for cpu in self._table.cpus.values()
@@ -722,6 +723,7 @@ class ExecutorArch:
             "state": self._state.value,
             "vendor": self.vendor,
             "ports": self._ports.mode if self._ports is not None else None,
+            "native_pio": self._exits.native_pio,
             "xen_hypercalls": self._xen_hypercalls,
             "isolation": self.isolation_problem or "cpuset",
             "cpuset": repr(self.cpuset) if self.cpuset is not None else None,

@@ -246,6 +246,7 @@ class VcpuThreads:
                     with cond:
                         if cpu.io_loop is not None:
                             cpu.exits["IoExit"] += cpu.io_loop.served
+                            cpu.native_io += cpu.io_loop.served
                         cpu.io_loop = io_loop
                 exit_ = vcpu.run() if io_loop is None else vcpu.run_native(io_loop)
             except KvmError as exc:
