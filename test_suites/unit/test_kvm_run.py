@@ -140,6 +140,36 @@ def test_start_state_as_kvm_reports_it(vm: kvm.Vm) -> None:
         expect_out(vcpu, UART, 1, ord("R"))  # the first instruction ran at 0x10000
 
 
+# Real mode: OUT the x2APIC timer divider (TDCR, MSR 0x83e), then set it to divide-by-1.
+TDCR_GUEST = bytes(
+    [
+        0x66, 0xB9, 0x3E, 0x08, 0x00, 0x00,  # mov ecx, 0x83e
+        0x0F, 0x32,                     # rdmsr
+        0xBA, 0xF8, 0x02,               # mov dx, 0x2f8
+        0x66, 0xEF,                     # out dx, eax        (TDCR as the cell finds it)
+        0x66, 0xB8, 0x0B, 0x00, 0x00, 0x00,  # mov eax, 0xb  (divide by 1)
+        0x66, 0x31, 0xD2,               # xor edx, edx
+        0x0F, 0x30,                     # wrmsr
+        0xBA, 0xF8, 0x02,               # mov dx, 0x2f8
+        0x66, 0xEF,                     # out dx, eax        (written)
+        0xF4,                           # hlt
+    ]
+)  # fmt: skip
+
+
+def test_apic_timer_divider_is_the_root_linux_one(vm: kvm.Vm) -> None:
+    """A cell CPU finds TDCR = divide-by-16, the divider the root's Linux programmed and
+    Jailhouse leaves alone (Jailhouse's inmate library relies on it: ``apic_khz / 16``);
+    a restart keeps what the last inmate wrote (Jailhouse's ``apic_clear`` keeps it)."""
+    vcpu = guest(vm, TDCR_GUEST)
+    with watchdog(vcpu):
+        expect_out(vcpu, UART, 4, 0x3)
+        expect_out(vcpu, UART, 4, 0xB)
+    jailhouse_vcpu_reset(vcpu, 0)
+    with watchdog(vcpu):
+        expect_out(vcpu, UART, 4, 0xB)
+
+
 def _cpuid_block(leaf: int) -> bytes:
     """CPUID ``leaf`` (subleaf 0), then OUT EAX, EBX, ECX, EDX to the UART as dwords."""
     return (
