@@ -16,7 +16,8 @@ from test_model_configs import (
 )
 
 from harness.hvmodel.abi import CellState, CpuStat, Hypercall
-from harness.hvmodel.config import Irqchip, MemoryRegion
+from harness.hvmodel.arch.oracle import OracleArch
+from harness.hvmodel.config import Irqchip, MemoryRegion, PciDevice
 from harness.hvmodel.control import HvParams
 from harness.hvmodel.percpu import EXIT_DONE, ExitResult
 
@@ -163,13 +164,36 @@ def test_config_writes_to_foreign_devices_are_fatal() -> None:
 
 
 def test_bar_writes_hit_the_shadow_only() -> None:
-    """BARs are shadowed with the size mask (here 0: nothing sticks), ROM reads 0."""
+    """The cell reads the BAR the firmware gave the device even with a bar_mask of 0
+    (pci-demo.cell's: Jailhouse shadows all six BARs from the hardware); writes change
+    the shadow only under the mask (here nothing sticks); the ROM BAR reads 0."""
     bench = pci_bench()
-    assert cfg(bench, 0x10) == 0
+    assert cfg(bench, 0x10) == 0xFEA94000
+    assert cfg(bench, 0x12, size=2) == 0xFEA9
     assert cfg(bench, 0x10, write=0xFFFFFFFF) is True
-    assert cfg(bench, 0x10) == 0
+    assert cfg(bench, 0x10) == 0xFEA94000
     assert bench.arch.pci_config[0x00D8][0x10:0x14] == (0xFEA94000).to_bytes(4, "little")
+    assert cfg(bench, 0x14) == 0xFFFFFFFF  # BAR1 as the (fake) hardware has it
     assert cfg(bench, 0x30) == 0
+
+
+def test_bars_are_shadowed_before_the_device_is_assigned() -> None:
+    """The shadow holds the BARs as they were before ``arch_pci_add_device`` (which may
+    reset the device, as VFIO does), as ``pci_add_physical_device`` reads them first."""
+
+    class ResettingArch(OracleArch):
+        def pci_add_device(self, cell_id: int, device: PciDevice) -> None:
+            super().pci_add_device(cell_id, device)
+            space = self.pci_config.get(device.bdf)
+            if space is not None and cell_id != 0:
+                space[0x10:0x28] = bytes(0x18)  # a reset that lost the BARs
+
+    bench = Bench(arch_class=ResettingArch)
+    space = bytearray(b"\xff" * 4096)
+    space[0x10:0x14] = (0xFEA94000).to_bytes(4, "little")
+    bench.arch.pci_config[0x00D8] = space
+    bench.running(pci_demo(), 1)
+    assert cfg(bench, 0x10) == 0xFEA94000
 
 
 def test_header_write_rules_for_endpoints() -> None:
