@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import io
 import os
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.hvmodel.abi import CellState
-from harness.hvmodel.arch import hostmem, kvm, portio, runner
+from harness.hvmodel.abi import CPUID_1_ECX_XSAVE, CellState
+from harness.hvmodel.arch import hostmem, kvm, portio, runner, xsave
 from harness.hvmodel.arch.kvm import structs
 from harness.hvmodel.arch.vcpu import Msr, jailhouse_vcpu_reset, jailhouse_vcpu_setup
 
@@ -730,3 +731,20 @@ def test_reset_after_an_unfinished_in(vm: kvm.Vm) -> None:
         regs = vcpu.get_regs()
         assert (regs.rip, regs.rax) == (0, 0)
         expect_out(vcpu, UART, 1, 0x41)
+
+
+def test_xsave_is_offered_only_when_xcr0_survives_an_exit(kick_handler: None) -> None:
+    """usable_xcr0 runs XSETBV, an exit, XGETBV in a scratch guest: on a KVM whose CPUID
+    announces XSAVE the guest keeps XCR0 (all announced components usable); a table
+    announcing XSAVE that this KVM cannot honour fails the test (XSAVE then hidden)."""
+    with kvm.Kvm() as dev:
+        supported = dev.supported_cpuid()
+        announced = xsave.xcr0_supported(supported)
+        assert xsave.usable_xcr0(dev, supported) == announced
+        if not announced:
+            claimed = [
+                dataclasses.replace(e, ecx=e.ecx | CPUID_1_ECX_XSAVE) if e.function == 1 else e
+                for e in supported if e.function != 0xD
+            ] + [kvm.CpuidEntry(0xD, 0, eax=0x7, ebx=0x240, ecx=0x340)]
+            assert xsave.xcr0_supported(claimed) == 0x7
+            assert xsave.usable_xcr0(dev, claimed, timeout=5.0) == 0

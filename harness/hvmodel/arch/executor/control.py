@@ -74,6 +74,7 @@ from ..kvm.structs import (
 from ..passthrough import Passthrough
 from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
+from ..xsave import limit_xsave, usable_xcr0
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
 from .devices import DeviceAccess
@@ -270,6 +271,9 @@ class ExecutorArch:
             kvm, _keeper = self._open_kvm()
             kvm.require(Cap.USER_MEMORY, Cap.MP_STATE)
             supported = kvm.supported_cpuid()
+            # CPUID leaves 1, 7 and 0xD as the XCR0 a guest can really keep here
+            xcr0 = usable_xcr0(kvm, supported)
+            supported = limit_xsave(supported, xcr0)
             if self._ports is None:
                 pm_timer = system.x86.pm_timer_address
                 ports = open_ports(range(pm_timer, pm_timer + 4) if pm_timer else (), mode=self.port_mode)
@@ -287,9 +291,10 @@ class ExecutorArch:
         self._console.pick(system)
         self._state = _State.READY
         LOG.info(
-            "executor ready: %s ports, vendor %s, hypercalls %s, debug UART %s",
+            "executor ready: %s ports, vendor %s, XCR0 %#x, hypercalls %s, debug UART %s",
             self._ports.mode if self._ports else "no",
             self.vendor,
+            xcr0,
             "via KVM_EXIT_XEN" if self._xen_hypercalls else "answered by KVM (no CONFIG_KVM_XEN)",
             f"{self._console.base:#x}" if self._console.base is not None else "none",
         )
