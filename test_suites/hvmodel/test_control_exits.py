@@ -555,7 +555,8 @@ def test_statistics_counters_and_cpu_info() -> None:
     hv = bench.hv
     hv.handle_pio(2, 0x80, 1, True, 0)
     hv.count_exit(2, CpuStat.VMEXITS_CPUID)
-    assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_TOTAL) == 2
+    # plus the two management exits of load and start (see the next test)
+    assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_TOTAL) == 4
     assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_PIO) == 1
     assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_CPUID) == 1
     # the hypercall itself is counted before it reads the counter
@@ -565,6 +566,24 @@ def test_statistics_counters_and_cpu_info() -> None:
     assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_MMIO) == 0x7FFFFFFF
     bench.call(Hypercall.CELL_DESTROY, 1)
     assert hv.cpus[2].stats == [0] * 12
+
+
+def test_each_suspension_of_a_cell_cpu_is_a_management_exit() -> None:
+    """arch_suspend_cpu sends an NMI to a CPU that is not suspended yet: a management exit
+    (cell_set_loadable and cell_start each suspend the cell; create clears the counters);
+    the root's CPUs run natively and count nothing."""
+    bench = Bench()
+    assert bench.create(linux_x86_demo(), 1) == 0
+    info = (Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_MANAGEMENT)
+    assert bench.call(*info) == 0
+    assert bench.call(Hypercall.CELL_SET_LOADABLE, 1) == 0
+    assert bench.call(*info) == 1
+    assert bench.call(Hypercall.CELL_START, 1) == 0
+    hv = bench.hv
+    for cpu in (2, 3):
+        assert hv.cpus[cpu].stats[CpuStat.VMEXITS_MANAGEMENT] == 2
+        assert hv.cpus[cpu].stats[CpuStat.VMEXITS_TOTAL] == 2
+    assert hv.cpus[1].stats == [0] * 12
 
 
 def test_cell_fails_only_when_all_cpus_failed() -> None:
