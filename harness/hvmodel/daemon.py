@@ -605,7 +605,7 @@ def executor_available() -> tuple[bool, str]:
 
 def make_arch(
     choice: str, responders: dict[str, str] | None = None, *, rebind_pci: bool = False,
-    native_pio: bool = True,
+    native_pio: bool = True, exit_trace: bool = True,
 ) -> tuple[Arch, str]:
     """Build the Arch the daemon runs on.
 
@@ -617,6 +617,7 @@ def make_arch(
     :param rebind_pci: executor only: a passed-through device a cell releases goes back
         to the root driver it had (Jailhouse leaves it unbound)
     :param native_pio: executor only: whitelisted port I/O in its I/O bitmap loop
+    :param exit_trace: executor only: count the exits KVM handles in the kernel
     :return: the Arch and its name
     :raise DaemonError: when the executor was asked for and cannot be had
     """
@@ -628,7 +629,7 @@ def make_arch(
             module = importlib.import_module(EXECUTOR_MODULE)
             # The daemon owns the debug console (see _ArchTap): the executor's is off.
             arch = cast("Arch", module.ExecutorArch(console=False, rebind_released=rebind_pci,
-                                                     native_pio=native_pio))
+                                                     native_pio=native_pio, exit_trace=exit_trace))
             if responders:
                 LOG.warning("--responder is for the oracle; the executor's cells answer themselves")
             return arch, "executor"
@@ -695,6 +696,8 @@ class DaemonOptions:
     :param rebind_pci: give released passed-through devices back to their root driver
     :param native_pio: the executor performs whitelisted port I/O in machine code (its
         I/O bitmap loop); off: every port exit goes through Python
+    :param exit_trace: the executor counts the exits KVM handles in the kernel (CPUID,
+        MSRs ...) through KVM's tracepoints; off: ``cell stats`` shows the model's only
     """
 
     run_dir: RunDir
@@ -710,6 +713,7 @@ class DaemonOptions:
     test_device: bool = False
     rebind_pci: bool = False
     native_pio: bool = True
+    exit_trace: bool = True
 
 
 class Daemon:
@@ -773,7 +777,7 @@ class Daemon:
         LOG.info("daemon %d starting in %s (protocol %d)", os.getpid(), path, PROTOCOL_VERSION)
         faults.load_env()  # test-only fault injection ($JHLAB_FAULT, harness/hvmodel/faults.py)
         arch, self.arch_name = make_arch(options.arch, options.responders, rebind_pci=options.rebind_pci,
-                                         native_pio=options.native_pio)
+                                         native_pio=options.native_pio, exit_trace=options.exit_trace)
         self.arch = arch
         host_mode = options.host or ("probe" if self.arch_name == "executor" else "model")
         if host_mode not in ("probe", "model"):
@@ -1374,6 +1378,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--native-pio", action=argparse.BooleanOptionalAction, default=True,
                         help="executor: whitelisted port I/O in machine code, not through "
                              "Python (default: on)")
+    parser.add_argument("--exit-trace", action=argparse.BooleanOptionalAction, default=True,
+                        help="executor: count the exits KVM handles in the kernel (CPUID, MSRs, "
+                             "CR writes ...) through its tracepoints (default: on)")
     parser.add_argument("--foreground", action="store_true", help="keep stdio, log to stderr too")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     return parser
@@ -1399,6 +1406,7 @@ def _options(args: argparse.Namespace) -> DaemonOptions:
         debug_console=mode, port_device=args.port_device, responders=responders,
         refresh=args.refresh, kmsg=args.kmsg, foreground=args.foreground, verbose=args.verbose,
         test_device=args.test_device, rebind_pci=args.rebind_pci, native_pio=args.native_pio,
+        exit_trace=args.exit_trace,
     )
 
 

@@ -586,6 +586,24 @@ def test_each_suspension_of_a_cell_cpu_is_a_management_exit() -> None:
     assert hv.cpus[1].stats == [0] * 12
 
 
+def test_exits_the_machine_handled_are_added_to_the_counters() -> None:
+    """CPU_GET_INFO adds what the Arch counted below the model (an executor's KVM handles
+    CPUID, MSRs ... in the kernel) to the model's own counts; the root's CPUs have none."""
+
+    class CountingArch(OracleArch):
+        def cpu_exit_counts(self, cpu: int) -> dict[CpuStat, int]:
+            return {CpuStat.VMEXITS_CPUID: 500, CpuStat.VMEXITS_TOTAL: 510 + 0xFFFFFFFF}
+
+    bench = Bench(arch_class=CountingArch)
+    bench.running(tiny_demo(), 1)
+    call = bench.call
+    assert call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_CPUID) == 500
+    # u32 counters: 2 management exits + 510 + 2**32 - 1 wraps to 511
+    assert call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_TOTAL) == 511
+    assert call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_PIO) == 0
+    assert call(Hypercall.CPU_GET_INFO, 1, 1000 + CpuStat.VMEXITS_CPUID) == 0
+
+
 def test_cell_fails_only_when_all_cpus_failed() -> None:
     """panic_park: failed flag per CPU, FAILED state once all CPUs of the cell failed."""
     bench = started(linux_x86_demo())

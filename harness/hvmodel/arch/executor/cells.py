@@ -19,6 +19,7 @@ from ...errors import JhlabError
 
 if TYPE_CHECKING:
     from ...config import CellConfig, MemoryRegion
+    from ..exitstats import VcpuExitTrace
     from ..hostmem import PhysMapping
     from ..kvm import Vcpu, Vm
     from ..portio import IoBitmapLoop
@@ -91,6 +92,9 @@ class CellCpu:
     dropped: int = 0
     #: the current run's I/O bitmap loop (its IN/OUT exits are not in :attr:`exits` yet)
     io_loop: IoBitmapLoop | None = None
+    #: the exits KVM handles for this CPU, as Jailhouse counts them, and its failing exit
+    #: (None: not traced); set and closed by the CPU's thread
+    trace: VcpuExitTrace | None = None
 
     def exit_counts(self) -> dict[str, int]:
         """:attr:`exits` with what the I/O bitmap loop is serving (``IoExit``)."""

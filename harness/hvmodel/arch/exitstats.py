@@ -1,0 +1,376 @@
+"""Jailhouse's exit statistics for the exits KVM handles in the kernel, and the exit a
+cell CPU failed at; stands where the ``stats[]`` increments of
+``hypervisor/arch/x86/{svm,vmx,vcpu,apic}.c`` are.
+
+On Jailhouse every intercepted instruction is an exit the hypervisor counts
+(``vcpu_handle_exit``). Under the executor, KVM handles most of them inside the kernel
+(CPUID, MSRs, CR writes, XSETBV, exceptions): they never reach user space, and only the
+exits that do (port and MMIO accesses, hypercalls) reach the model. KVM's tracepoints
+see the rest; per cell CPU a :class:`VcpuExitTrace` watches its vCPU thread through
+:mod:`~harness.hvmodel.arch.perf`:
+
+=========================  ===================  ======================================
+statistic                  tracepoint           counted when (Jailhouse)
+=========================  ===================  ======================================
+``vmexits_cpuid``          ``kvm:kvm_exit``     every CPUID (both vendors intercept it)
+``vmexits_msr_other``,     ``kvm:kvm_msr``      an access Jailhouse's MSR bitmap traps
+``vmexits_msr_x2apic_icr``                      (:class:`MsrTraps`; ICR writes apart)
+``vmexits_xsetbv``         ``kvm:kvm_exit``     every XSETBV on VMX; SVM does not
+                                                intercept it (``vmcb_setup``)
+``vmexits_exception``      ``kvm:kvm_exit``     #DB and #AC (Jailhouse's intercepts)
+``vmexits_cr``             ``kvm:kvm_cr``       a MOV to CR0 that changes a bit the
+                                                CPU intercepts (:func:`cr0_write_exits`)
+=========================  ===================  ======================================
+
+Counters are filtered in the kernel; CR0 writes are sampled (rare) and judged against
+the previous value. ``vmexits_total`` is their sum (the model adds the exits it counts
+itself). Limits: an access KVM does not intercept (an MSR it passes through, a CR0 write
+while its intercept is off) is not seen, so not counted; MANAGEMENT exits are the
+model's (:mod:`harness.hvmodel.core`, at each suspend), XAPIC ones cannot happen (cells
+use x2APIC).
+
+**The failing exit.** A sampler keeps the ``kvm_exit`` records of the exits that end a
+cell CPU (shutdown, failed entry): on SVM, KVM resets the vCPU in its shutdown intercept
+before it returns ``KVM_EXIT_SHUTDOWN``, so the record (exit code, RIP, exit information,
+the event being delivered) is all that is left of the state at the failure
+(:meth:`VcpuExitTrace.failing_exit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Final
+
+from ..abi import MSR_X2APIC_ICR, VMX_EXIT_FAILED_VMENTRY, CpuStat, SvmExit, VmxExit
+from .perf import Tracepoint, TracepointCounter, TracepointSampler, tracepoint
+
+__all__ = [
+    "ExitRules",
+    "MsrTraps",
+    "TraceEvents",
+    "TracedExit",
+    "VcpuExitTrace",
+    "cr0_write_exits",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: CR0 bits (SDM vol. 3, 2.5)
+CR0_PE: Final = 1 << 0
+CR0_MP: Final = 1 << 1
+CR0_ET: Final = 1 << 4
+CR0_NE: Final = 1 << 5
+CR0_TS: Final = 1 << 3
+CR0_NW: Final = 1 << 29
+CR0_CD: Final = 1 << 30
+#: SVM's selective CR0 write intercept fires for changes of any bit but TS and MP (APM
+#: vol. 2, 15.9), Jailhouse's only CR intercept on SVM
+SVM_CR0_SELECTIVE_IGNORED: Final = CR0_TS | CR0_MP
+#: VMX: the CR0 guest/host mask Jailhouse programs, ``required1 | ~maybe1`` of
+#: ``vmx_check_features`` for the usual VMX_CR0_FIXED0/1 (PE, NE, PG fixed to 1; all may
+#: be 1): NE and ET, plus NW and CD which Jailhouse keeps off
+VMX_CR0_HOST_MASK: Final = CR0_NE | CR0_ET | CR0_NW | CR0_CD
+
+#: MSR ranges the intercept bitmaps cover; an MSR outside them always exits (and
+#: Jailhouse reports it: ``Unhandled MSR read/write``)
+_SVM_MSRPM_RANGES: Final = ((0, 0x1FFF), (0xC0000000, 0xC0001FFF), (0xC0010000, 0xC0011FFF))
+_VMX_BITMAP_RANGES: Final = ((0, 0x1FFF), (0xC0000000, 0xC0001FFF))
+
+#: ``svm.c`` ``msrpm``: (first MSR, last MSR, byte), two bits per MSR (read, write)
+_SVM_MSRPM: Final = (
+    (0x018, 0x01B, 0x80), (0x200, 0x273, 0xAA), (0x274, 0x277, 0xEA), (0x2FC, 0x2FF, 0x80),
+    (0xC0000080, 0xC0000083, 0x02),
+)  # fmt: skip
+#: ``svm.c`` ``msrpm``, the x2APIC part (emulated when the host runs its APIC in xAPIC mode)
+_SVM_MSRPM_X2APIC: Final = (
+    (0x800, 0x803, 0x90), (0x808, 0x80B, 0x93), (0x80C, 0x80F, 0xC8), (0x810, 0x827, 0x55),
+    (0x828, 0x82B, 0x03), (0x82C, 0x82F, 0xC0), (0x830, 0x833, 0xF3), (0x834, 0x837, 0xFF),
+    (0x838, 0x83B, 0x07), (0x83C, 0x83F, 0x70),
+)  # fmt: skip
+#: ``vcpu_vendor_early_init`` with an x2APIC host: only ICR writes trap
+_SVM_MSRPM_X2APIC_HOST: Final = ((0x830, 0x833, 0x02),)
+#: ``vmx.c`` ``msr_bitmap``: (first MSR, last MSR, byte), one bit per MSR
+_VMX_READ: Final = ((0x270, 0x277, 0x80), (0x2F8, 0x2FF, 0x80))
+_VMX_READ_X2APIC: Final = (
+    (0x800, 0x807, 0x0C), (0x808, 0x80F, 0xA5), (0x810, 0x827, 0xFF), (0x828, 0x82F, 0x81),
+    (0x830, 0x837, 0xFD), (0x838, 0x83F, 0x43),
+)  # fmt: skip
+_VMX_WRITE: Final = (
+    (0x018, 0x01F, 0x08), (0x200, 0x277, 0xFF), (0x2F8, 0x2FF, 0x80), (0x388, 0x38F, 0x80),
+    (0x840, 0xD8F, 0xFF),
+)  # fmt: skip
+_VMX_WRITE_X2APIC: Final = (
+    (0x808, 0x80F, 0x89), (0x828, 0x82F, 0x81), (0x830, 0x837, 0xFD), (0x838, 0x83F, 0xC1),
+)  # fmt: skip
+_VMX_WRITE_X2APIC_HOST: Final = ((0x830, 0x837, 0x01),)
+
+
+def _svm_traps(table: Iterable[tuple[int, int, int]]) -> tuple[set[int], set[int]]:
+    reads: set[int] = set()
+    writes: set[int] = set()
+    for first, last, byte in table:
+        for msr in range(first, last + 1):
+            bit = 2 * ((msr - first) % 4)
+            if byte >> bit & 1:
+                reads.add(msr)
+            if byte >> (bit + 1) & 1:
+                writes.add(msr)
+    return reads, writes
+
+
+def _vmx_traps(table: Iterable[tuple[int, int, int]]) -> set[int]:
+    return {msr for first, last, byte in table for msr in range(first, last + 1)
+            if byte >> ((msr - first) % 8) & 1}
+
+
+def _ranges(msrs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted MSR numbers as inclusive (first, last) runs."""
+    runs: list[tuple[int, int]] = []
+    for msr in sorted(msrs):
+        if runs and runs[-1][1] == msr - 1:
+            runs[-1] = (runs[-1][0], msr)
+        else:
+            runs.append((msr, msr))
+    return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class MsrTraps:
+    """The MSR accesses Jailhouse intercepts on a machine: its MSR bitmap for the
+    ``vendor`` (``amd``: ``svm.c``, ``intel``: ``vmx.c``), with the x2APIC part for a
+    host whose local APIC is in xAPIC mode (Jailhouse then emulates x2APIC for cells) or
+    only the ICR write for an x2APIC host; MSRs outside the bitmaps' ranges always exit.
+
+    :param reads: MSRs whose reads exit (within the bitmap ranges)
+    :param writes: MSRs whose writes exit (within the bitmap ranges)
+    :param covered: the bitmap ranges (first, last)
+    """
+
+    reads: frozenset[int]
+    writes: frozenset[int]
+    covered: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, vendor: str, *, x2apic_host: bool) -> MsrTraps:
+        if vendor == "amd":
+            table = _SVM_MSRPM + (_SVM_MSRPM_X2APIC_HOST if x2apic_host else _SVM_MSRPM_X2APIC)
+            reads, writes = _svm_traps(table)
+            return cls(frozenset(reads), frozenset(writes), _SVM_MSRPM_RANGES)
+        reads = _vmx_traps(_VMX_READ + (() if x2apic_host else _VMX_READ_X2APIC))
+        writes = _vmx_traps(_VMX_WRITE + (_VMX_WRITE_X2APIC_HOST if x2apic_host else _VMX_WRITE_X2APIC))
+        return cls(frozenset(reads), frozenset(writes), _VMX_BITMAP_RANGES)
+
+    def exits(self, msr: int, write: bool) -> bool:
+        """Whether Jailhouse intercepts this access."""
+        if not any(first <= msr <= last for first, last in self.covered):
+            return True
+        return msr in (self.writes if write else self.reads)
+
+    def stat(self, msr: int, write: bool) -> CpuStat | None:
+        """The statistic the access counts in, None when it does not exit."""
+        if not self.exits(msr, write):
+            return None
+        if write and msr == MSR_X2APIC_ICR:
+            return CpuStat.VMEXITS_MSR_X2APIC_ICR
+        return CpuStat.VMEXITS_MSR_OTHER
+
+    def filter(self, stat: CpuStat) -> str:
+        """The ``kvm:kvm_msr`` filter of the accesses counted in ``stat``."""
+        if stat is CpuStat.VMEXITS_MSR_X2APIC_ICR:
+            return f"write == 1 && ecx == {MSR_X2APIC_ICR:#x}" if MSR_X2APIC_ICR in self.writes else ""
+        outside = " && ".join(f"(ecx < {first:#x} || ecx > {last:#x})" if first else f"ecx > {last:#x}"
+                              for first, last in self.covered)
+        reads = [_predicate(run) for run in _ranges(self.reads)]
+        writes = [_predicate(run) for run in _ranges(self.writes - {MSR_X2APIC_ICR})]
+        parts = [f"({outside})"]
+        if reads:
+            parts.append(f"(write == 0 && ({' || '.join(reads)}))")
+        if writes:
+            parts.append(f"(write == 1 && ({' || '.join(writes)}))")
+        return " || ".join(parts)
+
+
+def _predicate(run: tuple[int, int]) -> str:
+    first, last = run
+    return f"ecx == {first:#x}" if first == last else f"(ecx >= {first:#x} && ecx <= {last:#x})"
+
+
+def cr0_write_exits(vendor: str, old: int, new: int) -> bool:
+    """Whether Jailhouse intercepts a MOV to CR0 from ``old`` to ``new``: on SVM a change
+    of any bit but TS and MP (the selective write intercept), on VMX a change under its
+    CR0 guest/host mask (:data:`VMX_CR0_HOST_MASK`)."""
+    changed = old ^ new
+    if vendor == "amd":
+        return bool(changed & ~SVM_CR0_SELECTIVE_IGNORED & 0xFFFFFFFFFFFFFFFF)
+    return bool(changed & VMX_CR0_HOST_MASK)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitRules:
+    """What Jailhouse counts of the exits KVM handles, on this machine.
+
+    :param vendor: ``amd`` (SVM) or ``intel`` (VMX)
+    :param x2apic_host: the host's local APIC runs in x2APIC mode (Jailhouse's
+        ``using_x2apic``)
+    """
+
+    vendor: str
+    x2apic_host: bool
+
+    @property
+    def msr_traps(self) -> MsrTraps:
+        return MsrTraps.of(self.vendor, x2apic_host=self.x2apic_host)
+
+    def exit_counters(self) -> dict[CpuStat, str]:
+        """``kvm:kvm_exit`` filters by statistic."""
+        if self.vendor == "amd":
+            return {
+                CpuStat.VMEXITS_CPUID: f"exit_reason == {SvmExit.CPUID:#x}",
+                CpuStat.VMEXITS_EXCEPTION: (f"exit_reason == {SvmExit.EXCEPTION_DB:#x} || "
+                                            f"exit_reason == {SvmExit.EXCEPTION_AC:#x}"),
+            }
+        # VMX exception exits: #DB (hardware exception, or ICEBP) and #AC (error code)
+        events = " || ".join(f"intr_info == {info:#x}" for info in (0x80000301, 0x80000501, 0x80000B11))
+        return {
+            CpuStat.VMEXITS_CPUID: f"exit_reason == {VmxExit.CPUID}",
+            CpuStat.VMEXITS_XSETBV: f"exit_reason == {VmxExit.XSETBV}",
+            CpuStat.VMEXITS_EXCEPTION: f"exit_reason == {VmxExit.EXCEPTION_NMI} && ({events})",
+        }
+
+    def fatal_filter(self) -> str:
+        """``kvm:kvm_exit`` filter of the exits that end a cell CPU."""
+        if self.vendor == "amd":
+            return f"exit_reason == {SvmExit.SHUTDOWN:#x} || exit_reason == {SvmExit.INVALID:#x}"
+        return f"exit_reason == {VmxExit.TRIPLE_FAULT} || exit_reason >= {VMX_EXIT_FAILED_VMENTRY:#x}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceEvents:
+    """The KVM tracepoints :class:`VcpuExitTrace` uses (looked up once).
+
+    :raise PerfError: from :meth:`load` when tracefs or KVM's events are missing
+    """
+
+    exit: Tracepoint
+    msr: Tracepoint
+    cr: Tracepoint
+
+    @classmethod
+    def load(cls, root: str | None = None) -> TraceEvents:
+        return cls(tracepoint("kvm:kvm_exit", root), tracepoint("kvm:kvm_msr", root),
+                   tracepoint("kvm:kvm_cr", root))
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedExit:
+    """A ``kvm_exit`` record: the hardware exit code (SVM EXITCODE, VMX exit reason), the
+    guest RIP and KVM's exit information (SVM: EXITINFO1/2 and EXITINTINFO; VMX: the
+    qualification, the IDT-vectoring and the exit interruption information)."""
+
+    reason: int
+    rip: int
+    info1: int
+    info2: int
+    intr_info: int
+    error_code: int
+
+    @classmethod
+    def decode(cls, point: Tracepoint, raw: bytes) -> TracedExit:
+        return cls(*(point.field(raw, name) for name in (
+            "exit_reason", "guest_rip", "info1", "info2", "intr_info", "error_code")))
+
+
+class VcpuExitTrace:
+    """The exits KVM handles for one cell CPU, counted as Jailhouse counts them, and its
+    failing exit (module docstring). Opened in the vCPU thread (or for its ``pid``);
+    lives as long as the CPU is the cell's; :meth:`counts` and :meth:`failing_exit` may
+    be called from any thread.
+
+    :param rules: what counts
+    :param events: KVM's tracepoints
+    :param pid: the vCPU thread (0: the calling one)
+    :param reset_cr0: CR0 at the first start (Jailhouse's reset value)
+    :raise PerfError: when a counter cannot be opened (those opened are closed)
+    """
+
+    def __init__(self, rules: ExitRules, events: TraceEvents, *, pid: int = 0, reset_cr0: int) -> None:
+        self.rules = rules
+        self.events = events
+        self._lock = threading.Lock()
+        self._counters: dict[CpuStat, list[TracepointCounter]] = {}
+        self._cr_writes = 0
+        self._cr0 = reset_cr0
+        self._failing: TracedExit | None = None
+        self._cr: TracepointSampler | None = None
+        self._fatal: TracepointSampler | None = None
+        try:
+            for stat, text in rules.exit_counters().items():
+                self._add(stat, TracepointCounter(events.exit, text, pid))
+            traps = rules.msr_traps
+            for stat in (CpuStat.VMEXITS_MSR_OTHER, CpuStat.VMEXITS_MSR_X2APIC_ICR):
+                text = traps.filter(stat)
+                if text:
+                    self._add(stat, TracepointCounter(events.msr, text, pid))
+            self._cr = TracepointSampler(events.cr, "rw == 1 && cr == 0", pid, pages=1)
+            self._fatal = TracepointSampler(events.exit, rules.fatal_filter(), pid, pages=1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, stat: CpuStat, counter: TracepointCounter) -> None:
+        self._counters.setdefault(stat, []).append(counter)
+
+    def counts(self) -> dict[CpuStat, int]:
+        """Exits by statistic since the trace was opened, ``VMEXITS_TOTAL`` their sum."""
+        with self._lock:
+            self._judge_cr_writes()
+            counts = {stat: sum(counter.read() for counter in counters)
+                      for stat, counters in self._counters.items()}
+            counts[CpuStat.VMEXITS_CR] = self._cr_writes
+        counts[CpuStat.VMEXITS_TOTAL] = sum(counts.values())
+        return counts
+
+    def restart(self, cr0: int) -> None:
+        """The CPU is reset (its CR0 set without an exit): judge the writes before it, then
+        compare the next ones with ``cr0``."""
+        with self._lock:
+            self._judge_cr_writes()
+            self._cr0 = cr0
+
+    def _judge_cr_writes(self) -> None:
+        sampler = self._cr
+        if sampler is None:
+            return
+        lost = sampler.lost
+        for raw in sampler.drain():
+            value = self.events.cr.field(raw, "val")
+            if cr0_write_exits(self.rules.vendor, self._cr0, value):
+                self._cr_writes += 1
+            self._cr0 = value
+        if sampler.lost != lost:
+            LOG.warning("CR0 writes lost from the trace: %d (counted as exits)", sampler.lost - lost)
+            self._cr_writes += sampler.lost - lost
+
+    def failing_exit(self) -> TracedExit | None:
+        """The newest exit that ended the CPU (shutdown, failed entry), if one was traced."""
+        with self._lock:
+            sampler = self._fatal
+            if sampler is not None:
+                for raw in sampler.drain():
+                    self._failing = TracedExit.decode(self.events.exit, raw)
+            return self._failing
+
+    def close(self) -> None:
+        """Close every counter and sampler; idempotent. Counts read 0 afterwards."""
+        with self._lock:
+            for counters in self._counters.values():
+                for counter in counters:
+                    counter.close()
+            self._counters.clear()
+            for sampler in (self._cr, self._fatal):
+                if sampler is not None:
+                    sampler.close()
+            self._cr = self._fatal = None
