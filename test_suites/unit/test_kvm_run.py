@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.hvmodel.abi import CPUID_1_ECX_XSAVE, CellState
+from harness.hvmodel.abi import CPUID_1_ECX_XSAVE, CellState, CpuStat
 from harness.hvmodel.arch import hostmem, kvm, portio, runner, xsave
+from harness.hvmodel.arch.executor.cells import CellCpu
+from harness.hvmodel.arch.executor.exits import ExitDispatcher
 from harness.hvmodel.arch.kvm import structs
 from harness.hvmodel.arch.vcpu import Msr, jailhouse_vcpu_reset, jailhouse_vcpu_setup
 
@@ -748,3 +750,51 @@ def test_xsave_is_offered_only_when_xcr0_survives_an_exit(kick_handler: None) ->
             ] + [kvm.CpuidEntry(0xD, 0, eax=0x7, ebx=0x240, ecx=0x340)]
             assert xsave.xcr0_supported(claimed) == 0x7
             assert xsave.usable_xcr0(dev, claimed, timeout=5.0) == 0
+
+
+# Real mode: WRMSR TMICT (0x838) with EDX=1, EAX=0x1000, then RDMSR TMICT, OUT EAX.
+X2APIC_UPPER_HALF_GUEST = bytes(
+    [
+        0x66, 0xB9, 0x38, 0x08, 0x00, 0x00,  # mov ecx, 0x838
+        0x66, 0xB8, 0x00, 0x10, 0x00, 0x00,  # mov eax, 0x1000
+        0x66, 0xBA, 0x01, 0x00, 0x00, 0x00,  # mov edx, 1
+        0x0F, 0x30,                     # wrmsr
+        0x0F, 0x32,                     # rdmsr
+        0xBA, 0xF8, 0x02,               # mov dx, 0x2f8
+        0x66, 0xEF,                     # out dx, eax
+        0xF4,                           # hlt
+    ]
+)  # fmt: skip
+
+
+def test_x2apic_writes_with_an_upper_half_as_jailhouse_emulates_them(vm: kvm.Vm) -> None:
+    """KVM refuses an x2APIC register write with bits 63:32 set (user-space MSR exit);
+    with the host's APIC in xAPIC mode Jailhouse emulates x2APIC and takes EAX only: the
+    executor writes the low half, counts an MSR exit, and the guest goes on (TMICT then
+    reads 0x1000). With an x2APIC host the write stays FATAL."""
+    vm.enable_cap(kvm.Cap.X86_USER_SPACE_MSR,
+                  structs.KVM_MSR_EXIT_REASON_UNKNOWN | structs.KVM_MSR_EXIT_REASON_INVAL)
+    vcpu = guest(vm, X2APIC_UPPER_HALF_GUEST)
+    calls: list[tuple[object, ...]] = []
+
+    class Handler:
+        def count_exit(self, cpu: int, stat: CpuStat) -> None:
+            calls.append((cpu, stat))
+
+        def panic_park(self, cpu: int, fatal: str | None = None) -> None:
+            calls.append((cpu, "panic", fatal))
+
+    exits = ExitDispatcher(vendor="amd", ports=lambda: None, native_pio=False)
+    exits.attach(lambda: Handler())  # type: ignore[arg-type,return-value]
+    cpu = CellCpu(0, None, vcpu)  # type: ignore[arg-type]
+    with watchdog(vcpu):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, kvm.MsrExit), exit_
+        assert (exit_.index, exit_.is_write, exit_.data) == (0x838, True, 0x1_0000_1000)
+        exits.x2apic_emulated = False
+        assert exits._x2apic_write_emulated(cpu, exit_) is False  # x2APIC host: refused
+        exits.x2apic_emulated = True
+        assert exits.handle_exit(cpu, exit_) is None
+        assert calls == [(0, CpuStat.VMEXITS_MSR_OTHER)]
+        out = vcpu.run()
+        assert isinstance(out, kvm.IoExit) and out.value() == 0x1000, out

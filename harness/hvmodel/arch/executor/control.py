@@ -288,7 +288,9 @@ class ExecutorArch:
             self.isolation_problem = self._prepare_isolation()
             if self.isolation_problem is not None:
                 LOG.warning("cell CPUs stay in the root's scheduling: %s", self.isolation_problem)
-            self._kernel_exits.prepare(self.vendor, x2apic_host=x2apic_mode())
+            x2apic_host = x2apic_mode()
+            self._kernel_exits.prepare(self.vendor, x2apic_host=x2apic_host)
+            self._exits.x2apic_emulated = not x2apic_host
             undo.pop_all()
         self._supported_cpuid = supported
         self._system = system

@@ -20,6 +20,10 @@ model's exit entry points (:class:`ExitHandler`, the
   -EPERM above CPL 0). **Debian's kernel lacks CONFIG_KVM_XEN**: there KVM answers every
   VMCALL/VMMCALL itself with ``-KVM_ENOSYS`` (-1000) in RAX, and cells' hypercalls (the
   debug console ``con-virtual``, CPU_GET_INFO) are not seen by the model.
+* **x2APIC writes with bits 63:32 set** (other than the ICR), which KVM refuses: with the
+  host's APIC in xAPIC mode Jailhouse emulates x2APIC and takes EAX only, so the executor
+  writes the low half (:meth:`ExitDispatcher._x2apic_write_emulated`); with an x2APIC
+  host they are FATAL as below (the hardware would raise #GP).
 * **Fatal**: triple fault, failed entry, KVM internal errors and MSRs KVM does not know go
   to :meth:`Hypervisor.panic_park` with Jailhouse's FATAL wording for the vendor (SVM:
   ``Unexpected #VMEXIT, exitcode 7f, ...``; VMX: ``Unhandled VM-Exit, reason 2`` and the
@@ -48,9 +52,17 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
-from ...abi import VMX_EXIT_FAILED_VMENTRY, CpuStat, SvmExit, VmxExit
+from ...abi import (
+    MSR_X2APIC_BASE,
+    MSR_X2APIC_END,
+    MSR_X2APIC_ICR,
+    VMX_EXIT_FAILED_VMENTRY,
+    CpuStat,
+    SvmExit,
+    VmxExit,
+)
 from ...errors import Errno, JhlabError
-from ..exitstats import ExitRules, TraceEvents, VcpuExitTrace
+from ..exitstats import ExitRules, MsrTraps, TraceEvents, VcpuExitTrace
 from ..kvm import (
     ExitReason,
     FailEntryExit,
@@ -113,6 +125,8 @@ class ExitDispatcher:
     def __init__(self, *, vendor: str, ports: Callable[[], PortIo | None], native_pio: bool) -> None:
         self.vendor = vendor
         self.native_pio = native_pio
+        #: the host's APIC is in xAPIC mode: Jailhouse emulates x2APIC for cells (set at init)
+        self.x2apic_emulated = False
         self._ports = ports
         self.handler: Callable[[], ExitHandler | None] = lambda: None
 
@@ -149,6 +163,8 @@ class ExitDispatcher:
                 self.handle_hypercall(handler, cpu, exit_)
             elif isinstance(exit_, OtherExit) and exit_.code == ExitReason.IOAPIC_EOI:
                 pass  # split irqchip: EOI of a level-triggered vector; no IOAPIC to tell
+            elif isinstance(exit_, MsrExit) and self._x2apic_write_emulated(cpu, exit_):
+                handler.count_exit(cpu.id, CpuStat.VMEXITS_MSR_OTHER)
             elif isinstance(exit_, MsrExit):
                 handler.count_exit(cpu.id, CpuStat.VMEXITS_MSR_OTHER)
                 handler.panic_park(cpu.id, with_dump(cpu, describe_exit(exit_)))
@@ -160,6 +176,28 @@ class ExitDispatcher:
             LOG.warning("CPU %d: exit not handled: %s", cpu.id, exc)
             return str(exc)
         return None
+
+    def _x2apic_write_emulated(self, cpu: CellCpu, exit_: MsrExit) -> bool:
+        """A write to an x2APIC register other than the ICR with bits 63:32 set, which KVM
+        refuses: where the host's APIC is in xAPIC mode Jailhouse emulates x2APIC and its
+        ``x2apic_handle_write`` takes EAX only, so the low half is written (through KVM,
+        as the cell's own write would be) and the instruction completes.
+
+        :return: whether the write was performed
+        """
+        if not (self.x2apic_emulated and exit_.is_write and exit_.data >> 32):
+            return False
+        msr = exit_.index
+        if msr == MSR_X2APIC_ICR or not MSR_X2APIC_BASE <= msr <= MSR_X2APIC_END:
+            return False
+        if not MsrTraps.of(self.vendor, x2apic_host=False).exits(msr, True):
+            return False  # a register Jailhouse does not trap: the hardware would refuse it
+        try:
+            cpu.vcpu.set_msrs({msr: exit_.data & 0xFFFFFFFF})
+        except KvmError as exc:
+            LOG.warning("CPU %d: x2APIC write %#x = %#x: %s", cpu.id, msr, exit_.data, exc)
+            return False
+        return True
 
     def report_fatal(self, cpu: CellCpu, text: str) -> None:
         """A failure of the CPU's own KVM calls: FATAL through the model (which parks the
