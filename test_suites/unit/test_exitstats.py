@@ -13,7 +13,7 @@ import pytest
 from harness.hvmodel.abi import CpuStat
 from harness.hvmodel.arch.executor.cells import CellCpu
 from harness.hvmodel.arch.executor.exits import fatal_report
-from harness.hvmodel.arch.exitstats import ExitRules, MsrTraps, TracedExit, cr0_write_exits
+from harness.hvmodel.arch.exitstats import ExitRules, MsrTraps, TracedExit
 from harness.hvmodel.arch.kvm import ShutdownExit
 from harness.hvmodel.arch.kvm.structs import KvmRegs, KvmSregs
 from harness.hvmodel.arch.perf import decode_records, parse_format
@@ -111,11 +111,15 @@ def test_msr_filters_select_what_the_bitmaps_trap(vendor: str, x2apic: bool) -> 
 
 
 def test_exit_counters_per_vendor() -> None:
-    """CPUID and #DB/#AC exits on both vendors; XSETBV only on VMX (Jailhouse's SVM does
-    not intercept it); the failing exits: SVM shutdown or VMEXIT_INVALID, VMX triple
+    """CPUID, CR and #DB/#AC exits on both vendors (SVM: CR0 writes, Jailhouse's only CR
+    intercept there); XSETBV only on VMX (Jailhouse's SVM does not intercept it); the
+    failing exits: SVM shutdown or VMEXIT_INVALID, VMX triple
     fault or a failed entry."""
     svm, vmx = ExitRules("amd", False), ExitRules("intel", False)
     assert _evaluate(svm.exit_counters()[CpuStat.VMEXITS_CPUID], exit_reason=0x72)
+    assert _evaluate(svm.exit_counters()[CpuStat.VMEXITS_CR], exit_reason=0x10)  # write_cr0
+    assert not _evaluate(svm.exit_counters()[CpuStat.VMEXITS_CR], exit_reason=0x14)  # cr4
+    assert _evaluate(vmx.exit_counters()[CpuStat.VMEXITS_CR], exit_reason=28)
     assert CpuStat.VMEXITS_XSETBV not in svm.exit_counters()
     assert _evaluate(vmx.exit_counters()[CpuStat.VMEXITS_XSETBV], exit_reason=55)
     exception = vmx.exit_counters()[CpuStat.VMEXITS_EXCEPTION]
@@ -128,18 +132,6 @@ def test_exit_counters_per_vendor() -> None:
     assert _evaluate(vmx.fatal_filter(), exit_reason=2)
     assert _evaluate(vmx.fatal_filter(), exit_reason=0x80000021)
     assert not _evaluate(vmx.fatal_filter(), exit_reason=10)
-
-
-def test_cr0_writes_exit_as_jailhouse_intercepts_them() -> None:
-    """SVM: the selective CR0 write intercept (any bit but TS and MP); VMX: bits under the
-    guest/host mask (NE, ET, NW, CD)."""
-    reset, protected = 0x60000010, 0x80010031  # NW|CD|ET -> PG|WP|NE|ET|PE
-    assert cr0_write_exits("amd", reset, protected)
-    assert not cr0_write_exits("amd", protected, protected | 0x8 | 0x2)  # TS, MP
-    assert cr0_write_exits("amd", protected, protected & ~(1 << 16))  # WP
-    assert cr0_write_exits("intel", reset, protected)  # CD and NW cleared
-    assert not cr0_write_exits("intel", protected, protected & ~(1 << 16))  # WP: guest-owned
-    assert not cr0_write_exits("amd", protected, protected)
 
 
 def test_raw_records_decode_by_the_format_file() -> None:

@@ -18,16 +18,18 @@ statistic                  tracepoint           counted when (Jailhouse)
 ``vmexits_xsetbv``         ``kvm:kvm_exit``     every XSETBV on VMX; SVM does not
                                                 intercept it (``vmcb_setup``)
 ``vmexits_exception``      ``kvm:kvm_exit``     #DB and #AC (Jailhouse's intercepts)
-``vmexits_cr``             ``kvm:kvm_cr``       a MOV to CR0 that changes a bit the
-                                                CPU intercepts (:func:`cr0_write_exits`)
+``vmexits_cr``             ``kvm:kvm_exit``     a CR0 write KVM intercepts (SVM), a CR
+                                                access KVM intercepts (VMX)
 =========================  ===================  ======================================
 
-Counters are filtered in the kernel; CR0 writes are sampled (rare) and judged against
-the previous value. ``vmexits_total`` is their sum (the model adds the exits it counts
-itself). Limits: an access KVM does not intercept (an MSR it passes through, a CR0 write
-while its intercept is off) is not seen, so not counted; MANAGEMENT exits are the
-model's (:mod:`harness.hvmodel.core`, at each suspend), XAPIC ones cannot happen (cells
-use x2APIC).
+Counters are filtered in the kernel; ``vmexits_total`` is their sum (the model adds the
+exits it counts itself). Limits: an access KVM does not intercept is not seen, so not
+counted (an MSR it passes through; a CR0 write while the guest's CR0 has neither CD nor
+NW set: KVM intercepts CR0 writes only then, Jailhouse's SVM intercept every write that
+changes more than TS and MP); CR accesses are counted as KVM intercepts them (its
+``kvm_cr`` tracepoint misses writes it emulates without decode assists, as under QEMU's
+TCG); MANAGEMENT exits are the model's (:mod:`harness.hvmodel.core`, at each suspend),
+XAPIC ones cannot happen (cells use x2APIC).
 
 **The failing exit.** A sampler keeps the ``kvm_exit`` records of the exits that end a
 cell CPU (shutdown, failed entry): on SVM, KVM resets the vCPU in its shutdown intercept
@@ -39,7 +41,6 @@ the event being delivered) is all that is left of the state at the failure
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 from collections.abc import Iterable
 from typing import Final
@@ -53,26 +54,7 @@ __all__ = [
     "TraceEvents",
     "TracedExit",
     "VcpuExitTrace",
-    "cr0_write_exits",
 ]
-
-LOG = logging.getLogger(__name__)
-
-#: CR0 bits (SDM vol. 3, 2.5)
-CR0_PE: Final = 1 << 0
-CR0_MP: Final = 1 << 1
-CR0_ET: Final = 1 << 4
-CR0_NE: Final = 1 << 5
-CR0_TS: Final = 1 << 3
-CR0_NW: Final = 1 << 29
-CR0_CD: Final = 1 << 30
-#: SVM's selective CR0 write intercept fires for changes of any bit but TS and MP (APM
-#: vol. 2, 15.9), Jailhouse's only CR intercept on SVM
-SVM_CR0_SELECTIVE_IGNORED: Final = CR0_TS | CR0_MP
-#: VMX: the CR0 guest/host mask Jailhouse programs, ``required1 | ~maybe1`` of
-#: ``vmx_check_features`` for the usual VMX_CR0_FIXED0/1 (PE, NE, PG fixed to 1; all may
-#: be 1): NE and ET, plus NW and CD which Jailhouse keeps off
-VMX_CR0_HOST_MASK: Final = CR0_NE | CR0_ET | CR0_NW | CR0_CD
 
 #: MSR ranges the intercept bitmaps cover; an MSR outside them always exits (and
 #: Jailhouse reports it: ``Unhandled MSR read/write``)
@@ -198,16 +180,6 @@ def _predicate(run: tuple[int, int]) -> str:
     return f"ecx == {first:#x}" if first == last else f"(ecx >= {first:#x} && ecx <= {last:#x})"
 
 
-def cr0_write_exits(vendor: str, old: int, new: int) -> bool:
-    """Whether Jailhouse intercepts a MOV to CR0 from ``old`` to ``new``: on SVM a change
-    of any bit but TS and MP (the selective write intercept), on VMX a change under its
-    CR0 guest/host mask (:data:`VMX_CR0_HOST_MASK`)."""
-    changed = old ^ new
-    if vendor == "amd":
-        return bool(changed & ~SVM_CR0_SELECTIVE_IGNORED & 0xFFFFFFFFFFFFFFFF)
-    return bool(changed & VMX_CR0_HOST_MASK)
-
-
 @dataclasses.dataclass(frozen=True)
 class ExitRules:
     """What Jailhouse counts of the exits KVM handles, on this machine.
@@ -229,6 +201,8 @@ class ExitRules:
         if self.vendor == "amd":
             return {
                 CpuStat.VMEXITS_CPUID: f"exit_reason == {SvmExit.CPUID:#x}",
+                CpuStat.VMEXITS_CR: (f"exit_reason == {SvmExit.CR0_WRITE:#x} || "
+                                     f"exit_reason == {SvmExit.CR0_SEL_WRITE:#x}"),
                 CpuStat.VMEXITS_EXCEPTION: (f"exit_reason == {SvmExit.EXCEPTION_DB:#x} || "
                                             f"exit_reason == {SvmExit.EXCEPTION_AC:#x}"),
             }
@@ -236,6 +210,7 @@ class ExitRules:
         events = " || ".join(f"intr_info == {info:#x}" for info in (0x80000301, 0x80000501, 0x80000B11))
         return {
             CpuStat.VMEXITS_CPUID: f"exit_reason == {VmxExit.CPUID}",
+            CpuStat.VMEXITS_CR: f"exit_reason == {VmxExit.CR_ACCESS}",
             CpuStat.VMEXITS_XSETBV: f"exit_reason == {VmxExit.XSETBV}",
             CpuStat.VMEXITS_EXCEPTION: f"exit_reason == {VmxExit.EXCEPTION_NMI} && ({events})",
         }
@@ -256,12 +231,10 @@ class TraceEvents:
 
     exit: Tracepoint
     msr: Tracepoint
-    cr: Tracepoint
 
     @classmethod
     def load(cls, root: str | None = None) -> TraceEvents:
-        return cls(tracepoint("kvm:kvm_exit", root), tracepoint("kvm:kvm_msr", root),
-                   tracepoint("kvm:kvm_cr", root))
+        return cls(tracepoint("kvm:kvm_exit", root), tracepoint("kvm:kvm_msr", root))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,19 +265,15 @@ class VcpuExitTrace:
     :param rules: what counts
     :param events: KVM's tracepoints
     :param pid: the vCPU thread (0: the calling one)
-    :param reset_cr0: CR0 at the first start (Jailhouse's reset value)
     :raise PerfError: when a counter cannot be opened (those opened are closed)
     """
 
-    def __init__(self, rules: ExitRules, events: TraceEvents, *, pid: int = 0, reset_cr0: int) -> None:
+    def __init__(self, rules: ExitRules, events: TraceEvents, *, pid: int = 0) -> None:
         self.rules = rules
         self.events = events
         self._lock = threading.Lock()
         self._counters: dict[CpuStat, list[TracepointCounter]] = {}
-        self._cr_writes = 0
-        self._cr0 = reset_cr0
         self._failing: TracedExit | None = None
-        self._cr: TracepointSampler | None = None
         self._fatal: TracepointSampler | None = None
         try:
             for stat, text in rules.exit_counters().items():
@@ -314,7 +283,6 @@ class VcpuExitTrace:
                 text = traps.filter(stat)
                 if text:
                     self._add(stat, TracepointCounter(events.msr, text, pid))
-            self._cr = TracepointSampler(events.cr, "rw == 1 && cr == 0", pid, pages=1)
             self._fatal = TracepointSampler(events.exit, rules.fatal_filter(), pid, pages=1)
         except BaseException:
             self.close()
@@ -326,33 +294,10 @@ class VcpuExitTrace:
     def counts(self) -> dict[CpuStat, int]:
         """Exits by statistic since the trace was opened, ``VMEXITS_TOTAL`` their sum."""
         with self._lock:
-            self._judge_cr_writes()
             counts = {stat: sum(counter.read() for counter in counters)
                       for stat, counters in self._counters.items()}
-            counts[CpuStat.VMEXITS_CR] = self._cr_writes
         counts[CpuStat.VMEXITS_TOTAL] = sum(counts.values())
         return counts
-
-    def restart(self, cr0: int) -> None:
-        """The CPU is reset (its CR0 set without an exit): judge the writes before it, then
-        compare the next ones with ``cr0``."""
-        with self._lock:
-            self._judge_cr_writes()
-            self._cr0 = cr0
-
-    def _judge_cr_writes(self) -> None:
-        sampler = self._cr
-        if sampler is None:
-            return
-        lost = sampler.lost
-        for raw in sampler.drain():
-            value = self.events.cr.field(raw, "val")
-            if cr0_write_exits(self.rules.vendor, self._cr0, value):
-                self._cr_writes += 1
-            self._cr0 = value
-        if sampler.lost != lost:
-            LOG.warning("CR0 writes lost from the trace: %d (counted as exits)", sampler.lost - lost)
-            self._cr_writes += sampler.lost - lost
 
     def failing_exit(self) -> TracedExit | None:
         """The newest exit that ended the CPU (shutdown, failed entry), if one was traced."""
@@ -370,7 +315,6 @@ class VcpuExitTrace:
                 for counter in counters:
                     counter.close()
             self._counters.clear()
-            for sampler in (self._cr, self._fatal):
-                if sampler is not None:
-                    sampler.close()
-            self._cr = self._fatal = None
+            if self._fatal is not None:
+                self._fatal.close()
+                self._fatal = None

@@ -79,7 +79,7 @@ from ..kvm import (
 )
 from ..perf import PerfError
 from ..portio import IoBitmapLoop, NativePorts, PortIo
-from ..vcpu import RESET_CR0, format_state
+from ..vcpu import format_state
 from .cells import CellCpu, ExecutorStateError
 
 if TYPE_CHECKING:
@@ -318,7 +318,7 @@ class KernelExits:
         if rules is None or events is None:
             return None
         try:
-            return VcpuExitTrace(rules, events, reset_cr0=RESET_CR0)
+            return VcpuExitTrace(rules, events)
         except PerfError as exc:
             LOG.warning("this cell CPU's exits in KVM are not counted: %s", exc)
             return None

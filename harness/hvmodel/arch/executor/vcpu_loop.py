@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Final
 
 from ..kvm import IntrExit, KvmError
 from ..portio import IoBitmapLoop
-from ..vcpu import RESET_CR0, jailhouse_vcpu_reset
+from ..vcpu import jailhouse_vcpu_reset
 from .cells import CellCpu, CellTable, CellVm, CpuState
 from .exits import ExitDispatcher
 
@@ -260,8 +260,6 @@ class VcpuThreads:
                 generation = cpu.generation
             try:
                 if reset is not None:
-                    if cpu.trace is not None:
-                        cpu.trace.restart(RESET_CR0)
                     jailhouse_vcpu_reset(vcpu, reset)
                     io_loop = self.exits.io_bitmap_loop(cpu)
                     with cond:
