@@ -1,7 +1,7 @@
 """The lab's Linux as the driver needs it (:class:`~harness.hvmodel.driver.HostInfo`):
-online CPUs, the CPU vendor and APIC mode, ``memmap=`` reservations, and the TSC and local-APIC timer
-frequencies as KVM gives them to cells. No Jailhouse counterpart: Jailhouse's driver
-reads these from the kernel it runs in.
+online CPUs, the CPU vendor and APIC mode, ``memmap=`` reservations, PCI devices, and
+the TSC and local-APIC timer frequencies as KVM gives them to cells. No Jailhouse
+counterpart: Jailhouse's driver reads these from the kernel it runs in.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from ..vcpu import apic_khz, measure_tsc_khz
 if TYPE_CHECKING:
     from ...driver import HostInfo
 
-__all__ = ["cpu_vendor", "describe_host", "host_info", "online_cpus", "reserved_ranges", "x2apic_mode"]
+__all__ = [
+    "cpu_vendor",
+    "describe_host",
+    "host_info",
+    "online_cpus",
+    "pci_devices",
+    "reserved_ranges",
+    "x2apic_mode",
+]
 
 
 def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -114,6 +122,24 @@ def host_info(kvm_path: str = "/dev/kvm") -> HostInfo:
     return describe_host(tsc, apic)
 
 
+_PCI_NAME: Final = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
+
+
+def pci_devices(path: str = "/sys/bus/pci/devices") -> frozenset[tuple[int, int]] | None:
+    """The PCI functions Linux has, as (domain, BDF); None when sysfs cannot tell."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    found: set[tuple[int, int]] = set()
+    for name in names:
+        match = _PCI_NAME.match(name)
+        if match:
+            domain, bus, dev, fn = (int(part, 16) for part in match.groups())
+            found.add((domain, bus << 8 | dev << 3 | fn))
+    return frozenset(found)
+
+
 def describe_host(tsc_khz: int, apic_khz: int) -> HostInfo:
     """:class:`~harness.hvmodel.driver.HostInfo` of this machine with the given timer
     frequencies (kHz)."""
@@ -128,4 +154,5 @@ def describe_host(tsc_khz: int, apic_khz: int) -> HostInfo:
         reserved=reserved_ranges() or None,
         tsc_khz=tsc_khz,
         apic_khz=apic_khz,
+        pci_devices=pci_devices(),
     )
