@@ -272,30 +272,26 @@ class VcpuExitTrace:
         self.rules = rules
         self.events = events
         self._lock = threading.Lock()
-        self._counters: dict[CpuStat, list[TracepointCounter]] = {}
+        self._counters: dict[CpuStat, TracepointCounter] = {}
         self._failing: TracedExit | None = None
         self._fatal: TracepointSampler | None = None
         try:
             for stat, text in rules.exit_counters().items():
-                self._add(stat, TracepointCounter(events.exit, text, pid))
+                self._counters[stat] = TracepointCounter(events.exit, text, pid)
             traps = rules.msr_traps
             for stat in (CpuStat.VMEXITS_MSR_OTHER, CpuStat.VMEXITS_MSR_X2APIC_ICR):
                 text = traps.filter(stat)
                 if text:
-                    self._add(stat, TracepointCounter(events.msr, text, pid))
+                    self._counters[stat] = TracepointCounter(events.msr, text, pid)
             self._fatal = TracepointSampler(events.exit, rules.fatal_filter(), pid, pages=1)
         except BaseException:
             self.close()
             raise
 
-    def _add(self, stat: CpuStat, counter: TracepointCounter) -> None:
-        self._counters.setdefault(stat, []).append(counter)
-
     def counts(self) -> dict[CpuStat, int]:
         """Exits by statistic since the trace was opened, ``VMEXITS_TOTAL`` their sum."""
         with self._lock:
-            counts = {stat: sum(counter.read() for counter in counters)
-                      for stat, counters in self._counters.items()}
+            counts = {stat: counter.read() for stat, counter in self._counters.items()}
         counts[CpuStat.VMEXITS_TOTAL] = sum(counts.values())
         return counts
 
@@ -311,9 +307,8 @@ class VcpuExitTrace:
     def close(self) -> None:
         """Close every counter and sampler; idempotent. Counts read 0 afterwards."""
         with self._lock:
-            for counters in self._counters.values():
-                for counter in counters:
-                    counter.close()
+            for counter in self._counters.values():
+                counter.close()
             self._counters.clear()
             if self._fatal is not None:
                 self._fatal.close()
