@@ -9,8 +9,9 @@ Benchmarks: ``config`` (parse + check of the default system config), ``model``
 (create/destroy pairs per second of the pure hypervisor model), ``boot`` (lab cold boot
 through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker),
 ``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
-create+load+start to the inmate's first line, and the executor's PIO exits per second
-against a minimal C KVM loop in the same lab VM), ``kbuild`` (the image set when all is
+create+load+start to the inmate's first line, the executor's PIO exits per second
+against a minimal C KVM loop in the same lab VM, a cell's timer jitter and TSC/PM-timer
+rate ratio), ``kbuild`` (the image set when all is
 cached, and the recorded phases of the kernel builds' cold runs).
 """
 

@@ -26,6 +26,10 @@ compiled on the host, configs, inmates and the C tool uploaded.
   same bitmap check and real-port access the Python path does through
   ``Hypervisor.handle_pio``. Each rate comes from the inmate's line on serial 1; the
   ratios are per adjacent pair.
+* **Time in a cell** (``repeats`` times): jhlab's timecheck probe in its cell
+  (:mod:`harness.bench.timecheck`): every tick's jitter of a 100 ms periodic APIC timer
+  (CPU in HLT), each run's median |jitter|, and the cell's TSC rate against the PM timer
+  as a ratio to the comm region's ``tsc_khz`` (busy, and across HLT).
 
 Every wait has a deadline; a failed step ends the benchmark with its output and the
 lab's log folder.
@@ -37,11 +41,12 @@ import dataclasses
 import logging
 import re
 import shlex
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Final
 
-from harness.bench import Figure, bench_log_dir
+from harness.bench import Figure, bench_log_dir, timecheck
 from harness.bench.marks import LineClock, begin_marker, end_marker, mark, marked
 from harness.errors import JhlabError
 from harness.hvmodel.config import CellConfig, load_source
@@ -78,6 +83,10 @@ GOAL_CREATE_LOAD_START_S: Final = 1.5
 GOAL_FIRST_LINE_S: Final = 1.0
 GOAL_DESTROY_S: Final = 1.0
 GOAL_LIST_S: Final = 0.3
+#: issue 14: median |jitter| of a 100 ms periodic timer (nested TCG, 2 cores)
+GOAL_JITTER_US: Final = 5000
+#: seconds from a timecheck start to its summary (rates, one-shots, periodic: ~10 s idle)
+TIMECHECK_TIMEOUT: Final = 300.0
 
 _PIO_RESULT: Final = re.compile(r"pio-loop: (\d+) exits in (\d+) us, (\d+) mismatches: (PASSED|FAILED)")
 
@@ -164,9 +173,9 @@ class CellBench:
         """Configs (compiled here), the two inmates and the C tool into :data:`GUEST_DIR`."""
         self.run(f"mkdir -p {GUEST_DIR}")
         configs = compiled_configs()
-        for name in ("qemu-x86.cell", "hello.cell", "pio-loop.cell"):
+        for name in ("qemu-x86.cell", "hello.cell", "pio-loop.cell", "timecheck.cell"):
             self.lab.put(configs[name], f"{GUEST_DIR}/{name}")
-        for name in ("hello.bin", "pio-loop.bin"):
+        for name in ("hello.bin", "pio-loop.bin", "timecheck.bin"):
             self.lab.put((inmates / name).read_bytes(), f"{GUEST_DIR}/{name}")
         self.lab.put(kvmloop.read_bytes(), f"{GUEST_DIR}/kvmloop", mode=0o755)
 
@@ -231,6 +240,18 @@ class CellBench:
         LOG.info("pio-loop on the executor: %.0f exits/s", run.rate)
         return run
 
+    def run_cell(self, name: str, cmdline: str, done: str, timeout: float) -> str:
+        """Create, load (``cmdline`` at 0x1000) and start cell ``name`` (``name.cell``,
+        ``name.bin``), wait ``timeout`` seconds for ``done`` on serial 1, destroy it;
+        the cell's console text up to that line."""
+        since = self.cells.position
+        self.run(f"jailhouse cell create {GUEST_DIR}/{name}.cell"
+                 f" && jailhouse cell load {name} {GUEST_DIR}/{name}.bin"
+                 f" -s {shlex.quote(cmdline)} -a 0x1000 && jailhouse cell start {name}")
+        _, _, after = self.cells.wait(done, timeout, since=since)
+        self.run(f"jailhouse cell destroy {name}")
+        return self.cells.text(since, after)
+
     def pio_in_c(self) -> PioRun:
         """pio-loop in tools/kvmloop on the cell's CPU (the hypervisor stays enabled: its
         keeper VM keeps KVM's global state as it is while cells come and go)."""
@@ -271,6 +292,25 @@ def _pio_figures(cells: CellBench, repeats: int, st: Step) -> list[Figure]:
         Figure.of("PIO ratio executor / C (per pair)", "x", ratio, f">= {GOAL_RATIO}",
                   lambda m: m >= GOAL_RATIO),
         Figure.of("PIO ratio Python path / C (per pair)", "x", python_ratio),
+    ]
+
+
+def time_figures(times: list[timecheck.TimeRun]) -> list[Figure]:
+    """The timecheck runs' figures: every tick's jitter, each run's median |jitter|, the
+    cell's TSC/PM-timer rate ratio (busy, and across HLT)."""
+    failed = sum(not run.passed for run in times)
+    if failed:
+        LOG.warning("timecheck: %d of %d runs FAILED a check (see the lab logs)", failed, len(times))
+    return [
+        Figure.of("cell timer jitter, 100 ms periodic APIC timer, CPU in HLT (every tick; "
+                  "positive: late)", "us", [tick for run in times for tick in run.jitter_us]),
+        Figure.of("the same, median |jitter| of each run", "us",
+                  [statistics.median(abs(tick) for tick in run.jitter_us) for run in times],
+                  f"<= {GOAL_JITTER_US} us", lambda m: m <= GOAL_JITTER_US),
+        Figure.of("cell TSC rate / comm region tsc_khz, by the PM timer (busy)", "x",
+                  [run.tsc_pm for run in times], "1 +- 1 %", lambda m: abs(m - 1) <= 0.01),
+        Figure.of("the same across HLT (one-shot timers)", "x", [run.tsc_pm_idle for run in times],
+                  "1 +- 1 %", lambda m: abs(m - 1) <= 0.01),
     ]
 
 
@@ -318,6 +358,14 @@ def bench(repeats: int = 3, cycles: int = 10) -> list[Figure]:
                         runs.append(cells.cycle(index))
                 with step(f"PIO exits, executor and C side by side, {repeats} repeats") as st:
                     figures = _lifecycle_figures(runs) + _pio_figures(cells, repeats, st)
+                with step(f"Time in a cell (timecheck), {repeats} runs") as st:
+                    cells.enable()
+                    times = []
+                    for index in range(repeats):
+                        st.note(f"run {index + 1}/{repeats}")
+                        times.append(timecheck.run(cells, TIMECHECK_TIMEOUT))
+                    cells.disable()
+                    figures += time_figures(times)
             except JhlabError as exc:
                 raise JhlabError(f"{exc}\n(lab logs kept in {lab.log_dir})") from exc
             finally:

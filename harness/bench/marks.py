@@ -117,6 +117,12 @@ class LineClock:
         with self._cond:
             return len(self._lines)
 
+    def text(self, since: int = 0, until: int | None = None) -> str:
+        """The lines from index ``since`` up to ``until`` (default: all that arrived), one
+        per line."""
+        with self._cond:
+            return "".join(f"{line}\n" for _, line in self._lines[since:until])
+
     def wait(self, pattern: str, timeout: float, *, since: int = 0) -> tuple[float, str, int]:
         """The first line from index ``since`` on that matches ``pattern``.
 

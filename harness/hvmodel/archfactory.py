@@ -39,7 +39,7 @@ def executor_available() -> tuple[bool, str]:
 
 def make_arch(
     choice: str, responders: dict[str, str] | None = None, *, rebind_pci: bool = False,
-    native_pio: bool = True,
+    native_pio: bool = True, exit_trace: bool = True,
 ) -> tuple[Arch, str]:
     """Build the Arch the daemon runs on.
 
@@ -51,6 +51,7 @@ def make_arch(
     :param rebind_pci: executor only: a passed-through device a cell releases goes back
         to the root driver it had (Jailhouse leaves it unbound)
     :param native_pio: executor only: whitelisted port I/O in its I/O bitmap loop
+    :param exit_trace: executor only: count the exits KVM handles in the kernel
     :return: the Arch and its name
     :raise DaemonError: when the executor was asked for and cannot be had
     """
@@ -62,7 +63,7 @@ def make_arch(
             module = importlib.import_module(EXECUTOR_MODULE)
             # The daemon owns the debug console (see ArchTap): the executor's is off.
             arch = cast("Arch", module.ExecutorArch(console=False, rebind_released=rebind_pci,
-                                                     native_pio=native_pio))
+                                                     native_pio=native_pio, exit_trace=exit_trace))
             if responders:
                 LOG.warning("--responder is for the oracle; the executor's cells answer themselves")
             return arch, "executor"

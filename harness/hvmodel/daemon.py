@@ -199,7 +199,7 @@ class Daemon:
         LOG.info("daemon %d starting in %s (protocol %d)", os.getpid(), path, PROTOCOL_VERSION)
         faults.load_env()  # test-only fault injection ($JHLAB_FAULT, harness/hvmodel/faults.py)
         arch, self.arch_name = make_arch(options.arch, options.responders, rebind_pci=options.rebind_pci,
-                                         native_pio=options.native_pio)
+                                         native_pio=options.native_pio, exit_trace=options.exit_trace)
         self.arch = arch
         host_mode = options.host or ("probe" if self.arch_name == "executor" else "model")
         if host_mode not in ("probe", "model"):

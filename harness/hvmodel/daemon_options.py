@@ -39,6 +39,8 @@ class DaemonOptions:
     :param rebind_pci: give released passed-through devices back to their root driver
     :param native_pio: the executor performs whitelisted port I/O in machine code (its
         I/O bitmap loop); off: every port exit goes through Python
+    :param exit_trace: the executor counts the exits KVM handles in the kernel (CPUID,
+        MSRs ...) through KVM's tracepoints; off: ``cell stats`` shows the model's only
     :param profile: a directory to write a ``cProfile`` dump of each operation to
         (``NNN-OP.prof``, read with ``python3 -m pstats``); None: no profiling
     """
@@ -56,6 +58,7 @@ class DaemonOptions:
     test_device: bool = False
     rebind_pci: bool = False
     native_pio: bool = True
+    exit_trace: bool = True
     profile: str | None = None
 
 
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--native-pio", action=argparse.BooleanOptionalAction, default=True,
                         help="executor: whitelisted port I/O in machine code, not through "
                              "Python (default: on)")
+    parser.add_argument("--exit-trace", action=argparse.BooleanOptionalAction, default=True,
+                        help="executor: count the exits KVM handles in the kernel (CPUID, MSRs, "
+                             "CR writes ...) through its tracepoints (default: on)")
     parser.add_argument("--profile", metavar="DIR",
                         help="write a cProfile dump of each operation to DIR (NNN-OP.prof)")
     parser.add_argument("--foreground", action="store_true", help="keep stdio, log to stderr too")
@@ -118,5 +124,5 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
         debug_console=mode, port_device=args.port_device, responders=responders,
         refresh=args.refresh, kmsg=args.kmsg, foreground=args.foreground, verbose=args.verbose,
         test_device=args.test_device, rebind_pci=args.rebind_pci, native_pio=args.native_pio,
-        profile=args.profile,
+        exit_trace=args.exit_trace, profile=args.profile,
     )

@@ -97,12 +97,14 @@ def host_to_wire(host: HostInfo) -> dict[str, Any]:
         "reserved": None if host.reserved is None else [list(r) for r in host.reserved],
         "tsc_khz": host.tsc_khz,
         "apic_khz": host.apic_khz,
+        "pci_devices": None if host.pci_devices is None else sorted(map(list, host.pci_devices)),
     }
 
 
 def host_from_wire(value: dict[str, Any]) -> HostInfo:
     """The inverse of :func:`host_to_wire` (the host side rebuilds the guest's driver)."""
     reserved = value.get("reserved")
+    pci = value.get("pci_devices")
     return HostInfo(
         online_cpus=frozenset(value["online_cpus"]),
         possible_cpus=value["possible_cpus"],
@@ -112,4 +114,5 @@ def host_from_wire(value: dict[str, Any]) -> HostInfo:
         reserved=None if reserved is None else tuple((int(a), int(b)) for a, b in reserved),
         tsc_khz=value["tsc_khz"],
         apic_khz=value["apic_khz"],
+        pci_devices=None if pci is None else frozenset((int(d), int(b)) for d, b in pci),
     )

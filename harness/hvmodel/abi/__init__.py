@@ -24,8 +24,11 @@ module                     Jailhouse source and what it holds
 :mod:`.pci`                ``include/jailhouse/pci.h``, ``pci_defs.h``, ``ivshmem.c``: PCI
                            config-space registers, capability IDs, MSI/MSI-X bits, the
                            ivshmem device's IDs and limits
+:mod:`.vmexit`             ``asm/svm.h``, ``asm/vmx.h``: the SVM exit codes and VMX exit
+                           reasons Jailhouse handles
 :mod:`.x86`                ``arch/x86/include/asm``: Jailhouse's ``PAGE_SIZE``, CPUID
-                           feature bits, IOAPIC registers, the PCI configuration ports
+                           feature bits, x2APIC MSRs, IOAPIC registers, the PCI
+                           configuration ports
 =========================  ==============================================================
 
 Standard library only, and importing nothing else of jhlab: every part of the model,
@@ -34,12 +37,13 @@ the driver, the tools and the host-side harness can depend on it.
 
 from __future__ import annotations
 
-from . import cell_config, console, hypercall, ioctl, pci, x86
+from . import cell_config, console, hypercall, ioctl, pci, vmexit, x86
 from .cell_config import *  # noqa: F403 - the package re-exports its modules' names
 from .console import *  # noqa: F403
 from .hypercall import *  # noqa: F403
 from .ioctl import *  # noqa: F403
 from .pci import *  # noqa: F403
+from .vmexit import *  # noqa: F403
 from .x86 import *  # noqa: F403
 
 __all__: list[str] = []
@@ -48,4 +52,5 @@ __all__ += console.__all__
 __all__ += hypercall.__all__
 __all__ += ioctl.__all__
 __all__ += pci.__all__
+__all__ += vmexit.__all__
 __all__ += x86.__all__

@@ -1,8 +1,9 @@
 """x86 facts of Jailhouse's ``hypervisor/arch/x86/include/asm`` headers that more than
 one part of jhlab relies on: ``paging.h`` (the page size), ``processor.h`` (the CPUID
-feature bits the hypervisor hides or shows), ``apic.h`` (the xAPIC page), ``ioapic.h``
-(the IOAPIC registers) and ``pci.h`` (the port-I/O configuration mechanism); plus the
-register window of the test device (``test-device.c``).
+feature bits the hypervisor hides or shows, XCR0, the x2APIC MSRs), ``apic.h`` (the
+xAPIC page), ``ioapic.h`` (the IOAPIC registers) and ``pci.h`` (the port-I/O
+configuration mechanism); plus the register window of the test device
+(``test-device.c``).
 
 The page size here is Jailhouse's: the unit of its mappings, of the comm region and of
 the checks on memory regions. The page size of the Linux the executor runs on (the
@@ -20,6 +21,7 @@ __all__ = [
     "CPUID_1_ECX_TSC_DEADLINE",
     "CPUID_1_ECX_VMX",
     "CPUID_1_ECX_X2APIC",
+    "CPUID_1_ECX_XSAVE",
     "CPUID_80000001_ECX_SVM",
     "IOAPIC_MAX_PINS",
     "IOAPIC_REDIR_MASK",
@@ -29,11 +31,15 @@ __all__ = [
     "IOAPIC_REG_INDEX",
     "IOAPIC_VER",
     "MSI_ADDRESS_WINDOW",
+    "MSR_X2APIC_BASE",
+    "MSR_X2APIC_END",
+    "MSR_X2APIC_ICR",
     "PAGE_SIZE",
     "PCI_REG_ADDR_PORT",
     "PCI_REG_DATA_PORT",
     "TEST_DEVICE_REGISTER",
     "XAPIC_BASE",
+    "XCR0_FP",
 ]
 
 #: ``PAGE_SIZE`` of ``asm/paging.h``: Jailhouse maps, checks and allocates in 4 KiB pages.
@@ -45,6 +51,8 @@ PAGE_SIZE: Final = 0x1000
 CPUID_1_ECX_VMX: Final = 1 << 5
 #: leaf 1, ECX: x2APIC
 CPUID_1_ECX_X2APIC: Final = 1 << 21
+#: leaf 1, ECX: XSAVE/XRSTOR, XSETBV/XGETBV and XCR0
+CPUID_1_ECX_XSAVE: Final = 1 << 26
 #: leaf 1, ECX: TSC deadline timer
 CPUID_1_ECX_TSC_DEADLINE: Final = 1 << 24
 #: leaf 1, ECX: OSXSAVE (mirrors the guest's CR4.OSXSAVE)
@@ -53,6 +61,8 @@ CPUID_1_ECX_OSXSAVE: Final = 1 << 27
 CPUID_1_ECX_HYPERVISOR: Final = 1 << 31
 #: leaf 0x80000001, ECX: SVM (hidden from non-root cells)
 CPUID_80000001_ECX_SVM: Final = 1 << 2
+#: XCR0 bit 0, x87 state: must be set in every XCR0 (``X86_XCR0_FP``)
+XCR0_FP: Final = 1 << 0
 
 # --- local APIC (asm/apic.h) -------------------------------------------------------------
 
@@ -60,6 +70,10 @@ CPUID_80000001_ECX_SVM: Final = 1 << 2
 XAPIC_BASE: Final = 0xFEE00000
 #: an MSI address lies in the 1 MiB window of the xAPIC page: ``address >> 20`` is this
 MSI_ADDRESS_WINDOW: Final = XAPIC_BASE >> 20
+#: the x2APIC registers' MSRs (``MSR_X2APIC_BASE`` .. ``MSR_X2APIC_END``) and the ICR
+MSR_X2APIC_BASE: Final = 0x800
+MSR_X2APIC_ICR: Final = 0x830
+MSR_X2APIC_END: Final = 0x83F
 
 # --- IOAPIC (asm/ioapic.h) ---------------------------------------------------------------
 

@@ -193,6 +193,10 @@ class Passthrough:
         """The passed-through device at ``bdf``, if a cell owns one there."""
         return self._devices.get(bdf)
 
+    def present(self, bdf: int) -> bool:
+        """Whether the machine has a device at ``bdf`` (in :attr:`domain`) to pass through."""
+        return self.stub.exists(self._address(bdf))
+
     def devices_of(self, cell_id: int) -> list[PassedDevice]:
         cell = self._cells.get(cell_id)
         return list(cell.devices.values()) if cell is not None else []

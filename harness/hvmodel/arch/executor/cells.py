@@ -19,6 +19,7 @@ from ...errors import JhlabError
 
 if TYPE_CHECKING:
     from ...config import CellConfig, MemoryRegion
+    from ..exitstats import VcpuExitTrace
     from ..hostmem import PhysMapping
     from ..kvm import Vcpu, Vm
     from ..portio import IoBitmapLoop
@@ -93,6 +94,9 @@ class CellCpu:
     io_loop: IoBitmapLoop | None = None
     #: IN/OUT exits the I/O bitmap loops of earlier runs served (part of ``IoExit``)
     native_io: int = 0
+    #: the exits KVM handles for this CPU, as Jailhouse counts them, and its failing exit
+    #: (None: not traced); set and closed by the CPU's thread
+    trace: VcpuExitTrace | None = None
 
     def exit_counts(self) -> dict[str, int]:
         """:attr:`exits` with what the I/O bitmap loop is serving (``IoExit``)."""

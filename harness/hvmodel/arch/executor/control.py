@@ -51,10 +51,10 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
-from ...abi import PAGE_SIZE, CellState, CommOffset, Message, Reply, comm_read_u32
+from ...abi import PAGE_SIZE, CellState, CommOffset, CpuStat, Message, Reply, comm_read_u32
 from ...errors import Errno, HvError
 from .. import RootBuffers, xen
 from ..cpuset import RootCpuset
@@ -74,11 +74,12 @@ from ..kvm.structs import (
 from ..passthrough import Passthrough
 from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
+from ..xsave import limit_xsave, usable_xcr0
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
 from .devices import DeviceAccess
-from .exits import ExitDispatcher, ExitHandler
-from .host import cpu_vendor, describe_host, online_cpus
+from .exits import ExitDispatcher, ExitHandler, KernelExits
+from .host import cpu_vendor, describe_host, online_cpus, x2apic_mode
 from .interrupts import InterruptRouter
 from .memory import CellMemory, MmioWindows
 from .vcpu_loop import VcpuThreads
@@ -153,6 +154,10 @@ class ExecutorArch:
         :class:`~harness.hvmodel.arch.passthrough.Passthrough`)
     :param rebind_released: give a device a cell released back to its original root
         driver (Jailhouse leaves it unbound; ignored with ``passthrough``)
+    :param exit_trace: count the exits KVM handles in the kernel (CPUID, MSRs, CR
+        writes ...) as Jailhouse counts them, and keep the exit a CPU failed at, through
+        KVM's tracepoints (:mod:`~harness.hvmodel.arch.exitstats`); off: ``cell stats``
+        shows only the exits that reach the model
     """
 
     def __init__(
@@ -174,6 +179,7 @@ class ExecutorArch:
         native_pio: bool = True,
         passthrough: Passthrough | None = None,
         rebind_released: bool = False,
+        exit_trace: bool = True,
     ) -> None:
         if vendor not in (None, "amd", "intel"):
             raise ValueError(f"vendor {vendor!r}: expected 'amd' or 'intel'")
@@ -200,10 +206,11 @@ class ExecutorArch:
         self._xen_hypercalls = False
         #: why the root's tasks are not kept off the cell CPUs (None: they are)
         self.isolation_problem: str | None = None
+        self._kernel_exits = KernelExits(enabled=exit_trace)
         # The parts (see the module docstring)
         self._table = CellTable()
         self._exits = ExitDispatcher(vendor=self.vendor, ports=lambda: self._ports, native_pio=native_pio)
-        self._threads = VcpuThreads(self._table, self._exits, pin=pin_cpus)
+        self._threads = VcpuThreads(self._table, self._exits, pin=pin_cpus, trace=self._kernel_exits.open)
         self._windows = MmioWindows(mem_device)
         self._memory = CellMemory(self._table, mem_device, self.passthrough)
         self._interrupts = InterruptRouter(self._table, self._windows)
@@ -270,6 +277,9 @@ class ExecutorArch:
             kvm, _keeper = self._open_kvm()
             kvm.require(Cap.USER_MEMORY, Cap.MP_STATE)
             supported = kvm.supported_cpuid()
+            # CPUID leaves 1, 7 and 0xD as the XCR0 a guest can really keep here
+            xcr0 = usable_xcr0(kvm, supported)
+            supported = limit_xsave(supported, xcr0)
             if self._ports is None:
                 pm_timer = system.x86.pm_timer_address
                 ports = open_ports(range(pm_timer, pm_timer + 4) if pm_timer else (), mode=self.port_mode)
@@ -278,6 +288,9 @@ class ExecutorArch:
             self.isolation_problem = self._prepare_isolation()
             if self.isolation_problem is not None:
                 LOG.warning("cell CPUs stay in the root's scheduling: %s", self.isolation_problem)
+            x2apic_host = x2apic_mode()
+            self._kernel_exits.prepare(self.vendor, x2apic_host=x2apic_host)
+            self._exits.x2apic_emulated = not x2apic_host
             undo.pop_all()
         self._supported_cpuid = supported
         self._system = system
@@ -288,9 +301,12 @@ class ExecutorArch:
         self._state = _State.READY
         self._update_isolation()  # the root's tasks into their group, every CPU still theirs
         LOG.info(
-            "executor ready: %s ports, vendor %s, hypercalls %s, debug UART %s",
+            "executor ready: %s ports, vendor %s, XCR0 %#x, exits in KVM %s, hypercalls %s, "
+            "debug UART %s",
             self._ports.mode if self._ports else "no",
             self.vendor,
+            xcr0,
+            self._kernel_exits.describe(),
             "via KVM_EXIT_XEN" if self._xen_hypercalls else "answered by KVM (no CONFIG_KVM_XEN)",
             f"{self._console.base:#x}" if self._console.base is not None else "none",
         )
@@ -559,6 +575,19 @@ class ExecutorArch:
     def resume_cpu(self, cpu: int) -> None:
         """Let a suspended CPU go on."""
         self._threads.resume(cpu)
+
+    @property
+    def exit_trace_problem(self) -> str | None:
+        """Why the exits KVM handles are not counted (None: they are, after :meth:`init`)."""
+        return self._kernel_exits.problem
+
+    def cpu_exit_counts(self, cpu: int) -> Mapping[CpuStat, int]:
+        """The exits KVM handled in the kernel for a cell CPU, as Jailhouse counts them
+        (:mod:`~harness.hvmodel.arch.exitstats`); none for a root CPU or untraced."""
+        with self._table.cond:
+            data = self._table.cpus.get(cpu)
+            trace = data.trace if data is not None else None
+        return trace.counts() if trace is not None else {}
 
     # ===================================================================================
     # messages

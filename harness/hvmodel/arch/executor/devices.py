@@ -15,7 +15,8 @@ non-root cell is claimed for ``vfio-pci`` at ``pci_add_device`` and released at
 ``pci_remove_device``; its BARs become KVM slots on VFIO's own mappings, the cell's DMA
 regions its IOMMU domain, its MSI and MSI-X vectors VFIO eventfds routed into the cell's
 VM; config space and MSI-X table accesses the model lets through go to VFIO or to the
-shadows there.
+shadows there. A configured device the machine lacks is not passed through (Jailhouse's
+driver skips it too); its config space reads all ones.
 """
 
 from __future__ import annotations
@@ -169,7 +170,9 @@ class DeviceAccess:
 
     def pci_add_device(self, cell_id: int, device: PciDevice, *, root: bool) -> None:
         """Record the owner; a physical endpoint of a non-root cell is passed through
-        (``arch_pci_add_device``: claimed for ``vfio-pci``, in the cell's IOMMU domain).
+        (``arch_pci_add_device``: claimed for ``vfio-pci``, in the cell's IOMMU domain),
+        unless the machine has no such device (then, as with Jailhouse, the cell owns a
+        device whose config space reads all ones).
 
         :param root: ``cell_id`` is the root cell (it gets the device back)
         :raise HvError: the VFIO step that failed, naming the device
@@ -178,7 +181,13 @@ class DeviceAccess:
             self._device_owner.pop(device.bdf, None)
             return
         cell = self.table.cells.get(cell_id)
-        if cell is not None and int(device.type) == PCI_TYPE_DEVICE:
+        physical = cell is not None and int(device.type) == PCI_TYPE_DEVICE
+        if physical and not self.passthrough.present(device.bdf):
+            # A configured device the machine lacks: Jailhouse's hypervisor adds it without
+            # looking (config reads then return all ones) and its driver skips it
+            # (jailhouse_pci_claim_release finds no Linux device): nothing to pass through.
+            LOG.info("PCI %04x: no such device; in cell %d without passthrough", device.bdf, cell_id)
+        elif physical and cell is not None:
             self.passthrough.attach(cell_id, cell.vm, device, split_irqchip=self._split_irqchip())
             try:
                 self.memory.dma_map_existing(cell_id, cell)

@@ -193,6 +193,7 @@ class PciStub:
         return os.path.join(self.sysfs, "bus", "pci", "drivers", driver)
 
     def exists(self, address: str | PciAddress) -> bool:
+        """Whether the machine has the device (Linux lists it in sysfs)."""
         return os.path.isdir(self._device_dir(PciAddress.parse(address)))
 
     def driver_of(self, address: str | PciAddress) -> str | None:
@@ -280,7 +281,7 @@ class PciStub:
             return "?"
 
     def _require_device(self, address: PciAddress) -> None:
-        if not os.path.isdir(self._device_dir(address)):
+        if not self.exists(address):
             raise VfioError(
                 address.short, "no such PCI device in /sys/bus/pci/devices", os_errno=errno.ENODEV
             )
