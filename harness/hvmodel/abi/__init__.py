@@ -25,7 +25,8 @@ module                     Jailhouse source and what it holds
                            config-space registers, capability IDs, MSI/MSI-X bits, the
                            ivshmem device's IDs and limits
 :mod:`.x86`                ``arch/x86/include/asm``: Jailhouse's ``PAGE_SIZE``, CPUID
-                           feature bits, IOAPIC registers, the PCI configuration ports
+                           feature bits, IOAPIC registers and redirection entries, the
+                           MSI message format, the PCI configuration ports
 =========================  ==============================================================
 
 Standard library only, and importing nothing else of jhlab: every part of the model,

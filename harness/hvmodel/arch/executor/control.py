@@ -58,6 +58,7 @@ from ...abi import PAGE_SIZE, CellState, CommOffset, Message, Reply, comm_read_u
 from ...errors import Errno, HvError
 from .. import RootBuffers, xen
 from ..cpuset import RootCpuset
+from ..gsi import GSI_DEVICE
 from ..kvm import (
     Cap,
     CpuidEntry,
@@ -74,6 +75,7 @@ from ..kvm.structs import (
 from ..passthrough import Passthrough
 from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
+from ..vfio import MsiRouter
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
 from .devices import DeviceAccess
@@ -153,6 +155,8 @@ class ExecutorArch:
         :class:`~harness.hvmodel.arch.passthrough.Passthrough`)
     :param rebind_released: give a device a cell released back to its original root
         driver (Jailhouse leaves it unbound; ignored with ``passthrough``)
+    :param gsi_device: the ``jhlab_gsi`` module's device, through which cells take the
+        root's interrupt lines of their IOAPIC pins (:mod:`~harness.hvmodel.arch.gsi`)
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class ExecutorArch:
         native_pio: bool = True,
         passthrough: Passthrough | None = None,
         rebind_released: bool = False,
+        gsi_device: str = GSI_DEVICE,
     ) -> None:
         if vendor not in (None, "amd", "intel"):
             raise ValueError(f"vendor {vendor!r}: expected 'amd' or 'intel'")
@@ -206,12 +211,13 @@ class ExecutorArch:
         self._threads = VcpuThreads(self._table, self._exits, pin=pin_cpus)
         self._windows = MmioWindows(mem_device)
         self._memory = CellMemory(self._table, mem_device, self.passthrough)
-        self._interrupts = InterruptRouter(self._table, self._windows)
+        self._interrupts = InterruptRouter(self._table, self._windows, self.passthrough,
+                                           gsi_device=gsi_device)
+        self._exits.on_ioapic_eoi = lambda cpu, vector: self._interrupts.eoi(cpu.cell.id, vector)
         self._devices = DeviceAccess(
             self._table, self._windows, self._memory, self.passthrough,
             pci_sysfs=pci_sysfs,
             pci_domain=lambda: self._system.pci_domain if self._system is not None else 0,
-            split_irqchip=lambda: bool(self._kvm and self._kvm.check_extension(Cap.SPLIT_IRQCHIP)),
         )  # fmt: skip
         self._console = DebugUart(port=console_port, enabled=console, port_mode=port_mode)
         if threading.current_thread() is threading.main_thread():
@@ -375,6 +381,8 @@ class ExecutorArch:
         idempotent, never raises."""
         if self._state is _State.SHUT_DOWN:
             return
+        for cell_id in list(self._table.cells):
+            self._interrupts.release(cell_id)
         self.passthrough.shutdown()
         for cell_id in list(self._table.cells):
             try:
@@ -414,9 +422,9 @@ class ExecutorArch:
         kvm = self._kvm
         assert kvm is not None  # READY
         vm = Vm(kvm)
-        cell = CellVm(cell_id, config, vm)
         try:
-            self._setup_vm(kvm, vm)
+            split = self._setup_vm(kvm, vm)
+            cell = CellVm(cell_id, config, vm, MsiRouter(vm, irqchip_defaults=not split))
             supported = self._supported_cpuid
             for cpu_id in sorted(config.cpus):
                 vcpu = vm.create_vcpu(cpu_id)
@@ -433,12 +441,16 @@ class ExecutorArch:
         cell.ioapic_pins = frozenset(
             (chip.address, pin) for chip in config.irqchips for pin in chip.pins
         )
+        self._interrupts.cell_created(cell, split_irqchip=split)
         self._threads.add(cell)
         self._update_isolation()
         LOG.info("cell %d (%s): VM with CPUs %s", cell_id, config.name, sorted(cell.cpus))
 
-    def _setup_vm(self, kvm: Kvm, vm: Vm) -> None:
-        if kvm.check_extension(Cap.SPLIT_IRQCHIP):
+    def _setup_vm(self, kvm: Kvm, vm: Vm) -> bool:
+        """Irqchip, TSS, user-space MSRs, hypercall interception; whether the irqchip is
+        split."""
+        split = bool(kvm.check_extension(Cap.SPLIT_IRQCHIP))
+        if split:
             vm.create_split_irqchip(SPLIT_IRQCHIP_ROUTES)
         else:
             vm.create_irqchip()
@@ -450,6 +462,7 @@ class ExecutorArch:
             )
         if self._xen_hypercalls:
             xen.intercept_hypercalls(vm)
+        return split
 
     def cell_destroy(self, cell_id: int) -> None:
         """Stop and join the cell's threads, close its VM and slots, give its CPUs back
@@ -464,9 +477,11 @@ class ExecutorArch:
         if removed is None:
             return
         cell, busy = removed
+        self._interrupts.release(cell_id)  # the root's lines go back before anything else
         for passed in self.passthrough.devices_of(cell_id):  # the model gave them back already
             self.passthrough.detach(passed.bdf)
         self.passthrough.release_detached()
+        cell.router.close()
         busy = self._threads.join(cell, busy, self.stop_timeout)
         if busy:
             LOG.warning(
@@ -535,9 +550,13 @@ class ExecutorArch:
 
     def config_commit(self, cell_id: int | None) -> None:
         """Release the devices cells gave back (the operation is complete: see
-        :mod:`~harness.hvmodel.arch.passthrough`); nothing to flush, KVM keeps guest TLBs
-        and NPT/EPT consistent with the slots."""
+        :mod:`~harness.hvmodel.arch.passthrough`); a cell just created gets the lines of
+        its IOAPIC pins (``ioapic_config_commit``: from now on the root lacks them; see
+        :mod:`.interrupts`). Nothing to flush, KVM keeps guest TLBs and NPT/EPT
+        consistent with the slots."""
         self.passthrough.release_detached()
+        if cell_id is not None:
+            self._interrupts.connect(cell_id)
 
     # ===================================================================================
     # CPUs
@@ -617,8 +636,11 @@ class ExecutorArch:
         return self._devices.mmio_read(address, size)
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
-        """One uncached write of host-physical MMIO, under the root hardware policy."""
-        self._devices.mmio_write(address, size, value)
+        """One uncached write of host-physical MMIO, under the root hardware policy; the
+        EOI register of an IOAPIC cells have pins of ends their pins' vector
+        (:mod:`.interrupts`)."""
+        if not self._interrupts.ioapic_eoi_write(address, size, value):
+            self._devices.mmio_write(address, size, value)
 
     def pci_read_config(self, bdf: int, reg: int, size: int) -> int:
         """Read the device's config space; all ones for an absent device."""
@@ -637,7 +659,9 @@ class ExecutorArch:
         self._devices.pci_add_device(cell_id, device, root=self._is_root(cell_id))
 
     def pci_remove_device(self, cell_id: int, device: PciDevice) -> None:
-        """Forget the owner (``arch_pci_remove_device``)."""
+        """Forget the owner (``arch_pci_remove_device``); the device's INTx leaves the
+        cell's pin first."""
+        self._interrupts.device_removed(cell_id, device.bdf)
         self._devices.pci_remove_device(cell_id, device, root=self._is_root(cell_id))
 
     def send_msi(self, cell_id: int, address: int, data: int) -> None:
@@ -649,7 +673,8 @@ class ExecutorArch:
         return self._interrupts.ioapic_read(address, index)
 
     def ioapic_write(self, address: int, index: int, value: int) -> None:
-        """Write register ``index``, for redirection entries of pins a non-root cell owns."""
+        """A redirection entry half of a pin a non-root cell owns: its delivery
+        (:mod:`.interrupts`); the physical IOAPIC stays the root's."""
         self._interrupts.ioapic_write(address, index, value)
 
     # ===================================================================================
