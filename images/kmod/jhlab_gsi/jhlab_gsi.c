@@ -29,6 +29,8 @@
  * handler would still run (the ACPI SCI handler clears and disables the
  * fixed events a cell enabled).
  */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
 #include <linux/acpi.h>
 #include <linux/eventfd.h>
 #include <linux/fs.h>
