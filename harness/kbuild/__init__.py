@@ -6,7 +6,7 @@
 * :func:`linux_cell_images`: the guest kernel and initramfs of Linux cells
   (:mod:`.linux_cell`).
 * :func:`root_modules`: jhlab's own modules for the root cell (``images/kmod``), built
-  against Debian's headers (:mod:`.root_modules`).
+  against Debian's headers (:mod:`.modules`).
 
 Both are built on first use by :class:`harness.images.ImageBuilder` (``jhlab images
 build``, a lab's boot) and cached by content hash with a lock per artefact, like the
@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from .kconfig import Fragment
 from .linux_cell import READY_LINE, LinuxCellImages, linux_cell_images
+from .modules import root_modules
 from .process import KernelBuildError
 from .root_kvm import root_kernel
-from .root_modules import root_modules
 from .tree import KernelConfigError
 
 __all__ = [

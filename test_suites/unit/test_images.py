@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -114,3 +115,25 @@ def test_kernel_package_is_asked_once_per_apt_lists_state(tmp_path: Path,
     os.utime(lists / "Packages", ns=(1, 10**18))  # apt-get update touched the lists
     assert builder.resolve_kernel_package() == expected
     assert len(asked) == 4
+
+
+def test_payload_carries_the_root_cell_modules_and_their_loader(tmp_path: Path) -> None:
+    """jhlab's root-cell modules go to ``modules/`` of the payload (``/opt/jhlab/modules``
+    in the root cell), next to ``bin/jhlab-guest-setup``, which jhlab-init runs at boot and
+    which loads them."""
+    built = tmp_path / "root-modules"
+    built.mkdir()
+    (built / "jhlab_gsi.ko").write_bytes(b"\x7fELF module")
+    (built / "build.json").write_text("{}")
+    payload = images.build_payload(tmp_path / "payload.cpio.gz", authorized_key="ssh-ed25519 AAAA x",
+                                   modules=built)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=gzip.decompress(payload.read_bytes()),
+                   cwd=unpacked, check=True)
+    root = unpacked / "jhlab"
+    assert sorted(p.name for p in (root / "modules").iterdir()) == ["jhlab_gsi.ko"]
+    assert (root / "modules" / "jhlab_gsi.ko").read_bytes() == b"\x7fELF module"
+    setup = root / "bin" / "jhlab-guest-setup"
+    assert os.access(setup, os.X_OK)
+    assert "/opt/jhlab/modules/*.ko" in setup.read_text() and "insmod" in setup.read_text()

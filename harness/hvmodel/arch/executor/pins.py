@@ -230,8 +230,14 @@ class CellPins:
             if entry is None:
                 return False
             entry.sources.append(source)
-            if entry.route is not None:
-                self._connect(entry, source)
+            try:
+                if entry.route is not None:
+                    self._connect(entry, source)
+                else:  # the first line of an unmasked entry routes it
+                    self._reconcile(entry)
+            except HvError as exc:
+                LOG.error("cell %s: IOAPIC %#x pin %d: %s not connected: %s", self.name, ioapic,
+                          pin, source.name, exc)
         LOG.info("cell %s: IOAPIC %#x pin %d asserted by %s", self.name, ioapic, pin, source.name)
         return True
 
