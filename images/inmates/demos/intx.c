@@ -55,9 +55,12 @@ static u16 bdf;
 static volatile unsigned int pin_irqs, msi_irqs, holds;
 static volatile u32 seen_status;
 static volatile u16 seen_pci_status;
+/* PM timer (ns) at the last raise and at the handler's entry */
+static volatile u64 raised_at, entered_at;
 
 static void pin_irq(unsigned int vector)
 {
+	entered_at = pm_timer_read();
 	seen_status = mmio_read32(edu + EDU_IRQ_STATUS);
 	seen_pci_status = pci_read_config(bdf, PCI_CFG_STATUS, 2);
 	pin_irqs++;
@@ -88,6 +91,7 @@ static bool wait_count(volatile unsigned int *counter, unsigned int count, u64 m
 
 static void edu_raise(u32 bit)
 {
+	raised_at = pm_timer_read();
 	mmio_write32(edu + EDU_IRQ_RAISE, bit);
 }
 
@@ -142,8 +146,8 @@ void inmate_main(void)
 	ok = wait_count(&pin_irqs, 1, wait_ms);
 	check(PROBE, "deliver", ok && seen_status == 0x4 &&
 	      (seen_pci_status & PCI_STS_INT), "%u interrupt(s), device status 0x%x, "
-	      "PCI status 0x%04x in the handler", pin_irqs, seen_status,
-	      seen_pci_status);
+	      "PCI status 0x%04x in the handler, %lu us after the raise", pin_irqs,
+	      seen_status, seen_pci_status, (entered_at - raised_at) / NS_PER_USEC);
 	pci_status = pci_read_config(bdf, PCI_CFG_STATUS, 2);
 	ok = !wait_count(&pin_irqs, 2, QUIET_MS) && !(pci_status & PCI_STS_INT);
 	check(PROBE, "ack", ok, "%u interrupt(s) in total, PCI status 0x%04x after "

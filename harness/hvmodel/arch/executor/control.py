@@ -14,7 +14,9 @@ part                      hooks
 :mod:`.exits`             what the threads do with each exit (to the model's entry points)
 :mod:`.memory`            ``map_memory_region``, ``unmap_memory_region``, comm pages,
                           ``phys_read``, ``phys_write``
-:mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``
+:mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``, the IOAPIC EOI
+                          register (``mmio_write``); the cells' pins (created with the
+                          VM, connected at ``config_commit``, released at destroy)
 :mod:`.devices`           ``mmio_read``, ``mmio_write``, ``pci_read_config``,
                           ``pci_write_config``, ``pci_add_device``, ``pci_remove_device``
 :mod:`.console`           ``console_write``
