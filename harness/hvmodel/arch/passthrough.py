@@ -565,7 +565,13 @@ class Passthrough:
                         passed.address.short)
             return
         passed.intx = EventFd()
-        self._intx_set(passed, on=True)
+        try:
+            self._intx_set(passed, on=True)
+        except VfioError as exc:
+            # e.g. a device without PCI 2.3 INTx masking on a line a root driver holds
+            LOG.warning("%s: INTx not available, not delivered: %s", passed.address.short, exc)
+            passed.intx.close()
+            passed.intx = None
 
     @staticmethod
     def _intx_set(passed: PassedDevice, *, on: bool) -> None:

@@ -756,7 +756,9 @@ class ExecutorArch:
             "zombies": sum(1 for z in self._zombies if z.is_alive()),
             "passthrough": {
                 d.address.short: {"cell": d.cell_id, "group": d.group, "msi": len(d.msi_routes),
-                                  "msix": len(d.msix_routes)}
+                                  "msix": len(d.msix_routes), "intx_gsi": d.intx_gsi,
+                                  "intx_on": d.intx_on}
                 for cell_id in sorted(self._table.cells) for d in self.passthrough.devices_of(cell_id)
             },
+            "ioapic_pins": self._interrupts.status(),
         }

@@ -159,6 +159,10 @@ class InterruptRouter:
         if pins is not None:
             pins.close()
 
+    def status(self) -> dict[int, dict[str, object]]:
+        """The cells' pins (:meth:`~.pins.CellPins.status`) by cell id."""
+        return {cell_id: pins.status() for cell_id, pins in sorted(self._pins.items())}
+
     def eoi(self, cell_id: int, vector: int) -> None:
         """A level-triggered EOI of ``vector`` in the cell (``KVM_EXIT_IOAPIC_EOI``)."""
         pins = self._pins.get(cell_id)

@@ -322,6 +322,18 @@ class CellPins:
                         except HvError as exc:
                             LOG.warning("cell %s: %s: %s", self.name, source.name, exc)
 
+    def status(self) -> dict[str, object]:
+        """JSON-friendly state: per pin the cell's entry, whether it is routed, its lines."""
+        with self._lock:
+            return {
+                f"{entry.ioapic:#x}/{entry.pin}": {
+                    "entry": f"{entry.entry:#018x}",
+                    "routed": entry.route is not None,
+                    "sources": [source.name for source in entry.sources],
+                }
+                for entry in self.pins.values()
+            }
+
     def close(self) -> None:
         """Routes and irqfds gone, every source released (root lines back to the root);
         errors are logged. Idempotent."""
