@@ -405,6 +405,9 @@ def cmd_images(args: argparse.Namespace) -> int:
     print(f"rootfs     {images.rootfs}")
     if images.linux_cell is not None:
         print(f"linux cell {images.linux_cell.kernel}  {images.linux_cell.rootfs}")
+    if images.root_modules is not None:
+        modules = " ".join(sorted(p.name for p in images.root_modules.glob("*.ko"))) or "none"
+        print(f"modules    {images.root_modules}  ({modules})")
     return 0
 
 

@@ -14,12 +14,14 @@ Cache layout (``$JHLAB_CACHE``, else ``$XDG_CACHE_HOME/jhlab``, else ``~/.cache/
     images/rootfs-<hash>.img               ext4, label jhlab-root, mounted read-only
     images/initramfs-<hash>.cpio.gz        busybox, storage modules, stage-1 init
     images/inmates-<hash>/                 demo inmates (flat binaries and map files)
+    images/root-modules-<key>/             jhlab's root-cell kernel modules (harness.kbuild)
     locks/<artefact>.lock
     accel.json                             accelerator probe results
 
 The per-boot guest payload (the hvmodel package, guest tools, compiled cell configs,
-demo inmates, the lab's SSH key) is a second, small cpio archive appended to the
-initramfs at launch, so changing the model's code never forces an image rebuild.  In the
+demo inmates, jhlab's root-cell kernel modules, the lab's SSH key) is a second, small
+cpio archive appended to the initramfs at launch, so changing the model's code never
+forces an image rebuild.  In the
 root cell it appears where Jailhouse's images put things: configs in ``/etc/jailhouse``,
 demos in ``/usr/libexec/jailhouse/demos`` (with Jailhouse's demo names as aliases).
 """
@@ -237,6 +239,8 @@ class ImageSet:
     rootfs: Path
     inmates: Path | None = None
     linux_cell: LinuxCellImages | None = None
+    #: jhlab's root-cell kernel modules (``<name>.ko``), loaded at boot
+    root_modules: Path | None = None
 
 
 def _apt_lists_state(path: str = "/var/lib/apt/lists") -> str | None:
@@ -266,13 +270,15 @@ class ImageBuilder:
 
     def build(self) -> ImageSet:
         """Return the image set, building whatever is missing."""
-        from harness.kbuild import linux_cell_images
+        from harness.kbuild import linux_cell_images, root_modules
 
         kernel = self.kernel()
         linux_cell = linux_cell_images(kernel.version, quiet=self.quiet)
         return ImageSet(kernel=kernel, initramfs=self.initramfs(kernel),
                         rootfs=self.rootfs(kernel, linux_cell.root_cell_files()),
-                        inmates=self.inmates(), linux_cell=linux_cell)
+                        inmates=self.inmates(), linux_cell=linux_cell,
+                        root_modules=root_modules(kernel, quiet=self.quiet,
+                                                  kmod=self.recipes.kmod))
 
     # -- kernel ---------------------------------------------------------------------
 
@@ -533,7 +539,7 @@ def write_cpio(tree: Path, dest: Path) -> None:
 
 
 def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = None,
-                  extra: dict[str, bytes] | None = None) -> Path:
+                  modules: Path | None = None, extra: dict[str, bytes] | None = None) -> Path:
     """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
     and copied to ``/opt/jhlab`` in the root cell.
 
@@ -544,7 +550,9 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
     :func:`guest_programs`), ``libexec/`` (from ``images/guest/libexec``, seen as
     ``/usr/libexec/jailhouse``: Jailhouse's helper scripts and the Python ``jailhouse``
     command the launcher falls back to), the compiled cell configs (``configs/``, seen as
-    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``) and the lab's SSH public key.
+    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``), jhlab's root-cell kernel
+    modules (``modules/``, loaded at boot by ``jhlab-guest-setup``) and the lab's SSH
+    public key.
     """
     with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
         root = Path(tmp) / "jhlab"
@@ -578,6 +586,10 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             for alias, demo in DEMO_ALIASES.items():
                 if (inmates / f"{demo}.bin").exists():
                     shutil.copy2(inmates / f"{demo}.bin", demos / f"{alias}.bin")
+        if modules is not None:
+            (root / "modules").mkdir()
+            for module in sorted(modules.glob("*.ko")):
+                shutil.copy2(module, root / "modules" / module.name)
         for rel, data in (extra or {}).items():
             target = root / rel
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -137,3 +137,25 @@ def test_payload_carries_hash_checked_bytecode(tmp_path: Path) -> None:
     header = (tmp_path / pyc).read_bytes()[:8]
     assert header[:4] == importlib.util.MAGIC_NUMBER
     assert int.from_bytes(header[4:8], "little") == 0b11  # hash-based, checked (PEP 552)
+
+
+def test_payload_carries_the_root_cell_modules_and_their_loader(tmp_path: Path) -> None:
+    """jhlab's root-cell modules go to ``modules/`` of the payload (``/opt/jhlab/modules``
+    in the root cell), next to ``bin/jhlab-guest-setup``, which jhlab-init runs at boot and
+    which loads them."""
+    built = tmp_path / "root-modules"
+    built.mkdir()
+    (built / "jhlab_gsi.ko").write_bytes(b"\x7fELF module")
+    (built / "build.json").write_text("{}")
+    payload = images.build_payload(tmp_path / "payload.cpio.gz", authorized_key="ssh-ed25519 AAAA x",
+                                   modules=built)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=gzip.decompress(payload.read_bytes()),
+                   cwd=unpacked, check=True)
+    root = unpacked / "jhlab"
+    assert sorted(p.name for p in (root / "modules").iterdir()) == ["jhlab_gsi.ko"]
+    assert (root / "modules" / "jhlab_gsi.ko").read_bytes() == b"\x7fELF module"
+    setup = root / "bin" / "jhlab-guest-setup"
+    assert os.access(setup, os.X_OK)
+    assert "/opt/jhlab/modules/*.ko" in setup.read_text() and "insmod" in setup.read_text()

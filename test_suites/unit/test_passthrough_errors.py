@@ -13,9 +13,8 @@ from harness.hvmodel.arch import passthrough as passthrough_module
 from harness.hvmodel.arch.executor.cells import CellTable
 from harness.hvmodel.arch.executor.devices import DeviceAccess
 from harness.hvmodel.arch.executor.memory import MmioWindows
-from harness.hvmodel.arch.kvm import Vm
 from harness.hvmodel.arch.passthrough import PassedDevice, Passthrough
-from harness.hvmodel.arch.vfio import Claim, PciAddress, PciStub, VfioError
+from harness.hvmodel.arch.vfio import Claim, MsiRouter, PciAddress, PciStub, VfioError
 from harness.hvmodel.config import PciDevice
 from harness.hvmodel.errors import Errno, HvError
 
@@ -96,17 +95,15 @@ def test_a_configured_device_the_machine_lacks_is_added_without_passthrough(
     attached: list[int] = []
 
     class CountingPassthrough(Passthrough):
-        def attach(self, cell_id: int, vm: Vm, info: PciDevice, *,
-                   split_irqchip: bool = True) -> PassedDevice:
+        def attach(self, cell_id: int, router: MsiRouter, info: PciDevice) -> PassedDevice:
             attached.append(info.bdf)
             raise HvError(Errno.EIO, "stop here: attach was called")
 
     table = CellTable()
-    table.cells[1] = types.SimpleNamespace(vm=object())  # type: ignore[assignment]
+    table.cells[1] = types.SimpleNamespace(router=object())  # type: ignore[assignment]
     devices = DeviceAccess(
         table, MmioWindows("/dev/null"), None, CountingPassthrough(stub),  # type: ignore[arg-type]
-        pci_sysfs=str(tmp_path / "bus" / "pci" / "devices"), pci_domain=lambda: 0,
-        split_irqchip=lambda: True)
+        pci_sysfs=str(tmp_path / "bus" / "pci" / "devices"), pci_domain=lambda: 0)
     nic = PciDevice(type=1, bdf=0xC8, bar_mask=(0xFFFE0000, 0, 0, 0, 0, 0))  # 00:19.0
     devices.pci_add_device(1, nic, root=False)
     assert attached == []

@@ -27,7 +27,8 @@ module                     Jailhouse source and what it holds
 :mod:`.vmexit`             ``asm/svm.h``, ``asm/vmx.h``: the SVM exit codes and VMX exit
                            reasons Jailhouse handles
 :mod:`.x86`                ``arch/x86/include/asm``: Jailhouse's ``PAGE_SIZE``, CPUID
-                           feature bits, x2APIC MSRs, IOAPIC registers, the PCI
+                           feature bits, XCR0, the x2APIC MSRs, IOAPIC registers and
+                           redirection entries, the MSI message format, the PCI
                            configuration ports
 =========================  ==============================================================
 

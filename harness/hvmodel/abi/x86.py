@@ -1,9 +1,9 @@
 """x86 facts of Jailhouse's ``hypervisor/arch/x86/include/asm`` headers that more than
 one part of jhlab relies on: ``paging.h`` (the page size), ``processor.h`` (the CPUID
 feature bits the hypervisor hides or shows, XCR0, the x2APIC MSRs), ``apic.h`` (the
-xAPIC page), ``ioapic.h`` (the IOAPIC registers) and ``pci.h`` (the port-I/O
-configuration mechanism); plus the register window of the test device
-(``test-device.c``).
+xAPIC page), ``ioapic.h`` (the IOAPIC registers and redirection entries), the MSI
+message format of ``apic.h``/``iommu.h`` and ``pci.h`` (the port-I/O configuration
+mechanism); plus the register window of the test device (``test-device.c``).
 
 The page size here is Jailhouse's: the unit of its mappings, of the comm region and of
 the checks on memory regions. The page size of the Linux the executor runs on (the
@@ -24,13 +24,25 @@ __all__ = [
     "CPUID_1_ECX_XSAVE",
     "CPUID_80000001_ECX_SVM",
     "IOAPIC_MAX_PINS",
+    "IOAPIC_REDIR_DELIVERY_MASK",
+    "IOAPIC_REDIR_DELIVERY_SHIFT",
+    "IOAPIC_REDIR_DEST_LOGICAL",
+    "IOAPIC_REDIR_DEST_SHIFT",
+    "IOAPIC_REDIR_LEVEL",
     "IOAPIC_REDIR_MASK",
     "IOAPIC_REDIR_TBL_START",
+    "IOAPIC_REDIR_VECTOR_MASK",
     "IOAPIC_REG_DATA",
     "IOAPIC_REG_EOI",
     "IOAPIC_REG_INDEX",
     "IOAPIC_VER",
+    "MSI_ADDRESS_DEST_LOGICAL",
+    "MSI_ADDRESS_DEST_SHIFT",
+    "MSI_ADDRESS_REDIR_HINT",
     "MSI_ADDRESS_WINDOW",
+    "MSI_DATA_DELIVERY_SHIFT",
+    "MSI_DATA_LEVEL_ASSERT",
+    "MSI_DATA_LEVEL_TRIGGER",
     "MSR_X2APIC_BASE",
     "MSR_X2APIC_END",
     "MSR_X2APIC_ICR",
@@ -74,6 +86,15 @@ MSI_ADDRESS_WINDOW: Final = XAPIC_BASE >> 20
 MSR_X2APIC_BASE: Final = 0x800
 MSR_X2APIC_ICR: Final = 0x830
 MSR_X2APIC_END: Final = 0x83F
+#: MSI address (``union x86_msi_vector``): destination APIC ID at bits 12..19, logical
+#: destination mode, redirection hint
+MSI_ADDRESS_DEST_SHIFT: Final = 12
+MSI_ADDRESS_DEST_LOGICAL: Final = 1 << 2
+MSI_ADDRESS_REDIR_HINT: Final = 1 << 3
+#: MSI data: vector at bits 0..7, delivery mode at 8..10, level assert, level trigger
+MSI_DATA_DELIVERY_SHIFT: Final = 8
+MSI_DATA_LEVEL_ASSERT: Final = 1 << 14
+MSI_DATA_LEVEL_TRIGGER: Final = 1 << 15
 
 # --- IOAPIC (asm/ioapic.h) ---------------------------------------------------------------
 
@@ -87,8 +108,17 @@ IOAPIC_REG_EOI: Final = 0x40
 IOAPIC_VER: Final = 0x01
 #: first indirect register of the redirection table (two per pin: low, high)
 IOAPIC_REDIR_TBL_START: Final = 0x10
+#: redirection entry (``union ioapic_redir_entry``, native format): vector, delivery mode
+#: (bits 8..10, encoded as in an MSI), logical destination, level trigger, mask, destination
+#: APIC ID (bits 56..63); polarity (bit 13) and the read-only bits 12 and 14 between
+IOAPIC_REDIR_VECTOR_MASK: Final = 0xFF
+IOAPIC_REDIR_DELIVERY_SHIFT: Final = 8
+IOAPIC_REDIR_DELIVERY_MASK: Final = 0x7
+IOAPIC_REDIR_DEST_LOGICAL: Final = 1 << 11
+IOAPIC_REDIR_LEVEL: Final = 1 << 15
 #: redirection entry bit 16: the pin is masked
 IOAPIC_REDIR_MASK: Final = 1 << 16
+IOAPIC_REDIR_DEST_SHIFT: Final = 56
 
 # --- test device (test-device.c, CONFIG_TEST_DEVICE) ----------------------------------
 

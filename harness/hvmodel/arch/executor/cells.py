@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..hostmem import PhysMapping
     from ..kvm import Vcpu, Vm
     from ..portio import IoBitmapLoop
+    from ..vfio import MsiRouter
 
 __all__ = ["CellCpu", "CellSlot", "CellTable", "CellVm", "CpuState", "ExecutorStateError"]
 
@@ -124,6 +125,8 @@ class CellVm:
     id: int
     config: CellConfig
     vm: Vm
+    #: the VM's GSI routing table (devices' MSIs, IOAPIC pins); closed before the VM
+    router: MsiRouter
     cpus: dict[int, CellCpu] = dataclasses.field(default_factory=dict)
     #: (virt_start, size) -> slot
     slots: dict[tuple[int, int], CellSlot] = dataclasses.field(default_factory=dict)

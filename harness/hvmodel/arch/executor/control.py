@@ -14,7 +14,9 @@ part                      hooks
 :mod:`.exits`             what the threads do with each exit (to the model's entry points)
 :mod:`.memory`            ``map_memory_region``, ``unmap_memory_region``, comm pages,
                           ``phys_read``, ``phys_write``
-:mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``
+:mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``, the IOAPIC EOI
+                          register (``mmio_write``); the cells' pins (created with the
+                          VM, connected at ``config_commit``, released at destroy)
 :mod:`.devices`           ``mmio_read``, ``mmio_write``, ``pci_read_config``,
                           ``pci_write_config``, ``pci_add_device``, ``pci_remove_device``
 :mod:`.console`           ``console_write``
@@ -58,6 +60,7 @@ from ...abi import PAGE_SIZE, CellState, CommOffset, CpuStat, Message, Reply, co
 from ...errors import Errno, HvError
 from .. import RootBuffers, xen
 from ..cpuset import RootCpuset
+from ..gsi import GSI_DEVICE
 from ..kvm import (
     Cap,
     CpuidEntry,
@@ -74,6 +77,7 @@ from ..kvm.structs import (
 from ..passthrough import Passthrough
 from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
+from ..vfio import MsiRouter
 from ..xsave import limit_xsave, usable_xcr0
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
@@ -158,6 +162,8 @@ class ExecutorArch:
         writes ...) as Jailhouse counts them, and keep the exit a CPU failed at, through
         KVM's tracepoints (:mod:`~harness.hvmodel.arch.exitstats`); off: ``cell stats``
         shows only the exits that reach the model
+    :param gsi_device: the ``jhlab_gsi`` module's device, through which cells take the
+        root's interrupt lines of their IOAPIC pins (:mod:`~harness.hvmodel.arch.gsi`)
     """
 
     def __init__(
@@ -180,6 +186,7 @@ class ExecutorArch:
         passthrough: Passthrough | None = None,
         rebind_released: bool = False,
         exit_trace: bool = True,
+        gsi_device: str = GSI_DEVICE,
     ) -> None:
         if vendor not in (None, "amd", "intel"):
             raise ValueError(f"vendor {vendor!r}: expected 'amd' or 'intel'")
@@ -213,12 +220,13 @@ class ExecutorArch:
         self._threads = VcpuThreads(self._table, self._exits, pin=pin_cpus, trace=self._kernel_exits.open)
         self._windows = MmioWindows(mem_device)
         self._memory = CellMemory(self._table, mem_device, self.passthrough)
-        self._interrupts = InterruptRouter(self._table, self._windows)
+        self._interrupts = InterruptRouter(self._table, self._windows, self.passthrough,
+                                           gsi_device=gsi_device)
+        self._exits.on_ioapic_eoi = lambda cpu, vector: self._interrupts.eoi(cpu.cell.id, vector)
         self._devices = DeviceAccess(
             self._table, self._windows, self._memory, self.passthrough,
             pci_sysfs=pci_sysfs,
             pci_domain=lambda: self._system.pci_domain if self._system is not None else 0,
-            split_irqchip=lambda: bool(self._kvm and self._kvm.check_extension(Cap.SPLIT_IRQCHIP)),
         )  # fmt: skip
         self._console = DebugUart(port=console_port, enabled=console, port_mode=port_mode)
         if threading.current_thread() is threading.main_thread():
@@ -392,6 +400,8 @@ class ExecutorArch:
         idempotent, never raises."""
         if self._state is _State.SHUT_DOWN:
             return
+        for cell_id in list(self._table.cells):
+            self._interrupts.release(cell_id)
         self.passthrough.shutdown()
         for cell_id in list(self._table.cells):
             try:
@@ -431,9 +441,9 @@ class ExecutorArch:
         kvm = self._kvm
         assert kvm is not None  # READY
         vm = Vm(kvm)
-        cell = CellVm(cell_id, config, vm)
         try:
-            self._setup_vm(kvm, vm)
+            split = self._setup_vm(kvm, vm)
+            cell = CellVm(cell_id, config, vm, MsiRouter(vm, irqchip_defaults=not split))
             supported = self._supported_cpuid
             for cpu_id in sorted(config.cpus):
                 vcpu = vm.create_vcpu(cpu_id)
@@ -450,12 +460,16 @@ class ExecutorArch:
         cell.ioapic_pins = frozenset(
             (chip.address, pin) for chip in config.irqchips for pin in chip.pins
         )
+        self._interrupts.cell_created(cell, split_irqchip=split)
         self._threads.add(cell)
         self._update_isolation()
         LOG.info("cell %d (%s): VM with CPUs %s", cell_id, config.name, sorted(cell.cpus))
 
-    def _setup_vm(self, kvm: Kvm, vm: Vm) -> None:
-        if kvm.check_extension(Cap.SPLIT_IRQCHIP):
+    def _setup_vm(self, kvm: Kvm, vm: Vm) -> bool:
+        """Irqchip, TSS, user-space MSRs, hypercall interception; whether the irqchip is
+        split."""
+        split = bool(kvm.check_extension(Cap.SPLIT_IRQCHIP))
+        if split:
             vm.create_split_irqchip(SPLIT_IRQCHIP_ROUTES)
         else:
             vm.create_irqchip()
@@ -467,6 +481,7 @@ class ExecutorArch:
             )
         if self._xen_hypercalls:
             xen.intercept_hypercalls(vm)
+        return split
 
     def cell_destroy(self, cell_id: int) -> None:
         """Stop and join the cell's threads, close its VM and slots, give its CPUs back
@@ -481,9 +496,11 @@ class ExecutorArch:
         if removed is None:
             return
         cell, busy = removed
+        self._interrupts.release(cell_id)  # the root's lines go back before anything else
         for passed in self.passthrough.devices_of(cell_id):  # the model gave them back already
             self.passthrough.detach(passed.bdf)
         self.passthrough.release_detached()
+        cell.router.close()
         busy = self._threads.join(cell, busy, self.stop_timeout)
         if busy:
             LOG.warning(
@@ -552,9 +569,13 @@ class ExecutorArch:
 
     def config_commit(self, cell_id: int | None) -> None:
         """Release the devices cells gave back (the operation is complete: see
-        :mod:`~harness.hvmodel.arch.passthrough`); nothing to flush, KVM keeps guest TLBs
-        and NPT/EPT consistent with the slots."""
+        :mod:`~harness.hvmodel.arch.passthrough`); a cell just created gets the lines of
+        its IOAPIC pins (``ioapic_config_commit``: from now on the root lacks them; see
+        :mod:`.interrupts`). Nothing to flush, KVM keeps guest TLBs and NPT/EPT
+        consistent with the slots."""
         self.passthrough.release_detached()
+        if cell_id is not None:
+            self._interrupts.connect(cell_id)
 
     # ===================================================================================
     # CPUs
@@ -647,8 +668,11 @@ class ExecutorArch:
         return self._devices.mmio_read(address, size)
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
-        """One uncached write of host-physical MMIO, under the root hardware policy."""
-        self._devices.mmio_write(address, size, value)
+        """One uncached write of host-physical MMIO, under the root hardware policy; the
+        EOI register of an IOAPIC cells have pins of ends their pins' vector
+        (:mod:`.interrupts`)."""
+        if not self._interrupts.ioapic_eoi_write(address, size, value):
+            self._devices.mmio_write(address, size, value)
 
     def pci_read_config(self, bdf: int, reg: int, size: int) -> int:
         """Read the device's config space; all ones for an absent device."""
@@ -667,7 +691,9 @@ class ExecutorArch:
         self._devices.pci_add_device(cell_id, device, root=self._is_root(cell_id))
 
     def pci_remove_device(self, cell_id: int, device: PciDevice) -> None:
-        """Forget the owner (``arch_pci_remove_device``)."""
+        """Forget the owner (``arch_pci_remove_device``); the device's INTx leaves the
+        cell's pin first."""
+        self._interrupts.device_removed(cell_id, device.bdf)
         self._devices.pci_remove_device(cell_id, device, root=self._is_root(cell_id))
 
     def send_msi(self, cell_id: int, address: int, data: int) -> None:
@@ -679,7 +705,8 @@ class ExecutorArch:
         return self._interrupts.ioapic_read(address, index)
 
     def ioapic_write(self, address: int, index: int, value: int) -> None:
-        """Write register ``index``, for redirection entries of pins a non-root cell owns."""
+        """A redirection entry half of a pin a non-root cell owns: its delivery
+        (:mod:`.interrupts`); the physical IOAPIC stays the root's."""
         self._interrupts.ioapic_write(address, index, value)
 
     # ===================================================================================
@@ -761,7 +788,9 @@ class ExecutorArch:
             "zombies": sum(1 for z in self._zombies if z.is_alive()),
             "passthrough": {
                 d.address.short: {"cell": d.cell_id, "group": d.group, "msi": len(d.msi_routes),
-                                  "msix": len(d.msix_routes)}
+                                  "msix": len(d.msix_routes), "intx_gsi": d.intx_gsi,
+                                  "intx_on": d.intx_on}
                 for cell_id in sorted(self._table.cells) for d in self.passthrough.devices_of(cell_id)
             },
+            "ioapic_pins": self._interrupts.status(),
         }

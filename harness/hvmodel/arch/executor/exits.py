@@ -14,6 +14,9 @@ model's exit entry points (:class:`ExitHandler`, the
   performs them itself (KVM still exits to user space for each), as the CPU's I/O bitmap
   lets them through in Jailhouse; every other exit comes back.
 * **MMIO** to :meth:`Hypervisor.handle_mmio`.
+* **EOIs** of level-triggered vectors an IOAPIC pin delivered (``KVM_EXIT_IOAPIC_EOI``
+  with the split irqchip) go to :attr:`ExitDispatcher.on_ioapic_eoi` (the executor's
+  :mod:`.interrupts`), not to the model: Jailhouse sees no exit for them either.
 * **Hypercalls**: with ``CONFIG_KVM_XEN`` (``KVM_CAP_XEN_HVM`` with
   ``KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL``) VMCALL/VMMCALL exit as ``KVM_EXIT_XEN`` and go to
   :meth:`Hypervisor.hypercall` (code in EAX, arguments in RDI and RSI, result in RAX,
@@ -64,13 +67,12 @@ from ...abi import (
 from ...errors import Errno, JhlabError
 from ..exitstats import ExitRules, MsrTraps, TraceEvents, VcpuExitTrace
 from ..kvm import (
-    ExitReason,
     FailEntryExit,
+    IoapicEoiExit,
     IoExit,
     KvmError,
     MmioExit,
     MsrExit,
-    OtherExit,
     ShutdownExit,
     UnknownExit,
     VcpuExit,
@@ -129,6 +131,8 @@ class ExitDispatcher:
         self.x2apic_emulated = False
         self._ports = ports
         self.handler: Callable[[], ExitHandler | None] = lambda: None
+        #: where a cell CPU's EOI of a pin's vector goes (CPU, vector)
+        self.on_ioapic_eoi: Callable[[CellCpu, int], None] = lambda cpu, vector: None
 
     def attach(self, target: ExitHandler | Callable[[], ExitHandler | None]) -> None:
         """Tell the dispatcher where exits go.
@@ -161,8 +165,8 @@ class ExitDispatcher:
                 self.handle_mmio(handler, cpu, exit_)
             elif isinstance(exit_, XenExit):
                 self.handle_hypercall(handler, cpu, exit_)
-            elif isinstance(exit_, OtherExit) and exit_.code == ExitReason.IOAPIC_EOI:
-                pass  # split irqchip: EOI of a level-triggered vector; no IOAPIC to tell
+            elif isinstance(exit_, IoapicEoiExit):
+                self.on_ioapic_eoi(cpu, exit_.vector)
             elif isinstance(exit_, MsrExit) and self._x2apic_write_emulated(cpu, exit_):
                 handler.count_exit(cpu.id, CpuStat.VMEXITS_MSR_OTHER)
             elif isinstance(exit_, MsrExit):

@@ -214,6 +214,18 @@ class PciStub:
             return None
         return None if value in ("", "(null)") else value
 
+    def irq_of(self, address: str | PciAddress) -> int | None:
+        """The root Linux's IRQ of the device's INTx (sysfs ``irq``; the firmware's
+        routing applies once the device is enabled, e.g. opened through VFIO); None
+        when it has none."""
+        path = os.path.join(self._device_dir(PciAddress.parse(address)), "irq")
+        try:
+            with open(path) as file:
+                irq = int(file.read().strip())
+        except (OSError, ValueError):
+            return None
+        return irq or None
+
     def group_of(self, address: str | PciAddress) -> int:
         """The device's IOMMU group number.
 
