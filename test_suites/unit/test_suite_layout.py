@@ -1,0 +1,20 @@
+"""The suites' layout holds up when pytest collects them all at once (``./scripts/test``,
+one shard of CI): the suite folders are not packages, so pytest imports every test module
+under its bare file name, and two modules of the same name end the whole collection."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+SUITES = Path(__file__).resolve().parents[1]
+
+
+def test_test_module_names_are_unique_across_suites() -> None:
+    """No two suites hold a test module (or helper module) of the same file name."""
+    seen: dict[str, list[str]] = defaultdict(list)
+    for module in SUITES.rglob("*.py"):
+        if module.name != "conftest.py" and "data" not in module.relative_to(SUITES).parts:
+            seen[module.name].append(str(module.relative_to(SUITES)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not clashes, f"rename one of each: {clashes}"
