@@ -193,20 +193,38 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Labs that are up (``jhlab up``, test sessions' labs) and labs of test sessions
+    still booting, with what each is doing (:mod:`harness.activity`)."""
+    from harness.activity import current
+
     states = runtime.running()
+    doing = {record.name: record for record in current()}
     if args.json:
-        print(json.dumps({k: dict(v.summary) | {
+        listed: dict[str, dict[str, Any]] = {k: dict(v.summary) | {
             "supervisor": v.supervisor, "qemu": v.qemu,
             "qmp": str(v.run_dir / "qmp.sock") if v.run_dir is not None else None}
-            for k, v in states.items()}, indent=2))
+            for k, v in states.items()}
+        for name, record in doing.items():
+            entry = listed.setdefault(name, {"name": name, "supervisor": record.pid,
+                                             "log_dir": record.log_dir})
+            entry |= {"doing": record.doing, "since": record.since, "session": record.session,
+                      "worker": record.worker}
+        print(json.dumps(listed, indent=2))
         return 0
-    if not states:
+    if not states and not doing:
         console.print("No lab is up.")
         return 0
-    table = Table("lab", "accel", "ssh", "supervisor", "qemu", "logs")
-    for name, state in states.items():
-        table.add_row(name, state.summary["accel"], f"127.0.0.1:{state.ssh_port}",
-                      str(state.supervisor), str(state.qemu), str(state.log_dir))
+    table = Table("lab", "doing", "accel", "ssh", "owner", "qemu", "logs")
+    now = time.time()
+    for name in sorted(set(states) | set(doing)):
+        state, claimed = states.get(name), doing.get(name)
+        what = f"{claimed.doing} ({now - claimed.since:.0f} s)" if claimed else "up"
+        owner = f"{claimed.pid} ({claimed.worker})" if claimed else str(state.supervisor if state else "")
+        if state is None:
+            table.add_row(name, what, "", "", owner, "", claimed.log_dir if claimed else "")
+        else:
+            table.add_row(name, what, state.summary["accel"], f"127.0.0.1:{state.ssh_port}", owner,
+                          str(state.qemu), str(state.log_dir))
     console.print(table)
     return 0
 

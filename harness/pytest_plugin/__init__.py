@@ -9,6 +9,13 @@ because QEMU dies with the process that started it; Ctrl-C or ``jhlab down`` end
 ``--hv-arch`` (what the guest's hypervisor daemon runs cells on for tests that do not
 need KVM: ``oracle``, the default, or ``executor``).
 
+Labs in parallel (pytest-xdist, ``-n N``): each worker boots its own session lab, under
+a name of its own (``default-gw0``, ``default-gw1``; ``default-pytest`` without xdist:
+:mod:`harness.activity`), so run directories, log folders, ssh ports and QEMU names never
+clash; the workers log under their controller's folder. The plugin's labs are listed with
+the labs that are up (``jhlab status`` shows what each is doing; ``jhlab shell NAME``
+reaches one while its test runs).
+
 Fixtures (each builds on the one before):
 
 * ``lab`` (session): one booted lab shared by the whole session; a reset point is saved
@@ -62,6 +69,7 @@ from harness.pytest_plugin.hooks import (
     pytest_addoption,
     pytest_collection_modifyitems,
     pytest_configure,
+    pytest_configure_node,
     pytest_runtest_makereport,
     pytest_terminal_summary,
     pytest_unconfigure,
@@ -82,6 +90,7 @@ __all__ = [
     "pytest_addoption",
     "pytest_collection_modifyitems",
     "pytest_configure",
+    "pytest_configure_node",
     "pytest_runtest_makereport",
     "pytest_terminal_summary",
     "pytest_unconfigure",

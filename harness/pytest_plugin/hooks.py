@@ -15,7 +15,17 @@ import pytest
 
 from harness import runtime
 from harness.lab import Lab
-from harness.pytest_plugin.common import KEPT_KEY, LAB_KEY, REPORTS_KEY, lab_label, log_root
+from harness.pytest_plugin.common import (
+    KEPT_KEY,
+    LAB_KEY,
+    REPORTS_KEY,
+    WORKER_LOG_ROOT,
+    WORKER_SESSION,
+    lab_down,
+    lab_label,
+    log_root,
+    session_id,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,6 +50,14 @@ def pytest_configure(config: pytest.Config) -> None:
                  "dirty: leaves the lab changed; it is reset by snapshot afterwards",
                  "slow: takes more than a few seconds"):
         config.addinivalue_line("markers", line)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist's controller starts worker ``node``: hand it the session's log folder
+    and id, so the workers' labs log side by side and show up as one session."""
+    node.workerinput[WORKER_LOG_ROOT] = str(log_root(node.config, create=False))
+    node.workerinput[WORKER_SESSION] = session_id(node.config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -115,9 +133,10 @@ def _reach_lines(kept: Lab) -> list[str]:
 
 def _register_kept(kept: Lab) -> bool:
     """Register the kept lab the way ``jhlab up`` does (so ``jhlab shell``, ``run`` and
-    ``down`` find it), unless a lab of that name is up already."""
-    if runtime.read(kept.spec.name) is not None:
-        return False
+    ``down`` find it), unless someone else registered a lab of that name."""
+    current = runtime.read(kept.spec.name)
+    if current is not None:
+        return current.supervisor == os.getpid()
     runtime.register(runtime.record_of(kept))
     return True
 
@@ -142,5 +161,4 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        runtime.unregister(kept.spec.name, supervisor=os.getpid())
-        kept.down()
+        lab_down(config, kept)
