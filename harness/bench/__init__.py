@@ -11,7 +11,8 @@ through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same m
 ``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
 create+load+start to the inmate's first line, and the executor's PIO exits per second
 against a minimal C KVM loop in the same lab VM), ``kbuild`` (the image set when all is
-cached, and the recorded phases of the kernel builds' cold runs).
+cached, and the recorded phases of the kernel builds' cold runs), ``parallel`` (a
+selection of lab tests by pytest serially and with a lab per xdist worker).
 """
 
 from __future__ import annotations
@@ -122,6 +123,12 @@ def _bench_kbuild(repeats: int) -> list[Figure]:
     return kbuild.bench(repeats=max(repeats, 5))
 
 
+def _bench_parallel(repeats: int) -> list[Figure]:
+    from harness.bench import parallel
+
+    return parallel.bench(repeats=max(repeats, 1))
+
+
 BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "config": _bench_config,
     "model": _bench_model,
@@ -129,6 +136,7 @@ BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "reset": _bench_reset,
     "cells": _bench_cells,
     "kbuild": _bench_kbuild,
+    "parallel": _bench_parallel,
 }
 
 
