@@ -472,12 +472,29 @@ def cmd_config(args: argparse.Namespace) -> int:
                             f"collected in lab {name}", *create_args], prog)
 
 
+#: stored test durations that shards are cut by (pytest-split), in the source tree
+DURATIONS = Path("ci") / "test-durations.json"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` of ``--shard``: shard I (from 1) of N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise JhlabError(f"--shard {text}: give I/N, e.g. --shard 2/4 (the second of four)") from None
+    if not 1 <= index <= count:
+        raise JhlabError(f"--shard {text}: I must be 1 to N")
+    return index, count
+
+
 def cmd_test(args: argparse.Namespace) -> int:
+    """``jhlab test [SUITE] [-n N] [--shard I/N] [--junit F] [--report F] [PYTEST ARGS]``."""
     import pytest
 
     from harness.recipes import find_recipes
 
-    suites_dir = find_recipes().test_suites
+    recipes = find_recipes()
+    suites_dir = recipes.test_suites
     target = suites_dir
     if args.suite:
         target = target / args.suite
@@ -485,21 +502,52 @@ def cmd_test(args: argparse.Namespace) -> int:
             suites = sorted(p.name for p in suites_dir.iterdir() if p.is_dir()
                             and not p.name.startswith("_"))
             raise JhlabError(f"no suite {args.suite!r} (suites: {', '.join(suites)})")
-    # "jhlab test e2e --junit F": argparse's REMAINDER after SUITE swallows --junit too.
+    # "jhlab test e2e --junit F": argparse's REMAINDER after SUITE swallows our options too.
     extra = list(args.pytest_args)
-    junit = args.junit
-    while "--junit" in extra[: extra.index("--") if "--" in extra else len(extra)]:
-        at = extra.index("--junit")
-        if at + 1 >= len(extra):
-            raise JhlabError("--junit needs a file name")
-        junit = extra[at + 1]
-        del extra[at:at + 2]
+    values = {"--junit": args.junit, "--report": args.report, "--shard": args.shard,
+              "-n": args.workers, "--bench": args.bench}
+    for option in values:
+        while option in extra[: extra.index("--") if "--" in extra else len(extra)]:
+            at = extra.index(option)
+            if at + 1 >= len(extra):
+                raise JhlabError(f"{option} needs a value")
+            values[option] = extra[at + 1]
+            del extra[at:at + 2]
     if extra[:1] == ["--"]:
         extra = extra[1:]
     pytest_args = [str(target)]
-    if junit:
-        pytest_args.append(f"--junitxml={junit}")
+    if values["--junit"]:
+        pytest_args.append(f"--junitxml={values['--junit']}")
+        if not values["--report"]:  # the report goes next to the JUnit file
+            values["--report"] = str(Path(values["--junit"]).with_name("report.html"))
+    if values["--report"]:
+        pytest_args.append(f"--lab-report={values['--report']}")
+        if values["--bench"]:
+            pytest_args.append(f"--lab-report-bench={values['--bench']}")
+    if values["-n"] is not None:
+        pytest_args += ["-n", str(values["-n"])]
+    if values["--shard"]:
+        index, count = _shard(str(values["--shard"]))
+        pytest_args += [f"--splits={count}", f"--group={index}", "--splitting-algorithm=least_duration",
+                        f"--durations-path={recipes.root / DURATIONS}"]
+    if not {"-v", "-vv", "--verbose"} & set(extra):
+        pytest_args += ["-q", "-o", "console_output_style=classic", "--lab-progress"]
     return int(pytest.main(pytest_args + extra))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``jhlab report -o PAGE [--bench FILE|DIR] RUN.json ...``: one page from the records
+    of one or more runs (the shards of a CI pipeline, merged)."""
+    from harness.report import RunRecord, merge_runs, write_report
+
+    try:
+        runs = [RunRecord.read(Path(path)) for path in args.runs]
+        page = write_report(merge_runs(runs), Path(args.output),
+                            bench=Path(args.bench) if args.bench else None)
+    except ValueError as exc:
+        raise JhlabError(str(exc)) from exc
+    console.print(f"report of {len(runs)} run{'s' * (len(runs) != 1)}: {page}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -594,9 +642,24 @@ def build_parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="run test suites (pytest)")
     test.add_argument("suite", nargs="?",
                       help="unit, hvmodel, inmates, integration, e2e (default: all)")
-    test.add_argument("--junit", help="write a JUnit XML report")
+    test.add_argument("--junit", help="write a JUnit XML report (and the HTML report beside it)")
+    test.add_argument("--report", help="write the HTML report here (default: report.html next "
+                      "to --junit)")
+    test.add_argument("-n", "--workers", help="labs in parallel: pytest-xdist workers, each with "
+                      "its own lab (a number, or auto)")
+    test.add_argument("--shard", metavar="I/N", help="run shard I of N, cut by the stored test "
+                      f"durations ({DURATIONS})")
+    test.add_argument("--bench", metavar="FILE|DIR", help="plot these bench figures in the report")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     test.set_defaults(func=cmd_test)
+
+    report = sub.add_parser("report", help="the HTML report of runs: jhlab report -o PAGE RUN.json ...")
+    report.add_argument("runs", nargs="+", metavar="RUN.json",
+                        help="report.json files written beside reports (--lab-report), e.g. one per shard")
+    report.add_argument("-o", "--output", required=True, metavar="PAGE", help="the HTML page to write")
+    report.add_argument("--bench", metavar="FILE|DIR", help="plot these bench figures (a jhlab bench "
+                        "--json file or a --history folder)")
+    report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
                            add_help=False)

@@ -25,6 +25,7 @@ from harness.pytest_plugin.common import (
     new_lab,
     register_lab,
 )
+from harness.pytest_plugin.reporting import mark_lab
 
 LOG = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def _track_lab_use(request: pytest.FixtureRequest) -> Iterator[None]:
     if node.get_closest_marker("kvm") is not None and not (shared.summary and shared.summary.kvm_in_guest):
         pytest.skip(f"lab {shared.spec.name} shows no KVM inside")
     lab_doing(request.config, shared, f"running {node.nodeid}")
+    mark_lab(node, shared)
     yield
     broke = failed(node)
     dirty = node.get_closest_marker("dirty") is not None or node.stash.get(DIRTY_KEY, False)
@@ -126,6 +128,7 @@ def lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
             setattr(new, key, value)
         made.append(new)
         request.node.stash.setdefault(LAB_KEY, []).append(new)
+        mark_lab(request.node, new)
         if up:
             lab_doing(request.config, new, f"booting for {request.node.nodeid}")
             new.up()

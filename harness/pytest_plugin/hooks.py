@@ -15,6 +15,7 @@ import pytest
 
 from harness import runtime
 from harness.lab import Lab
+from harness.pytest_plugin import reporting
 from harness.pytest_plugin.common import (
     KEPT_KEY,
     LAB_KEY,
@@ -42,6 +43,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="leave the session lab running at the end (pytest waits; Ctrl-C ends it)")
     group.addoption("--hv-arch", default="oracle", choices=["oracle", "executor"],
                     help="the guest daemon's arch for tests not marked kvm (default: oracle)")
+    group.addoption("--lab-progress", action="store_true",
+                    help="live progress: a bar per suite and what each lab does (jhlab test)")
+    reporting.addoptions(group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -50,6 +54,13 @@ def pytest_configure(config: pytest.Config) -> None:
                  "dirty: leaves the lab changed; it is reset by snapshot afterwards",
                  "slow: takes more than a few seconds"):
         config.addinivalue_line("markers", line)
+    # the controller (or the only process) draws; a verbose run prints a line per test
+    if (config.getoption("--lab-progress") and not hasattr(config, "workerinput")
+            and config.getoption("verbose") <= 0):
+        from harness.pytest_plugin.progress import RunProgress
+
+        config.pluginmanager.register(RunProgress(config), "jhlab-progress")
+    reporting.configure(config)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -76,9 +87,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
+    labs = item.stash.get(LAB_KEY, [])
     if report.when == "call" and report.failed:
-        for lab in item.stash.get(LAB_KEY, []):
+        for lab in labs:
             _attach_artifacts(item, report, lab)
+    reporting.attach_lab_shares(item, report, labs)
     return report
 
 
