@@ -415,8 +415,13 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    """``jhlab images build``, ``jhlab images key`` (the key of the build's inputs, for a
+    CI cache; nothing is built)."""
     from harness.images import ImageBuilder
 
+    if args.action == "key":
+        print(ImageBuilder(quiet=True).inputs_key())
+        return 0
     images = ImageBuilder().build()
     print(f"kernel     {images.kernel.vmlinuz}  ({images.kernel.release})")
     print(f"initramfs  {images.initramfs}")
@@ -630,8 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("-f", "--follow", action="store_true")
     cons.set_defaults(func=cmd_console)
 
-    images = sub.add_parser("images", help="build (or find cached) lab images")
-    images.add_argument("action", choices=["build"])
+    images = sub.add_parser("images", help="build (or find cached) lab images; key: the key of "
+                            "their inputs (for a CI cache)")
+    images.add_argument("action", choices=["build", "key"])
     images.set_defaults(func=cmd_images)
 
     config = sub.add_parser("config", help="Jailhouse configs: show, check, compile, create, ...",
