@@ -547,11 +547,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         runs = [RunRecord.read(Path(path)) for path in args.runs]
-        page = write_report(merge_runs(runs), Path(args.output),
-                            bench=Path(args.bench) if args.bench else None)
+        merged = merge_runs(runs)
+        page = write_report(merged, Path(args.output), bench=Path(args.bench) if args.bench else None)
     except ValueError as exc:
         raise JhlabError(str(exc)) from exc
     console.print(f"report of {len(runs)} run{'s' * (len(runs) != 1)}: {page}")
+    if args.durations:
+        # pytest-split's format: seconds per test id, all phases summed
+        durations = {test.nodeid: round(test.duration, 3) for test in merged.tests}
+        Path(args.durations).write_text(json.dumps(durations, indent=1, sort_keys=True) + "\n")
+        console.print(f"durations of {len(durations)} tests: {args.durations}")
     return 0
 
 
@@ -665,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", required=True, metavar="PAGE", help="the HTML page to write")
     report.add_argument("--bench", metavar="FILE|DIR", help="plot these bench figures (a jhlab bench "
                         "--json file or a --history folder)")
+    report.add_argument("--durations", metavar="FILE", help=f"also write the tests' durations for "
+                        f"sharding (pytest-split's format; {DURATIONS} is the stored one)")
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",

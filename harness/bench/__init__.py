@@ -157,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resets", type=int, default=None,
                         help="resets in a row of the reset benchmark (default 50)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--history", metavar="DIR", help="also keep the figures as a dated JSON "
+                        "file in DIR and plot the trend of all of them (DIR/trend.html)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHES]
     if unknown:
@@ -171,10 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             figures += BENCHES[name](args.repeats)
     render(figures, out)
+    measured = {"machine": machine_description(), "figures": [asdict(f) for f in figures]}
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": machine_description(),
-                       "figures": [asdict(f) for f in figures]}, handle, indent=1)
+            json.dump(measured, handle, indent=1)
+    if args.history:
+        from pathlib import Path
+
+        from harness.report import keep_in_history
+
+        kept, page = keep_in_history(Path(args.history), measured, list(args.names))
+        out.print(f"kept as {kept}; trend: {page}")
     return 0 if all(f.met is not False for f in figures) else 1
 
 

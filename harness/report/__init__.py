@@ -13,13 +13,15 @@ files of several runs (the shards of a CI pipeline).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from harness.report.html import render
 from harness.report.plots import BenchFile
 from harness.report.records import RunRecord, merge_runs
 
-__all__ = ["BenchFile", "RunRecord", "load_bench", "merge_runs", "render", "write_report"]
+__all__ = ["BenchFile", "RunRecord", "keep_in_history", "load_bench", "merge_runs", "render",
+           "write_report"]
 
 
 def load_bench(path: Path | None) -> tuple[BenchFile | None, list[BenchFile]]:
@@ -48,3 +50,31 @@ def write_report(run: RunRecord, page: Path, *, bench: Path | None = None) -> Pa
     latest, history = load_bench(bench)
     page.write_text(render(run, bench=latest, history=history), encoding="utf-8")
     return page
+
+
+def keep_in_history(folder: Path, value: Mapping[str, object], names: list[str]) -> tuple[Path, Path]:
+    """``jhlab bench --history DIR``: keep a bench run's JSON as a dated file in
+    ``folder`` (``YYYYmmdd-HHMMSS-<benchmarks>.json``, with its time as ``taken``) and draw
+    the trend of every file there (``trend.html``: the newest figures, then each group's
+    medians over time).
+
+    :return: the new file and the trend page
+    """
+    import json
+    from datetime import datetime
+
+    from harness.report.html import trend_page
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now().replace(microsecond=0)
+    stem = f"{now.strftime('%Y%m%d-%H%M%S')}-{'-'.join(names) or 'all'}"
+    kept = folder / f"{stem}.json"
+    for index in range(2, 100):  # two runs in one second keep both
+        if not kept.exists():
+            break
+        kept = folder / f"{stem}-{index}.json"
+    kept.write_text(json.dumps(dict(value) | {"taken": now.isoformat()}, indent=1))
+    latest, history = load_bench(folder)
+    page = folder / "trend.html"
+    page.write_text(trend_page(latest, history), encoding="utf-8")
+    return kept, page

@@ -170,3 +170,18 @@ def render(run: RunRecord, *, bench: BenchFile | None = None,
 {bench_section(bench, history)}
 </body></html>
 """
+
+
+def trend_page(latest: BenchFile | None, history: Sequence[BenchFile]) -> str:
+    """The page of a bench history folder: its newest figures and their trend."""
+    files = "".join(f"<li>{_e(b.path.name)} ({_e(b.machine)})</li>"
+                    for b in sorted(history, key=lambda b: b.taken))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>jhlab bench history</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>jhlab bench history</h1>
+<p>{len(history)} runs</p><ul>{files}</ul>
+{bench_section(latest, history if len(history) > 1 else ())}
+</body></html>
+"""
