@@ -7,11 +7,13 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from harness import runtime
 from harness.lab import Lab
@@ -48,6 +50,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     reporting.addoptions(group)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser,
+                                  args: list[str]) -> Any:
+    """With ``--lab-progress``: keep a handle on the terminal before pytest's capture
+    takes file descriptor 1 over, so the display can draw while a test runs (the
+    display's thread writes there, never into a test's captured output)."""
+    if getattr(early_config.known_args_namespace, "lab_progress", False):
+        from harness.pytest_plugin.progress import TERMINAL_KEY
+
+        early_config.stash[TERMINAL_KEY] = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1,
+                                                     encoding="utf-8", errors="replace")
+    return (yield)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for line in ("lab(name=None): boots a real lab VM (QEMU); with a name, needs that lab",
                  "kvm: needs KVM inside the lab VM (cells then run on the executor)",
@@ -57,9 +73,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # the controller (or the only process) draws; a verbose run prints a line per test
     if (config.getoption("--lab-progress") and not hasattr(config, "workerinput")
             and config.getoption("verbose") <= 0):
-        from harness.pytest_plugin.progress import RunProgress
+        from harness.pytest_plugin.progress import TERMINAL_KEY, RunProgress
 
-        config.pluginmanager.register(RunProgress(config), "jhlab-progress")
+        terminal = config.stash.get(TERMINAL_KEY, None)
+        console = Console(file=terminal, highlight=False) if terminal is not None else None
+        config.pluginmanager.register(RunProgress(config, console), "jhlab-progress")
     reporting.configure(config)
 
 

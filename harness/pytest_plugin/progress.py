@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 from rich.console import Console, Group
@@ -29,6 +29,8 @@ from harness.pytest_plugin.common import session_id
 
 #: seconds between two looks at the labs' activity files
 POLL_SECONDS = 1.0
+#: the terminal as it was before pytest's capture (a duplicate of file descriptor 1)
+TERMINAL_KEY = pytest.StashKey[TextIO]()
 
 
 def suite_of(nodeid: str) -> str:
@@ -46,7 +48,8 @@ class RunProgress:
     collection and reports → :meth:`stop` at session finish.
 
     :param config: the session's config
-    :param console: where to draw (default: stdout, as pytest)
+    :param console: where to draw (default: stdout; ``pytest_load_initial_conftests`` gives
+        the terminal as it was before pytest's capture)
     """
 
     def __init__(self, config: pytest.Config, console: Console | None = None) -> None:
@@ -93,9 +96,10 @@ class RunProgress:
     @pytest.hookimpl(wrapper=True)
     def pytest_report_teststatus(self, report: pytest.TestReport,
                                  config: pytest.Config) -> Generator[None, Any, Any]:
-        """Keep the category (pytest's counts), drop the letter: the display shows it."""
+        """Keep the category (pytest's counts), drop the letter: the display (or its
+        lines) shows the test instead."""
         status = yield
-        if self.interactive and status:
+        if status:
             return (status[0], "", "")
         return status
 

@@ -18,3 +18,13 @@ def test_test_module_names_are_unique_across_suites() -> None:
             seen[module.name].append(str(module.relative_to(SUITES)))
     clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
     assert not clashes, f"rename one of each: {clashes}"
+
+
+def test_the_plugin_package_exports_every_hook() -> None:
+    """pytest scans the entry point's module, the package: a hook defined in
+    harness.pytest_plugin.hooks but not imported there is silently never called."""
+    import harness.pytest_plugin as plugin
+    from harness.pytest_plugin import hooks
+
+    defined = {name for name in vars(hooks) if name.startswith("pytest_") and callable(vars(hooks)[name])}
+    assert defined and defined <= set(vars(plugin)), sorted(defined - set(vars(plugin)))
