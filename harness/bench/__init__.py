@@ -11,8 +11,10 @@ through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same m
 ``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
 create+load+start to the inmate's first line, and the executor's PIO exits per second
 against a minimal C KVM loop in the same lab VM), ``kbuild`` (the image set when all is
-cached, and the recorded phases of the kernel builds' cold runs), ``parallel`` (a
-selection of lab tests by pytest serially and with a lab per xdist worker).
+cached, and the recorded phases of the kernel builds' cold runs), ``phases`` (where a
+cold boot's time goes, from the root console's markers), ``jitter`` (the timer jitter of
+jhlab's apic-timer cell), ``parallel`` (a selection of lab tests by pytest serially and
+with a lab per xdist worker).
 """
 
 from __future__ import annotations
@@ -123,6 +125,18 @@ def _bench_kbuild(repeats: int) -> list[Figure]:
     return kbuild.bench(repeats=max(repeats, 5))
 
 
+def _bench_phases(repeats: int) -> list[Figure]:
+    from harness.bench import labtiming
+
+    return labtiming.bench_phases(repeats=max(repeats, 1))
+
+
+def _bench_jitter(repeats: int) -> list[Figure]:
+    from harness.bench import labtiming
+
+    return labtiming.bench_jitter(repeats=max(repeats, 1))
+
+
 def _bench_parallel(repeats: int) -> list[Figure]:
     from harness.bench import parallel
 
@@ -136,6 +150,8 @@ BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "reset": _bench_reset,
     "cells": _bench_cells,
     "kbuild": _bench_kbuild,
+    "phases": _bench_phases,
+    "jitter": _bench_jitter,
     "parallel": _bench_parallel,
 }
 
