@@ -262,11 +262,11 @@ class ImageBuilder:
 
     def inputs_key(self) -> str:
         """A key of everything the image set is built from, computed without building
-        anything: the recipe version, the Debian suite and kernel package, the recipes
-        (root file system, initramfs, inmates, kernel configs), the host's busybox and
-        the harness code that builds images (:data:`IMAGE_CODE`).  Equal keys mean
-        :meth:`build` finds the same artefacts in the cache; CI keys its image cache
-        with it (``jhlab images key``).
+        anything: the recipe version, the Debian suite and kernel package, the image
+        recipes (every folder of ``images/`` but the per-boot guest payload's
+        ``guest/``), the kernel configs, the host's busybox and the harness code that
+        builds images (:data:`IMAGE_CODE`).  Equal keys mean :meth:`build` finds the same
+        artefacts in the cache; CI keys its image cache with it (``jhlab images key``).
 
         :raise ImageError: when apt cannot name the kernel package
         :raise MissingToolError: when busybox-static is missing
@@ -274,10 +274,10 @@ class ImageBuilder:
         package, version = self.resolve_kernel_package()
         digest = hashlib.sha256(f"{RECIPE_VERSION}\0{DEBIAN_SUITE}\0{package}_{version}\0".encode())
         recipes = self.recipes
-        for base in (recipes.rootfs, recipes.initramfs, recipes.inmates, recipes.kernel_configs):
-            files = [p for p in _recipe_files(base) if "build" not in p.relative_to(base).parts]
-            digest.update(f"{base.relative_to(recipes.root)}\0".encode())
-            _hash_files(digest, files, base)
+        for base in (recipes.images, recipes.kernel_configs):
+            files = [p for p in _recipe_files(base)
+                     if not {"build", "guest"} & set(p.relative_to(base).parts[:-1])]
+            _hash_files(digest, files, recipes.root)
         digest.update(self._busybox().read_bytes())
         for name in IMAGE_CODE:
             code = PACKAGE_DIR / name

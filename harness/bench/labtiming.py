@@ -29,10 +29,10 @@ import threading
 import time
 from pathlib import Path
 
-from harness.bench import Figure
+from harness.bench import Figure, bench_log_dir
 from harness.errors import JhlabError
 from harness.images import ImageBuilder
-from harness.lab import Lab, state_dir
+from harness.lab import Lab
 from harness.progress import console
 
 #: boot markers on serial 0, in order, and the phase that ends at each
@@ -53,13 +53,6 @@ START_APIC_TIMER = ("jailhouse enable /etc/jailhouse/qemu-x86.cell"
                     " && jailhouse cell create /etc/jailhouse/apic-timer.cell"
                     " && jailhouse cell load apic-timer /usr/libexec/jailhouse/demos/apic-timer.bin"
                     " && jailhouse cell start apic-timer")
-
-
-def _logs(name: str) -> Path:
-    path = state_dir() / "bench-logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
-    console.print(f"{name}: lab logs in {path}")
-    return path
 
 
 class MarkerWatch:
@@ -125,7 +118,7 @@ def boot_phases(log_dir: Path) -> dict[str, float]:
 def bench_phases(repeats: int = 3) -> list[Figure]:
     """Boot phases of ``repeats`` cold boots."""
     ImageBuilder(quiet=True).build()  # untimed: a boot here never includes a build
-    logs = _logs("phases")
+    logs = bench_log_dir("phases")
     runs = []
     for index in range(repeats):
         runs.append(boot_phases(logs / f"boot{index}"))
@@ -161,7 +154,7 @@ def timer_jitter(lab: Lab) -> list[float]:
 def bench_jitter(repeats: int = 3) -> list[Figure]:
     """Timer jitter of apic-timer over ``repeats`` starts in one lab."""
     ImageBuilder(quiet=True).build()
-    logs = _logs("jitter")
+    logs = bench_log_dir("jitter")
     samples: list[float] = []
     medians: list[float] = []
     with Lab("default", log_dir=logs / "lab", quiet=True) as lab:

@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.bench import Figure
+from harness.bench import Figure, bench_log_dir
 from harness.errors import JhlabError
-from harness.lab import state_dir
 from harness.progress import console
 from harness.recipes import find_recipes
 
@@ -91,9 +90,7 @@ def run_selection(workers: int, log_dir: Path, selection: tuple[str, ...] = SELE
 
 def bench(repeats: int = 2) -> list[Figure]:
     """Serial and parallel runs of :data:`SELECTION`, interleaved; the figures."""
-    logs = state_dir() / "bench-logs" / f"parallel-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    logs.mkdir(parents=True)
-    console.print(f"parallel: pytest output and lab logs in {logs}")
+    logs = bench_log_dir("parallel")  # pytest's output and the labs' logs of every run
     serial: list[Run] = []
     parallel: list[Run] = []
     for index in range(repeats):

@@ -151,12 +151,16 @@ class HeadlessChromium:
                 self._buffer += chunk
 
     def open(self, path: Path, *, timeout: float = TIMEOUT) -> Page:
-        """Open a local file in a new tab and wait until it has loaded."""
-        target = self.call("Target.createTarget", {"url": path.resolve().as_uri()})["targetId"]
+        """Open a local file in a new tab and wait until it has loaded (the tab starts
+        on an empty document, which is "complete" at once: wait for this one)."""
+        url = path.resolve().as_uri()
+        target = self.call("Target.createTarget", {"url": url})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         page = Page(self, session)
         deadline = time.monotonic() + timeout
-        while page.evaluate("document.readyState") != "complete":
+        loaded = (f"location.href === {json.dumps(url)} && document.readyState === 'complete'"
+                  " && document.body !== null")
+        while not page.evaluate(loaded):
             if time.monotonic() > deadline:
                 raise BrowserError(f"{path} did not load in {timeout:.0f} s")
             time.sleep(0.1)
