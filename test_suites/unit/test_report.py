@@ -143,3 +143,27 @@ def test_a_file_that_is_no_report_is_refused(tmp_path: Path, capsys: pytest.Capt
     assert main(["report", "-o", str(page), str(bad)]) == 1
     assert "not a jhlab report file" in " ".join(capsys.readouterr().err.split())
     assert not page.exists()
+
+
+def test_figures_are_grouped_by_what_they_measure() -> None:
+    """Names decide the group: the benches' own names land where the report plots them."""
+    from harness.report.plots import group_of
+
+    assert group_of("lab cold boot to ssh-ready (default lab)") == "boot phases"
+    assert group_of("boot phase: kernel initialisation to stage 1 (/init)") == "boot phases"
+    assert group_of("lab reset by snapshot, until a command ran") == "boot phases"
+    assert group_of("jailhouse cell create + load + start (hello)") == "lifecycle steps"
+    assert group_of("cell start -> hello's first line on serial 1") == "lifecycle steps"
+    assert group_of("APIC timer jitter, median of each start") == "timer jitter"
+    assert group_of("config parse+check") is None
+
+
+def test_merged_runs_keep_every_property_once() -> None:
+    """Shards that differ in a property show each value; equal ones show it once."""
+    from harness.report.records import merge_runs
+
+    first = RunRecord(started=10.0, duration=100.0, properties={"shard": "1/2", "python": "3.11.7"})
+    second = RunRecord(started=5.0, duration=300.0, properties={"shard": "2/2", "python": "3.11.7"})
+    merged = merge_runs([first, second])
+    assert merged.properties == {"shard": "1/2; 2/2", "python": "3.11.7"}
+    assert (merged.started, merged.duration, merged.runs) == (5.0, 300.0, 2)
