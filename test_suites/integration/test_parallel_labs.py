@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,13 +57,16 @@ def test_two_workers_boot_two_labs_that_do_not_clash(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     seen = [json.loads(path.read_text()) for path in seen_dir.glob("*.json")]
     by_lab = {entry["name"]: entry for entry in seen}
-    assert sorted(by_lab) == ["default-gw0", "default-gw1"]
+    # default-gw0 and default-gw1, suffixed (-2) if another session holds those names
+    assert len(by_lab) == 2
+    for name, entry in by_lab.items():
+        assert re.fullmatch(rf"default-{entry['worker']}(-\d+)?", name), name
     for field in ("run_dir", "ssh_port", "log_dir", "qemu"):
         assert len({entry[field] for entry in by_lab.values()}) == 2, field
     assert all(Path(entry["log_dir"]).parent == logs for entry in by_lab.values())
     for entry in by_lab.values():
         listed = entry["status"]
-        assert sorted(listed) == ["default-gw0", "default-gw1"]
+        assert sorted(listed) == sorted(by_lab)
         assert listed[entry["name"]]["doing"].startswith("running ")
         assert listed[entry["name"]]["ssh_port"] == entry["ssh_port"]
         assert listed[entry["name"]]["worker"] == entry["worker"]
