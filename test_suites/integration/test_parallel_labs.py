@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-#: each worker's test waits (with a deadline) until both labs are up, then writes what it saw
+#: each worker's test waits (with a deadline) until both labs are up, writes what it saw,
+#: and keeps its lab up until the other worker has written too
 WORKER_TESTS = '''
 import json, os, subprocess, sys, time
 from harness.pytest_plugin.common import session_id
@@ -38,6 +39,9 @@ def test_both_labs_up(lab, request):
     with open(os.path.join(os.environ["SEEN_DIR"], f"{lab.spec.name}.json"), "w") as out:
         json.dump(seen, out)
     assert len(ours) >= 2, f"jhlab status listed {sorted(status)}"
+    # keep this lab up until the other worker has seen it too
+    while len(os.listdir(os.environ["SEEN_DIR"])) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
 '''
 
 
