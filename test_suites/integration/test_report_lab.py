@@ -24,7 +24,7 @@ def test_prints_then_fails(lab):
     lab.run("echo REPORT-MARKER-$((6 * 7)) > /dev/ttyS0", check=True)
     lab.qmp.execute("stop")
     lab.qmp.execute("cont")
-    lab.qmp.events.wait_for("RESUME", timeout=30)
+    time.sleep(1)  # the events' way from QEMU to the lab's event log
     assert False, "deliberately failed after the marker"
 
 def test_prints_and_passes(lab):
