@@ -9,9 +9,9 @@ the run's whole process tree (pytest, its workers and their QEMUs, all reaped by
 parents: ``RUSAGE_CHILDREN``), and the machine's busy share over the run from
 ``/proc/stat`` (everyone's load, this run's included).  A run whose tests fail (on a
 loaded host some lab tests miss their deadlines) is kept and counted, its output saved;
-a run pytest could not finish (status other than 0 or 1) ends the benchmark.  Figures: wall seconds of each mode, the speed-up serial /
-parallel per pair, the cores each mode kept busy (CPU seconds / wall seconds), and the
-machine's busy share.
+a run pytest could not finish (status other than 0 or 1) ends the benchmark.  Figures:
+wall seconds of each mode, the speed-up serial / parallel per pair, the cores each mode
+kept busy (CPU seconds / wall seconds), the machine's busy share, the runs with failures.
 """
 
 from __future__ import annotations
