@@ -4,14 +4,15 @@ worker), interleaved, in one run.
 
 Method: ``repeats`` times, in alternating order (serial first on even repeats), pytest
 runs :data:`SELECTION` in a child process with its own log folder (kept, under the
-bench's log folder).  For each run: wall seconds from start to exit, the CPU seconds of
-the run's whole process tree (pytest, its workers and their QEMUs, all reaped by their
-parents: ``RUSAGE_CHILDREN``), and the machine's busy share over the run from
-``/proc/stat`` (everyone's load, this run's included).  A run whose tests fail (on a
-loaded host some lab tests miss their deadlines) is kept and counted, its output saved;
-a run pytest could not finish (status other than 0 or 1) ends the benchmark.  Figures:
-wall seconds of each mode, the speed-up serial / parallel per pair, the cores each mode
-kept busy (CPU seconds / wall seconds), the machine's busy share, the runs with failures.
+bench's log folder, with the run's HTML report).  For each run: wall seconds from start
+to exit, the CPU seconds of the run's whole process tree (pytest, its workers and their
+QEMUs, all reaped by their parents: ``RUSAGE_CHILDREN``), and the machine's busy share
+over the run from ``/proc/stat`` (everyone's load, this run's included).  A run whose
+tests fail (on a loaded host some lab tests miss their deadlines) is kept and counted,
+its output saved; a run pytest could not finish (status other than 0 or 1) ends the
+benchmark.  Figures: wall seconds of each mode, the speed-up serial / parallel per pair,
+the cores each mode kept busy (CPU seconds / wall seconds), the machine's busy share,
+the runs with failures.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def run_selection(workers: int, log_dir: Path, selection: tuple[str, ...] = SELE
     """
     suites = find_recipes().test_suites
     command = [sys.executable, "-m", "pytest", *(str(suites / path) for path in selection),
-               "-q", "-p", "no:cacheprovider", "-n", str(workers), f"--lab-log-dir={log_dir}"]
+               "-q", "-p", "no:cacheprovider", "-n", str(workers), f"--lab-log-dir={log_dir}",
+               f"--lab-report={log_dir / 'report.html'}"]
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, total0 = _cpu_times()
     started = time.monotonic()
