@@ -76,7 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from harness.pytest_plugin.progress import TERMINAL_KEY, RunProgress
 
         terminal = config.stash.get(TERMINAL_KEY, None)
-        console = Console(file=terminal, highlight=False) if terminal is not None else None
+        console = Console(file=terminal, highlight=False, soft_wrap=True) if terminal is not None else None
         config.pluginmanager.register(RunProgress(config, console), "jhlab-progress")
     reporting.configure(config)
 

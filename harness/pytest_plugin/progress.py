@@ -54,7 +54,7 @@ class RunProgress:
 
     def __init__(self, config: pytest.Config, console: Console | None = None) -> None:
         self.config = config
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.interactive = self.console.is_terminal
         self.session = session_id(config)
         self.bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
