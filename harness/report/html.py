@@ -23,6 +23,8 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; }
 h1 { margin-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; vertical-align: top; }
+td { overflow-wrap: anywhere; } th { white-space: nowrap; }
+h3, summary { overflow-wrap: anywhere; }
 pre { background: #f6f6f6; border: 1px solid #ddd; padding: 0.5em; overflow-x: auto;
       max-height: 40em; font-size: 85%; }
 .passed { color: #1a7f37; } .failed, .error { color: #c62828; } .skipped { color: #8a6d00; }

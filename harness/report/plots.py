@@ -118,8 +118,13 @@ def bar_charts(group: str, figures: Sequence[Mapping[str, Any]]) -> list[tuple[s
         ax.barh(rows, medians, xerr=[low, high], color="#4c72b0", ecolor="#333333", capsize=4)
         ax.set_yticks(rows, [_short(str(f["name"])) for f in chosen])
         ax.invert_yaxis()
+        spread = max(float(f["max"]) for f in chosen) - min(float(f["min"]) for f in chosen)
+        typical = max(abs(m) for m in medians) or 1.0
+        if spread > 50 * typical:  # outliers orders of magnitude out: keep the medians visible
+            ax.set_xscale("symlog", linthresh=typical)
+            unit = f"{unit}, symmetric log scale"
         ax.set_xlabel(f"{unit} (median; whiskers: min to max)")
-        title = f"{group} ({unit})"
+        title = f"{group} ({chosen[0]['unit']})"
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
         charts.append((title, _png(fig)))
