@@ -58,6 +58,9 @@ LOG = logging.getLogger(__name__)
 
 #: Bump when the build procedure changes in a way the hashed inputs do not show.
 RECIPE_VERSION = "1"
+#: The harness modules (files or packages beside this one) whose code decides how images
+#: are built: part of :meth:`ImageBuilder.inputs_key`.
+IMAGE_CODE = ("images.py", "recipes.py", "kbuild.py", "kbuild")
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 DEBIAN_SUITE = "bookworm"
@@ -267,6 +270,31 @@ class ImageBuilder:
         self.recipes = recipes or find_recipes()
         self.dir = cache_dir() / "images"
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def inputs_key(self) -> str:
+        """A key of everything the image set is built from, computed without building
+        anything: the recipe version, the Debian suite and kernel package, the image
+        recipes (every folder of ``images/`` but the per-boot guest payload's
+        ``guest/``), the kernel configs, the host's busybox and the harness code that
+        builds images (:data:`IMAGE_CODE`).  Equal keys mean :meth:`build` finds the same
+        artefacts in the cache; CI keys its image cache with it (``jhlab images key``).
+
+        :raise ImageError: when apt cannot name the kernel package
+        :raise MissingToolError: when busybox-static is missing
+        """
+        package, version = self.resolve_kernel_package()
+        digest = hashlib.sha256(f"{RECIPE_VERSION}\0{DEBIAN_SUITE}\0{package}_{version}\0".encode())
+        recipes = self.recipes
+        for base in (recipes.images, recipes.kernel_configs):
+            files = [p for p in _recipe_files(base)
+                     if not {"build", "guest"} & set(p.relative_to(base).parts[:-1])]
+            _hash_files(digest, files, recipes.root)
+        digest.update(self._busybox().read_bytes())
+        for name in IMAGE_CODE:
+            code = PACKAGE_DIR / name
+            files = [code] if code.is_file() else _recipe_files(code) if code.is_dir() else []
+            _hash_files(digest, [f for f in files if f.suffix == ".py"], PACKAGE_DIR)
+        return digest.hexdigest()[:16]
 
     def build(self) -> ImageSet:
         """Return the image set, building whatever is missing."""

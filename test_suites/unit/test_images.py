@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -159,3 +160,31 @@ def test_payload_carries_the_root_cell_modules_and_their_loader(tmp_path: Path) 
     setup = root / "bin" / "jhlab-guest-setup"
     assert os.access(setup, os.X_OK)
     assert "/opt/jhlab/modules/*.ko" in setup.read_text() and "insmod" in setup.read_text()
+
+
+def test_inputs_key_follows_what_images_are_built_from(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """jhlab images key: stable; changed by a recipe, a kernel config fragment or another
+    kernel package; not by the guest tools (they go in the per-boot payload)."""
+    from harness.recipes import Recipes, find_recipes
+
+    source = find_recipes()
+    tree = tmp_path / "tree"
+    for folder in ("images", "kernel_configs"):
+        shutil.copytree(source.root / folder, tree / folder, symlinks=True,
+                        ignore=shutil.ignore_patterns("build"))
+    builder = images.ImageBuilder(quiet=True, recipes=Recipes(tree))
+    monkeypatch.setattr(builder, "resolve_kernel_package", lambda: ("linux-image-6.1.0-9-amd64", "6.1.1-1"))
+    key = builder.inputs_key()
+    assert key == builder.inputs_key() and len(key) == 16
+    (tree / "images" / "guest" / "bin" / "jailhouse").write_text("#!/bin/sh\n")
+    assert builder.inputs_key() == key
+    changes = []
+    with open(tree / "images" / "rootfs" / "packages.txt", "a") as packages:
+        packages.write("strace\n")
+    changes.append(builder.inputs_key())
+    (tree / "kernel_configs" / "root-cell.config").write_text("CONFIG_KVM=y\n")
+    changes.append(builder.inputs_key())
+    monkeypatch.setattr(builder, "resolve_kernel_package", lambda: ("linux-image-6.1.0-9-amd64", "6.1.1-2"))
+    changes.append(builder.inputs_key())
+    assert len({key, *changes}) == 4
