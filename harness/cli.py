@@ -193,20 +193,38 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Labs that are up (``jhlab up``, test sessions' labs) and labs of test sessions
+    still booting, with what each is doing (:mod:`harness.activity`)."""
+    from harness.activity import current
+
     states = runtime.running()
+    doing = {record.name: record for record in current()}
     if args.json:
-        print(json.dumps({k: dict(v.summary) | {
+        listed: dict[str, dict[str, Any]] = {k: dict(v.summary) | {
             "supervisor": v.supervisor, "qemu": v.qemu,
             "qmp": str(v.run_dir / "qmp.sock") if v.run_dir is not None else None}
-            for k, v in states.items()}, indent=2))
+            for k, v in states.items()}
+        for name, record in doing.items():
+            entry = listed.setdefault(name, {"name": name, "supervisor": record.pid,
+                                             "log_dir": record.log_dir})
+            entry |= {"doing": record.doing, "since": record.since, "session": record.session,
+                      "worker": record.worker}
+        print(json.dumps(listed, indent=2))
         return 0
-    if not states:
+    if not states and not doing:
         console.print("No lab is up.")
         return 0
-    table = Table("lab", "accel", "ssh", "supervisor", "qemu", "logs")
-    for name, state in states.items():
-        table.add_row(name, state.summary["accel"], f"127.0.0.1:{state.ssh_port}",
-                      str(state.supervisor), str(state.qemu), str(state.log_dir))
+    table = Table("lab", "doing", "accel", "ssh", "owner", "qemu", "logs")
+    now = time.time()
+    for name in sorted(set(states) | set(doing)):
+        state, claimed = states.get(name), doing.get(name)
+        what = f"{claimed.doing} ({now - claimed.since:.0f} s)" if claimed else "up"
+        owner = f"{claimed.pid} ({claimed.worker})" if claimed else str(state.supervisor if state else "")
+        if state is None:
+            table.add_row(name, what, "", "", owner, "", claimed.log_dir if claimed else "")
+        else:
+            table.add_row(name, what, state.summary["accel"], f"127.0.0.1:{state.ssh_port}", owner,
+                          str(state.qemu), str(state.log_dir))
     console.print(table)
     return 0
 
@@ -397,14 +415,22 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    """``jhlab images build``, ``jhlab images key`` (the key of the build's inputs, for a
+    CI cache; nothing is built)."""
     from harness.images import ImageBuilder
 
+    if args.action == "key":
+        print(ImageBuilder(quiet=True).inputs_key())
+        return 0
     images = ImageBuilder().build()
     print(f"kernel     {images.kernel.vmlinuz}  ({images.kernel.release})")
     print(f"initramfs  {images.initramfs}")
     print(f"rootfs     {images.rootfs}")
     if images.linux_cell is not None:
         print(f"linux cell {images.linux_cell.kernel}  {images.linux_cell.rootfs}")
+    if images.root_modules is not None:
+        modules = " ".join(sorted(p.name for p in images.root_modules.glob("*.ko"))) or "none"
+        print(f"modules    {images.root_modules}  ({modules})")
     return 0
 
 
@@ -454,12 +480,29 @@ def cmd_config(args: argparse.Namespace) -> int:
                             f"collected in lab {name}", *create_args], prog)
 
 
+#: stored test durations that shards are cut by (pytest-split), in the source tree
+DURATIONS = Path("ci") / "test-durations.json"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` of ``--shard``: shard I (from 1) of N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise JhlabError(f"--shard {text}: give I/N, e.g. --shard 2/4 (the second of four)") from None
+    if not 1 <= index <= count:
+        raise JhlabError(f"--shard {text}: I must be 1 to N")
+    return index, count
+
+
 def cmd_test(args: argparse.Namespace) -> int:
+    """``jhlab test [SUITE] [-n N] [--shard I/N] [--junit F] [--report F] [PYTEST ARGS]``."""
     import pytest
 
     from harness.recipes import find_recipes
 
-    suites_dir = find_recipes().test_suites
+    recipes = find_recipes()
+    suites_dir = recipes.test_suites
     target = suites_dir
     if args.suite:
         target = target / args.suite
@@ -467,21 +510,57 @@ def cmd_test(args: argparse.Namespace) -> int:
             suites = sorted(p.name for p in suites_dir.iterdir() if p.is_dir()
                             and not p.name.startswith("_"))
             raise JhlabError(f"no suite {args.suite!r} (suites: {', '.join(suites)})")
-    # "jhlab test e2e --junit F": argparse's REMAINDER after SUITE swallows --junit too.
+    # "jhlab test e2e --junit F": argparse's REMAINDER after SUITE swallows our options too.
     extra = list(args.pytest_args)
-    junit = args.junit
-    while "--junit" in extra[: extra.index("--") if "--" in extra else len(extra)]:
-        at = extra.index("--junit")
-        if at + 1 >= len(extra):
-            raise JhlabError("--junit needs a file name")
-        junit = extra[at + 1]
-        del extra[at:at + 2]
+    values = {"--junit": args.junit, "--report": args.report, "--shard": args.shard,
+              "-n": args.workers, "--bench": args.bench}
+    for option in values:
+        while option in extra[: extra.index("--") if "--" in extra else len(extra)]:
+            at = extra.index(option)
+            if at + 1 >= len(extra):
+                raise JhlabError(f"{option} needs a value")
+            values[option] = extra[at + 1]
+            del extra[at:at + 2]
     if extra[:1] == ["--"]:
         extra = extra[1:]
     pytest_args = [str(target)]
-    if junit:
-        pytest_args.append(f"--junitxml={junit}")
+    if values["--junit"]:
+        pytest_args.append(f"--junitxml={values['--junit']}")
+        if not values["--report"]:  # the report goes next to the JUnit file
+            values["--report"] = str(Path(values["--junit"]).with_name("report.html"))
+    if values["--report"]:
+        pytest_args.append(f"--lab-report={values['--report']}")
+        if values["--bench"]:
+            pytest_args.append(f"--lab-report-bench={values['--bench']}")
+    if values["-n"] is not None:
+        pytest_args += ["-n", str(values["-n"])]
+    if values["--shard"]:
+        index, count = _shard(str(values["--shard"]))
+        pytest_args += [f"--splits={count}", f"--group={index}", "--splitting-algorithm=least_duration",
+                        f"--durations-path={recipes.root / DURATIONS}"]
+    if not {"-v", "-vv", "--verbose"} & set(extra):
+        pytest_args += ["-q", "-o", "console_output_style=classic", "--lab-progress"]
     return int(pytest.main(pytest_args + extra))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``jhlab report -o PAGE [--bench FILE|DIR] RUN.json ...``: one page from the records
+    of one or more runs (the shards of a CI pipeline, merged)."""
+    from harness.report import RunRecord, merge_runs, write_report
+
+    try:
+        runs = [RunRecord.read(Path(path)) for path in args.runs]
+        merged = merge_runs(runs)
+        page = write_report(merged, Path(args.output), bench=Path(args.bench) if args.bench else None)
+    except ValueError as exc:
+        raise JhlabError(str(exc)) from exc
+    console.print(f"report of {len(runs)} run{'s' * (len(runs) != 1)}: {page}")
+    if args.durations:
+        # pytest-split's format: seconds per test id, all phases summed
+        durations = {test.nodeid: round(test.duration, 3) for test in merged.tests}
+        Path(args.durations).write_text(json.dumps(durations, indent=1, sort_keys=True) + "\n")
+        console.print(f"durations of {len(durations)} tests: {args.durations}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -564,8 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("-f", "--follow", action="store_true")
     cons.set_defaults(func=cmd_console)
 
-    images = sub.add_parser("images", help="build (or find cached) lab images")
-    images.add_argument("action", choices=["build"])
+    images = sub.add_parser("images", help="build (or find cached) lab images; key: the key of "
+                            "their inputs (for a CI cache)")
+    images.add_argument("action", choices=["build", "key"])
     images.set_defaults(func=cmd_images)
 
     config = sub.add_parser("config", help="Jailhouse configs: show, check, compile, create, ...",
@@ -576,9 +656,26 @@ def build_parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="run test suites (pytest)")
     test.add_argument("suite", nargs="?",
                       help="unit, hvmodel, inmates, integration, e2e (default: all)")
-    test.add_argument("--junit", help="write a JUnit XML report")
+    test.add_argument("--junit", help="write a JUnit XML report (and the HTML report beside it)")
+    test.add_argument("--report", help="write the HTML report here (default: report.html next "
+                      "to --junit)")
+    test.add_argument("-n", "--workers", help="labs in parallel: pytest-xdist workers, each with "
+                      "its own lab (a number, or auto)")
+    test.add_argument("--shard", metavar="I/N", help="run shard I of N, cut by the stored test "
+                      f"durations ({DURATIONS})")
+    test.add_argument("--bench", metavar="FILE|DIR", help="plot these bench figures in the report")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     test.set_defaults(func=cmd_test)
+
+    report = sub.add_parser("report", help="the HTML report of runs: jhlab report -o PAGE RUN.json ...")
+    report.add_argument("runs", nargs="+", metavar="RUN.json",
+                        help="report.json files written beside reports (--lab-report), e.g. one per shard")
+    report.add_argument("-o", "--output", required=True, metavar="PAGE", help="the HTML page to write")
+    report.add_argument("--bench", metavar="FILE|DIR", help="plot these bench figures (a jhlab bench "
+                        "--json file or a --history folder)")
+    report.add_argument("--durations", metavar="FILE", help=f"also write the tests' durations for "
+                        f"sharding (pytest-split's format; {DURATIONS} is the stored one)")
+    report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
                            add_help=False)

@@ -12,6 +12,8 @@ None of them pretends a result: each does the real thing on this host instead of
   process writes to a file.
 * :class:`FakeChardev`: QEMU's side of a serial chardev socket, to drive a real
   :class:`~harness.console.SerialConsole`.
+* :class:`LabLogs`: a lab's log folder with no QEMU behind it: a test writes its serial
+  transcripts and QMP event log as QEMU and the lab's recorder do (for the report).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from harness.errors import ConsoleError, QmpError
 from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console, QmpChannel
 from harness.recipes import PACKAGE_DIR, find_recipes
 
-__all__ = ["FakeChardev", "FileConsole", "LocalRootCell"]
+__all__ = ["FakeChardev", "FileConsole", "LabLogs", "LocalRootCell"]
 
 
 class FileConsole(TranscriptConsole):
@@ -68,7 +70,7 @@ class LocalRootCell:
         self.pci_root = root / "pci"
         (self.tools / "bin").mkdir(parents=True, exist_ok=True)
         (self.tools / "lib").mkdir(exist_ok=True)
-        shutil.copy2(find_recipes().guest_bin / "jailhouse", self.tools / "bin" / "jailhouse")
+        shutil.copy2(find_recipes().guest_libexec / "jailhouse", self.tools / "bin" / "jailhouse")
         lib = self.tools / "lib" / "harness"
         if not lib.exists():
             lib.symlink_to(PACKAGE_DIR)
@@ -169,3 +171,35 @@ class FakeChardev:
         if self.conn is not None:
             self.conn.close()
         self.server.close()
+
+
+class LabLogs:
+    """A lab's name and log folder, written by a test instead of QEMU: ``serial0.log``,
+    ``serial1.log`` (what the consoles printed) and ``qmp-events.jsonl`` (one JSON line
+    per event, as :class:`~harness.qmp.EventRecorder` writes it).  What the report reads
+    of a lab (:mod:`harness.report.records`) is all there.
+
+    :param name: the lab's name
+    :param log_dir: its log folder (created)
+    """
+
+    def __init__(self, name: str, log_dir: Path) -> None:
+        from harness.labfile import LabSpec
+
+        self.spec = LabSpec(name=name)
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def serial(self, index: int, text: str) -> None:
+        """Append ``text`` to serial ``index``'s transcript (lines end in CR LF, as a
+        Linux console sends them)."""
+        with open(self.log_dir / f"serial{index}.log", "ab") as log:
+            log.write(text.replace("\n", "\r\n").encode())
+
+    def event(self, name: str, data: Mapping[str, Any] | None = None) -> None:
+        """Log QMP event ``name`` now."""
+        import json
+        import time
+
+        with open(self.log_dir / "qmp-events.jsonl", "a") as log:
+            log.write(json.dumps({"event": name, "data": dict(data or {}), "qemu_time": time.time()}) + "\n")

@@ -14,18 +14,21 @@ Cache layout (``$JHLAB_CACHE``, else ``$XDG_CACHE_HOME/jhlab``, else ``~/.cache/
     images/rootfs-<hash>.img               ext4, label jhlab-root, mounted read-only
     images/initramfs-<hash>.cpio.gz        busybox, storage modules, stage-1 init
     images/inmates-<hash>/                 demo inmates (flat binaries and map files)
+    images/root-modules-<key>/             jhlab's root-cell kernel modules (harness.kbuild)
     locks/<artefact>.lock
     accel.json                             accelerator probe results
 
 The per-boot guest payload (the hvmodel package, guest tools, compiled cell configs,
-demo inmates, the lab's SSH key) is a second, small cpio archive appended to the
-initramfs at launch, so changing the model's code never forces an image rebuild.  In the
+demo inmates, jhlab's root-cell kernel modules, the lab's SSH key) is a second, small
+cpio archive appended to the initramfs at launch, so changing the model's code never
+forces an image rebuild.  In the
 root cell it appears where Jailhouse's images put things: configs in ``/etc/jailhouse``,
 demos in ``/usr/libexec/jailhouse/demos`` (with Jailhouse's demo names as aliases).
 """
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import fcntl
 import gzip
@@ -34,8 +37,10 @@ import io
 import json
 import logging
 import os
+import py_compile
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +58,9 @@ LOG = logging.getLogger(__name__)
 
 #: Bump when the build procedure changes in a way the hashed inputs do not show.
 RECIPE_VERSION = "1"
+#: The harness modules (files or packages beside this one) whose code decides how images
+#: are built: part of :meth:`ImageBuilder.inputs_key`.
+IMAGE_CODE = ("images.py", "recipes.py", "kbuild.py", "kbuild")
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 DEBIAN_SUITE = "bookworm"
@@ -68,6 +76,10 @@ TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "cpio": "cpio",
 }
+
+#: ``sys.implementation.cache_tag`` of the root cell's Python (Debian bookworm's python3):
+#: the payload carries byte-compiled modules when the host's Python makes the same ones
+GUEST_PYTHON_CACHE_TAG = "cpython-311"
 
 #: Jailhouse's demo names for our inmates, so scripts written for Jailhouse find them.
 DEMO_ALIASES = {
@@ -230,6 +242,8 @@ class ImageSet:
     rootfs: Path
     inmates: Path | None = None
     linux_cell: LinuxCellImages | None = None
+    #: jhlab's root-cell kernel modules (``<name>.ko``), loaded at boot
+    root_modules: Path | None = None
 
 
 def _apt_lists_state(path: str = "/var/lib/apt/lists") -> str | None:
@@ -257,15 +271,42 @@ class ImageBuilder:
         self.dir = cache_dir() / "images"
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def inputs_key(self) -> str:
+        """A key of everything the image set is built from, computed without building
+        anything: the recipe version, the Debian suite and kernel package, the image
+        recipes (every folder of ``images/`` but the per-boot guest payload's
+        ``guest/``), the kernel configs, the host's busybox and the harness code that
+        builds images (:data:`IMAGE_CODE`).  Equal keys mean :meth:`build` finds the same
+        artefacts in the cache; CI keys its image cache with it (``jhlab images key``).
+
+        :raise ImageError: when apt cannot name the kernel package
+        :raise MissingToolError: when busybox-static is missing
+        """
+        package, version = self.resolve_kernel_package()
+        digest = hashlib.sha256(f"{RECIPE_VERSION}\0{DEBIAN_SUITE}\0{package}_{version}\0".encode())
+        recipes = self.recipes
+        for base in (recipes.images, recipes.kernel_configs):
+            files = [p for p in _recipe_files(base)
+                     if not {"build", "guest"} & set(p.relative_to(base).parts[:-1])]
+            _hash_files(digest, files, recipes.root)
+        digest.update(self._busybox().read_bytes())
+        for name in IMAGE_CODE:
+            code = PACKAGE_DIR / name
+            files = [code] if code.is_file() else _recipe_files(code) if code.is_dir() else []
+            _hash_files(digest, [f for f in files if f.suffix == ".py"], PACKAGE_DIR)
+        return digest.hexdigest()[:16]
+
     def build(self) -> ImageSet:
         """Return the image set, building whatever is missing."""
-        from harness.kbuild import linux_cell_images
+        from harness.kbuild import linux_cell_images, root_modules
 
         kernel = self.kernel()
         linux_cell = linux_cell_images(kernel.version, quiet=self.quiet)
         return ImageSet(kernel=kernel, initramfs=self.initramfs(kernel),
                         rootfs=self.rootfs(kernel, linux_cell.root_cell_files()),
-                        inmates=self.inmates(), linux_cell=linux_cell)
+                        inmates=self.inmates(), linux_cell=linux_cell,
+                        root_modules=root_modules(kernel, quiet=self.quiet,
+                                                  kmod=self.recipes.kmod))
 
     # -- kernel ---------------------------------------------------------------------
 
@@ -526,15 +567,20 @@ def write_cpio(tree: Path, dest: Path) -> None:
 
 
 def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = None,
-                  extra: dict[str, bytes] | None = None) -> Path:
+                  modules: Path | None = None, extra: dict[str, bytes] | None = None) -> Path:
     """Build this boot's guest payload: a cpio archive unpacked at ``/jhlab`` by stage 1
     and copied to ``/opt/jhlab`` in the root cell.
 
-    It holds the hypervisor model (``lib/harness/hvmodel``), the harness's guest programs
-    (``lib/harness/guest``), the guest tools (``bin/``, from ``images/guest/bin``),
-    Jailhouse's helper scripts (``libexec/``, from ``images/guest/libexec``, seen as
-    ``/usr/libexec/jailhouse``), the compiled cell configs (``configs/``, seen as
-    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``) and the lab's SSH public key.
+    It holds the hypervisor model (``lib/harness/hvmodel``, byte-compiled when the host's
+    Python is the guest's version, see :func:`compile_guest_modules`), the harness's guest
+    programs (``lib/harness/guest``), the guest tools (``bin/``: the scripts of
+    ``images/guest/bin`` and the ``jailhouse`` launcher built from ``images/guest/src``, see
+    :func:`guest_programs`), ``libexec/`` (from ``images/guest/libexec``, seen as
+    ``/usr/libexec/jailhouse``: Jailhouse's helper scripts and the Python ``jailhouse``
+    command the launcher falls back to), the compiled cell configs (``configs/``, seen as
+    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``), jhlab's root-cell kernel
+    modules (``modules/``, loaded at boot by ``jhlab-guest-setup``) and the lab's SSH
+    public key.
     """
     with tempfile.TemporaryDirectory(prefix="jhlab-payload-") as tmp:
         root = Path(tmp) / "jhlab"
@@ -546,12 +592,14 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
                 PACKAGE_DIR / package, lib / package,
                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
             )
+        compile_guest_modules(lib)
         recipes = find_recipes()
-        guest_bin = recipes.guest_bin
         (root / "bin").mkdir()
-        if guest_bin.is_dir():
-            shutil.copytree(guest_bin, root / "bin", dirs_exist_ok=True)
-        # Jailhouse's helper scripts, where Jailhouse installs them (/usr/libexec/jailhouse)
+        if recipes.guest_bin.is_dir():
+            shutil.copytree(recipes.guest_bin, root / "bin", dirs_exist_ok=True)
+        shutil.copytree(guest_programs(recipes), root / "bin", dirs_exist_ok=True)
+        # Jailhouse's helper scripts and the Python command, where Jailhouse installs its
+        # tools (/usr/libexec/jailhouse)
         shutil.copytree(recipes.guest_libexec, root / "libexec")
         (root / "authorized_keys").write_text(authorized_key.strip() + "\n")
         configs = root / "configs"
@@ -560,18 +608,72 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             (configs / name).write_bytes(data)
         if inmates is not None:
             demos = root / "libexec" / "demos"
-            demos.mkdir(parents=True)
+            demos.mkdir()
             for binary in sorted(inmates.glob("*.bin")):
                 shutil.copy2(binary, demos / binary.name)
             for alias, demo in DEMO_ALIASES.items():
                 if (inmates / f"{demo}.bin").exists():
                     shutil.copy2(inmates / f"{demo}.bin", demos / f"{alias}.bin")
+        if modules is not None:
+            (root / "modules").mkdir()
+            for module in sorted(modules.glob("*.ko")):
+                shutil.copy2(module, root / "modules" / module.name)
         for rel, data in (extra or {}).items():
             target = root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         write_cpio(Path(tmp), dest)
     return dest
+
+
+def guest_programs(recipes: Recipes | None = None) -> Path:
+    """The guest's compiled programs, built from ``images/guest/src`` (one static binary
+    per C file, named after it) into the cache, once per source content.
+
+    :raise MissingToolError: without gcc
+    :raise ImageError: when a program does not compile
+    """
+    src = (recipes or find_recipes()).guest_src
+    sources = sorted(src.glob("*.c"))
+    digest = hashlib.sha256(f"{RECIPE_VERSION}\0guest-programs\0".encode())
+    _hash_files(digest, sources, src)
+    folder = cache_dir() / "images" / f"guest-programs-{digest.hexdigest()[:16]}"
+    with cache_lock(folder.name):
+        if folder.is_dir():
+            return folder
+        require_tool("gcc", "to build the guest's jailhouse command")
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix="tmp-guest-") as tmp:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            for source in sources:
+                run_tool(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+                          str(out / source.stem), str(source)], what=f"building {source.name}")
+            out.rename(folder)
+    return folder
+
+
+def compile_guest_modules(lib: Path) -> bool:
+    """Byte-compile the modules under ``lib`` for the root cell's Python, so that no
+    command there compiles them first (seconds under nested TCG, and again after every
+    boot: the overlay is fresh).
+
+    The ``.pyc`` files are hash-checked (PEP 552): Python validates them against the
+    source's content, not its time stamp (the payload's files all carry time 0), and an
+    edited source is compiled anew as usual. Only a host Python of the guest's version
+    (:data:`GUEST_PYTHON_CACHE_TAG`) writes files the guest uses; with another one
+    nothing is compiled and the guest compiles on first import, as without this step.
+
+    :return: whether modules were compiled
+    """
+    if sys.implementation.cache_tag != GUEST_PYTHON_CACHE_TAG:
+        LOG.info("host Python %s is not the guest's %s: the payload carries sources only",
+                 sys.implementation.cache_tag, GUEST_PYTHON_CACHE_TAG)
+        return False
+    compiled = compileall.compile_dir(
+        lib, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    if not compiled:
+        raise ImageError(f"byte-compiling the guest's modules in {lib} failed")
+    return True
 
 
 def check_kernel_config(fragment: str, config: str) -> list[str]:

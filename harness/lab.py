@@ -380,7 +380,7 @@ class Lab:
         self._stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
         self.run_dir = run_dir
         payload = build_payload(run_dir / "payload.cpio.gz", authorized_key=public_key,
-                                inmates=self.images.inmates)
+                                inmates=self.images.inmates, modules=self.images.root_modules)
         taps = [n for n in spec.netdevs if n.type == "tap"]
         if taps:
             self.network = PrivateNetwork(spec.name)

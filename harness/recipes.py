@@ -8,6 +8,7 @@ tree beside the package and are not installed with it::
     images/initramfs/       stage-1 init and its kernel modules
     images/guest/bin/       guest tools (the ``jailhouse`` command)
     images/guest/libexec/   Jailhouse's helper scripts (``jailhouse-config-check``)
+    images/kmod/            jhlab's kernel modules for the root cell (``jhlab_gsi``)
     images/inmates/         inmate library, demos, cell configs (``cells/``), C tools
     kernel_configs/         kernel options a root cell needs
     test_suites/            the suites ``jhlab test`` runs
@@ -74,10 +75,20 @@ class Recipes:
         return self.images / "guest" / "bin"
 
     @property
+    def guest_src(self) -> Path:
+        """C sources of the guest's compiled programs (the ``jailhouse`` launcher)."""
+        return self.images / "guest" / "src"
+
+    @property
     def guest_libexec(self) -> Path:
         """Jailhouse's helper scripts, copied to ``/opt/jhlab/libexec`` (seen as
         ``/usr/libexec/jailhouse``, where Jailhouse installs them)."""
         return self.images / "guest" / "libexec"
+
+    @property
+    def kmod(self) -> Path:
+        """jhlab's root-cell kernel modules, one folder (with a ``Kbuild``) each."""
+        return self.images / "kmod"
 
     @property
     def inmates(self) -> Path:

@@ -9,9 +9,13 @@ Benchmarks: ``config`` (parse + check of the default system config), ``model``
 (create/destroy pairs per second of the pure hypervisor model), ``boot`` (lab cold boot
 through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same marker),
 ``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
-create+load+start to the inmate's first line, and the executor's PIO exits per second
-against a minimal C KVM loop in the same lab VM), ``kbuild`` (the image set when all is
-cached, and the recorded phases of the kernel builds' cold runs).
+create+load+start to the inmate's first line, the executor's PIO exits per second
+against a minimal C KVM loop in the same lab VM, a cell's timer jitter and TSC/PM-timer
+rate ratio), ``kbuild`` (the image set when all is cached, and the recorded phases of the
+kernel builds' cold runs), ``phases`` (where a cold boot's time goes, from the root
+console's markers), ``jitter`` (the timer jitter of jhlab's apic-timer cell),
+``parallel`` (a selection of lab tests by pytest serially and with a lab per xdist
+worker).
 """
 
 from __future__ import annotations
@@ -122,6 +126,24 @@ def _bench_kbuild(repeats: int) -> list[Figure]:
     return kbuild.bench(repeats=max(repeats, 5))
 
 
+def _bench_phases(repeats: int) -> list[Figure]:
+    from harness.bench import labtiming
+
+    return labtiming.bench_phases(repeats=max(repeats, 1))
+
+
+def _bench_jitter(repeats: int) -> list[Figure]:
+    from harness.bench import labtiming
+
+    return labtiming.bench_jitter(repeats=max(repeats, 1))
+
+
+def _bench_parallel(repeats: int) -> list[Figure]:
+    from harness.bench import parallel
+
+    return parallel.bench(repeats=max(repeats, 1))
+
+
 BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "config": _bench_config,
     "model": _bench_model,
@@ -129,6 +151,9 @@ BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "reset": _bench_reset,
     "cells": _bench_cells,
     "kbuild": _bench_kbuild,
+    "phases": _bench_phases,
+    "jitter": _bench_jitter,
+    "parallel": _bench_parallel,
 }
 
 
@@ -149,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resets", type=int, default=None,
                         help="resets in a row of the reset benchmark (default 50)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--history", metavar="DIR", help="also keep the figures as a dated JSON "
+                        "file in DIR and plot the trend of all of them (DIR/trend.html)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHES]
     if unknown:
@@ -163,10 +190,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             figures += BENCHES[name](args.repeats)
     render(figures, out)
+    measured = {"machine": machine_description(), "figures": [asdict(f) for f in figures]}
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": machine_description(),
-                       "figures": [asdict(f) for f in figures]}, handle, indent=1)
+            json.dump(measured, handle, indent=1)
+    if args.history:
+        from pathlib import Path
+
+        from harness.report import keep_in_history
+
+        kept, page = keep_in_history(Path(args.history), measured, list(args.names))
+        out.print(f"kept as {kept}; trend: {page}")
     return 0 if all(f.met is not False for f in figures) else 1
 
 

@@ -42,9 +42,10 @@ Deliberate differences from Jailhouse (everything else follows the reference):
 * An access given to ``handle_mmio`` that hits the cell's own mapped memory is served
   from memory without statistics (in Jailhouse it would not exit at all).
 * Not modelled (left to the executor, which has ``count_exit``, ``handle_cpuid`` and
-  ``panic_park`` for them): xAPIC/x2APIC and ICR emulation, INIT/SIPI, MSR, CR and XSETBV
-  exits, MMIO instruction decoding, the register dump after ``FATAL``, the root's VT-d
-  register emulation, ``CONFIG_CRASH_CELL_ON_PANIC``, and the console device's
+  ``panic_park`` for them, and counts the exits its KVM handles in the kernel through
+  ``Arch.cpu_exit_counts``): xAPIC/x2APIC and ICR emulation, INIT/SIPI, MSR, CR and
+  XSETBV exits, MMIO instruction decoding, the register dump after ``FATAL``, the root's
+  VT-d register emulation, ``CONFIG_CRASH_CELL_ON_PANIC``, and the console device's
   ``<missed N bytes>`` marker.
 * ``CONFIG_TEST_DEVICE`` (the :mod:`.testdev` unit) is chosen when the hypervisor is
   built as a model (``HvParams.test_device``, the daemon's ``--test-device``), not at
@@ -52,3 +53,8 @@ Deliberate differences from Jailhouse (everything else follows the reference):
 * Driver: the ``claimed for use in non-root cell`` log line is approximate; the binary
   ``core`` sysfs file is not rendered.
 """
+
+#: ``JAILHOUSE_VERSION`` of this hypervisor model: printed at enable and by ``jailhouse
+#: --version``. Here, not in :mod:`.control`, so the command can print it without
+#: importing the model.
+JAILHOUSE_VERSION = "v0.12 (jhlab)"

@@ -522,7 +522,10 @@ class Hypervisor(HypervisorCore):
         if info_type == CPU_INFO_STATE:
             return CpuInfoState.FAILED if target.failed else CpuInfoState.RUNNING
         if CPU_INFO_STAT_BASE <= info_type < CPU_INFO_STAT_BASE + NUM_CPU_STATS:
-            return target.stats[info_type - CPU_INFO_STAT_BASE] & CPU_STAT_MASK
+            stat = CpuStat(info_type - CPU_INFO_STAT_BASE)
+            # plus the exits the machine handled below the model (u32 counters, as stats[])
+            below = self.arch.cpu_exit_counts(cpu_id).get(stat, 0) if target.cell is not self.root else 0
+            return (target.stats[stat] + below) & 0xFFFFFFFF & CPU_STAT_MASK
         raise HvError(Errno.EINVAL, f"CPU info type {info_type}")
 
     def _hc_putc(self, cpu_data: PerCpu, char: int, _arg2: int) -> int:

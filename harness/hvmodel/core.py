@@ -43,6 +43,7 @@ from .abi import (
     PAGE_SIZE,
     CellState,
     CommOffset,
+    CpuStat,
     Message,
     MessageType,
     Reply,
@@ -229,14 +230,20 @@ class HypervisorCore:
     def _cell_suspend(self, cell: Cell, caller: PerCpu | None) -> None:
         """``cell_suspend``: halt the cell's CPUs except the caller's.
 
-        The root runs natively in jhlab: its CPUs are only marked, the Arch is not asked.
+        ``arch_suspend_cpu`` sends a CPU that is not suspended yet an NMI, which it takes
+        as a management exit (counted). The root runs natively in jhlab: its CPUs are
+        only marked (no exits to count), the Arch is not asked.
         """
         skip = -1 if caller is None else caller.cpu_id
         cpus = self.cpus
         is_root = cell is self.root
         for cpu in sorted(cell.cpus):
             if cpu != skip:
-                cpus[cpu].suspended = True
+                cpu_data = cpus[cpu]
+                if not is_root and not cpu_data.suspended:
+                    cpu_data.count(CpuStat.VMEXITS_TOTAL)
+                    cpu_data.count(CpuStat.VMEXITS_MANAGEMENT)
+                cpu_data.suspended = True
                 if not is_root:
                     self.arch.suspend_cpu(cpu)
 

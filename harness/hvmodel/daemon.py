@@ -1,5 +1,5 @@
 """The driver process; stands where ``driver/main.c`` and ``driver/sysfs.c`` (the Linux
-module ``jailhouse.ko``) are, plus the hypervisor's debug UART (``hypervisor/uart-8250.c``).
+module ``jailhouse.ko``) are, and feeds the hypervisor's debug UART.
 
 In jhlab the hypervisor is a Python model, so its "driver" is a long-running process that
 owns the :class:`~harness.hvmodel.driver.Driver`, the
@@ -14,17 +14,19 @@ What it does, all of it in the run directory (:class:`~harness.hvmodel.ipc.RunDi
   serialised by one lock (the driver's ``jailhouse_lock``), console readers never take
   it, so ``jailhouse console -f`` does not hold up other commands;
 * writes Jailhouse's sysfs tree (:func:`~harness.hvmodel.sysfs.sysfs_tree`) as real files
-  under ``sys/devices/jailhouse``: after every operation, on request (``sysfs``) and, while
-  a non-root cell runs, every ``--refresh`` seconds (states, failed CPUs and statistics
-  change on their own then). Each refresh reads every file, so it costs the root CPU the
-  hypercalls a reader of the real tree would cause;
+  under ``sys/devices/jailhouse`` (:mod:`~harness.hvmodel.sysfs_files`): after every
+  operation, on request (``sysfs``) and, while a non-root cell runs, every ``--refresh``
+  seconds (states, failed CPUs and statistics change on their own then). Each refresh
+  reads every file, so it costs the root CPU the hypercalls a reader of the real tree
+  would cause;
 * keeps the hypervisor console: a 2048-byte ring read as the driver's ``read()`` does
-  (``<missed N bytes of console log>``), followed by ``console -f`` readers, saved to
-  ``last_console`` at exit (the driver's ``last_console``);
+  (``<missed N bytes of console log>``, :mod:`~harness.hvmodel.console_ring`), followed
+  by ``console -f`` readers, saved to ``last_console`` at exit (the driver's
+  ``last_console``);
 * writes every console character to the system config's debug console, an 8250 UART at
   ``debug_console.address`` (0x3f8 for qemu-x86), through ``/dev/port`` with the 8250
   protocol (wait for THRE in LSR, then THR; ``\\n`` becomes ``\\r\\n``), where Jailhouse's
-  own hypervisor prints (``--debug-console``);
+  own hypervisor prints (``--debug-console``, :mod:`~harness.hvmodel.uart`);
 * logs to ``daemon.log``; the lines the Linux driver would print (``pr_err``/``pr_info``)
   go to that log, to each reply's ``kernel_log`` and, with ``--kmsg``, to ``/dev/kmsg``;
 * on ``disable`` and on SIGTERM/SIGINT shuts down cleanly: cells destroyed through the
@@ -37,8 +39,9 @@ played by the ``jailhouse`` command from the files left in the run directory; th
 ``core`` file is not written; console readers following with ``-f`` get end-of-file when
 the daemon ends instead of blocking until the next enable.
 
-The Arch's :meth:`~harness.hvmodel.arch.Arch.console_write` is not called: the daemon
-puts a tap in front of the Arch and owns the debug console itself.
+The Arch (:mod:`~harness.hvmodel.archfactory`) runs behind a tap: its
+:meth:`~harness.hvmodel.arch.Arch.console_write` is not called, the daemon owns the debug
+console itself. The host is probed by :mod:`~harness.hvmodel.hostprobe`.
 
 Usage: ``python3 -m harness.hvmodel.daemon [--run-dir DIR] [--arch auto|executor|oracle]
 ...`` (``--help``); normally started by ``jailhouse enable``. Exit status: 0 after a clean
@@ -47,93 +50,69 @@ shutdown, 1 on failure, 2 for usage errors, 75 when another daemon holds the run
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import errno
 import fcntl
-import importlib
-import importlib.util
 import json
 import logging
 import os
-import queue
-import re
 import select
-import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from . import faults
 from .abi import CELL_ID_UNUSED, CellState
-from .arch.oracle import RESPONDER_POLICIES
-from .cpus import parse_cpu_list
+from .archfactory import ArchTap, make_arch
+from .config import SysFlags
+from .console_ring import ConsoleRing
+from .daemon_options import DaemonOptions, build_parser, options_from_args
 from .driver import CellRef, Driver, HostInfo, Image
-from .errors import Errno, HvError, JhlabError
+from .errors import DaemonBusy, DaemonError, Errno, HvError
+from .hostprobe import host_from_wire, host_to_wire, probe_host
 from .ipc import (
+    EXIT_BUSY,
     MAX_LINE,
     PROTOCOL_VERSION,
+    READY_LINE,
     CellId,
-    RunDir,
     b64decode,
     decode,
     encode,
     reply,
 )
-from .printk import CONSOLE_RING_SIZE
 from .sysfs import sysfs_tree
+from .sysfs_files import SysfsWriter
+from .uart import DebugConsole, open_target
 
 if TYPE_CHECKING:
     from .arch import Arch
 
 __all__ = [
     "EXIT_BUSY",
-    "ConsoleRing",
+    "READY_LINE",
     "Daemon",
     "DaemonBusy",
     "DaemonError",
     "DaemonOptions",
-    "DebugConsole",
-    "SysfsWriter",
-    "Uart8250",
+    "build_parser",
+    "host_from_wire",
     "main",
-    "make_arch",
-    "probe_host",
 ]
 
 LOG = logging.getLogger("harness.hvmodel.daemon")
 
-#: exit status when another daemon holds the run directory (``EX_TEMPFAIL``)
-EXIT_BUSY: Final = 75
-#: what the daemon prints on stdout once it accepts connections
-READY_LINE: Final = "ready"
-SYS_VIRTUAL_DEBUG_CONSOLE: Final = 0x0001
-CON_TYPE_8250: Final = 0x0002
-CON_ACCESS_MMIO: Final = 0x0001
-#: 8250 registers and bits (``hypervisor/uart-8250.c``)
-UART_TX: Final = 0x0
-UART_DLL: Final = 0x0
-UART_DLM: Final = 0x1
-UART_LCR: Final = 0x3
-UART_LCR_8N1: Final = 0x03
-UART_LCR_DLAB: Final = 0x80
-UART_LSR: Final = 0x5
-UART_LSR_THRE: Final = 0x20
-#: how long one character may wait for THRE before it is written anyway
-THRE_TIMEOUT: Final = 0.1
 #: how long shutdown waits for the management lock, the UART queue, readers
 SHUTDOWN_TIMEOUT: Final = 30.0
+#: how long an operation's reply waits for its console lines to be out on the UART
+DEBUG_CONSOLE_FLUSH_TIMEOUT: Final = 5.0
 #: a daemon that was not enabled this long after its start ends (its starter died)
 ENABLE_TIMEOUT: Final = 120.0
-#: the driver's console message for bytes that fell out of the ring
-MISSED_FORMAT: Final = "<missed %u bytes of console log>\n"
 
 #: driver error texts (HvError messages of :class:`~harness.hvmodel.driver.Driver`) and
 #: the kernel log lines the Linux driver prints for them
@@ -152,564 +131,10 @@ _PR_ERR: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
-class DaemonError(JhlabError):
-    """The daemon cannot start or run as asked (bad option, missing device)."""
-
-
-class DaemonBusy(DaemonError):
-    """Another daemon holds the run directory."""
-
-
-# =======================================================================================
-# the debug console: an 8250 behind /dev/port
-# =======================================================================================
-
-
-class PortBackend(Protocol):
-    """Byte-wide I/O port access (``inb``/``outb``)."""
-
-    def inb(self, port: int) -> int:
-        """Read one byte port."""
-        ...
-
-    def outb(self, port: int, value: int) -> None:
-        """Write one byte port."""
-
-    def close(self) -> None:
-        """Release the backend; idempotent."""
-
-
-class DevPortBackend:
-    """Ports through ``/dev/port`` (the file offset is the port number).
-
-    :param path: the port device
-    :raise OSError: when it cannot be opened read-write
-    """
-
-    def __init__(self, path: str = "/dev/port") -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-
-    def inb(self, port: int) -> int:
-        """Read one byte port."""
-        data = os.pread(self._fd, 1, port)
-        return data[0] if data else 0xFF
-
-    def outb(self, port: int, value: int) -> None:
-        """Write one byte port."""
-        os.pwrite(self._fd, bytes((value & 0xFF,)), port)
-
-    def close(self) -> None:
-        """Close the device; idempotent."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class Uart8250:
-    """Jailhouse's 8250 debug console driver (``uart_init`` and ``uart_write`` of
-    ``hypervisor/uart.c`` / ``uart-8250.c``), PIO variant.
-
-    Each character waits until the line status register shows an empty transmit holding
-    register (THRE), then goes to THR; ``\\n`` is sent as ``\\r\\n``. Jailhouse spins
-    forever for THRE; here a character waits at most :data:`THRE_TIMEOUT` and is then
-    written anyway, so a dead UART cannot hang the daemon.
-
-    :param ports: the port backend
-    :param base: the UART's base port (``debug_console.address``)
-    :param divider: ``debug_console.divider``; non-zero programs the baud divisor first
-        (as ``uart_init`` does), 0 leaves the UART as Linux set it up
-    """
-
-    def __init__(self, ports: PortBackend, base: int, divider: int = 0) -> None:
-        self.ports = ports
-        self.base = base
-        #: characters written without THRE (the UART never became ready)
-        self.thre_timeouts = 0
-        if divider:
-            ports.outb(base + UART_LCR, UART_LCR_DLAB)
-            ports.outb(base + UART_DLL, divider & 0xFF)
-            ports.outb(base + UART_DLM, 0)
-            ports.outb(base + UART_LCR, UART_LCR_8N1)
-
-    def _write_char(self, char: int) -> None:
-        ports = self.ports
-        lsr = self.base + UART_LSR
-        if not ports.inb(lsr) & UART_LSR_THRE:
-            deadline = time.monotonic() + THRE_TIMEOUT
-            while not ports.inb(lsr) & UART_LSR_THRE:
-                if time.monotonic() > deadline:
-                    self.thre_timeouts += 1
-                    break
-        ports.outb(self.base + UART_TX, char)
-
-    def write(self, data: bytes) -> None:
-        """Transmit ``data`` (``uart_write``)."""
-        for char in data:
-            if char == 0x0A:
-                self._write_char(0x0D)
-            self._write_char(char)
-
-    def close(self) -> None:
-        """Release the port backend."""
-        self.ports.close()
-
-
-class FileTarget:
-    """A debug console that appends the UART's byte stream (``\\r\\n`` line ends) to a file.
-
-    :param path: the file
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
-
-    def write(self, data: bytes) -> None:
-        """Append ``data`` as the UART would transmit it."""
-        self._file.write(data.replace(b"\n", b"\r\n"))
-
-    def close(self) -> None:
-        """Close the file."""
-        self._file.close()
-
-
-class _Target(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class DebugConsole:
-    """Feeds hypervisor console text to a target (UART or file) from its own thread, so
-    the model never waits for the UART.
-
-    Lifecycle: built without a target; :meth:`set_target` before enable; text written
-    with :meth:`write` (any thread, order kept); :meth:`close` flushes (bounded) and ends
-    the thread. Text written while there is no target is dropped.
-
-    :param description: what the target is, for logs and the ``state`` reply
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[bytes | None] = queue.Queue()
-        self._target: _Target | None = None
-        self._target_lock = threading.Lock()
-        self.description = "none"
-        self._thread = threading.Thread(target=self._run, name="debug-console", daemon=True)
-        self._thread.start()
-
-    def set_target(self, target: _Target | None, description: str) -> None:
-        """Send from now on to ``target`` (None: drop); the old one is closed."""
-        with self._target_lock:
-            old, self._target = self._target, target
-            self.description = description
-        if old is not None and old is not target:
-            old.close()
-        LOG.info("debug console: %s", description)
-
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` for the target."""
-        self._queue.put(data)
-
-    def _run(self) -> None:
-        while True:
-            data = self._queue.get()
-            if data is None:
-                return
-            with self._target_lock:
-                target = self._target
-                if target is None:
-                    continue
-                try:
-                    target.write(data)
-                except OSError as exc:
-                    LOG.error("debug console %s failed: %s; output to it stops",
-                              self.description, exc)
-                    self._target = None
-                    self.description = "none"
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Flush what is queued (at most ``timeout`` seconds), end the thread, close
-        the target."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            LOG.warning("debug console: output still queued after %.1f s; dropped", timeout)
-        self.set_target(None, "none")
-
-
-# =======================================================================================
-# the console ring, as the driver reads it
-# =======================================================================================
-
-
-class ConsoleRing:
-    """The hypervisor console as the driver sees it: a 2048-byte ring and the count of
-    bytes ever written (``jailhouse_virt_console``: ``content`` and ``tail``).
-
-    Thread-safe; readers wait on :meth:`wait_beyond`.
-    """
-
-    def __init__(self, size: int = CONSOLE_RING_SIZE) -> None:
-        self.size = size
-        self._ring = bytearray()
-        #: bytes written since the ring was created
-        self.tail = 0
-        self._cond = threading.Condition()
-
-    def append(self, data: bytes) -> None:
-        """Add console output (called from the model's threads)."""
-        if not data:
-            return
-        with self._cond:
-            self._ring += data
-            if len(self._ring) > self.size:
-                del self._ring[: len(self._ring) - self.size]
-            self.tail += len(data)
-            self._cond.notify_all()
-
-    def snapshot(self) -> tuple[int, bytes]:
-        """``(tail, content)``."""
-        with self._cond:
-            return self.tail, bytes(self._ring)
-
-    def since(self, mark: int) -> bytes:
-        """What was written after ``tail`` was ``mark`` (as far as the ring still holds)."""
-        with self._cond:
-            count = min(self.tail - mark, len(self._ring))
-            return bytes(self._ring[len(self._ring) - count :]) if count > 0 else b""
-
-    def read(self, head: int, size: int) -> tuple[bytes, int]:
-        """One ``read()`` of the console device from position ``head``.
-
-        :return: ``(data, new head)``; data is empty when nothing new was written
-        """
-        with self._cond:
-            return dump_delta(self.tail, bytes(self._ring), head, size, self.size)
-
-    def wait_beyond(self, head: int, timeout: float) -> bool:
-        """Wait until something was written beyond ``head``.
-
-        :return: whether there is
-        """
-        with self._cond:
-            return self._cond.wait_for(lambda: self.tail != head, timeout)
-
-    def wake(self) -> None:
-        """Wake every waiting reader (shutdown)."""
-        with self._cond:
-            self._cond.notify_all()
-
-
-def dump_delta(tail: int, content: bytes, head: int, size: int,
-               ring_size: int = CONSOLE_RING_SIZE) -> tuple[bytes, int]:
-    """``jailhouse_console_dump_delta`` + the miss handling of ``jailhouse_console_read``.
-
-    :param tail: bytes written so far
-    :param content: the ring's content (its last ``ring_size`` bytes)
-    :param head: the reader's position
-    :param size: the reader's buffer size
-    :return: ``(data, new head)``: the missed-bytes notice if the reader fell behind the
-        ring (its head then skips the lost bytes), else up to ``size`` new bytes
-    """
-    delta = (tail - head) & 0xFFFFFFFF
-    if delta == 0:
-        return b"", head
-    if delta > ring_size:
-        missed = delta - ring_size
-        notice = (MISSED_FORMAT % missed).encode("ascii")
-        return notice[:size], (head + missed) & 0xFFFFFFFF
-    chunk = content[len(content) - delta :][:size]
-    return chunk, (head + len(chunk)) & 0xFFFFFFFF
-
-
-# =======================================================================================
-# the sysfs tree as files
-# =======================================================================================
-
-
-class SysfsWriter:
-    """Keeps a directory equal to a :func:`~harness.hvmodel.sysfs.sysfs_tree` rendering.
-
-    Files are written atomically (temporary file, then rename), read-only (0444), and
-    only when their content changed; files no longer in the tree are removed, then
-    directories left empty (``cells/<id>`` after a destroy).
-
-    :param root: the ``sys/devices/jailhouse`` directory
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._written: dict[str, bytes] = {}
-
-    def clear(self) -> None:
-        """Remove the whole tree (stale files of an earlier daemon included)."""
-        shutil.rmtree(self.root, ignore_errors=True)
-        self._written = {}
-
-    def write(self, tree: dict[str, str]) -> None:
-        """Make the directory show ``tree``."""
-        wanted = {path: _encode_file(path, text) for path, text in tree.items()}
-        for path, data in wanted.items():
-            if self._written.get(path) == data:
-                continue
-            target = self.root / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temp = target.with_name(f".{target.name}.tmp")
-            with open(temp, "wb") as out:
-                out.write(data)
-            os.chmod(temp, 0o444)
-            os.replace(temp, target)
-            self._written[path] = data
-        stale = sorted(set(self._written) - set(wanted), reverse=True)
-        for path in stale:
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / path).unlink()
-            del self._written[path]
-            parent = (self.root / path).parent
-            while parent != self.root and self.root in parent.parents:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-                parent = parent.parent
-
-
-def _encode_file(path: str, text: str) -> bytes:
-    # The console ring holds bytes (the model keeps them as Latin-1 code points).
-    if path == "console":
-        return text.encode("latin-1", "replace")
-    return text.encode("utf-8", "surrogateescape")
-
-
-# =======================================================================================
-# machine and Arch
-# =======================================================================================
-
-
-_SIZE_SUFFIX: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_memmap(cmdline: str) -> tuple[tuple[int, int], ...]:
-    """The ranges ``memmap=SIZE$START`` reserves on a kernel command line."""
-    ranges = []
-    for match in re.finditer(r"(?:^|\s)memmap=(\S+)", cmdline):
-        for item in match.group(1).split(","):
-            found = re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)([kKmMgGtT]?)\$(0x[0-9a-fA-F]+|\d+)([kKmMgGtT]?)",
-                                 item)
-            if found is None:
-                continue
-            size = int(found.group(1), 0) * _SIZE_SUFFIX[found.group(2).lower()]
-            start = int(found.group(3), 0) * _SIZE_SUFFIX[found.group(4).lower()]
-            ranges.append((start, size))
-    return tuple(ranges)
-
-
-def _read_text(path: str, default: str = "") -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return default
-
-
-def probe_host() -> HostInfo:
-    """The Linux this process runs on, as the driver sees it: online and possible CPUs,
-    SVM or VMX (AMD preferred, as the driver picks its firmware), VMX enabled in
-    ``IA32_FEATURE_CONTROL`` (when the ``msr`` device can tell), ``memmap=`` reservations,
-    the TSC frequency from ``/proc/cpuinfo``. The APIC timer frequency is not exposed
-    by Linux; the :class:`~harness.hvmodel.driver.HostInfo` default is kept.
-    """
-    defaults = HostInfo()
-    online = parse_cpu_list(_read_text("/sys/devices/system/cpu/online")) or set(defaults.online_cpus)
-    possible = parse_cpu_list(_read_text("/sys/devices/system/cpu/possible"))
-    cpuinfo = _read_text("/proc/cpuinfo")
-    flags: set[str] = set()
-    mhz = 0.0
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags" and not flags:
-            flags = set(value.split())
-        elif key.strip() == "cpu MHz" and not mhz:
-            with contextlib.suppress(ValueError):
-                mhz = float(value)
-    vendor = "amd" if "svm" in flags else "intel" if "vmx" in flags else ""
-    vmx_allowed = True
-    if vendor == "intel":
-        try:
-            fd = os.open("/dev/cpu/0/msr", os.O_RDONLY)
-            try:
-                feature = int.from_bytes(os.pread(fd, 8, 0x3A), "little")
-                vmx_allowed = bool(feature & (1 << 2))
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-    reserved = parse_memmap(_read_text("/proc/cmdline")) or None
-    return HostInfo(
-        online_cpus=frozenset(online),
-        possible_cpus=max(possible) + 1 if possible else max(online) + 1,
-        cpu_vendor=vendor,
-        vmx_allowed=vmx_allowed,
-        reserved=reserved,
-        tsc_khz=round(mhz * 1000) if mhz else defaults.tsc_khz,
-        apic_khz=defaults.apic_khz,
-    )
-
-
-def host_to_wire(host: HostInfo) -> dict[str, Any]:
-    """A :class:`~harness.hvmodel.driver.HostInfo` as JSON (for the ``state`` reply)."""
-    return {
-        "online_cpus": sorted(host.online_cpus),
-        "possible_cpus": host.possible_cpus,
-        "cpu_vendor": host.cpu_vendor,
-        "vmx_allowed": host.vmx_allowed,
-        "firmware": host.firmware,
-        "reserved": None if host.reserved is None else [list(r) for r in host.reserved],
-        "tsc_khz": host.tsc_khz,
-        "apic_khz": host.apic_khz,
-    }
-
-
-def host_from_wire(value: dict[str, Any]) -> HostInfo:
-    """The inverse of :func:`host_to_wire` (the host side rebuilds the guest's driver)."""
-    reserved = value.get("reserved")
-    return HostInfo(
-        online_cpus=frozenset(value["online_cpus"]),
-        possible_cpus=value["possible_cpus"],
-        cpu_vendor=value["cpu_vendor"],
-        vmx_allowed=value["vmx_allowed"],
-        firmware=value["firmware"],
-        reserved=None if reserved is None else tuple((int(a), int(b)) for a, b in reserved),
-        tsc_khz=value["tsc_khz"],
-        apic_khz=value["apic_khz"],
-    )
-
-
-EXECUTOR_MODULE: Final = __package__ + ".arch.executor"
-
-
-def executor_available() -> tuple[bool, str]:
-    """Whether the KVM executor can be used here, and why not."""
-    if not os.path.exists("/dev/kvm"):
-        return False, "no /dev/kvm"
-    try:
-        found = importlib.util.find_spec(EXECUTOR_MODULE) is not None
-    except ImportError as exc:
-        return False, f"cannot import {EXECUTOR_MODULE}: {exc}"
-    if not found:
-        return False, f"{EXECUTOR_MODULE} is not installed"
-    return True, "executor available"
-
-
-def make_arch(
-    choice: str, responders: dict[str, str] | None = None, *, rebind_pci: bool = False,
-    native_pio: bool = True,
-) -> tuple[Arch, str]:
-    """Build the Arch the daemon runs on.
-
-    :param choice: ``executor`` (KVM; fails if unavailable), ``oracle`` (bookkeeping
-        only), ``auto`` (the executor when ``/dev/kvm`` exists and
-        ``harness.hvmodel.arch.executor`` imports, else the oracle)
-    :param responders: oracle only: cell name -> policy (``approve``,
-        ``deny-first-shutdown``, ``deny``, ``silent``), how scripted cells answer
-    :param rebind_pci: executor only: a passed-through device a cell releases goes back
-        to the root driver it had (Jailhouse leaves it unbound)
-    :param native_pio: executor only: whitelisted port I/O in its I/O bitmap loop
-    :return: the Arch and its name
-    :raise DaemonError: when the executor was asked for and cannot be had
-    """
-    if choice not in ("auto", "executor", "oracle"):
-        raise DaemonError(f"unknown arch {choice!r}")
-    if choice != "oracle":
-        available, why = executor_available()
-        if available:
-            module = importlib.import_module(EXECUTOR_MODULE)
-            # The daemon owns the debug console (see _ArchTap): the executor's is off.
-            arch = cast("Arch", module.ExecutorArch(console=False, rebind_released=rebind_pci,
-                                                     native_pio=native_pio))
-            if responders:
-                LOG.warning("--responder is for the oracle; the executor's cells answer themselves")
-            return arch, "executor"
-        if choice == "executor":
-            raise DaemonError(f"the executor is not available: {why}")
-        LOG.info("arch auto: %s; using the oracle", why)
-    from .arch.oracle import OracleArch, responder_for
-
-    # Not recording: a daemon runs long and nobody reads the event list.
-    oracle = OracleArch(record=False)
-    for name, policy in (responders or {}).items():
-        oracle.responders[name] = responder_for(policy)
-    return oracle, "oracle"
-
-
-class _ArchTap:
-    """The daemon's Arch: every hook goes to the real Arch, except
-    :meth:`~harness.hvmodel.arch.Arch.console_write`, which feeds the daemon's console.
-
-    Bound methods of the wrapped Arch are cached on first use, so a hook call costs
-    what it costs on the Arch itself.
-    """
-
-    def __init__(self, inner: Arch, sink: Callable[[str], None]) -> None:
-        self._inner = inner
-        self._sink = sink
-
-    def console_write(self, text: str) -> None:
-        self._sink(text)
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._inner, name)
-        if callable(value):
-            object.__setattr__(self, name, value)
-        return value
-
 
 # =======================================================================================
 # the daemon
 # =======================================================================================
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DaemonOptions:
-    """How the daemon runs (its command line).
-
-    :param run_dir: the run directory
-    :param arch: ``auto``, ``executor`` or ``oracle``
-    :param host: ``probe`` (this machine) or ``model`` (the driver's default machine:
-        4 CPUs, Intel); None: ``probe`` with the executor, ``model`` with the oracle
-    :param debug_console: ``auto`` (the config's 8250 through the port device if it can
-        be opened), ``none``, ``uart`` (the config's 8250, an error if impossible),
-        ``uart:PORT`` (an 8250 at PORT) or ``file:PATH`` (append the byte stream to PATH)
-    :param port_device: the port device for the UART
-    :param responders: oracle only: cell name -> answer policy
-    :param refresh: seconds between sysfs refreshes while a cell runs (0: never);
-        None: 1 s with the executor, never with the oracle (nothing changes on its own)
-    :param kmsg: copy the driver's kernel log lines to ``/dev/kmsg``; None: with the
-        executor only
-    :param foreground: keep stdio and log to stderr too (no ready line)
-    :param verbose: log at DEBUG
-    :param test_device: the hypervisor is built with ``CONFIG_TEST_DEVICE`` (the test
-        device for cells with the ``TEST_DEVICE`` flag, :mod:`~harness.hvmodel.testdev`)
-    :param rebind_pci: give released passed-through devices back to their root driver
-    :param native_pio: the executor performs whitelisted port I/O in machine code (its
-        I/O bitmap loop); off: every port exit goes through Python
-    """
-
-    run_dir: RunDir
-    arch: str = "auto"
-    host: str | None = None
-    debug_console: str = "auto"
-    port_device: str = "/dev/port"
-    responders: dict[str, str] = dataclasses.field(default_factory=dict)
-    refresh: float | None = None
-    kmsg: bool | None = None
-    foreground: bool = False
-    verbose: bool = False
-    test_device: bool = False
-    rebind_pci: bool = False
-    native_pio: bool = True
 
 
 class Daemon:
@@ -750,6 +175,7 @@ class Daemon:
         self._dir_fd = -1
         self._was_running = False
         self._log_handler: logging.Handler | None = None
+        self._profiles = 0
 
     # -- start --------------------------------------------------------------------------
 
@@ -773,13 +199,13 @@ class Daemon:
         LOG.info("daemon %d starting in %s (protocol %d)", os.getpid(), path, PROTOCOL_VERSION)
         faults.load_env()  # test-only fault injection ($JHLAB_FAULT, harness/hvmodel/faults.py)
         arch, self.arch_name = make_arch(options.arch, options.responders, rebind_pci=options.rebind_pci,
-                                         native_pio=options.native_pio)
+                                         native_pio=options.native_pio, exit_trace=options.exit_trace)
         self.arch = arch
         host_mode = options.host or ("probe" if self.arch_name == "executor" else "model")
         if host_mode not in ("probe", "model"):
             raise DaemonError(f"unknown host mode {host_mode!r}")
         self.host = self._probe_host() if host_mode == "probe" else HostInfo()
-        tap = cast("Arch", _ArchTap(arch, self._console_write))
+        tap = cast("Arch", ArchTap(arch, self._console_write))
         driver = self.driver = Driver(tap, self.host, test_device=options.test_device)
         attach = getattr(arch, "attach", None)
         if callable(attach):
@@ -798,11 +224,12 @@ class Daemon:
 
     def _probe_host(self) -> HostInfo:
         """This machine for the driver: the executor's ``host_info`` (timer frequencies as
-        KVM gives them to cells) when it runs the cells, else :func:`probe_host`."""
-        if self.arch_name == "executor":
+        KVM gives them to cells, measured on the VM it keeps anyway: no scratch VM comes
+        and goes) when it runs the cells, else :func:`probe_host`."""
+        measure = getattr(self.arch, "host_info", None)
+        if self.arch_name == "executor" and callable(measure):
             try:
-                module = importlib.import_module(EXECUTOR_MODULE)
-                return cast(HostInfo, module.host_info())
+                return cast(HostInfo, measure())
             except Exception:
                 LOG.exception("the executor's host_info failed; probing /proc and /sys")
         return probe_host()
@@ -947,6 +374,24 @@ class Daemon:
     def _call(self, name: str, operation: Callable[[Driver], object],
               extra_lines: Callable[[HvError], list[str]] | None = None) -> dict[str, Any]:
         """Run one driver command under the management lock, refresh sysfs, build the reply."""
+        if self.options.profile is None:
+            return self._call_locked(name, operation, extra_lines)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        try:
+            return profiler.runcall(self._call_locked, name, operation, extra_lines)
+        finally:
+            self._profiles += 1
+            path = os.path.join(self.options.profile, f"{self._profiles:03d}-{name}.prof")
+            try:
+                os.makedirs(self.options.profile, exist_ok=True)
+                profiler.dump_stats(path)
+            except OSError as exc:
+                LOG.warning("profile %s: %s", path, exc)
+
+    def _call_locked(self, name: str, operation: Callable[[Driver], object],
+                     extra_lines: Callable[[HvError], list[str]] | None) -> dict[str, Any]:
         driver = self.driver
         assert driver is not None  # set by start()
         with self._lock:
@@ -970,6 +415,7 @@ class Daemon:
                 detail = f"{type(exc).__name__}: {exc}"
             info = driver.kernel_log[log_mark:]
             self._refresh_locked()
+        self._flush_debug_console()
         console = self.ring.since(console_mark).decode("latin-1")
         LOG.info("%s -> %d%s (%.3f s)", name, result, f" [{detail}]" if detail else "",
                  time.monotonic() - started)
@@ -1003,7 +449,8 @@ class Daemon:
                 self._configure_debug_console(data)
             drv.enable(data)
             system = drv.system
-            self.console_available = bool(system is not None and system.flags & SYS_VIRTUAL_DEBUG_CONSOLE)
+            self.console_available = bool(
+                system is not None and system.flags & SysFlags.VIRTUAL_DEBUG_CONSOLE)
 
         def missing_image(err: HvError) -> list[str]:
             if err.message != "Missing hypervisor image":
@@ -1161,52 +608,19 @@ class Daemon:
             self.debug_console.write(data)
 
     def _configure_debug_console(self, system_data: bytes) -> None:
-        mode = self.options.debug_console
         console = self.debug_console
         assert console is not None  # set by start()
-        if mode == "none":
-            console.set_target(None, "none")
-            return
-        if mode.startswith("file:"):
-            path = mode[len("file:"):]
-            try:
-                console.set_target(FileTarget(path), f"file {path}")
-            except OSError as exc:
-                LOG.error("debug console file %s: %s", path, exc)
-                console.set_target(None, "none")
-            return
-        base: int | None = None
-        divider = 0
-        if mode.startswith("uart:"):
-            base = int(mode[len("uart:"):], 0)
-        else:
-            from .config import parse_system
+        target, description = open_target(self.options.debug_console, system_data,
+                                          self.options.port_device)
+        console.set_target(target, description)
 
-            try:
-                system = parse_system(system_data, source="JAILHOUSE_ENABLE")
-            except (JhlabError, ValueError) as exc:
-                LOG.info("debug console: config unreadable (%s)", exc)
-                console.set_target(None, "none")
-                return
-            dbg = system.debug_console
-            if dbg.type == CON_TYPE_8250 and not dbg.flags & CON_ACCESS_MMIO and dbg.address:
-                base, divider = dbg.address, dbg.divider
-            else:
-                level = logging.ERROR if mode == "uart" else logging.INFO
-                LOG.log(level, "debug console: type %#x flags %#x is not an 8250 on PIO; none",
-                        dbg.type, dbg.flags)
-        if base is None:
-            console.set_target(None, "none")
-            return
-        try:
-            ports = DevPortBackend(self.options.port_device)
-        except OSError as exc:
-            level = logging.INFO if mode == "auto" else logging.ERROR
-            LOG.log(level, "debug console: %s: %s; none", self.options.port_device, exc.strerror)
-            console.set_target(None, "none")
-            return
-        console.set_target(Uart8250(ports, base, divider),
-                           f"8250 at {base:#x} via {self.options.port_device}")
+    def _flush_debug_console(self) -> None:
+        """Wait (bounded) until this operation's console lines are out on the debug
+        console: on Jailhouse they are on the UART when the hypercall returns."""
+        console = self.debug_console
+        if console is not None and not console.flush(DEBUG_CONSOLE_FLUSH_TIMEOUT):
+            LOG.warning("debug console: output still queued after %.1f s",
+                        DEBUG_CONSOLE_FLUSH_TIMEOUT)
 
     def _refresh_locked(self) -> None:
         """Rewrite the sysfs files (management lock held)."""
@@ -1346,62 +760,6 @@ def _detach_stdio() -> None:
     os.close(null)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The daemon's command line."""
-    parser = argparse.ArgumentParser(
-        prog="python3 -m harness.hvmodel.daemon",
-        description="jhlab's Jailhouse driver: serves the jailhouse command, runs the model.")
-    parser.add_argument("--run-dir", help="run directory (default: $JAILHOUSE_RUN_DIR or /run/jailhouse)")
-    parser.add_argument("--arch", default="auto", choices=["auto", "executor", "oracle"],
-                        help="what runs the cells (default: auto)")
-    parser.add_argument("--host", choices=["probe", "model"],
-                        help="the Linux the driver sees: this machine, or the model's 4-CPU default "
-                             "(default: probe with the executor, model with the oracle)")
-    parser.add_argument("--debug-console", default="auto", metavar="TARGET",
-                        help="auto, none, uart, uart:PORT or file:PATH (default: auto)")
-    parser.add_argument("--port-device", default="/dev/port", help="port device for the UART")
-    parser.add_argument("--responder", action="append", default=[], metavar="CELL=POLICY",
-                        help="oracle: how CELL answers messages: " + ", ".join(RESPONDER_POLICIES))
-    parser.add_argument("--refresh", type=float, metavar="SECONDS",
-                        help="sysfs refresh period while cells run (0: off)")
-    parser.add_argument("--kmsg", action=argparse.BooleanOptionalAction, default=None,
-                        help="copy driver messages to /dev/kmsg (default: with the executor)")
-    parser.add_argument("--test-device", action="store_true",
-                        help="the hypervisor has CONFIG_TEST_DEVICE (test page for TEST_DEVICE cells)")
-    parser.add_argument("--rebind-pci", action="store_true",
-                        help="give devices a destroyed cell releases back to their root driver "
-                             "(Jailhouse leaves them unbound)")
-    parser.add_argument("--native-pio", action=argparse.BooleanOptionalAction, default=True,
-                        help="executor: whitelisted port I/O in machine code, not through "
-                             "Python (default: on)")
-    parser.add_argument("--foreground", action="store_true", help="keep stdio, log to stderr too")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
-    return parser
-
-
-def _options(args: argparse.Namespace) -> DaemonOptions:
-    responders: dict[str, str] = {}
-    for item in args.responder:
-        name, sep, policy = item.partition("=")
-        if not sep or not name or policy not in RESPONDER_POLICIES:
-            raise DaemonError(f"--responder {item!r}: expected CELL=" + "|".join(RESPONDER_POLICIES))
-        responders[name] = policy
-    mode = args.debug_console
-    if not (mode in ("auto", "none", "uart") or mode.startswith(("file:", "uart:"))):
-        raise DaemonError(f"--debug-console {mode!r}: expected auto, none, uart, uart:PORT or file:PATH")
-    if mode.startswith("uart:"):
-        try:
-            int(mode[len("uart:"):], 0)
-        except ValueError as exc:
-            raise DaemonError(f"--debug-console {mode!r}: bad port") from exc
-    return DaemonOptions(
-        run_dir=RunDir.from_env(args.run_dir), arch=args.arch, host=args.host,
-        debug_console=mode, port_device=args.port_device, responders=responders,
-        refresh=args.refresh, kmsg=args.kmsg, foreground=args.foreground, verbose=args.verbose,
-        test_device=args.test_device, rebind_pci=args.rebind_pci, native_pio=args.native_pio,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the daemon; return its exit status."""
     parser = build_parser()
@@ -1411,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     prog = "jailhouse-daemon"
     try:
-        options = _options(args)
+        options = options_from_args(args)
     except DaemonError as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 2

@@ -76,6 +76,8 @@ class HostInfo:
         None means any range can be requested
     :param tsc_khz: Linux's ``tsc_khz``
     :param apic_khz: ``lapic_timer_period / (1000 / HZ)``
+    :param pci_devices: the PCI functions Linux has, as (domain, BDF); None means every
+        configured device is taken to exist
     """
 
     online_cpus: frozenset[int] = frozenset({0, 1, 2, 3})
@@ -86,6 +88,7 @@ class HostInfo:
     reserved: tuple[tuple[int, int], ...] | None = None
     tsc_khz: int = 2000000
     apic_khz: int = 1000000
+    pci_devices: frozenset[tuple[int, int]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +360,10 @@ class Driver:
                     self.online.discard(cpu)
                     cell.offlined.add(cpu)
                 root.cpus_assigned.discard(cpu)
+            known = self.host.pci_devices
             for dev in config.pci_devices:
+                if known is not None and (dev.domain, dev.bdf) not in known:
+                    continue  # jailhouse_pci_claim_release: no Linux device, nothing to claim
                 if dev.type == PCI_TYPE_DEVICE and dev.bdf not in self.claimed:
                     self.claimed.add(dev.bdf)
                     cell.claimed.append(dev.bdf)

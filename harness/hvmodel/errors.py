@@ -5,7 +5,9 @@ import nothing from the rest of the harness, while the harness builds on it::
 
     JhlabError
      ├── ConfigError          malformed or inconsistent Jailhouse configuration
-     └── HvError              a hypervisor operation failed with a Jailhouse errno
+     ├── HvError              a hypervisor operation failed with a Jailhouse errno
+     └── DaemonError          the driver daemon cannot start or run as asked
+          └── DaemonBusy      another daemon holds the run directory
 
 The harness adds its own layer bases (``MachineError``, ``ConsoleError``, ...) in
 :mod:`harness.errors`.
@@ -94,3 +96,19 @@ class HvError(JhlabError):
     def __str__(self) -> str:
         text = f"{self.errno.name} ({self.errno.strerror})"
         return f"{text}: {self.message}" if self.message else text
+
+
+class DaemonError(JhlabError):
+    """The driver daemon cannot start or run as asked (bad option, missing device)."""
+
+
+class DaemonBusy(DaemonError):
+    """Another daemon holds the run directory."""
+
+
+class Exit(Exception):
+    """Leave the ``jailhouse`` command with ``status`` (``exit()`` of the C tool)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status

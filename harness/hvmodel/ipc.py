@@ -38,27 +38,43 @@ daemon sends one reply per chunk as the console grows and a last one with
 ``"eof": true`` when it shuts down. After a successful ``disable`` and after a failed
 ``enable`` the daemon ends: its reply says ``"ending": true``, and that connection is
 closed only when the process exits.
+
+This module is on the path of every ``jailhouse`` command, which must start in a fraction
+of a second in the lab's root cell (Python there runs under nested TCG): it imports only
+modules the interpreter has built in or frozen (no ``json``, ``socket``, ``pathlib``,
+``dataclasses`` or ``typing`` at run time; the wire format goes through the C parts of
+``json``, the socket is ``_socket``'s). :class:`RunDir` gives paths as
+:class:`~pathlib.Path` (imported when one is built); :func:`run_dir_path` and the
+``*_NAME`` constants give the same places as strings.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
+import _json  # the C half of the json package: parsing and encoding without re
+import _socket
+import binascii
 import errno
-import json
 import os
-import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Final
 
 from .abi import CELL_ID_NAMELEN, CELL_ID_UNUSED
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Any, Final
+
 __all__ = [
     "DEFAULT_RUN_DIR",
+    "EXIT_BUSY",
+    "LAST_CONSOLE_NAME",
+    "LOG_NAME",
     "PROTOCOL_VERSION",
+    "READY_LINE",
     "RUN_DIR_ENV",
+    "SOCKET_NAME",
+    "SYSFS_PATH",
     "CellId",
     "DriverClient",
     "DriverError",
@@ -68,72 +84,128 @@ __all__ = [
     "decode",
     "encode",
     "reply",
+    "run_dir_path",
 ]
 
 #: where the daemon keeps its files unless ``$JAILHOUSE_RUN_DIR`` says otherwise
 DEFAULT_RUN_DIR: Final = "/run/jailhouse"
 RUN_DIR_ENV: Final = "JAILHOUSE_RUN_DIR"
+#: the files of a run directory, relative to it
+SOCKET_NAME: Final = "driver.sock"
+LOG_NAME: Final = "daemon.log"
+LAST_CONSOLE_NAME: Final = "last_console"
+SYSFS_PATH: Final = "sys/devices/jailhouse"
+CELLS_PATH: Final = SYSFS_PATH + "/cells"
 PROTOCOL_VERSION: Final = 1
+#: what a daemon prints on stdout once it accepts connections (then its pid)
+READY_LINE: Final = "ready"
+#: exit status of a daemon that found another one holding its run directory
+#: (``EX_TEMPFAIL``): the starting command connects to that one instead
+EXIT_BUSY: Final = 75
 #: longest request or reply line accepted (images travel base64-encoded)
 MAX_LINE: Final = 512 * 1024 * 1024
+_RECV_SIZE: Final = 65536
 
 
 class DriverError(OSError):
     """The driver could not be reached or answered nonsense; ``errno`` says why."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RunDir:
-    """The daemon's run directory and the files in it.
+def run_dir_path(override: str | os.PathLike[str] | None = None) -> str:
+    """The run directory named by ``override``, else the environment, else the default."""
+    if override is not None:
+        return os.fspath(override)
+    return os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
 
-    :param path: the directory (default: ``$JAILHOUSE_RUN_DIR`` or ``/run/jailhouse``)
+
+class RunDir:
+    """The daemon's run directory and the files in it (immutable; equal when the
+    directories are).
+
+    :param path: the directory
     """
 
+    __slots__ = ("path",)
     path: Path
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from pathlib import Path
+
+        object.__setattr__(self, "path", Path(path))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"RunDir is immutable: cannot set {name!r}")
+
+    def __repr__(self) -> str:
+        return f"RunDir(path={self.path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and self.path == other.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
 
     @classmethod
     def from_env(cls, override: str | os.PathLike[str] | None = None) -> RunDir:
         """The run directory named by ``override``, else the environment, else the default."""
-        if override is not None:
-            return cls(Path(override))
-        return cls(Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR))
+        return cls(run_dir_path(override))
 
     @property
     def socket(self) -> Path:
         """The driver socket (the stand-in for ``/dev/jailhouse``)."""
-        return self.path / "driver.sock"
+        return self.path / SOCKET_NAME
 
     @property
     def log(self) -> Path:
         """The daemon's log file."""
-        return self.path / "daemon.log"
+        return self.path / LOG_NAME
 
     @property
     def last_console(self) -> Path:
         """The console ring saved at disable (the driver's ``last_console``)."""
-        return self.path / "last_console"
+        return self.path / LAST_CONSOLE_NAME
 
     @property
     def sysfs(self) -> Path:
         """``/sys/devices/jailhouse`` of this driver."""
-        return self.path / "sys" / "devices" / "jailhouse"
+        return self.path / SYSFS_PATH
 
     @property
     def cells(self) -> Path:
         """``/sys/devices/jailhouse/cells``."""
-        return self.sysfs / "cells"
+        return self.path / CELLS_PATH
 
 
-@dataclasses.dataclass(frozen=True)
 class CellId:
-    """``struct jailhouse_cell_id``: a cell by id, or by name when ``id`` is -1.
+    """``struct jailhouse_cell_id``: a cell by id, or by name when ``id`` is -1
+    (immutable; equal when id and name are).
 
     :param id: the cell id, or :data:`~harness.hvmodel.abi.CELL_ID_UNUSED`
     :param name: the name (at most :data:`~harness.hvmodel.abi.CELL_ID_NAMELEN` bytes are significant)
     """
 
-    id: int = CELL_ID_UNUSED
-    name: str = ""
+    __slots__ = ("id", "name")
+    id: int
+    name: str
+
+    def __init__(self, id: int = CELL_ID_UNUSED, name: str = "") -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CellId is immutable: cannot set {name!r}")
+
+    def __repr__(self) -> str:
+        return f"CellId(id={self.id!r}, name={self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CellId) and (self.id, self.name) == (other.id, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.name))
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON form."""
@@ -158,7 +230,7 @@ class CellId:
 
 def b64encode(data: bytes) -> str:
     """Bytes for the wire."""
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def b64decode(text: object) -> bytes:
@@ -168,12 +240,41 @@ def b64decode(text: object) -> bytes:
     """
     if not isinstance(text, str):
         raise ValueError("expected a base64 string")
-    return base64.b64decode(text.encode("ascii"), validate=True)
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(f"invalid base64: {exc}") from exc
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+class _ScanContext:
+    """What ``_json.make_scanner`` reads of a ``json.JSONDecoder``: strict parsing,
+    plain dicts, Python ints and floats, no NaN or Infinity."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_no_constant)
+
+
+def _refuse(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]  # any object with those attributes
+# markers None: no cycle check (messages are trees); ":" and "," with no spaces; no NaN
+_encode = _json.make_encoder(None, _refuse, _json.encode_basestring_ascii, None, ":", ",",
+                             False, False, False)
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    """One wire line."""
-    return json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
+    """One wire line (compact JSON, ASCII, then ``\n``)."""
+    return "".join(_encode(message, 0)).encode("ascii") + b"\n"
 
 
 def decode(line: bytes) -> dict[str, Any]:
@@ -181,7 +282,13 @@ def decode(line: bytes) -> dict[str, Any]:
 
     :raise ValueError: when it is not a JSON object
     """
-    value = json.loads(line.decode("utf-8"))
+    text = line.decode("utf-8").strip(" \t\r\n")
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration as exc:
+        raise ValueError(f"no JSON value at character {exc.value}") from None
+    if end != len(text):
+        raise ValueError(f"extra data after the JSON value at character {end}")
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
     return value
@@ -212,14 +319,15 @@ class DriverClient:
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = 60.0) -> None:
         self.path = os.fspath(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.timeout = timeout
+        self._buffer = b""
+        self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(self.path)
         except BaseException:
             self._sock.close()
             raise
-        self._reader = self._sock.makefile("rb")
 
     def __enter__(self) -> DriverClient:
         return self
@@ -229,12 +337,25 @@ class DriverClient:
 
     def close(self) -> None:
         """Close the connection; idempotent."""
-        self._reader.close()
         self._sock.close()
 
     def send(self, op: str, **fields: Any) -> None:
         """Send one request without waiting for the reply."""
         self._sock.sendall(encode({"op": op, **fields}))
+
+    def _readline(self) -> bytes:
+        """One line from the daemon, or b"" when it closed the connection first."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
+                return line
+            if len(self._buffer) > MAX_LINE:
+                raise DriverError(errno.EPROTO, f"reply longer than {MAX_LINE} bytes")
+            chunk = self._sock.recv(_RECV_SIZE)
+            if not chunk:
+                return b""
+            self._buffer += chunk
 
     def receive(self) -> dict[str, Any]:
         """Read one reply.
@@ -242,7 +363,7 @@ class DriverClient:
         :raise DriverError: ``EPIPE`` when the daemon closed the connection,
             ``EPROTO`` for a malformed reply
         """
-        line = self._reader.readline(MAX_LINE)
+        line = self._readline()
         if not line:
             raise DriverError(errno.EPIPE, "the driver closed the connection")
         try:
@@ -280,9 +401,9 @@ class DriverClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self._sock.settimeout(min(remaining, 1.0))
+            self._sock.settimeout(remaining)
             try:
-                if not self._sock.recv(4096):
+                if not self._sock.recv(_RECV_SIZE):
                     return True
             except TimeoutError:
                 continue

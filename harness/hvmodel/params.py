@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import JAILHOUSE_VERSION
+
 __all__ = ["CatHardware", "HvParams"]
 
 
@@ -48,7 +50,7 @@ class HvParams:
     """
 
     vendor: str = "intel"
-    version: str = "v0.12 (jhlab)"
+    version: str = JAILHOUSE_VERSION
     code_location: int = 0xFFFFFFFFF0000050
     core_size: int = 0x40000
     percpu_pages: int = 6

@@ -234,10 +234,14 @@ class PciUnit:
     # -- physical devices ---------------------------------------------------------------
 
     def _add_physical(self, cell: Cell, device: PciDeviceState) -> None:
-        """``pci_add_physical_device``: announce, assign, shadow BARs, intercept, reset."""
+        """``pci_add_physical_device``: announce, shadow BARs, assign, intercept, reset."""
         host = self.host
         info = device.info
         host.console.printk(MSG_ADD_PCI, *bdf_params(info.bdf), cell.name)
+        # All six BARs from the hardware, whatever bar_mask says (the mask only limits what
+        # a cell's BAR writes change), and before the arch step, which may reset the device.
+        for n in range(len(device.bar)):
+            device.bar[n] = host.arch.pci_read_config(info.bdf, PCI_CFG_BAR + 4 * n, 4)
         host.arch.pci_add_device(cell.id, info)
         if info.msix_address:
             try:
@@ -247,10 +251,6 @@ class PciUnit:
                 raise
             cell.mmio.register(info.msix_address, info.msix_region_size, self._msix_handler(device))
         device.cell = cell
-        if not device.is_bridge:
-            for n in range(6):
-                if info.bar_mask[n]:
-                    device.bar[n] = host.arch.pci_read_config(info.bdf, PCI_CFG_BAR + 4 * n, 4)
         if cell is host.root:
             # The root keeps using its devices: take over their MSI state as Linux set it.
             self._save_msi(device)
@@ -418,8 +418,9 @@ class PciUnit:
         dword = reg & ~3
         if not device.is_bridge and PCI_CFG_BAR <= reg <= PCI_CFG_BAR_END:
             index = (dword - PCI_CFG_BAR) // 4
-            bar_mask = device.info.bar_mask[index]
-            device.bar[index] = (device.bar[index] & ~mask) | (value & mask & bar_mask)
+            # Only bits under the config's size mask change; the others keep the shadow.
+            mask &= device.info.bar_mask[index]
+            device.bar[index] = (device.bar[index] & ~mask) | (value & mask)
             if device.ivshmem is not None:
                 self.ivshmem.bar_written(device)
             return Access.DONE

@@ -20,8 +20,14 @@ The device is the driver daemon's socket (:mod:`harness.hvmodel.ipc`); messages 
   (EINVAL, as the driver answers), ``console`` prints the console kept at disable (the
   driver's ``last_console``) or fails with ``read(console): Resource temporarily
   unavailable``;
-* ``enable`` starts the daemon (``python3 -m harness.hvmodel.daemon``, new session, stdio
-  let go) and waits until it listens, then sends the ioctl.
+* ``enable`` starts the daemon (forked by the driver loader, :mod:`harness.hvmodel.loader`,
+  when one runs, else ``python3 -m harness.hvmodel.daemon``; new session, stdio let go)
+  and waits until it listens, then sends the ioctl.
+
+The command starts in a fraction of a second in the lab's root cell, where Python runs
+under nested TCG: this module imports only what the interpreter has built in or frozen,
+and :mod:`harness.hvmodel.ipc`; the extensions (:mod:`harness.hvmodel.tool_extensions`)
+and what starting a daemon needs are imported when used.
 
 jhlab additions: ``cell stats`` has a one-shot text mode (``-n``, and whenever stdout is
 not a terminal); ``config check`` is Jailhouse's ``jailhouse-config-check``
@@ -33,37 +39,42 @@ create``, ``config collect``. ``console -f`` ends (exit 0) when the daemon ends.
 Environment: ``JAILHOUSE_RUN_DIR`` (run directory), ``JAILHOUSE_ARCH`` (``--arch`` of a
 daemon ``enable`` starts), ``JAILHOUSE_DAEMON_ARGS`` (more daemon options, shell words;
 relative paths are relative to ``/``), ``JAILHOUSE_TIMEOUT`` (seconds to wait for one
-reply, default 600).
+reply, default 600), ``JAILHOUSE_LOADER`` (the loader's socket).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
-import json
 import os
-import selectors
-import shlex
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Final, TextIO
 
+from . import JAILHOUSE_VERSION
 from .abi import CELL_ID_NAMELEN, CELL_ID_UNUSED
-from .control import HvParams
+from .errors import Exit
 from .ipc import (
+    CELLS_PATH,
+    EXIT_BUSY,
+    LAST_CONSOLE_NAME,
+    READY_LINE,
+    SOCKET_NAME,
+    SYSFS_PATH,
     CellId,
     DriverClient,
-    RunDir,
     b64encode,
+    decode,
     reply,
+    run_dir_path,
 )
 
-__all__ = ["USAGE", "main", "strtoll"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, Final, TextIO
+
+    from .tool_extensions import CellStats, HardwareCheck
+
+__all__ = ["USAGE", "CellStats", "Exit", "HardwareCheck", "Tool", "main", "strtoll"]
 
 #: ``printf`` format of ``help()`` in ``tools/jailhouse.c`` (``%s`` = program name)
 USAGE: Final = (
@@ -89,6 +100,7 @@ EXTENSIONS: Final = (
     ("config", "show", "[-h] [--json] FILE"),
     ("hardware", "check", ""),
 )
+EXTENSION_NAMES: Final = frozenset((cmd, sub) for cmd, sub, _ in EXTENSIONS)
 DEVICE: Final = "/dev/jailhouse"
 #: ``%-8d%-24s%-18s%-24s%-24s`` of ``cell_list()``
 LIST_HEADER: Final = "%-8s%-24s%-18s%-24s%-24s\n" % ("ID", "Name", "State", "Assigned CPUs", "Failed CPUs")
@@ -98,18 +110,20 @@ READY_TIMEOUT: Final = 60.0
 #: seconds ``disable`` waits for the daemon to end
 EXIT_TIMEOUT: Final = 60.0
 DEFAULT_TIMEOUT: Final = 600.0
-#: exit status of a daemon that found another one running (``daemon.EXIT_BUSY``)
-DAEMON_BUSY: Final = 75
 LLONG_MAX: Final = (1 << 63) - 1
-KVM_GET_API_VERSION: Final = 0xAE00
+#: ``signal.SIGINT`` and ``SIGTERM`` (the signal module would cost an enum import here)
+_SIGINT: Final = 2
+_SIGTERM: Final = 15
+_SIGKILL: Final = 9
 
 
-class _Exit(Exception):
-    """Leave the command with ``status`` (``exit()`` of the C tool)."""
+def __getattr__(name: str) -> object:
+    # The extensions' classes, still reachable here, imported only when asked for.
+    if name in ("CellStats", "HardwareCheck"):
+        from . import tool_extensions
 
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+        return getattr(tool_extensions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def strtoll(text: str) -> tuple[int, bool]:
@@ -152,30 +166,33 @@ def _s32(value: int) -> int:
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
     """Wait until process ``pid`` has exited (a zombie counts as gone: its parent may be
-    slow to reap it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-                state = handle.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
+    slow to reap it); a pidfd becomes readable exactly then."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    finally:
+        os.close(pidfd)
 
 
 class _OfflineDriver:
     """The driver with the hypervisor disabled and no daemon (the module loaded, nothing
-    enabled): every ioctl fails with EINVAL; the console serves ``last_console``."""
+    enabled): every ioctl fails with EINVAL; the console serves ``last_console``.
 
-    def __init__(self, run: RunDir) -> None:
-        self.run = run
+    :param run_dir: the run directory
+    """
+
+    def __init__(self, run_dir: str) -> None:
         self._console: tuple[int, bytes] | None = None
         try:
-            saved = json.loads(run.last_console.read_text(encoding="utf-8"))
+            with open(os.path.join(run_dir, LAST_CONSOLE_NAME), "rb") as handle:
+                saved = decode(handle.read())
             self._console = (int(saved["tail"]), str(saved["content"]).encode("latin-1"))
         except (OSError, ValueError, KeyError, TypeError):
             self._console = None
@@ -184,7 +201,7 @@ class _OfflineDriver:
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         if op != "console":
             return reply(-errno.EINVAL)
-        from .daemon import dump_delta
+        from .console_ring import dump_delta
 
         if self._console is None or self._done:
             return reply(-errno.EAGAIN if self._console is None else 0, data="", head=0)
@@ -199,22 +216,23 @@ class _OfflineDriver:
         """Nothing to close."""
 
 
-_Client = DriverClient | _OfflineDriver
-
-
 class Tool:
     """One run of the ``jailhouse`` command.
 
     :param argv: the whole command line (``argv[0]`` is the program)
-    :param run: the driver's run directory
+    :param run: the driver's run directory (:class:`~harness.hvmodel.ipc.RunDir` or a path)
     :param out: standard output
     :param err: standard error
     """
 
-    def __init__(self, argv: Sequence[str], run: RunDir, out: TextIO, err: TextIO) -> None:
+    def __init__(self, argv: Sequence[str], run: str | os.PathLike[str], out: TextIO,
+                 err: TextIO) -> None:
         self.argv = list(argv)
         self.prog = os.path.basename(self.argv[0]) if self.argv else "jailhouse"
-        self.run = run
+        self.run_dir = os.fspath(run)
+        self.socket_path = os.path.join(self.run_dir, SOCKET_NAME)
+        self.sysfs_path = os.path.join(self.run_dir, SYSFS_PATH)
+        self.cells_path = os.path.join(self.run_dir, CELLS_PATH)
         self.out = out
         self.err = err
         try:
@@ -224,13 +242,13 @@ class Tool:
 
     # -- C library stand-ins ----------------------------------------------------------
 
-    def help(self, status: int) -> _Exit:
+    def help(self, status: int) -> Exit:
         """``help(argv[0], status)``: the usage on stdout; raise the returned exit."""
         self.out.write(USAGE % self.prog)
         for cmd, sub, synopsis in EXTENSIONS:
             self.out.write(f"   {cmd} {sub} {synopsis}\n")
         self.out.flush()
-        return _Exit(status)
+        return Exit(status)
 
     def perror(self, what: str, code: int) -> None:
         """``perror(what)`` with ``errno`` = ``code``."""
@@ -243,57 +261,60 @@ class Tool:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             self.err.write(f"opening {name}: {os.strerror(exc.errno or errno.EIO)}\n")
-            raise _Exit(1) from exc
+            raise Exit(1) from exc
         try:
             try:
                 size = os.fstat(fd).st_size
             except OSError as exc:
                 self.perror("fstat", exc.errno or errno.EIO)
-                raise _Exit(1) from exc
+                raise Exit(1) from exc
             try:
                 return os.read(fd, size)
             except OSError as exc:
                 self.err.write(f"reading {name}: {os.strerror(exc.errno or errno.EIO)}\n")
-                raise _Exit(1) from exc
+                raise Exit(1) from exc
         finally:
             os.close(fd)
 
     # -- the device ---------------------------------------------------------------------
 
     def _module_loaded(self) -> bool:
-        return (self.run.sysfs / "enabled").exists()
+        return os.path.exists(os.path.join(self.sysfs_path, "enabled"))
 
-    def open_dev(self) -> _Client:
+    def open_dev(self) -> DriverClient | _OfflineDriver:
         """``open_dev()``: connect to the daemon, else the offline driver, else exit 1."""
         try:
-            return DriverClient(self.run.socket, timeout=self.timeout)
+            return DriverClient(self.socket_path, timeout=self.timeout)
         except OSError as exc:
             code = exc.errno or errno.EIO
             if code == errno.ENOENT and self._module_loaded():
-                return _OfflineDriver(self.run)
+                return _OfflineDriver(self.run_dir)
             self.perror(f"opening {DEVICE}", code)
-            raise _Exit(1) from exc
+            raise Exit(1) from exc
 
     def open_dev_for_enable(self) -> DriverClient:
         """Connect to the daemon, starting one first when none runs."""
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             try:
-                return DriverClient(self.run.socket, timeout=self.timeout)
+                return DriverClient(self.socket_path, timeout=self.timeout)
             except OSError as exc:
                 code = exc.errno or errno.EIO
                 if code not in (errno.ENOENT, errno.ECONNREFUSED):
                     self.perror(f"opening {DEVICE}", code)
-                    raise _Exit(1) from exc
+                    raise Exit(1) from exc
             if time.monotonic() > deadline:
                 self.perror(f"opening {DEVICE}", errno.ETIMEDOUT)
-                raise _Exit(1)
+                raise Exit(1)
             if not self._start_daemon(deadline):
-                time.sleep(0.2)  # another daemon is starting up; connect to it
+                time.sleep(0.05)  # another enable's daemon is starting up; connect to it
 
     def _daemon_command(self) -> list[str]:
-        command = [sys.executable, "-m", "harness.hvmodel.daemon",
-                   "--run-dir", os.fspath(self.run.path.resolve())]
+        import shlex
+
+        # -S: the daemon needs only the standard library and the model (no site packages)
+        command = [sys.executable, "-S", "-m", "harness.hvmodel.daemon",
+                   "--run-dir", os.path.realpath(self.run_dir)]
         arch = os.environ.get("JAILHOUSE_ARCH")
         if arch:
             command += ["--arch", arch]
@@ -301,63 +322,43 @@ class Tool:
         return command
 
     def _start_daemon(self, deadline: float) -> bool:
-        """Start a daemon and wait until it listens.
+        """Start a daemon (forked by the loader, else spawned) and wait until it listens.
 
         :return: False when another daemon holds the run directory
         """
-        # the directory holding the harness package (hvmodel imports nothing of harness)
-        lib = os.fspath(Path(__file__).resolve().parents[2])
+        from .daemon_start import start_daemon
+
+        # the directory holding the ``harness`` package this module belongs to
+        lib = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = lib + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            proc = subprocess.Popen(
-                self._daemon_command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, env=env, cwd="/",
-            )
+            daemon = start_daemon(self._daemon_command(), env, cwd="/", deadline=deadline)
         except OSError as exc:
             self.perror(f"opening {DEVICE}", exc.errno or errno.ENODEV)
-            raise _Exit(1) from exc
-        assert proc.stdout is not None and proc.stderr is not None  # PIPE
-        ready = False
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while not ready:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                if not sel.select(remaining):
-                    continue
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                ready = line.startswith(b"ready")
-        if ready:
-            proc.stdout.close()
-            proc.stderr.close()
-            return True
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(0.0, deadline - time.monotonic()))  # it closed stdout: it ends
-        if proc.poll() is None:  # neither ready nor gone by the deadline
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5.0)
-            status = -1
-        else:
-            status = proc.wait()
-        problem = proc.stderr.read().decode("utf-8", "replace").strip()
-        proc.stdout.close()
-        proc.stderr.close()
-        if status == DAEMON_BUSY:
+            raise Exit(1) from exc
+        try:
+            line = daemon.read_ready(deadline)
+            if line is not None and line.startswith(READY_LINE.encode()):
+                return True
+            status = daemon.wait(max(0.0, deadline - time.monotonic()))  # it closed stdout: it ends
+            if status is None:  # neither ready nor gone by the deadline
+                daemon.signal(_SIGTERM)
+                if daemon.wait(5.0) is None:
+                    daemon.signal(_SIGKILL)
+                    daemon.wait(5.0)
+                status = -1
+            problem = daemon.read_errors().strip()
+        finally:
+            daemon.close()
+        if status == EXIT_BUSY:
             return False
         if problem:
             self.err.write(problem + "\n")
         self.perror(f"opening {DEVICE}", errno.ETIMEDOUT if status == -1 else errno.ENODEV)
-        raise _Exit(1)
+        raise Exit(1)
 
-    def ioctl(self, client: _Client, name: str, op: str, **fields: Any) -> int:
+    def ioctl(self, client: DriverClient | _OfflineDriver, name: str, op: str, **fields: Any) -> int:
         """One ioctl: 0, or ``perror(name)`` and -1. When the daemon says it ends after
         this request (disable, failed enable), wait until it has."""
         try:
@@ -394,7 +395,7 @@ class Tool:
         if command in ("config", "hardware"):
             return self.extension(command)
         if command == "--version":
-            self.out.write(f"Jailhouse management tool {HvParams().version}\n")
+            self.out.write(f"Jailhouse management tool {JAILHOUSE_VERSION}\n")
             return 0
         if command == "--help":
             raise self.help(0)
@@ -524,21 +525,21 @@ class Tool:
             client.close()
         return 1 if err else 0
 
-    def _refresh_sysfs(self) -> None:
+    def refresh_sysfs(self) -> None:
         """Ask a running daemon to bring the sysfs files up to date (best effort)."""
         try:
-            with DriverClient(self.run.socket, timeout=self.timeout) as client:
+            with DriverClient(self.socket_path, timeout=self.timeout) as client:
                 client.request("sysfs")
         except OSError:
             pass
 
     def _read_cell_string(self, cell: str, entry: str) -> str:
         """``read_sysfs_cell_string()``: the file without its trailing line feed."""
-        path = os.fspath(self.run.cells / cell / entry)
+        path = os.path.join(self.cells_path, cell, entry)
         data = self.read_file(path)
         if not data:
             self.perror(f"reading {path}", errno.ENODATA)
-            raise _Exit(1)
+            raise Exit(1)
         if data.endswith(b"\n"):
             data = data[:-1]
         return data.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -546,9 +547,9 @@ class Tool:
     def cell_list(self) -> int:
         if len(self.argv) != 3:
             raise self.help(1)
-        self._refresh_sysfs()
+        self.refresh_sysfs()
         try:
-            names = sorted(name for name in os.listdir(self.run.cells) if not name.startswith("."))
+            names = sorted(name for name in os.listdir(self.cells_path) if not name.startswith("."))
         except FileNotFoundError:
             return 0  # silently, as with the module not loaded
         except OSError as exc:
@@ -627,335 +628,17 @@ class Tool:
     def extension(self, command: str) -> int:
         """``call_extension_script()``: run a provided extension, else usage (exit 1)."""
         argv = self.argv
-        if len(argv) >= 3:
-            handlers: dict[tuple[str, str], Callable[[list[str]], int]] = {
-                ("cell", "stats"): self.cell_stats,
-                ("config", "check"): self.config,
-                ("config", "show"): self.config,
-                ("hardware", "check"): self.hardware_check,
+        if len(argv) >= 3 and (command, argv[2]) in EXTENSION_NAMES:
+            from . import tool_extensions
+
+            handlers: dict[tuple[str, str], Callable[[Tool, list[str]], int]] = {
+                ("cell", "stats"): tool_extensions.cell_stats,
+                ("config", "check"): tool_extensions.config,
+                ("config", "show"): tool_extensions.config,
+                ("hardware", "check"): tool_extensions.hardware_check,
             }
-            handler = handlers.get((command, argv[2]))
-            if handler is not None:
-                return handler(argv[2:])
+            return handlers[(command, argv[2])](self, argv[2:])
         raise self.help(1)
-
-    def config(self, args: list[str]) -> int:
-        """``jailhouse config check|show ...``."""
-        from .config.cli import jailhouse_config_check
-        from .config.cli import main as config_main
-
-        self.out.flush()
-        if args[0] == "check":  # Jailhouse's jailhouse-config-check, as Jailhouse execs it
-            return jailhouse_config_check(args[1:], prog="jailhouse config check")
-        return config_main(args, prog=f"{self.prog} config")
-
-    def cell_stats(self, args: list[str]) -> int:
-        """``jailhouse cell stats { ID | [--name] NAME } [-n] [-i SECONDS] [-c CPU]``."""
-        stats = CellStats(self, args[1:])
-        return stats.run()
-
-    def hardware_check(self, args: list[str]) -> int:
-        """``jailhouse hardware check``: what the executor needs, Jailhouse's format."""
-        return HardwareCheck(self.out, self.err).run()
-
-
-class CellStats:
-    """``tools/jailhouse-cell-stats``: the counters of a cell, from the sysfs files.
-
-    Interactive (curses, keys q quit, c next CPU, a all CPUs) on a terminal; otherwise,
-    or with ``-n``, one text rendering of the same layout: the title, a blank line, the
-    header ``COUNTER`` / ``SUM`` / ``PER SEC`` (columns at 0, 30 and 40, ``%10s``), one
-    row per counter (``%10u``), ordered as the curses tool orders them. ``PER SEC``
-    comes from two readings ``--interval`` seconds apart (default 1; 0 leaves it empty).
-
-    :param tool: the running command
-    :param args: the arguments after ``cell stats``
-    """
-
-    USAGE = "usage: %s cell stats { ID | [--name] NAME } [-n | --non-interactive] " \
-        "[-i | --interval SECONDS] [-c | --cpu CPU]\n"
-
-    def __init__(self, tool: Tool, args: list[str]) -> None:
-        self.tool = tool
-        self.args = args
-        self.interactive = True
-        self.interval = 1.0
-        self.cpu: int | None = None
-
-    def usage(self, status: int) -> _Exit:
-        self.tool.out.write(self.USAGE % self.tool.prog)
-        return _Exit(status)
-
-    def _parse(self) -> tuple[str | None, str | None]:
-        args = self.args
-        cell_id: str | None = None
-        name: str | None = None
-        i = 0
-        while i < len(args):
-            arg = args[i]
-            if arg in ("-h", "--help"):
-                raise self.usage(0)
-            if arg in ("-n", "--non-interactive"):
-                self.interactive = False
-            elif arg in ("-i", "--interval", "-c", "--cpu"):
-                if i + 1 >= len(args):
-                    raise self.usage(1)
-                try:
-                    if arg in ("-i", "--interval"):
-                        self.interval = float(args[i + 1])
-                    else:
-                        self.cpu = int(args[i + 1])
-                except ValueError as exc:
-                    raise self.usage(1) from exc
-                if self.interval < 0:
-                    raise self.usage(1)
-                i += 1
-            elif arg == "--name" and cell_id is None and name is None and i + 1 < len(args):
-                name = args[i + 1]
-                i += 1
-            elif cell_id is None and name is None:
-                cell_id = arg
-            else:
-                raise self.usage(1)
-            i += 1
-        if cell_id is None and name is None:
-            raise self.usage(1)
-        return cell_id, name
-
-    def _fail(self, code: int) -> _Exit:
-        self.tool.err.write(f"reading stats: {os.strerror(code)}\n")
-        return _Exit(1)
-
-    def _resolve(self, cell_id: str | None, name: str | None) -> tuple[str, str]:
-        cells = self.tool.run.cells
-        try:
-            entries = sorted(os.listdir(cells))
-        except OSError as exc:
-            raise self._fail(exc.errno or errno.EIO) from exc
-        if cell_id is not None and cell_id.isdigit():
-            directory = str(int(cell_id))
-            if directory not in entries:
-                raise self._fail(errno.ENOENT)
-            try:
-                text = (cells / directory / "name").read_text(encoding="utf-8")
-            except OSError as exc:
-                raise self._fail(exc.errno or errno.EIO) from exc
-            return directory, text.rstrip("\n")
-        wanted = cell_id if name is None else name
-        for directory in entries:
-            try:
-                text = (cells / directory / "name").read_text(encoding="utf-8").rstrip("\n")
-            except OSError:
-                continue
-            if text == wanted:
-                return directory, text
-        raise self._fail(errno.ENOENT)
-
-    def _stats_dir(self, directory: str) -> Path:
-        base = self.tool.run.cells / directory / "statistics"
-        return base if self.cpu is None else base / f"cpu{self.cpu}"
-
-    def _read(self, directory: str) -> dict[str, int]:
-        self.tool._refresh_sysfs()
-        folder = self._stats_dir(directory)
-        values: dict[str, int] = {}
-        try:
-            for entry in sorted(os.listdir(folder)):
-                path = folder / entry
-                if path.is_file():
-                    values[entry] = int(path.read_text(encoding="ascii"))
-        except (OSError, ValueError) as exc:
-            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-            raise self._fail(code) from exc
-        return values
-
-    @staticmethod
-    def order(values: dict[str, int], old: dict[str, int] | None) -> list[str]:
-        """The curses tool's row order: biggest change first, then biggest value."""
-        if old is None:
-            return sorted(values, key=lambda name: (-values[name], name))
-        return sorted(values, key=lambda name: (old.get(name, values[name]) - values[name],
-                                                -values[name], name))
-
-    def render(self, name: str, values: dict[str, int], old: dict[str, int] | None,
-               seconds: float) -> str:
-        """The text of one screen."""
-        title = f"Statistics for {name} cell"
-        if self.cpu is not None:
-            title += f", CPU {self.cpu}"
-        lines = [title, "", "COUNTER".ljust(30) + "%10s" % "SUM" + "%10s" % "PER SEC"]
-        for counter in self.order(values, old):
-            row = counter.ljust(30) + "%10u" % values[counter]
-            if old is not None and seconds > 0:
-                row += "%10u" % round((values[counter] - old.get(counter, values[counter])) / seconds)
-            lines.append(row)
-        return "\n".join(lines) + "\n"
-
-    def run(self) -> int:
-        cell_id, name = self._parse()
-        directory, cell_name = self._resolve(cell_id, name)
-        if self.interactive and self.tool.out.isatty() and sys.stdin.isatty():
-            return self._curses(directory, cell_name)
-        first = self._read(directory)
-        if self.interval <= 0:
-            self.tool.out.write(self.render(cell_name, first, None, 0.0))
-            return 0
-        started = time.monotonic()
-        time.sleep(self.interval)
-        second = self._read(directory)
-        self.tool.out.write(self.render(cell_name, second, first, time.monotonic() - started))
-        return 0
-
-    def _curses(self, directory: str, cell_name: str) -> int:
-        import curses
-
-        cpus = sorted(
-            int(entry[3:]) for entry in os.listdir(self.tool.run.cells / directory / "statistics")
-            if entry.startswith("cpu") and entry[3:].isdigit()
-        )
-
-        def screen(stdscr: Any) -> None:
-            with_suppress = (curses.error,)
-            try:
-                curses.use_default_colors()
-                curses.curs_set(0)
-            except with_suppress:
-                pass
-            curses.noecho()
-            curses.halfdelay(10)
-            old: dict[str, int] | None = None
-            last = time.monotonic()
-            while True:
-                values = self._read(directory)
-                now = time.monotonic()
-                text = self.render(cell_name, values, old, now - last).splitlines()
-                stdscr.erase()
-                height, width = stdscr.getmaxyx()
-                for row, line in enumerate(text[: max(0, height - 1)]):
-                    attr = curses.A_REVERSE if row == 2 else curses.A_NORMAL
-                    try:
-                        stdscr.addstr(row, 0, line.ljust(width - 1)[: width - 1], attr)
-                        stdscr.addstr(height - 1, 0, " Q - Quit  C - next CPU  A - all CPUs"
-                                      .ljust(width - 1)[: width - 1], curses.A_REVERSE)
-                    except curses.error:
-                        pass
-                stdscr.refresh()
-                old, last = values, now
-                try:
-                    key = stdscr.getch()
-                except KeyboardInterrupt:
-                    return
-                if key == ord("q"):
-                    return
-                if key == ord("a"):
-                    self.cpu, old = None, None
-                elif key == ord("c") and cpus:
-                    self.cpu = cpus[0] if self.cpu is None or self.cpu not in cpus \
-                        else cpus[(cpus.index(self.cpu) + 1) % len(cpus)]
-                    old = None
-                curses.halfdelay(10 if old is None else 40)
-
-        curses.wrapper(screen)
-        return 0
-
-
-class HardwareCheck:
-    """``tools/jailhouse-hardware-check`` for jhlab: the features the executor needs,
-    one ``%-32s`` line each ending ``ok``, ``MISSING`` or ``missing (optional)``, then
-    ``Check passed!`` (exit 0) or ``Check FAILED!`` (exit 2).
-
-    :param out: where the report goes
-    :param err: where errors go
-    :param root: prefix for the files read (tests)
-    """
-
-    def __init__(self, out: TextIO, err: TextIO, root: str = "") -> None:
-        self.out = out
-        self.err = err
-        self.root = root
-        self.passed = True
-
-    def check(self, message: str, ok: bool, optional: bool = False) -> bool:
-        """``check_feature()``."""
-        if not (ok or optional):
-            self.passed = False
-        state = "ok" if ok else "missing (optional)" if optional else "MISSING"
-        self.out.write("%-32s%s\n" % (message, state))
-        return ok
-
-    def _path(self, path: str) -> str:
-        return self.root + path
-
-    def _kvm(self) -> bool:
-        try:
-            fd = os.open(self._path("/dev/kvm"), os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-
-    def run(self) -> int:
-        if os.uname().machine not in ("x86_64", "i686") and not self.root:
-            self.err.write("Unsupported architecture\n")
-            return 1
-        flags: set[str] = set()
-        vmx_flags: set[str] = set()
-        cpus = 0
-        try:
-            with open(self._path("/proc/cpuinfo"), encoding="ascii", errors="replace") as info:
-                for line in info:
-                    key, _, value = line.partition(":")
-                    key = key.strip()
-                    if key == "processor":
-                        cpus += 1
-                    elif key == "flags" and not flags:
-                        flags = set(value.split())
-                    elif key == "vmx flags" and not vmx_flags:
-                        vmx_flags = set(value.split())
-        except OSError as exc:
-            self.err.write(f"reading /proc/cpuinfo: {exc.strerror}\n")
-            return 1
-        out = self.out
-        out.write("Feature                         Availability\n")
-        out.write("------------------------------  ------------------\n")
-        self.check("Number of CPUs > 1", cpus > 1)
-        self.check("Long mode", "lm" in flags)
-        self.check("x2APIC", "x2apic" in flags, True)
-        out.write("\n")
-        if "svm" in flags:
-            self.check("AMD-V (SVM)", True)
-            self.check("  NPT", "npt" in flags)
-            self.check("  Decode assist", "decodeassists" in flags, True)
-        elif "vmx" in flags:
-            self.check("VT-x (VMX)", True)
-            self.check("  EPT", "ept" in flags or "ept" in vmx_flags)
-            self.check("  Unrestricted guest", "unrestricted_guest" in vmx_flags
-                       or not vmx_flags, True)
-        else:
-            self.check("VT-x (VMX) or AMD-V (SVM)", False)
-        self.check("KVM (/dev/kvm)", self._kvm())
-        out.write("\n")
-        try:
-            groups = len(os.listdir(self._path("/sys/kernel/iommu_groups")))
-        except OSError:
-            groups = 0
-        self.check("IOMMU (VT-d or AMD-Vi)", groups > 0)
-        self.check("  VFIO (/dev/vfio/vfio)", os.path.exists(self._path("/dev/vfio/vfio")), True)
-        out.write("\n")
-        self.check("/dev/mem", os.access(self._path("/dev/mem"), os.R_OK | os.W_OK))
-        self.check("/dev/port", os.access(self._path("/dev/port"), os.R_OK | os.W_OK))
-        try:
-            with open(self._path("/sys/fs/cgroup/cgroup.controllers"), encoding="ascii") as ctl:
-                cpuset = "cpuset" in ctl.read().split()
-        except OSError:
-            cpuset = False
-        self.check("cgroup2 cpuset", cpuset)
-        out.write("\nCheck %s!\n" % ("passed" if self.passed else "FAILED"))
-        return 0 if self.passed else 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -963,10 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     :param argv: the whole command line, ``argv[0]`` included (default: ``sys.argv``)
     """
-    tool = Tool(sys.argv if argv is None else argv, RunDir.from_env(), sys.stdout, sys.stderr)
+    tool = Tool(sys.argv if argv is None else argv, run_dir_path(), sys.stdout, sys.stderr)
     try:
         return tool.run_command()
-    except _Exit as done:
+    except Exit as done:
         return done.status
     except BrokenPipeError:
         # The reader went away (| head): no more output, and none at interpreter exit.
@@ -975,7 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(null)
         return 1
     except KeyboardInterrupt:
-        return 128 + signal.SIGINT
+        return 128 + _SIGINT
     finally:
-        with contextlib.suppress(BrokenPipeError):
+        try:  # noqa: SIM105 - contextlib would cost an import on every command
             sys.stdout.flush()
+        except BrokenPipeError:
+            pass

@@ -5,6 +5,8 @@
   the hypervisor model (:mod:`.root_kvm`).
 * :func:`linux_cell_images`: the guest kernel and initramfs of Linux cells
   (:mod:`.linux_cell`).
+* :func:`root_modules`: jhlab's own modules for the root cell (``images/kmod``), built
+  against Debian's headers (:mod:`.modules`).
 
 Both are built on first use by :class:`harness.images.ImageBuilder` (``jhlab images
 build``, a lab's boot) and cached by content hash with a lock per artefact, like the
@@ -15,6 +17,8 @@ other images::
     images/kernel-<package>_<version>+kvm-<key>/    root kernel (vmlinuz, config, modules)
     images/linux-cell-kernel-<key>/                 guest bzImage, config
     images/linux-cell-rootfs-<key>.cpio             guest initramfs
+    images/linux-headers_<release>_<version>/       Debian's headers (flavour, common, kbuild)
+    images/root-modules-<key>/                      jhlab's root-cell modules (<name>.ko)
     images/kbuild-logs/<artefact>.log               the last build log of each artefact
 
 Each build shows its phase and elapsed time while it runs; a failure names the phase and
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 from .kconfig import Fragment
 from .linux_cell import READY_LINE, LinuxCellImages, linux_cell_images
+from .modules import root_modules
 from .process import KernelBuildError
 from .root_kvm import root_kernel
 from .tree import KernelConfigError
@@ -37,4 +42,5 @@ __all__ = [
     "LinuxCellImages",
     "linux_cell_images",
     "root_kernel",
+    "root_modules",
 ]

@@ -7,7 +7,17 @@ reset after a failure and stays up at the end), ``--keep-lab``
 (leave the session lab running at the end: pytest prints how to reach it and waits,
 because QEMU dies with the process that started it; Ctrl-C or ``jhlab down`` ends it),
 ``--hv-arch`` (what the guest's hypervisor daemon runs cells on for tests that do not
-need KVM: ``oracle``, the default, or ``executor``).
+need KVM: ``oracle``, the default, or ``executor``), ``--lab-progress`` (a bar per suite
+and what each lab does: :mod:`~harness.pytest_plugin.progress`), ``--lab-report FILE``
+and ``--lab-report-bench FILE|DIR`` (the HTML report of the run:
+:mod:`~harness.pytest_plugin.reporting`).
+
+Labs in parallel (pytest-xdist, ``-n N``): each worker boots its own session lab, under
+a name of its own (``default-gw0``, ``default-gw1``; ``default-pytest`` without xdist:
+:mod:`harness.activity`), so run directories, log folders, ssh ports and QEMU names never
+clash; the workers log under their controller's folder. The plugin's labs are listed with
+the labs that are up (``jhlab status`` shows what each is doing; ``jhlab shell NAME``
+reaches one while its test runs).
 
 Fixtures (each builds on the one before):
 
@@ -38,9 +48,11 @@ When a test that used a lab fails, its report gets the tails of both serial cons
 and the QMP event log, and the files are copied to ``<lab-log-dir>/failed/<test>/``.
 
 Modules: :mod:`~harness.pytest_plugin.hooks` (options, markers, collection, failure
-reports, ``--keep-lab``), :mod:`~harness.pytest_plugin.fixtures` (the fixtures and the
-objects they give), :mod:`~harness.pytest_plugin.common` (what both share: stash keys,
-the log folder, making labs). The entry point is this package, which pytest scans for
+reports, ``--keep-lab``, handing xdist workers the session), :mod:`~harness.pytest_plugin.fixtures`
+(the fixtures and the objects they give), :mod:`~harness.pytest_plugin.common` (what both
+share: stash keys, the log folder, the session and worker, making labs under names of
+their own), :mod:`~harness.pytest_plugin.progress`, :mod:`~harness.pytest_plugin.reporting`.
+The entry point is this package, which pytest scans for
 the hooks and fixtures it re-exports.
 """
 
@@ -62,6 +74,8 @@ from harness.pytest_plugin.hooks import (
     pytest_addoption,
     pytest_collection_modifyitems,
     pytest_configure,
+    pytest_configure_node,
+    pytest_load_initial_conftests,
     pytest_runtest_makereport,
     pytest_terminal_summary,
     pytest_unconfigure,
@@ -82,6 +96,8 @@ __all__ = [
     "pytest_addoption",
     "pytest_collection_modifyitems",
     "pytest_configure",
+    "pytest_configure_node",
+    "pytest_load_initial_conftests",
     "pytest_runtest_makereport",
     "pytest_terminal_summary",
     "pytest_unconfigure",

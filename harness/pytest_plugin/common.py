@@ -1,15 +1,21 @@
 """What the plugin's hooks and fixtures share: stash keys, the session's log folder,
-making labs, and whether a test failed so far."""
+the session and worker a process belongs to (pytest-xdist), making labs (each under a
+name of its own), and whether a test failed so far."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from harness import runtime
+from harness.activity import ActivityClaim
 from harness.lab import Lab, state_dir
-from harness.labfile import LabSpec
+from harness.labfile import LabSpec, load_lab
 
 #: the labs a test used (their artefacts go into its failure report)
 LAB_KEY = pytest.StashKey[list[Lab]]()
@@ -21,6 +27,32 @@ LOG_ROOT_KEY = pytest.StashKey[Path]()
 KEPT_KEY = pytest.StashKey[Lab]()
 #: set on a test whose lab must be reset afterwards (cleanup failed, fixture said so)
 DIRTY_KEY = pytest.StashKey[bool]()
+#: the names this process's labs claimed, by lab name (:mod:`harness.activity`)
+CLAIMS_KEY = pytest.StashKey[dict[str, ActivityClaim]]()
+#: this session's id (a controller and its xdist workers share it)
+SESSION_KEY = pytest.StashKey[str]()
+
+#: what a controller hands its xdist workers (``workerinput``): the log folder, the session
+WORKER_LOG_ROOT = "jhlab_log_root"
+WORKER_SESSION = "jhlab_session"
+
+
+def worker_input(config: pytest.Config) -> dict[str, Any]:
+    """What pytest-xdist's controller gave this worker (empty outside a worker)."""
+    return dict(getattr(config, "workerinput", {}))
+
+
+def worker_id(config: pytest.Config) -> str:
+    """This process's xdist worker id (``gw0``, ...), or ``pytest`` when not distributed."""
+    return str(worker_input(config).get("workerid", "pytest"))
+
+
+def session_id(config: pytest.Config) -> str:
+    """The test session's id: the controller's, in a worker."""
+    if SESSION_KEY not in config.stash:
+        given = worker_input(config).get(WORKER_SESSION)
+        config.stash[SESSION_KEY] = str(given or f"{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return config.stash[SESSION_KEY]
 
 
 def lab_label(config: pytest.Config, lab: str | LabSpec | None = None) -> str:
@@ -29,24 +61,58 @@ def lab_label(config: pytest.Config, lab: str | LabSpec | None = None) -> str:
     return which.name if isinstance(which, LabSpec) else Path(str(which)).stem
 
 
-def log_root(config: pytest.Config) -> Path:
-    """This session's folder for lab logs and failed tests' artefacts."""
+def log_root(config: pytest.Config, *, create: bool = True) -> Path:
+    """This session's folder for lab logs and failed tests' artefacts (an xdist worker
+    uses its controller's)."""
     if LOG_ROOT_KEY not in config.stash:
-        root = config.getoption("--lab-log-dir") or state_dir() / "test-logs" / time.strftime(
-            "%Y%m%d-%H%M%S")
+        root = (worker_input(config).get(WORKER_LOG_ROOT) or config.getoption("--lab-log-dir")
+                or state_dir() / "test-logs" / time.strftime("%Y%m%d-%H%M%S"))
         config.stash[LOG_ROOT_KEY] = Path(root)
     root = config.stash[LOG_ROOT_KEY]
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-
 def new_lab(config: pytest.Config, lab: str | LabSpec | None = None, tag: str = "") -> Lab:
-    """A lab (not up yet) logging under the session's folder."""
+    """A lab (not up yet) under a name of its own (``<lab>-<worker><tag>``, claimed in
+    :mod:`harness.activity`), logging under the session's folder."""
     which = lab or config.getoption("--lab")
-    label = lab_label(config, lab)
-    folder = log_root(config) / f"lab-{label}{tag}-{time.strftime('%H%M%S')}"
-    return Lab(which, accel=config.getoption("--accel"), log_dir=folder, quiet=True)
+    spec = which if isinstance(which, LabSpec) else load_lab(which)
+    claim = ActivityClaim.claim(spec.name, session=session_id(config), worker=worker_id(config),
+                                tag=tag)
+    config.stash.setdefault(CLAIMS_KEY, {})[claim.name] = claim
+    folder = log_root(config) / f"lab-{claim.name}-{time.strftime('%H%M%S')}"
+    claim.set("made", log_dir=str(folder))
+    return Lab(dataclasses.replace(spec, name=claim.name), accel=config.getoption("--accel"),
+               log_dir=folder, quiet=True)
+
+
+def lab_doing(config: pytest.Config, lab: Lab, doing: str) -> None:
+    """Say what ``lab`` (made by :func:`new_lab`) does now."""
+    claim = config.stash.get(CLAIMS_KEY, {}).get(lab.spec.name)
+    if claim is not None:
+        claim.set(doing)
+
+
+def register_lab(lab: Lab) -> None:
+    """List ``lab`` (up, owned by this process) with the labs that are up, so ``jhlab
+    status``, ``shell``, ``qmp`` and :meth:`Lab.attach` reach it; again after a reset
+    (QEMU's pid and ssh port changed).  A name someone else registered stays theirs."""
+    current = runtime.read(lab.spec.name)
+    if current is None or current.supervisor == os.getpid():
+        runtime.register(runtime.record_of(lab))
+
+
+def lab_down(config: pytest.Config, lab: Lab) -> None:
+    """Stop ``lab`` (made by :func:`new_lab`), unlist it and give its name back."""
+    try:
+        lab.down()
+    finally:
+        runtime.unregister(lab.spec.name, supervisor=os.getpid())
+        claim = config.stash.get(CLAIMS_KEY, {}).pop(lab.spec.name, None)
+        if claim is not None:
+            claim.release()
 
 
 def failed(node: pytest.Item) -> bool:

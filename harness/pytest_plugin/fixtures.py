@@ -15,7 +15,17 @@ from harness.checked import CheckedJailhouse, Effect, Oracle, ValidationError
 from harness.lab import Lab, LabState
 from harness.labfile import LabSpec
 from harness.protocol import CommandResult, LabChannels
-from harness.pytest_plugin.common import DIRTY_KEY, KEPT_KEY, LAB_KEY, failed, new_lab
+from harness.pytest_plugin.common import (
+    DIRTY_KEY,
+    KEPT_KEY,
+    LAB_KEY,
+    failed,
+    lab_doing,
+    lab_down,
+    new_lab,
+    register_lab,
+)
+from harness.pytest_plugin.reporting import mark_lab
 
 LOG = logging.getLogger(__name__)
 
@@ -32,22 +42,29 @@ def lab(request: pytest.FixtureRequest,
                 record_testsuite_property(name, value)
             yield attached
         return
-    shared = new_lab(request.config)
+    config = request.config
+    shared = new_lab(config)
     keep = False
     try:
+        lab_doing(config, shared, "booting")
         summary = shared.up()
+        register_lab(shared)
         for name, value in _provenance(shared).items():
             record_testsuite_property(name, value)
+        lab_doing(config, shared, "saving its reset point")
         shared.snapshot()
+        lab_doing(config, shared, "idle")
         LOG.info("lab %s up (%s, %.1f s), reset point saved", summary.name, summary.accel,
                  summary.boot_seconds)
         yield shared
-        keep = bool(request.config.getoption("--keep-lab")) and shared.state is LabState.READY
+        keep = bool(config.getoption("--keep-lab")) and shared.state is LabState.READY
     finally:
         if keep:
-            request.config.stash[KEPT_KEY] = shared
+            config.stash[KEPT_KEY] = shared
+            lab_doing(config, shared, "kept up (--keep-lab)")
         else:
-            shared.down()
+            lab_doing(config, shared, "going down")
+            lab_down(config, shared)
 
 
 def _provenance(lab: Lab) -> dict[str, str]:
@@ -83,6 +100,8 @@ def _track_lab_use(request: pytest.FixtureRequest) -> Iterator[None]:
     node.stash.setdefault(LAB_KEY, []).append(shared)
     if node.get_closest_marker("kvm") is not None and not (shared.summary and shared.summary.kvm_in_guest):
         pytest.skip(f"lab {shared.spec.name} shows no KVM inside")
+    lab_doing(request.config, shared, f"running {node.nodeid}")
+    mark_lab(node, shared)
     yield
     broke = failed(node)
     dirty = node.get_closest_marker("dirty") is not None or node.stash.get(DIRTY_KEY, False)
@@ -90,9 +109,12 @@ def _track_lab_use(request: pytest.FixtureRequest) -> Iterator[None]:
         LOG.warning("%s left lab %s changed; an attached lab is not reset (its owner may reset or "
                     "restart it)", node.nodeid, shared.spec.name)
     elif (broke or dirty) and shared.state is LabState.READY:
+        lab_doing(request.config, shared, f"resetting after {node.nodeid}")
         seconds = shared.reset()
+        register_lab(shared)
         LOG.info("lab %s reset after %s (%.1f s)", shared.spec.name,
                  "a failure" if broke else "a dirty test", seconds)
+    lab_doing(request.config, shared, "idle")
 
 
 @pytest.fixture
@@ -106,13 +128,17 @@ def lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
             setattr(new, key, value)
         made.append(new)
         request.node.stash.setdefault(LAB_KEY, []).append(new)
+        mark_lab(request.node, new)
         if up:
+            lab_doing(request.config, new, f"booting for {request.node.nodeid}")
             new.up()
+            register_lab(new)
+        lab_doing(request.config, new, f"running {request.node.nodeid}")
         return new
 
     yield make
     for extra in made:
-        extra.down()
+        lab_down(request.config, extra)
 
 
 class RootShell:
@@ -167,7 +193,7 @@ def inmates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def jailhouse_arch(request: pytest.FixtureRequest) -> str:
     """What the guest's daemon runs cells on: the executor for ``kvm`` tests, else
-    ``--hv-arch`` (override in a module to pin it)."""
+    ``--hv-arch`` (default: the executor; parametrize or override it to pin it)."""
     if request.node.get_closest_marker("kvm") is not None:
         return "executor"
     return str(request.config.getoption("--hv-arch"))
@@ -184,7 +210,11 @@ def jailhouse_test_device() -> bool:
 def jailhouse(lab: Lab, jailhouse_arch: str, jailhouse_test_device: bool,
               request: pytest.FixtureRequest) -> Iterator[CheckedJailhouse]:
     """A checked driver on the session lab; at teardown the cells left are destroyed and
-    the hypervisor disabled (after a failure the lab is reset instead)."""
+    the hypervisor disabled (after a failure the lab is reset instead). Cells on the
+    executor need KVM inside the lab: without, the test is skipped."""
+    if jailhouse_arch == "executor" and not (lab.summary and lab.summary.kvm_in_guest):
+        pytest.skip(f"lab {lab.spec.name} shows no KVM inside, so cells cannot run on the "
+                    "executor (--hv-arch oracle runs the bookkeeping-only variant)")
     checked = CheckedJailhouse(lab, jailhouse_arch, test_device=jailhouse_test_device)
     yield checked
     node = request.node

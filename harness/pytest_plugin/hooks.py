@@ -7,15 +7,28 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from harness import runtime
 from harness.lab import Lab
-from harness.pytest_plugin.common import KEPT_KEY, LAB_KEY, REPORTS_KEY, lab_label, log_root
+from harness.pytest_plugin import reporting
+from harness.pytest_plugin.common import (
+    KEPT_KEY,
+    LAB_KEY,
+    REPORTS_KEY,
+    WORKER_LOG_ROOT,
+    WORKER_SESSION,
+    lab_down,
+    lab_label,
+    log_root,
+    session_id,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,8 +43,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "booting one; it is not reset and stays up")
     group.addoption("--keep-lab", action="store_true",
                     help="leave the session lab running at the end (pytest waits; Ctrl-C ends it)")
-    group.addoption("--hv-arch", default="oracle", choices=["oracle", "executor"],
-                    help="the guest daemon's arch for tests not marked kvm (default: oracle)")
+    group.addoption("--hv-arch", default="executor", choices=["executor", "oracle"],
+                    help="what the guest daemon runs cells on in lifecycle tests that do not "
+                    "choose: executor (KVM in the lab, the default) or oracle (bookkeeping "
+                    "only: fast, nothing executes)")
+    group.addoption("--lab-progress", action="store_true",
+                    help="live progress: a bar per suite and what each lab does (jhlab test)")
+    reporting.addoptions(group)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser,
+                                  args: list[str]) -> Any:
+    """With ``--lab-progress``: keep a handle on the terminal before pytest's capture
+    takes file descriptor 1 over, so the display can draw while a test runs (the
+    display's thread writes there, never into a test's captured output)."""
+    if getattr(early_config.known_args_namespace, "lab_progress", False):
+        from harness.pytest_plugin.progress import TERMINAL_KEY
+
+        early_config.stash[TERMINAL_KEY] = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1,
+                                                     encoding="utf-8", errors="replace")
+    return (yield)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,6 +72,23 @@ def pytest_configure(config: pytest.Config) -> None:
                  "dirty: leaves the lab changed; it is reset by snapshot afterwards",
                  "slow: takes more than a few seconds"):
         config.addinivalue_line("markers", line)
+    # the controller (or the only process) draws; a verbose run prints a line per test
+    if (config.getoption("--lab-progress") and not hasattr(config, "workerinput")
+            and config.getoption("verbose") <= 0):
+        from harness.pytest_plugin.progress import TERMINAL_KEY, RunProgress
+
+        terminal = config.stash.get(TERMINAL_KEY, None)
+        console = Console(file=terminal, highlight=False, soft_wrap=True) if terminal is not None else None
+        config.pluginmanager.register(RunProgress(config, console), "jhlab-progress")
+    reporting.configure(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist's controller starts worker ``node``: hand it the session's log folder
+    and id, so the workers' labs log side by side and show up as one session."""
+    node.workerinput[WORKER_LOG_ROOT] = str(log_root(node.config, create=False))
+    node.workerinput[WORKER_SESSION] = session_id(node.config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -58,9 +107,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
+    labs = item.stash.get(LAB_KEY, [])
     if report.when == "call" and report.failed:
-        for lab in item.stash.get(LAB_KEY, []):
+        for lab in labs:
             _attach_artifacts(item, report, lab)
+    reporting.attach_lab_shares(item, report, labs)
     return report
 
 
@@ -115,9 +166,10 @@ def _reach_lines(kept: Lab) -> list[str]:
 
 def _register_kept(kept: Lab) -> bool:
     """Register the kept lab the way ``jhlab up`` does (so ``jhlab shell``, ``run`` and
-    ``down`` find it), unless a lab of that name is up already."""
-    if runtime.read(kept.spec.name) is not None:
-        return False
+    ``down`` find it), unless someone else registered a lab of that name."""
+    current = runtime.read(kept.spec.name)
+    if current is not None:
+        return current.supervisor == os.getpid()
     runtime.register(runtime.record_of(kept))
     return True
 
@@ -142,5 +194,4 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        runtime.unregister(kept.spec.name, supervisor=os.getpid())
-        kept.down()
+        lab_down(config, kept)

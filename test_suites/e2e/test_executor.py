@@ -47,8 +47,8 @@ ROGUE_RAM = 0x3EF00000
 FIRST_LINE_DEADLINE = 5.0
 ENABLE_TIMEOUT = 120.0
 SCRIPT_TIMEOUT = 400.0
-#: real mode at 0: lidt [0x10] (limit 0); int3 -> #GP -> #DF -> triple fault
-TRIPLE_FAULT = bytes.fromhex("0f011e1000" "cc" "f4").ljust(0x10, b"\x90") + bytes(6)
+#: real mode at 0: lidt [0x10] (limit 0); ud2 at 5 -> #GP -> #DF -> triple fault
+TRIPLE_FAULT = bytes.fromhex("0f011e1000" "0f0b" "f4").ljust(0x10, b"\x90") + bytes(6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,8 +385,8 @@ def test_hello_runs_on_its_cpu_and_prints_on_serial_1(guest: Lab, blobs: dict[st
 
 def test_rogue_cells_fail_alone(guest: Lab, blobs: dict[str, bytes]) -> None:
     """A rogue on CPU 3 writes outside its memory, reads a port it does not own, triple
-    faults: each time the FATAL line, a parked and failed CPU, a FAILED cell; hello on
-    CPU 2 and the root keep working."""
+    faults: each time the FATAL line (the triple fault's with the faulting RIP), a
+    parked and failed CPU, a FAILED cell; hello on CPU 2 and the root keep working."""
     console = guest.cell_console
     run = GuestRun(guest, guest_script(ROGUE_BODY, blobs))
     console.expect("Activating hypervisor", timeout=ENABLE_TIMEOUT)
@@ -400,6 +400,8 @@ def test_rogue_cells_fail_alone(guest: Lab, blobs: dict[str, bytes]) -> None:
         (r'Parking CPU 3 \(Cell: "rogue"\)', 10),
         (r"FATAL: Unexpected #VMEXIT, exitcode 7f, exitinfo1 0x0000000000000000 "
          r"exitinfo2 0x0000000000000000", 60),
+        # the state at the failing exit (KVM's trace), not the vCPU after KVM's reset
+        (r"RIP: 0x0000000000000005 \(the other registers are lost", 10),
         (r'Parking CPU 3 \(Cell: "rogue"\)', 10),
         ("Shutdown request approved", 60),
     ]  # fmt: skip

@@ -133,6 +133,22 @@ def test_e1000e_exchanges_frames_with_the_namespace(nic_jailhouse: CheckedJailho
     jh.disable()
 
 
+def test_a_configured_device_the_machine_lacks(jailhouse: CheckedJailhouse, lab: Lab) -> None:
+    """Jailhouse's e1000-demo.cell names a NIC at 00:19.0, which the QEMU machine lacks:
+    as on Jailhouse (``pci_cell_init`` adds it without looking, the driver skips it) the
+    cell is created with the device announced, nothing is bound to ``vfio-pci``, and the
+    cell is destroyed cleanly (every step checked against the oracle)."""
+    absent = lab.run("test -e /sys/bus/pci/devices/0000:00:19.0")
+    assert absent.status != 0, "the lab has a device at 00:19.0: this test needs it absent"
+    jh = jailhouse
+    jh.enable(CONFIGS / "qemu-x86.toml")
+    created = jh.cell_create(CONFIGS / "e1000-demo.toml")
+    assert re.search(r"\n1 +e1000-demo +shut down +", created.view.cell_list), created.view.cell_list
+    assert "vfio-pci" not in created.view.pci.values(), created.view.pci
+    jh.cell_destroy("e1000-demo")
+    jh.disable()
+
+
 def test_denied_config_write_parks_and_the_root_gets_the_nic_back(
         nic_jailhouse: CheckedJailhouse, inmates: Path, nic_lab: Lab) -> None:
     """A cell writes the vendor ID of its own e1000e: Jailhouse's moderation denies it,

@@ -107,7 +107,7 @@ def test_guest_programs(program: str, case: Case, tmp_path: Path) -> None:
     """The root cell's ``jailhouse config check`` and its libexec ``jailhouse-config-check``
     (whose usage names it as the tool does: file name with dashes as spaces)."""
     if program == "jailhouse config check":
-        command = [str(GUEST / "bin" / "jailhouse"), "config", "check"]
+        command = [str(GUEST / "libexec" / "jailhouse"), "config", "check"]  # what the launcher runs
     else:
         command = [str(GUEST / "libexec" / "jailhouse-config-check")]
     result = guest_run(command, case, tmp_path)

@@ -46,9 +46,14 @@ class Bench:
     """An enabled hypervisor on the oracle with helpers to stage and create cells."""
 
     def __init__(
-        self, system: SystemConfig | None = None, params: HvParams | None = None, **arch: object
+        self,
+        system: SystemConfig | None = None,
+        params: HvParams | None = None,
+        *,
+        arch_class: type[OracleArch] = OracleArch,
+        **arch: object,
     ) -> None:
-        self.arch = OracleArch(**arch)  # type: ignore[arg-type]
+        self.arch = arch_class(**arch)  # type: ignore[arg-type]
         self.hv = Hypervisor(system or qemu_x86(), self.arch, params=params)
         self.hv.enable([0, 1, 2, 3])
 

@@ -16,7 +16,8 @@ from test_model_configs import (
 )
 
 from harness.hvmodel.abi import CellState, CpuStat, Hypercall
-from harness.hvmodel.config import Irqchip, MemoryRegion
+from harness.hvmodel.arch.oracle import OracleArch
+from harness.hvmodel.config import Irqchip, MemoryRegion, PciDevice
 from harness.hvmodel.control import HvParams
 from harness.hvmodel.percpu import EXIT_DONE, ExitResult
 
@@ -163,13 +164,36 @@ def test_config_writes_to_foreign_devices_are_fatal() -> None:
 
 
 def test_bar_writes_hit_the_shadow_only() -> None:
-    """BARs are shadowed with the size mask (here 0: nothing sticks), ROM reads 0."""
+    """The cell reads the BAR the firmware gave the device even with a bar_mask of 0
+    (pci-demo.cell's: Jailhouse shadows all six BARs from the hardware); writes change
+    the shadow only under the mask (here nothing sticks); the ROM BAR reads 0."""
     bench = pci_bench()
-    assert cfg(bench, 0x10) == 0
+    assert cfg(bench, 0x10) == 0xFEA94000
+    assert cfg(bench, 0x12, size=2) == 0xFEA9
     assert cfg(bench, 0x10, write=0xFFFFFFFF) is True
-    assert cfg(bench, 0x10) == 0
+    assert cfg(bench, 0x10) == 0xFEA94000
     assert bench.arch.pci_config[0x00D8][0x10:0x14] == (0xFEA94000).to_bytes(4, "little")
+    assert cfg(bench, 0x14) == 0xFFFFFFFF  # BAR1 as the (fake) hardware has it
     assert cfg(bench, 0x30) == 0
+
+
+def test_bars_are_shadowed_before_the_device_is_assigned() -> None:
+    """The shadow holds the BARs as they were before ``arch_pci_add_device`` (which may
+    reset the device, as VFIO does), as ``pci_add_physical_device`` reads them first."""
+
+    class ResettingArch(OracleArch):
+        def pci_add_device(self, cell_id: int, device: PciDevice) -> None:
+            super().pci_add_device(cell_id, device)
+            space = self.pci_config.get(device.bdf)
+            if space is not None and cell_id != 0:
+                space[0x10:0x28] = bytes(0x18)  # a reset that lost the BARs
+
+    bench = Bench(arch_class=ResettingArch)
+    space = bytearray(b"\xff" * 4096)
+    space[0x10:0x14] = (0xFEA94000).to_bytes(4, "little")
+    bench.arch.pci_config[0x00D8] = space
+    bench.running(pci_demo(), 1)
+    assert cfg(bench, 0x10) == 0xFEA94000
 
 
 def test_header_write_rules_for_endpoints() -> None:
@@ -531,7 +555,8 @@ def test_statistics_counters_and_cpu_info() -> None:
     hv = bench.hv
     hv.handle_pio(2, 0x80, 1, True, 0)
     hv.count_exit(2, CpuStat.VMEXITS_CPUID)
-    assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_TOTAL) == 2
+    # plus the two management exits of load and start (see the next test)
+    assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_TOTAL) == 4
     assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_PIO) == 1
     assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_CPUID) == 1
     # the hypercall itself is counted before it reads the counter
@@ -541,6 +566,42 @@ def test_statistics_counters_and_cpu_info() -> None:
     assert bench.call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_MMIO) == 0x7FFFFFFF
     bench.call(Hypercall.CELL_DESTROY, 1)
     assert hv.cpus[2].stats == [0] * 12
+
+
+def test_each_suspension_of_a_cell_cpu_is_a_management_exit() -> None:
+    """arch_suspend_cpu sends an NMI to a CPU that is not suspended yet: a management exit
+    (cell_set_loadable and cell_start each suspend the cell; create clears the counters);
+    the root's CPUs run natively and count nothing."""
+    bench = Bench()
+    assert bench.create(linux_x86_demo(), 1) == 0
+    info = (Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_MANAGEMENT)
+    assert bench.call(*info) == 0
+    assert bench.call(Hypercall.CELL_SET_LOADABLE, 1) == 0
+    assert bench.call(*info) == 1
+    assert bench.call(Hypercall.CELL_START, 1) == 0
+    hv = bench.hv
+    for cpu in (2, 3):
+        assert hv.cpus[cpu].stats[CpuStat.VMEXITS_MANAGEMENT] == 2
+        assert hv.cpus[cpu].stats[CpuStat.VMEXITS_TOTAL] == 2
+    assert hv.cpus[1].stats == [0] * 12
+
+
+def test_exits_the_machine_handled_are_added_to_the_counters() -> None:
+    """CPU_GET_INFO adds what the Arch counted below the model (an executor's KVM handles
+    CPUID, MSRs ... in the kernel) to the model's own counts; the root's CPUs have none."""
+
+    class CountingArch(OracleArch):
+        def cpu_exit_counts(self, cpu: int) -> dict[CpuStat, int]:
+            return {CpuStat.VMEXITS_CPUID: 500, CpuStat.VMEXITS_TOTAL: 510 + 0xFFFFFFFF}
+
+    bench = Bench(arch_class=CountingArch)
+    bench.running(tiny_demo(), 1)
+    call = bench.call
+    assert call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_CPUID) == 500
+    # u32 counters: 2 management exits + 510 + 2**32 - 1 wraps to 511
+    assert call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_TOTAL) == 511
+    assert call(Hypercall.CPU_GET_INFO, 2, 1000 + CpuStat.VMEXITS_PIO) == 0
+    assert call(Hypercall.CPU_GET_INFO, 1, 1000 + CpuStat.VMEXITS_CPUID) == 0
 
 
 def test_cell_fails_only_when_all_cpus_failed() -> None:

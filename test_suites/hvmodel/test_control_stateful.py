@@ -264,9 +264,11 @@ class ModelMachine(RuleBasedStateMachine):
         if not runners:
             return
         cpu = runners[pick % len(runners)]
+        before = cell.state
         assert not self.hv.handle_pio(cpu, 0x70, 1, True, 0).handled
+        # panic_park: FAILED once every CPU of the cell failed, else the state stays.
         all_failed = all(self.hv.cpus[c].failed for c in cell.cpus)
-        assert (cell.state == CellState.FAILED) == all_failed or cell.state != CellState.RUNNING
+        assert cell.state == (CellState.FAILED if all_failed else before)
 
     # -- invariants ----------------------------------------------------------------------------
 

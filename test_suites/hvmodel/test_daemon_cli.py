@@ -1,6 +1,6 @@
 """The ``jailhouse`` command and the driver daemon on the host, with the oracle Arch.
 
-Every test runs the real command (``images/guest/bin/jailhouse``) as a subprocess with
+Every test runs the real command (``images/guest/libexec/jailhouse``) as a subprocess with
 ``JAILHOUSE_RUN_DIR`` in a temporary directory; ``enable`` starts the daemon exactly as in
 the lab (``--arch oracle``, the apic-demo cell refusing its first shutdown, the debug
 console written to a file since the host has no lab UART). An in-process
@@ -33,7 +33,7 @@ from harness.hvmodel.sysfs import cell_list, sysfs_tree
 from harness.hvmodel.tool import CellStats
 
 REPO = Path(__file__).resolve().parents[2]
-JAILHOUSE = REPO / "images" / "guest" / "bin" / "jailhouse"
+JAILHOUSE = REPO / "images" / "guest" / "libexec" / "jailhouse"
 CONFIGS = REPO / "harness" / "configs"
 #: seconds one command may take
 COMMAND_TIMEOUT = 60.0

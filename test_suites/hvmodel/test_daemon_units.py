@@ -6,24 +6,25 @@ text, ``cell stats`` rendering and ``hardware check``."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from harness.hvmodel.abi import CELL_ID_UNUSED
-from harness.hvmodel.daemon import (
-    ConsoleRing,
-    DaemonError,
-    SysfsWriter,
-    Uart8250,
-    dump_delta,
-    make_arch,
-    parse_memmap,
-)
-from harness.hvmodel.ipc import CellId, RunDir
+from harness.hvmodel.archfactory import make_arch
+from harness.hvmodel.console_ring import ConsoleRing, dump_delta
+from harness.hvmodel.errors import DaemonError
+from harness.hvmodel.hostprobe import parse_memmap
+from harness.hvmodel.ipc import CellId, RunDir, b64decode, b64encode, decode, encode
+from harness.hvmodel.sysfs_files import SysfsWriter
 from harness.hvmodel.tool import USAGE, CellStats, HardwareCheck, Tool, strtoll
+from harness.hvmodel.uart import DebugConsole, Uart8250
 
 #: ``help()`` of Jailhouse's tools/jailhouse.c (master) for the built-in commands
 JAILHOUSE_USAGE = """Usage: jailhouse { COMMAND | --help | --version }
@@ -252,3 +253,93 @@ def test_hardware_check_format(tmp_path: Path) -> None:
     )
     assert status == 2
     assert err.getvalue() == ""
+
+
+class SlowTarget:
+    """A console target that takes its time per write and records what it got."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        time.sleep(self.delay)
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_debug_console_flush_waits_for_the_target() -> None:
+    """Text goes out in order from the console's thread; :meth:`flush` returns once all
+    of it reached the target (and says so), or reports that it did not in time."""
+    console = DebugConsole()
+    target = SlowTarget(0.2)
+    console.set_target(target, "slow")
+    for index in range(3):
+        console.write(b"line %d\n" % index)
+    assert not console.flush(0.01)
+    assert console.flush(10)
+    assert target.data == b"line 0\nline 1\nline 2\n"
+    console.close()
+    assert target.closed
+
+
+@pytest.mark.parametrize("message", [
+    {"op": "cell_load", "cell": {"id": -1, "name": "h\u00e9llo\u2028"},
+     "images": [{"data": "", "target": 0}]},
+    {"result": -22, "errno": "EINVAL", "kernel_log": ["a\nb"], "console": "\x00\xff", "detail": None},
+    {"follow": True, "head": 12345678901234567890, "ratio": 0.5, "empty": {}, "list": []},
+])
+def test_wire_lines_are_compact_json(message: dict[str, object]) -> None:
+    """The wire codec (on ``_json``, without the ``json`` package) writes what
+    ``json.dumps`` writes with compact separators, and reads it back."""
+    line = encode(message)
+    assert line == json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    assert decode(line) == message
+
+
+@pytest.mark.parametrize("line", [b"", b"[1]", b"{", b'{"a":1} x', b'{"a":NaN}', b"\xff"])
+def test_malformed_wire_lines_are_value_errors(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode(line)
+
+
+def test_base64_on_the_wire_is_strict() -> None:
+    data = bytes(range(256))
+    assert b64decode(b64encode(data)) == data
+    for text in ("a", "@@@@", "YQ==YQ=="):
+        with pytest.raises(ValueError):
+            b64decode(text)
+
+
+#: modules the ``jailhouse`` command must not import on its way to the daemon when it runs
+#: without the loader: each costs a noticeable part of a second under the lab's nested TCG.
+#: What :mod:`harness.hvmodel.abi` needs (enum, typing, dataclasses) is allowed: the cell id
+#: conventions have one definition, and the loader path imports it once for all commands.
+HEAVY_MODULES = ("json", "pathlib", "socket", "subprocess", "logging", "threading",
+                 "harness.hvmodel.control", "harness.hvmodel.config", "harness.hvmodel.daemon")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["cell", "list"], ["cell", "start", "x"]])
+def test_the_command_imports_only_the_wire_protocol(tmp_path: Path, argv: list[str]) -> None:
+    """``jailhouse`` started as in the lab (``python3 -IS``) runs its built-in commands with
+    the interpreter's own modules, :mod:`harness.hvmodel.ipc` and the ABI, nothing of the model."""
+    repo = Path(__file__).resolve().parents[2]
+    script = repo / "images" / "guest" / "libexec" / "jailhouse"
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        f"sys.argv = ['jailhouse', *{argv!r}]\n"
+        f"path = {str(script)!r}\n"
+        "try:\n"
+        "    exec(compile(open(path).read(), path, 'exec'), {'__name__': '__main__', '__file__': path})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    env = {"JAILHOUSE_RUN_DIR": os.fspath(tmp_path)}
+    result = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.stderr.splitlines()[-1] == "[]", result.stderr

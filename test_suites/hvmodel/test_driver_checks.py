@@ -172,6 +172,18 @@ def test_pci_devices_claimed_and_released() -> None:
     assert driver.kernel_log[-1] == 'Destroyed Jailhouse cell "pci-demo"'
 
 
+def test_a_device_linux_lacks_is_not_claimed() -> None:
+    """jailhouse_pci_claim_release finds no Linux device for a configured BDF the machine
+    lacks (e1000-demo.cell's 00:19.0 on QEMU) and does nothing: no claim, no log line."""
+    from test_model_configs import pci_demo
+
+    driver = enabled(HostInfo(pci_devices=frozenset({(0, 0x0008)})))
+    driver.cell_create(pci_demo().to_bytes())
+    assert driver.claimed == set()
+    assert not any("claimed for use" in line for line in driver.kernel_log)
+    assert driver.kernel_log[-1] == 'Created Jailhouse cell "pci-demo"'
+
+
 LoadCase = tuple[str, list[Image], Errno]
 LOAD_CASES: list[LoadCase] = [
     ("outside every region", [Image(b"x", 0x200000)], Errno.EINVAL),

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,18 +42,33 @@ def test_summary_shows_nested_virtualization_and_iommu(lab: Lab) -> None:
                    check=True).stdout.strip() == str(summary.iommu_groups)
 
 
+def write_window(lab: Lab, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``WINDOW + offset`` from the root cell (``/dev/mem``)."""
+    script = (
+        "import mmap, os\n"
+        "fd = os.open('/dev/mem', os.O_RDWR)\n"
+        f"m = mmap.mmap(fd, 0x10000, offset={WINDOW:#x})\n"
+        f"m[{offset}:{offset + len(data)}] = bytes.fromhex('{data.hex()}')\n"
+    )
+    lab.run("python3 -", stdin=script, check=True)
+
+
+def read_window(lab: Lab, offset: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``WINDOW + offset`` in the root cell (``/dev/mem``)."""
+    script = (
+        "import mmap, os\n"
+        "fd = os.open('/dev/mem', os.O_RDONLY)\n"
+        f"m = mmap.mmap(fd, 0x10000, prot=mmap.PROT_READ, offset={WINDOW:#x})\n"
+        f"print(m[{offset}:{offset + size}].hex())\n"
+    )
+    return bytes.fromhex(lab.run("python3 -", stdin=script, check=True).stdout.strip())
+
+
 def test_reserved_window_written_in_guest_is_read_by_host(lab: Lab) -> None:
     """Guest writes a pattern to physical memory through /dev/mem; QMP reads it back."""
     pattern = secrets.token_bytes(64)
-    offset = 0x5000
-    script = (
-        "import mmap, os, sys\n"
-        f"fd = os.open('/dev/mem', os.O_RDWR)\n"
-        f"m = mmap.mmap(fd, 0x10000, offset={WINDOW:#x})\n"
-        f"m[{offset}:{offset + len(pattern)}] = bytes.fromhex('{pattern.hex()}')\n"
-    )
-    lab.run("python3 -", stdin=script, check=True)
-    assert lab.qmp.read_phys(WINDOW + offset, len(pattern)) == pattern
+    write_window(lab, 0x5000, pattern)
+    assert lab.qmp.read_phys(WINDOW + 0x5000, len(pattern)) == pattern
 
 
 def test_window_is_hidden_from_the_root_kernel(lab: Lab) -> None:
@@ -227,17 +243,22 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_reset_restores_the_snapshot(lab: Lab) -> None:
-    """A reset brings back the saved state: files written later are gone, the consoles,
-    QMP (the lab's own and its relay for other processes) and ssh work again on the
-    restored machine, and devices QEMU cannot migrate
-    (``edu``) decode their BARs again where the guest had put them."""
+    """A reset brings back the saved state: files written later are gone, physical
+    memory holds what it held at the snapshot (seen over QMP and from the guest), the
+    consoles, QMP (the lab's own and its relay for other processes) and ssh work again
+    on the restored machine, and devices QEMU cannot migrate (``edu``) decode their BARs
+    again where the guest had put them."""
     from harness.qmp import QmpSession
 
     token = secrets.token_hex(4)
+    saved, later = secrets.token_bytes(64), secrets.token_bytes(64)
     lab.run(f"echo {token} > /root/reset-marker", check=True)
+    write_window(lab, 0x6000, saved)
     old_pid = lab.machine.pid if lab.machine else None
     lab.snapshot()
     lab.run("echo changed > /root/reset-marker; touch /root/after-snapshot", check=True)
+    write_window(lab, 0x6000, later)
+    assert lab.qmp.read_phys(WINDOW + 0x6000, 64) == later
     assert lab.run_dir is not None
     other = QmpSession(lab.run_dir / "qmp.sock", name="another process's view")  # the relay
     other.connect()
@@ -253,7 +274,8 @@ def test_reset_restores_the_snapshot(lab: Lab) -> None:
     assert lab.qmp.status() == "running"
     lab.run("echo restored-console > /dev/ttyS0", check=True)
     lab.console.expect("restored-console", timeout=20)
-    assert lab.qmp.read_phys(0, 4) == lab.qmp.read_phys(0, 4)
+    assert lab.qmp.read_phys(WINDOW + 0x6000, 64) == saved  # the restored RAM, over QMP
+    assert read_window(lab, 0x6000, 64) == saved                # and as the guest sees it
     edu = next(dev for dev in lab.qmp.pci_devices() if dev["bdf"] == "01:01.0")
     bar0 = lab.run("setpci -s 01:01.0 BASE_ADDRESS_0", check=True).stdout.strip()
     assert edu["regions"][0]["address"] == int(bar0, 16) & ~0xF != 0
@@ -266,23 +288,78 @@ def test_guest_tools_are_on_the_path_over_ssh(lab: Lab) -> None:
     assert out.stdout.strip() == "/opt/jhlab/bin/jailhouse"
 
 
+def test_jailhouse_commands_run_in_the_preloaded_loader(lab: Lab) -> None:
+    """The lab's init starts the driver loader; ``jailhouse`` (the launcher) has it run the
+    command, and without it (a socket that does not exist) runs the Python command: the
+    same output either way."""
+    served = lab.run("jailhouse --version && tail -n 20 /run/jhlab-loader.log", check=True).stdout
+    version, _, log = served.partition("\n")
+    assert version == "Jailhouse management tool v0.12 (jhlab)"
+    assert "command " in log and "forked: jailhouse --version" in log
+    alone = lab.run("JAILHOUSE_LOADER=/run/no-such-loader jailhouse --version", check=True)
+    assert alone.stdout.strip() == version
+
+
+def _own_run_dirs(label: str) -> list[Path]:
+    """Run directories of ``label`` this process owns (their owner file names it)."""
+    from harness import runtime
+
+    own = []
+    for path in Path(tempfile.gettempdir()).glob(f"{runtime.RUN_DIR_PREFIX}{label}-*"):
+        try:
+            owner = json.loads((path / runtime.OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("pid") == os.getpid():
+            own.append(path)
+    return own
+
+
+def host_cpu_flags() -> set[str]:
+    """The host CPU's vmx/svm flags, read here from /proc/cpuinfo (not through the code
+    under test)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split()) & {"vmx", "svm"}
+    return set()
+
+
 @pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm here")
 def test_kvm_probe_boot_decides_from_what_the_guest_shows(tmp_path: Path) -> None:
     """The probe really boots the lab kernel on KVM; it picks KVM only if the root cell
-    comes up and shows vmx/svm, and otherwise falls back to TCG saying why."""
+    comes up and shows vmx/svm, and otherwise falls back to TCG saying why. What it may
+    decide follows from the host: a CPU without vmx/svm cannot give a guest nested
+    virtualization, so the probe must fall back (on a PVM host because the stock kernel
+    never comes up, which it names); ``auto`` then chooses TCG without probing at all."""
     from harness.images import ImageBuilder
-    from harness.machine import TCG_CPU, _host_virt_flags, _probe_kvm
+    from harness.machine import TCG_CPU, _probe_kvm, choose_accel
 
     images = ImageBuilder(quiet=True).build()
+    started = time.monotonic()
     choice = _probe_kvm(images, tmp_path, timeout=20)
+    probe_seconds = time.monotonic() - started
     assert (tmp_path / "kvm-probe" / "qemu-cmdline.txt").read_text().count("-accel kvm") == 1
+    assert not _own_run_dirs("kvm-probe")  # (other processes on this machine may probe meanwhile)
+    flags = host_cpu_flags()
     if choice.accel == "kvm":
+        assert flags, f"KVM chosen on a host CPU without vmx/svm: {choice.reason}"
         assert {"vmx", "svm"} & set(choice.reason.split())
+        return
+    assert choice.cpu == TCG_CPU
+    if flags:
+        assert "did not reach the root cell" in choice.reason or "no vmx/svm" in choice.reason
+        return
+    # This host cannot nest: the probe's guest shows no vmx/svm or never comes up.
+    if Path("/sys/module/kvm_pvm").exists():
+        assert choice.reason == ("a KVM probe boot did not reach the root cell within 20 s (this "
+                                 "host's /dev/kvm is PVM, which cannot boot a stock kernel)")
+        assert probe_seconds >= 20  # it waited for the root cell, it did not guess
     else:
-        assert choice.cpu == TCG_CPU and choice.reason
-        if not _host_virt_flags():
-            assert "did not reach the root cell" in choice.reason or "no vmx/svm" in choice.reason
-    assert not list(Path("/tmp").glob("jhlab-kvm-probe-*"))
+        assert "did not reach the root cell" in choice.reason or "no vmx/svm" in choice.reason
+    auto = choose_accel("auto", images, log_dir=tmp_path / "auto")
+    assert (auto.accel, auto.cpu) == ("tcg", TCG_CPU)
+    assert "neither vmx nor svm" in auto.reason
+    assert not (tmp_path / "auto" / "kvm-probe").exists()  # decided without a probe boot
 
 
 def test_configs_and_demos_sit_where_jailhouse_images_put_them(lab: Lab) -> None:

@@ -130,3 +130,21 @@ def test_empty_root_set_is_refused(tree: tuple[Path, Path]) -> None:
     cgroup, proc = tree
     with pytest.raises(ValueError, match="at least one CPU"):
         RootCpuset(cgroup, proc=proc).apply(set())
+
+
+def test_kernel_threads_are_checked_once_while_listed(tree: tuple[Path, Path]) -> None:
+    """A pid found to be a kernel thread is not read again by later sweeps while the root
+    cgroup keeps listing it; once it was gone from the list, its (reused) pid is checked
+    anew."""
+    cgroup, proc = tree
+    cpuset = RootCpuset(cgroup, proc=proc, keep={SELF})
+    cpuset.apply({0, 1})
+    procs = cgroup / "cgroup.procs"
+    procs.write_text("2\n3\n4242\n")  # the user processes moved (cgroupfs lists them no more)
+    (proc / "3" / "stat").unlink()  # read again, it would count as gone
+    (proc / "2" / "stat").write_text("2 (user) S 1 2 2 0 -1 4194560 0 0 0 0\n")  # pid 2 reused
+    assert cpuset.apply({0}) == []  # both still kernel threads for the sweep
+    procs.write_text("3\n")  # pid 2 left the root cgroup ...
+    cpuset.apply({0, 1})
+    procs.write_text("2\n3\n")  # ... and is back: a user process now
+    assert cpuset.apply({0}) == [2]

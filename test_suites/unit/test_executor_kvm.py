@@ -292,7 +292,8 @@ def test_unhandled_exit_is_fatal_with_a_register_dump(rig: Rig) -> None:
     after = lines[lines.index(fatal) + 1 :]
     assert after[0].startswith("RIP: 0x")
     assert 'Parking CPU 2 (Cell: "hello")' in after
-    assert rig.hv.cpus[2].stats[CpuStat.VMEXITS_TOTAL] == 1
+    # the fatal exit, after the management exits of cell load and start
+    assert rig.hv.cpus[2].stats[CpuStat.VMEXITS_TOTAL] == 3
     assert rig.hv.cell_by_id(cell_id).state == CellState.FAILED
     rig.driver.cell_destroy(cell_id)
 
@@ -501,7 +502,7 @@ def test_host_info_is_measured_on_the_keeper() -> None:
         info = arch.host_info()
         keeper = arch._keeper_vm
         assert keeper is not None and info.tsc_khz > 0 and info.apic_khz == 1_000_000
-        assert info.cpu_vendor in ("amd", "intel", "")
+        assert info.cpu_vendor == _vendor_from_cpuinfo()
         arch.init(load_source(CONFIGS / "qemu-x86.toml"))  # type: ignore[arg-type]
         assert arch._keeper_vm is keeper
     finally:
@@ -528,3 +529,14 @@ def test_host_info_helpers(tmp_path: Path) -> None:
     online.write_text("0-1,3\n")
     assert host.online_cpus(str(online)) == {0, 1, 3}
     assert host.online_cpus(str(tmp_path / "missing")) == frozenset()
+
+
+def _vendor_from_cpuinfo() -> str:
+    """What this host's CPU flags say the virtualization vendor is: ``amd`` with svm,
+    ``intel`` with vmx, ``""`` with neither (a PVM host)."""
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return "amd" if "svm" in flags else "intel" if "vmx" in flags else ""

@@ -1,10 +1,14 @@
 """Image helpers: module dependency order, kernel config checks, reproducible cpio,
-cache locking."""
+cache locking, the guest payload's byte code."""
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +17,7 @@ import pytest
 
 from harness import images
 from harness.errors import ImageError
-from harness.images import Kernel, check_kernel_config, write_cpio
+from harness.images import GUEST_PYTHON_CACHE_TAG, Kernel, build_payload, check_kernel_config, write_cpio
 
 
 def _kernel(tmp_path: Path) -> Kernel:
@@ -114,3 +118,73 @@ def test_kernel_package_is_asked_once_per_apt_lists_state(tmp_path: Path,
     os.utime(lists / "Packages", ns=(1, 10**18))  # apt-get update touched the lists
     assert builder.resolve_kernel_package() == expected
     assert len(asked) == 4
+
+
+def test_payload_carries_hash_checked_bytecode(tmp_path: Path) -> None:
+    """The payload's modules come byte-compiled for the guest's Python (hash-checked, so
+    the time stamps of the reproducible archive do not matter) when the host's Python is
+    the guest's version; the guest tools include the setup hook that starts the loader."""
+    payload = build_payload(tmp_path / "payload.cpio.gz", authorized_key="ssh-ed25519 AAAA test")
+    listing = subprocess.run(["cpio", "-t", "--quiet"], input=gzip.decompress(payload.read_bytes()),
+                             capture_output=True, check=True).stdout.decode().split()
+    assert "jhlab/bin/jailhouse" in listing and "jhlab/bin/jhlab-guest-setup" in listing
+    pyc = f"jhlab/lib/harness/hvmodel/__pycache__/tool.{GUEST_PYTHON_CACHE_TAG}.pyc"
+    if sys.implementation.cache_tag != GUEST_PYTHON_CACHE_TAG:
+        assert pyc not in listing
+        return
+    assert pyc in listing
+    subprocess.run(["cpio", "-id", "--quiet", pyc], input=gzip.decompress(payload.read_bytes()),
+                   cwd=tmp_path, check=True)
+    header = (tmp_path / pyc).read_bytes()[:8]
+    assert header[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(header[4:8], "little") == 0b11  # hash-based, checked (PEP 552)
+
+
+def test_payload_carries_the_root_cell_modules_and_their_loader(tmp_path: Path) -> None:
+    """jhlab's root-cell modules go to ``modules/`` of the payload (``/opt/jhlab/modules``
+    in the root cell), next to ``bin/jhlab-guest-setup``, which jhlab-init runs at boot and
+    which loads them."""
+    built = tmp_path / "root-modules"
+    built.mkdir()
+    (built / "jhlab_gsi.ko").write_bytes(b"\x7fELF module")
+    (built / "build.json").write_text("{}")
+    payload = images.build_payload(tmp_path / "payload.cpio.gz", authorized_key="ssh-ed25519 AAAA x",
+                                   modules=built)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=gzip.decompress(payload.read_bytes()),
+                   cwd=unpacked, check=True)
+    root = unpacked / "jhlab"
+    assert sorted(p.name for p in (root / "modules").iterdir()) == ["jhlab_gsi.ko"]
+    assert (root / "modules" / "jhlab_gsi.ko").read_bytes() == b"\x7fELF module"
+    setup = root / "bin" / "jhlab-guest-setup"
+    assert os.access(setup, os.X_OK)
+    assert "/opt/jhlab/modules/*.ko" in setup.read_text() and "insmod" in setup.read_text()
+
+
+def test_inputs_key_follows_what_images_are_built_from(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """jhlab images key: stable; changed by a recipe, a kernel config fragment or another
+    kernel package; not by the guest tools (they go in the per-boot payload)."""
+    from harness.recipes import Recipes, find_recipes
+
+    source = find_recipes()
+    tree = tmp_path / "tree"
+    for folder in ("images", "kernel_configs"):
+        shutil.copytree(source.root / folder, tree / folder, symlinks=True,
+                        ignore=shutil.ignore_patterns("build"))
+    builder = images.ImageBuilder(quiet=True, recipes=Recipes(tree))
+    monkeypatch.setattr(builder, "resolve_kernel_package", lambda: ("linux-image-6.1.0-9-amd64", "6.1.1-1"))
+    key = builder.inputs_key()
+    assert key == builder.inputs_key() and len(key) == 16
+    (tree / "images" / "guest" / "bin" / "jailhouse").write_text("#!/bin/sh\n")
+    assert builder.inputs_key() == key
+    changes = []
+    with open(tree / "images" / "rootfs" / "packages.txt", "a") as packages:
+        packages.write("strace\n")
+    changes.append(builder.inputs_key())
+    (tree / "kernel_configs" / "root-cell.config").write_text("CONFIG_KVM=y\n")
+    changes.append(builder.inputs_key())
+    monkeypatch.setattr(builder, "resolve_kernel_package", lambda: ("linux-image-6.1.0-9-amd64", "6.1.1-2"))
+    changes.append(builder.inputs_key())
+    assert len({key, *changes}) == 4

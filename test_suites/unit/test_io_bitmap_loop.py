@@ -2,47 +2,39 @@
 machine-code KVM_RUN loop that performs the port accesses a cell's I/O bitmap opens and
 hands every other exit back to Python.
 
-The guests run on this machine's /dev/kvm and touch one real port, 0x80 (the POST code
-port, which Linux itself writes for I/O delays); they are skipped without /dev/kvm or
-without ``ioperm`` (root). Every run is bounded by a watchdog kick.
+The checks that run guests on a real port (``io_bitmap_checks.py``) need /dev/kvm and
+``ioperm``: here they run where the host allows both, and are skipped, saying so, where it
+does not (a PVM host refuses ``ioperm``); ``test_suites/integration/test_io_bitmap_in_lab.py``
+runs the same checks in the lab VM, where they always can.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import mmap
 import os
-import threading
 from collections.abc import Iterator
 
 import pytest
+from io_bitmap_checks import (
+    bitmap,
+    check_a_kick_ends_the_loop_with_an_interrupt_exit,
+    check_auto_backend_is_native,
+    check_open_ports_are_served_and_the_rest_come_back,
+    expect_io,
+    ioperm_works,
+    native_ports,
+    watchdog,
+)
 
 from harness.hvmodel.arch import hostmem, kvm, portio
 from harness.hvmodel.arch.kvm import structs
 from harness.hvmodel.arch.vcpu import jailhouse_vcpu_reset, jailhouse_vcpu_setup
 
-POST = 0x80
-UART = 0x2F8
-ROUNDS = 100
-
-
-def _ioperm_works() -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return bool(libc.ioperm(POST, 1, 0) == 0)
-
-
-needs_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK) or not _ioperm_works(),
-    reason="needs /dev/kvm and ioperm (root)",
+needs_ioperm = pytest.mark.skipif(
+    not os.access("/dev/kvm", os.R_OK | os.W_OK) or not ioperm_works(),
+    reason="needs /dev/kvm and ioperm, which this host refuses; the lab runs these checks "
+    "(integration/test_io_bitmap_in_lab.py)",
 )
-
-
-def bitmap(*ports: int) -> bytearray:
-    data = bytearray(0x10000)
-    for port in ports:
-        data[port] = 1
-    return data
 
 
 def test_open_ranges_are_the_runs_of_open_ports() -> None:
@@ -93,105 +85,25 @@ def test_a_loop_keeps_the_machine_code_mapped_after_close() -> None:
     run_page.close()  # the loop held no export of the run page
 
 
-#: every test here may run guests: the kick handler first (conftest.py)
-pytestmark = pytest.mark.usefixtures("kick_handler")
+@pytest.mark.usefixtures("kick_handler")
+@needs_ioperm
+def test_open_ports_are_served_and_the_rest_come_back() -> None:
+    """The open port is served in the loop; a wide access reaching a closed port, closed
+    ports and string I/O come back as exits (see the check)."""
+    check_open_ports_are_served_and_the_rest_come_back()
 
 
-@pytest.fixture
-def native() -> Iterator[portio.NativePorts]:
-    ports = portio.NativePorts()
-    try:
-        yield ports
-    finally:
-        ports.close()
+@pytest.mark.usefixtures("kick_handler")
+@needs_ioperm
+def test_a_kick_ends_the_loop_with_an_interrupt_exit() -> None:
+    """A guest spinning on the open port stays in the loop until kicked (see the check)."""
+    check_a_kick_ends_the_loop_with_an_interrupt_exit()
 
 
-@contextlib.contextmanager
-def watchdog(vcpu: kvm.Vcpu, seconds: float = 5.0) -> Iterator[None]:
-    timer = threading.Timer(seconds, vcpu.kick)
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-def guest(vm: kvm.Vm, code: bytes) -> kvm.Vcpu:
-    memory = hostmem.anonymous_memory(0x10000)
-    memory[: len(code)] = code
-    vm.add_memory(0, memory)
-    vcpu = vm.create_vcpu(0)
-    jailhouse_vcpu_setup(vcpu)
-    jailhouse_vcpu_reset(vcpu, 0)
-    return vcpu
-
-
-# Real mode at 0: ROUNDS pairs of OUT/IN on the open port, then what the loop must hand back.
-GUEST = bytes(
-    [
-        0xB9, ROUNDS, 0x00,     # mov cx, ROUNDS
-        0xE6, POST,             # l: out 0x80, al
-        0xE4, POST,             #    in al, 0x80
-        0xE2, 0xFA,             #    loop l
-        0xE7, POST,             # out 0x80, ax       (0x81 closed: back to Python)
-        0xBA, 0xF8, 0x02,       # mov dx, 0x2f8
-        0xB0, 0x58,             # mov al, 'X'
-        0xEE,                   # out dx, al         (closed port)
-        0xEC,                   # in al, dx          (closed; the test answers 0x42)
-        0xEE,                   # out dx, al         (echo)
-        0xBA, POST, 0x00,       # mov dx, 0x80
-        0xBF, 0x00, 0x80,       # mov di, 0x8000
-        0xB9, 0x02, 0x00,       # mov cx, 2
-        0xF3, 0x6C,             # rep insb           (string I/O, count 2: back to Python)
-        0xF4,                   # hlt
-    ]
-)  # fmt: skip
-
-
-def expect_io(exit_: kvm.VcpuExit, port: int, size: int, is_write: bool, count: int = 1) -> kvm.IoExit:
-    assert isinstance(exit_, kvm.IoExit), exit_
-    assert (exit_.port, exit_.size, exit_.is_write, exit_.count) == (port, size, is_write, count)
-    return exit_
-
-
-@needs_kvm
-def test_open_ports_are_served_and_the_rest_come_back(vm: kvm.Vm, native: portio.NativePorts) -> None:
-    """Every access to the open port is performed in the loop; a wider access that
-    reaches a closed port, closed ports and string I/O come back as exits, with the IN
-    data the caller stores delivered to the guest. (A string OUT exits with a count of 1,
-    one element at a time: KVM does not tell it from a plain OUT, so only the read-ahead
-    of a string IN shows a count.)"""
-    vcpu = guest(vm, GUEST)
-    loop = native.io_bitmap_loop(vcpu.fd, vcpu.run_page, bitmap(POST))
-    with watchdog(vcpu):
-        expect_io(vcpu.run_native(loop), POST, 2, True)
-        assert loop.served == 2 * ROUNDS
-        assert expect_io(vcpu.run_native(loop), UART, 1, True).value() == ord("X")
-        expect_io(vcpu.run_native(loop), UART, 1, False).set_value(0x42)
-        assert expect_io(vcpu.run_native(loop), UART, 1, True).value() == 0x42
-        expect_io(vcpu.run_native(loop), POST, 1, False, count=2)
-    assert loop.served == 2 * ROUNDS
-    assert vcpu.get_regs().rcx & 0xFFFF == 2  # the REP was not executed
-
-
-@needs_kvm
-def test_a_kick_ends_the_loop_with_an_interrupt_exit(vm: kvm.Vm, native: portio.NativePorts) -> None:
-    """A guest that only touches the open port stays in the loop until kicked; then
-    run_native returns IntrExit and clears immediate_exit, so the next run goes on."""
-    vcpu = guest(vm, bytes([0xE6, POST, 0xEB, 0xFC]))  # l: out 0x80, al ; jmp l
-    loop = native.io_bitmap_loop(vcpu.fd, vcpu.run_page, bitmap(POST))
-    timer = threading.Timer(0.2, vcpu.kick)
-    timer.start()
-    try:
-        with watchdog(vcpu):
-            assert isinstance(vcpu.run_native(loop), kvm.IntrExit)
-    finally:
-        timer.cancel()
-    first = loop.served
-    assert first > 0
-    with watchdog(vcpu, 0.2):
-        assert isinstance(vcpu.run_native(loop), kvm.IntrExit)
-    assert loop.served > first
+@needs_ioperm
+def test_auto_backend_is_native_where_ioperm_works() -> None:
+    """With ``ioperm`` the executor's automatic port backend is the native one."""
+    check_auto_backend_is_native()
 
 
 # Real mode at 0: the PCI configuration ports, for a device outside the cell (00:02.0),
@@ -224,6 +136,12 @@ PCI_GUEST = bytes.fromhex(
 )
 
 CELL_DEVICE = 0x0018  # 00:03.0
+
+
+@pytest.fixture
+def native() -> Iterator[portio.NativePorts]:
+    with native_ports() as ports:
+        yield ports
 
 
 def pci_bitmap() -> bytearray:

@@ -17,7 +17,7 @@ import pytest
 
 from harness.errors import ImageError, MissingToolError
 from harness.images import HOST_BUSYBOX, Kernel
-from harness.kbuild import KernelBuildError, KernelConfigError, debian, linux_cell, root_kvm
+from harness.kbuild import KernelBuildError, KernelConfigError, debian, linux_cell, modules, root_kvm
 from harness.kbuild.kconfig import Fragment, config_changes, kconfig_dependencies, parse_config, unmet
 from harness.kbuild.process import BuildLog
 from harness.progress import Step
@@ -346,3 +346,65 @@ def test_root_file_system_key_follows_the_files_it_carries(
                                      {"usr/share/jailhouse/linux/bzImage": guest})
     guest.write_bytes(b"kernel 2")
     assert key != builder.rootfs_key(kernel, {"usr/share/jailhouse/linux/bzImage": guest})
+
+
+# -- jhlab's root-cell modules -------------------------------------------------------------
+
+
+def _debian_headers_tree(root: Path, release: str, *, include: str | None = None,
+                         scripts: str | None = None) -> Path:
+    """The flavour tree of a Debian linux-headers package, as extracted."""
+    abi = release.rsplit("-", 1)[0]
+    tree = root / "usr" / "src" / f"linux-headers-{release}"
+    tree.mkdir(parents=True)
+    common = include or f"/usr/src/linux-headers-{abi}-common/Makefile"
+    (tree / "Makefile").write_text(f"include {common}\n")
+    (tree / "scripts").symlink_to(scripts or "../../lib/linux-kbuild-6.1/scripts")
+    return tree
+
+
+def test_debian_headers_name_the_packages_they_include(tmp_path: Path) -> None:
+    """The common tree comes from the flavour Makefile's include, the kbuild package from
+    the scripts link; anything else is refused with what was found."""
+    tree = _debian_headers_tree(tmp_path / "a", "6.1.0-57-amd64")
+    assert modules._included_packages(tree) == ("linux-headers-6.1.0-57-common",
+                                                     "linux-kbuild-6.1")
+    odd = _debian_headers_tree(tmp_path / "b", "6.1.0-57-amd64", scripts="../scripts")
+    with pytest.raises(ImageError, match="not laid out as Debian's headers"):
+        modules._included_packages(odd)
+
+
+def test_module_folders_are_those_with_a_kbuild(tmp_path: Path) -> None:
+    (tmp_path / "b_mod").mkdir()
+    (tmp_path / "b_mod" / "Kbuild").write_text("obj-m := b_mod.o\n")
+    (tmp_path / "a_mod").mkdir()
+    (tmp_path / "a_mod" / "Kbuild").write_text("obj-m := a_mod.o\n")
+    (tmp_path / "notes").mkdir()
+    assert [p.name for p in modules.module_sources(tmp_path)] == ["a_mod", "b_mod"]
+    assert modules.module_sources(tmp_path / "missing") == []
+    assert [p.name for p in modules.module_sources()] == ["jhlab_gsi"]
+
+
+def test_jhlab_gsi_builds_against_debians_headers(tmp_path: Path) -> None:
+    """jhlab_gsi compiles without a warning against the Debian headers in the cache
+    (``jhlab images build`` fetches them), and carries the lab kernel's vermagic."""
+    images = debian.images_dir()
+    trees = sorted(images.glob("linux-headers_*/usr/src/linux-headers-*-amd64"))
+    kernels = sorted(images.glob("kernel-linux-image-*+kvm-*"))
+    if not trees or not kernels:
+        pytest.skip("no Debian headers or root kernel in the cache ('jhlab images build')")
+    tree, folder = trees[-1], kernels[-1]
+    package, version = folder.name.removeprefix("kernel-").split("+", 1)[0].split("_", 1)
+    kernel = Kernel(package, version, folder)
+    if f"linux-headers-{kernel.release}" != tree.name:
+        pytest.skip(f"cached headers {tree.name} are not those of {kernel.release}")
+    compiler = debian.compiler_of(parse_config((tree / ".config").read_text()))
+    staged = tmp_path / "out"
+    staged.mkdir()
+    with BuildLog(tmp_path / "build.log", Step("Building kmod"), quiet=True) as log:
+        built = modules._build_module(modules.module_sources()[0], tmp_path, staged,
+                                           tree, compiler, kernel, log)
+    assert built == {"jhlab_gsi.ko": "jhlab_gsi"}
+    text = (tmp_path / "build.log").read_text()
+    assert "warning:" not in text and "error:" not in text, text[-3000:]
+    assert root_kvm.modinfo_field(staged / "jhlab_gsi.ko", "license") == "GPL"

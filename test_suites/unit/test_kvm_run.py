@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import io
 import os
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.hvmodel.abi import CellState
-from harness.hvmodel.arch import hostmem, kvm, portio, runner
+from harness.hvmodel.abi import CPUID_1_ECX_XSAVE, CellState, CpuStat
+from harness.hvmodel.arch import hostmem, kvm, portio, runner, xsave
+from harness.hvmodel.arch.executor.cells import CellCpu
+from harness.hvmodel.arch.executor.exits import ExitDispatcher
 from harness.hvmodel.arch.kvm import structs
 from harness.hvmodel.arch.vcpu import Msr, jailhouse_vcpu_reset, jailhouse_vcpu_setup
 
@@ -138,6 +141,36 @@ def test_start_state_as_kvm_reports_it(vm: kvm.Vm) -> None:
     assert int.from_bytes(lapic[0x320:0x324], "little") & (1 << 16)  # LVT timer masked
     with watchdog(vcpu):
         expect_out(vcpu, UART, 1, ord("R"))  # the first instruction ran at 0x10000
+
+
+# Real mode: OUT the x2APIC timer divider (TDCR, MSR 0x83e), then set it to divide-by-1.
+TDCR_GUEST = bytes(
+    [
+        0x66, 0xB9, 0x3E, 0x08, 0x00, 0x00,  # mov ecx, 0x83e
+        0x0F, 0x32,                     # rdmsr
+        0xBA, 0xF8, 0x02,               # mov dx, 0x2f8
+        0x66, 0xEF,                     # out dx, eax        (TDCR as the cell finds it)
+        0x66, 0xB8, 0x0B, 0x00, 0x00, 0x00,  # mov eax, 0xb  (divide by 1)
+        0x66, 0x31, 0xD2,               # xor edx, edx
+        0x0F, 0x30,                     # wrmsr
+        0xBA, 0xF8, 0x02,               # mov dx, 0x2f8
+        0x66, 0xEF,                     # out dx, eax        (written)
+        0xF4,                           # hlt
+    ]
+)  # fmt: skip
+
+
+def test_apic_timer_divider_is_the_root_linux_one(vm: kvm.Vm) -> None:
+    """A cell CPU finds TDCR = divide-by-16, the divider the root's Linux programmed and
+    Jailhouse leaves alone (Jailhouse's inmate library relies on it: ``apic_khz / 16``);
+    a restart keeps what the last inmate wrote (Jailhouse's ``apic_clear`` keeps it)."""
+    vcpu = guest(vm, TDCR_GUEST)
+    with watchdog(vcpu):
+        expect_out(vcpu, UART, 4, 0x3)
+        expect_out(vcpu, UART, 4, 0xB)
+    jailhouse_vcpu_reset(vcpu, 0)
+    with watchdog(vcpu):
+        expect_out(vcpu, UART, 4, 0xB)
 
 
 def _cpuid_block(leaf: int) -> bytes:
@@ -700,3 +733,68 @@ def test_reset_after_an_unfinished_in(vm: kvm.Vm) -> None:
         regs = vcpu.get_regs()
         assert (regs.rip, regs.rax) == (0, 0)
         expect_out(vcpu, UART, 1, 0x41)
+
+
+def test_xsave_is_offered_only_when_xcr0_survives_an_exit(kick_handler: None) -> None:
+    """usable_xcr0 runs XSETBV, an exit, XGETBV in a scratch guest: on a KVM whose CPUID
+    announces XSAVE the guest keeps XCR0 (all announced components usable); a table
+    announcing XSAVE that this KVM cannot honour fails the test (XSAVE then hidden)."""
+    with kvm.Kvm() as dev:
+        supported = dev.supported_cpuid()
+        announced = xsave.xcr0_supported(supported)
+        assert xsave.usable_xcr0(dev, supported) == announced
+        if not announced:
+            claimed = [
+                dataclasses.replace(e, ecx=e.ecx | CPUID_1_ECX_XSAVE) if e.function == 1 else e
+                for e in supported if e.function != 0xD
+            ] + [kvm.CpuidEntry(0xD, 0, eax=0x7, ebx=0x240, ecx=0x340)]
+            assert xsave.xcr0_supported(claimed) == 0x7
+            assert xsave.usable_xcr0(dev, claimed, timeout=5.0) == 0
+
+
+# Real mode: WRMSR TMICT (0x838) with EDX=1, EAX=0x1000, then RDMSR TMICT, OUT EAX.
+X2APIC_UPPER_HALF_GUEST = bytes(
+    [
+        0x66, 0xB9, 0x38, 0x08, 0x00, 0x00,  # mov ecx, 0x838
+        0x66, 0xB8, 0x00, 0x10, 0x00, 0x00,  # mov eax, 0x1000
+        0x66, 0xBA, 0x01, 0x00, 0x00, 0x00,  # mov edx, 1
+        0x0F, 0x30,                     # wrmsr
+        0x0F, 0x32,                     # rdmsr
+        0xBA, 0xF8, 0x02,               # mov dx, 0x2f8
+        0x66, 0xEF,                     # out dx, eax
+        0xF4,                           # hlt
+    ]
+)  # fmt: skip
+
+
+def test_x2apic_writes_with_an_upper_half_as_jailhouse_emulates_them(vm: kvm.Vm) -> None:
+    """KVM refuses an x2APIC register write with bits 63:32 set (user-space MSR exit);
+    with the host's APIC in xAPIC mode Jailhouse emulates x2APIC and takes EAX only: the
+    executor writes the low half, counts an MSR exit, and the guest goes on (TMICT then
+    reads 0x1000). With an x2APIC host the write stays FATAL."""
+    vm.enable_cap(kvm.Cap.X86_USER_SPACE_MSR,
+                  structs.KVM_MSR_EXIT_REASON_UNKNOWN | structs.KVM_MSR_EXIT_REASON_INVAL)
+    vcpu = guest(vm, X2APIC_UPPER_HALF_GUEST)
+    calls: list[tuple[object, ...]] = []
+
+    class Handler:
+        def count_exit(self, cpu: int, stat: CpuStat) -> None:
+            calls.append((cpu, stat))
+
+        def panic_park(self, cpu: int, fatal: str | None = None) -> None:
+            calls.append((cpu, "panic", fatal))
+
+    exits = ExitDispatcher(vendor="amd", ports=lambda: None, native_pio=False)
+    exits.attach(lambda: Handler())  # type: ignore[arg-type,return-value]
+    cpu = CellCpu(0, None, vcpu)  # type: ignore[arg-type]
+    with watchdog(vcpu):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, kvm.MsrExit), exit_
+        assert (exit_.index, exit_.is_write, exit_.data) == (0x838, True, 0x1_0000_1000)
+        exits.x2apic_emulated = False
+        assert exits._x2apic_write_emulated(cpu, exit_) is False  # x2APIC host: refused
+        exits.x2apic_emulated = True
+        assert exits.handle_exit(cpu, exit_) is None
+        assert calls == [(0, CpuStat.VMEXITS_MSR_OTHER)]
+        out = vcpu.run()
+        assert isinstance(out, kvm.IoExit) and out.value() == 0x1000, out

@@ -6,6 +6,7 @@ region (§3.3), the runner's UART, size and port parsing, and the binding's erro
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import struct
 
@@ -19,6 +20,7 @@ from harness.hvmodel.arch.vcpu import (
     jailhouse_reset_sregs,
     lapic_reset_page,
 )
+from harness.hvmodel.arch.xsave import limit_xsave, xcr0_supported
 from harness.hvmodel.errors import Errno, HvError
 
 SUPPORTED = [
@@ -126,7 +128,8 @@ def test_segment_access_rights_round_trip() -> None:
 
 
 def test_lapic_reset_page() -> None:
-    """ID/version/LDR kept, LVTs masked, SVR 0xff, DFR all ones, everything else zero."""
+    """ID/version/LDR and the timer divider kept, LVTs masked, SVR 0xff, DFR all ones,
+    everything else zero."""
     current = bytearray(range(256)) * 4
     page = lapic_reset_page(current)
     assert len(page) == 1024
@@ -134,13 +137,14 @@ def test_lapic_reset_page() -> None:
     def reg(offset: int) -> int:
         return int.from_bytes(page[offset : offset + 4], "little")
 
-    for kept in (0x20, 0x30, 0xD0):
+    # TDCR (0x3e0) too: Jailhouse's apic_clear leaves the divider the last owner set
+    for kept in (0x20, 0x30, 0xD0, 0x3E0):
         assert page[kept : kept + 4] == current[kept : kept + 4]
     assert reg(0xE0) == 0xFFFFFFFF
     assert reg(0xF0) == 0xFF
     for lvt in (0x2F0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370):
         assert reg(lvt) == 1 << 16, hex(lvt)
-    others = set(range(0, 0x400, 0x10)) - {0x20, 0x30, 0xD0, 0xE0, 0xF0}
+    others = set(range(0, 0x400, 0x10)) - {0x20, 0x30, 0xD0, 0xE0, 0xF0, 0x3E0}
     others -= {0x2F0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370}
     assert all(reg(offset) == 0 for offset in others)  # TPR, ISR, IRR, TMICT, ...
 
@@ -228,3 +232,65 @@ def test_describe_exit_uses_jailhouse_wording() -> None:
     assert "emulation failure" in kvm.describe_exit(kvm.InternalErrorExit(1, (0, 1)))
     assert kvm.describe_exit(kvm.OtherExit(4)) == "Unhandled exit KVM_EXIT_DEBUG"
     assert kvm.OtherExit(999).reason == 999
+
+
+# A CPU with XSAVE, AVX, AVX2, AVX-512, MPX, PKU, VAES and AMX-TILE (and BMI1, GFNI that
+# need no XSAVE state); XCR0 components x87, SSE, YMM, AVX-512 (5-7) and PKRU (9), and
+# the supervisor component 8 (PT, in XSS: ECX bit 0).
+XSAVE_CPU = [
+    kvm.CpuidEntry(0, eax=0xD, ebx=0x756E6547, ecx=0x6C65746E, edx=0x49656E69),
+    kvm.CpuidEntry(1, eax=0x50654, ecx=(1 << 26) | (1 << 28) | (1 << 12) | (1 << 29) | (1 << 0),
+                   edx=0x078BFBFF),
+    kvm.CpuidEntry(7, 0, eax=1, ebx=(1 << 5) | (1 << 16) | (1 << 14) | (1 << 3) | (1 << 31),
+                   ecx=(1 << 9) | (1 << 3) | (1 << 8), edx=1 << 24),
+    kvm.CpuidEntry(7, 1, eax=1 << 4),
+    kvm.CpuidEntry(0xD, 0, eax=0x2E7, ebx=0x340, ecx=0xA88, edx=0),
+    kvm.CpuidEntry(0xD, 1, eax=0xF, ecx=1 << 8),
+    kvm.CpuidEntry(0xD, 2, eax=256, ebx=576),
+    kvm.CpuidEntry(0xD, 5, eax=64, ebx=1088),
+    kvm.CpuidEntry(0xD, 6, eax=512, ebx=1152),
+    kvm.CpuidEntry(0xD, 7, eax=1024, ebx=1664),
+    kvm.CpuidEntry(0xD, 8, eax=128, ecx=1),
+    kvm.CpuidEntry(0xD, 9, eax=8, ebx=2688),
+    kvm.CpuidEntry(0x80000001, ecx=(1 << 11) | (1 << 16) | (1 << 5)),
+]
+
+
+def test_no_usable_xsave_hides_xsave_and_everything_that_needs_it() -> None:
+    """Without usable XCR0 state: leaf 1 says no XSAVE, OSXSAVE, AVX, FMA, F16C; leaf 7
+    no AVX2, AVX-512, MPX, PKU, VAES, AMX, AVX-VNNI; 0xD all zero; AMD's XOP and FMA4
+    gone; features that need no XSAVE state (SSE3, BMI1, GFNI, LZCNT) stay."""
+    table = limit_xsave(XSAVE_CPU, 0)
+    assert _leaf(table, 1).ecx == 1 << 0  # SSE3 only
+    leaf7 = _leaf(table, 7)
+    assert (leaf7.ebx, leaf7.ecx, leaf7.edx) == (1 << 3, 1 << 8, 0)
+    assert _leaf(table, 7, 1).eax == 0
+    assert all((e.eax, e.ebx, e.ecx, e.edx) == (0, 0, 0, 0) for e in table if e.function == 0xD)
+    assert _leaf(table, 0x80000001).ecx == 1 << 5
+    assert xcr0_supported(table) == 0
+
+
+def test_xsave_without_avx512_state_keeps_avx() -> None:
+    """XCR0 x87|SSE|YMM usable: AVX, AVX2, FMA, VAES stay; AVX-512, PKU, MPX, AMX go; 0xD.0
+    announces 0x7 with the area up to YMM; the unusable user components' subleaves
+    go, the supervisor one (8) and 0xD.1 stay."""
+    table = limit_xsave(XSAVE_CPU, 0x7)
+    assert _leaf(table, 1).ecx == _leaf(XSAVE_CPU, 1).ecx
+    leaf7 = _leaf(table, 7)
+    assert leaf7.ebx == (1 << 5) | (1 << 3) and leaf7.ecx == (1 << 9) | (1 << 8) and leaf7.edx == 0
+    state = _leaf(table, 0xD)
+    assert (state.eax, state.edx, state.ecx, state.ebx) == (0x7, 0, 576 + 256, 0x340)
+    assert sorted(e.index for e in table if e.function == 0xD) == [0, 1, 2, 8]
+    assert xcr0_supported(table) == 0x7
+
+
+def test_all_usable_keeps_the_table_and_x87_is_required() -> None:
+    """With every announced component usable only the features whose state CPUID does
+    not announce go (MPX, AMX-TILE); a usable mask without x87 (which every XCR0
+    holds) means no XSAVE; components CPUID does not announce are never added."""
+    table = limit_xsave(XSAVE_CPU, 0x2E7)
+    leaf7 = _leaf(XSAVE_CPU, 7)
+    assert _leaf(table, 7) == dataclasses.replace(leaf7, ebx=leaf7.ebx & ~(1 << 14), edx=0)
+    assert [e for e in table if e.function != 7] == [e for e in XSAVE_CPU if e.function != 7]
+    assert limit_xsave(XSAVE_CPU, 0x2E6) == limit_xsave(XSAVE_CPU, 0)
+    assert limit_xsave(XSAVE_CPU, 0xFFFFFFFF) == table

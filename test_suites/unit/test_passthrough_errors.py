@@ -4,14 +4,19 @@ the capability itself is tested in a real lab (``test_suites/e2e/test_passthroug
 from __future__ import annotations
 
 import logging
+import types
+from pathlib import Path
 
 import pytest
 
 from harness.hvmodel.arch import passthrough as passthrough_module
-from harness.hvmodel.arch.passthrough import Passthrough
-from harness.hvmodel.arch.vfio import Claim, PciAddress, PciStub, VfioError
+from harness.hvmodel.arch.executor.cells import CellTable
+from harness.hvmodel.arch.executor.devices import DeviceAccess
+from harness.hvmodel.arch.executor.memory import MmioWindows
+from harness.hvmodel.arch.passthrough import PassedDevice, Passthrough
+from harness.hvmodel.arch.vfio import Claim, MsiRouter, PciAddress, PciStub, VfioError
 from harness.hvmodel.config import PciDevice
-from harness.hvmodel.errors import HvError
+from harness.hvmodel.errors import Errno, HvError
 
 EDU = PciAddress.parse("01:01.0")
 
@@ -76,3 +81,35 @@ def test_detaching_an_unknown_device_does_nothing() -> None:
     passthrough.detach(0x108)
     passthrough.release_detached()
     assert stub.released == []
+
+
+def test_a_configured_device_the_machine_lacks_is_added_without_passthrough(
+    tmp_path: Path,
+) -> None:
+    """As Jailhouse's hypervisor adds an absent device without looking and its driver skips
+    it (e1000-demo.cell's NIC at 00:19.0 on the QEMU machine): no VFIO claim, the cell
+    owns it, its config space reads all ones; a present device is passed through."""
+    (tmp_path / "bus" / "pci" / "devices" / "0000:01:01.0").mkdir(parents=True)
+    stub = RecordingStub()
+    stub.sysfs = str(tmp_path)
+    attached: list[int] = []
+
+    class CountingPassthrough(Passthrough):
+        def attach(self, cell_id: int, router: MsiRouter, info: PciDevice) -> PassedDevice:
+            attached.append(info.bdf)
+            raise HvError(Errno.EIO, "stop here: attach was called")
+
+    table = CellTable()
+    table.cells[1] = types.SimpleNamespace(router=object())  # type: ignore[assignment]
+    devices = DeviceAccess(
+        table, MmioWindows("/dev/null"), None, CountingPassthrough(stub),  # type: ignore[arg-type]
+        pci_sysfs=str(tmp_path / "bus" / "pci" / "devices"), pci_domain=lambda: 0)
+    nic = PciDevice(type=1, bdf=0xC8, bar_mask=(0xFFFE0000, 0, 0, 0, 0, 0))  # 00:19.0
+    devices.pci_add_device(1, nic, root=False)
+    assert attached == []
+    assert devices.pci_read_config(0xC8, 0, 4) == 0xFFFFFFFF
+    assert devices.pci_read_config(0xC8, 0x10, 2) == 0xFFFF
+    devices.pci_remove_device(1, nic, root=False)
+    with pytest.raises(HvError, match="attach was called"):
+        devices.pci_add_device(1, edu_device(), root=False)
+    assert attached == [0x108]

@@ -27,8 +27,12 @@ module                     Jailhouse source and what it holds
 :mod:`.pci`                ``include/jailhouse/pci.h``, ``pci_defs.h``, ``ivshmem.c``: PCI
                            config-space registers, capability IDs, MSI/MSI-X bits, the
                            ivshmem device's IDs and limits
+:mod:`.vmexit`             ``asm/svm.h``, ``asm/vmx.h``: the SVM exit codes and VMX exit
+                           reasons Jailhouse handles
 :mod:`.x86`                ``arch/x86/include/asm``: Jailhouse's ``PAGE_SIZE``, CPUID
-                           feature bits, IOAPIC registers, the PCI configuration ports
+                           feature bits, XCR0, the x2APIC MSRs, IOAPIC registers and
+                           redirection entries, the MSI message format, the PCI
+                           configuration ports
 =========================  ==============================================================
 
 Standard library only, and importing nothing else of jhlab: every part of the model,
@@ -37,13 +41,14 @@ the driver, the tools and the host-side harness can depend on it.
 
 from __future__ import annotations
 
-from . import cell_config, console, hypercall, ioctl, linux_boot, pci, x86
+from . import cell_config, console, hypercall, ioctl, linux_boot, pci, vmexit, x86
 from .cell_config import *  # noqa: F403 - the package re-exports its modules' names
 from .console import *  # noqa: F403
 from .hypercall import *  # noqa: F403
 from .ioctl import *  # noqa: F403
 from .linux_boot import *  # noqa: F403
 from .pci import *  # noqa: F403
+from .vmexit import *  # noqa: F403
 from .x86 import *  # noqa: F403
 
 __all__: list[str] = []
@@ -53,4 +58,5 @@ __all__ += hypercall.__all__
 __all__ += ioctl.__all__
 __all__ += linux_boot.__all__
 __all__ += pci.__all__
+__all__ += vmexit.__all__
 __all__ += x86.__all__

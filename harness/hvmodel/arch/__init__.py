@@ -23,9 +23,10 @@ Rules every implementation keeps:
 from __future__ import annotations
 
 import mmap
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
-from ..abi import PAGE_SIZE
+from ..abi import PAGE_SIZE, CpuStat
 from ..errors import Errno, HvError
 
 if TYPE_CHECKING:
@@ -127,6 +128,16 @@ class Arch(Protocol):
 
     def resume_cpu(self, cpu: int) -> None:
         """Let a suspended CPU continue (``arch_resume_cpu``)."""
+
+    def cpu_exit_counts(self, cpu: int) -> Mapping[CpuStat, int]:
+        """Exits of a cell CPU that the machine handled without calling the model, counted
+        as Jailhouse counts them (``VMEXITS_TOTAL`` included), since the CPU joined its
+        cell. The model adds them to its own counts (``CPU_GET_INFO``).
+
+        An executor's KVM handles CPUID, most MSRs, CR writes ... in the kernel; the
+        oracle executes nothing and has none.
+        """
+        ...
 
     # --- messages ----------------------------------------------------------------------
 

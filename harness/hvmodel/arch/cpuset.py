@@ -72,12 +72,17 @@ class RootCpuset:
         self.root = Path(cgroup_root)
         self.group = self.root / name
         self.proc = Path(proc)
+        self._proc_base = os.fspath(proc)
         self.keep = frozenset(keep) if keep is not None else frozenset({os.getpid()})
         #: whether the group exists and confines the root's tasks
         self.active = False
         #: the CPUs written last by :meth:`apply`
         self.cpus: frozenset[int] = frozenset()
         self._added_controller = False
+        #: root-cgroup pids known to be kernel threads (checked once, not at every sweep:
+        #: under the lab's TCG reading ~100 stat files costs a tenth of a second); a pid
+        #: is forgotten once a sweep no longer finds it, so a reused pid is checked anew
+        self._kernel_threads: set[int] = set()
 
     def __repr__(self) -> str:
         return f"RootCpuset({str(self.group)!r}, active={self.active}, cpus={sorted(self.cpus)})"
@@ -142,8 +147,16 @@ class RootCpuset:
 
     def _sweep(self) -> list[int]:
         moved: list[int] = []
-        for pid in self._procs(self.root):
-            if pid in self.keep or self._is_kernel_thread(pid):
+        listed = self._procs(self.root)
+        self._kernel_threads.intersection_update(listed)
+        for pid in listed:
+            if pid in self.keep or pid in self._kernel_threads:
+                continue
+            kind = self._kernel_thread(pid)
+            if kind is None:
+                continue  # gone (or unreadable): nothing to move
+            if kind:
+                self._kernel_threads.add(pid)
                 continue
             try:
                 _write(self.group / "cgroup.procs", str(pid))
@@ -197,12 +210,19 @@ class RootCpuset:
             return []
         return [int(line) for line in text.split() if line.isdigit()]
 
-    def _is_kernel_thread(self, pid: int) -> bool:
+    def _kernel_thread(self, pid: int) -> bool | None:
+        """Whether ``pid`` is a kernel thread; None when it is gone or unreadable."""
         try:
-            stat = (self.proc / str(pid) / "stat").read_text()
+            fd = os.open(f"{self._proc_base}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return True  # gone (or unreadable): nothing to move
-        fields = stat.rpartition(")")[2].split()
+            return None
+        try:
+            stat = os.read(fd, 4096)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        fields = stat.rpartition(b")")[2].split()
         try:
             return bool(int(fields[6]) & PF_KTHREAD)
         except (IndexError, ValueError):

@@ -12,10 +12,10 @@ is how the oracle scripts inmates such as apic-demo.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
-from ..abi import PAGE_SIZE, CommOffset, Message, Reply, comm_read_u32, comm_write_u32
+from ..abi import PAGE_SIZE, CommOffset, CpuStat, Message, Reply, comm_read_u32, comm_write_u32
 from . import RootBuffers
 
 if TYPE_CHECKING:
@@ -226,6 +226,10 @@ class OracleArch:
         """The CPU continues."""
         if self.record:
             self._event("resume_cpu", cpu)
+
+    def cpu_exit_counts(self, cpu: int) -> Mapping[CpuStat, int]:
+        """None: nothing runs here, every exit the oracle sees goes through the model."""
+        return {}
 
     # --- messages ----------------------------------------------------------------------------
 

@@ -33,13 +33,23 @@ device, what the cell programmed into its MSI and MSI-X capabilities and MSI-X t
   comes back, as a pending bit would.
 * **The MSI-X table** of a claimed device is likewise a shadow (:meth:`Passthrough.
   msix_access`): the hardware table belongs to the host, which VFIO programs.
+* **INTx**: a device with an interrupt pin gets VFIO's INTx signalled on its own eventfd
+  (:attr:`PassedDevice.intx`) while neither MSI nor MSI-X is on (VFIO, like the PCI
+  spec, has one of them at a time; the eventfd stays across the switches). VFIO masks
+  INTx after each interrupt, at the device (PCI 2.3 INTx disable), until
+  :meth:`Passthrough.intx_unmask`: the executor's IOAPIC pin of the line
+  (:mod:`~harness.hvmodel.arch.executor.pins`) delivers it to the cell and unmasks at the
+  cell's EOI, so the root's Linux never sees it and a level-triggered line cannot storm.
+  The line's GSI is the root Linux's IRQ of the device (sysfs ``irq``, ACPI's routing,
+  read once VFIO enabled the device).
 
-Limits: INTx of passed-through devices is not delivered; bridges are not claimed (their
-config space is still moderated by the control plane).
+Limits: bridges are not claimed (their config space is still moderated by the control
+plane).
 
 Lifecycle: one instance per executor; :meth:`attach` / :meth:`detach` per device (the
 executor calls them from ``pci_add_device`` / ``pci_remove_device``);
-:meth:`shutdown` detaches what is left.
+:meth:`shutdown` detaches what is left. A cell's GSI routing table
+(:class:`~.vfio.MsiRouter`) belongs to its VM and is lent to :meth:`attach`.
 """
 
 from __future__ import annotations
@@ -84,12 +94,12 @@ from .vfio import (
     RoutedVector,
     VfioError,
 )
+from .vfio.structs import IrqInfoFlags
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
     from ..config import MemoryRegion, PciDevice
-    from .kvm import Vm
 
 __all__ = ["PassedDevice", "Passthrough"]
 
@@ -134,6 +144,11 @@ class PassedDevice:
     msi_routes: list[RoutedVector] = dataclasses.field(default_factory=list)
     msix_fds: list[EventFd] = dataclasses.field(default_factory=list)
     msix_routes: dict[int, RoutedVector] = dataclasses.field(default_factory=dict)
+    #: INTx: its eventfd (None: no interrupt pin), the root's IRQ = GSI of the line, and
+    #: whether VFIO signals it now (MSI and MSI-X off)
+    intx: EventFd | None = None
+    intx_gsi: int | None = None
+    intx_on: bool = False
 
     @property
     def msi_64bit(self) -> bool:
@@ -157,8 +172,8 @@ class PassedDevice:
 
 @dataclasses.dataclass(eq=False)
 class _CellDevices:
-    """What one cell owns through VFIO: its container (IOMMU domain), GSI routes, devices
-    and DMA mappings."""
+    """What one cell owns through VFIO: its container (IOMMU domain), devices and DMA
+    mappings, and the GSI routing table of its VM (lent, not owned)."""
 
     container: Container
     router: MsiRouter
@@ -193,19 +208,21 @@ class Passthrough:
         """The passed-through device at ``bdf``, if a cell owns one there."""
         return self._devices.get(bdf)
 
+    def present(self, bdf: int) -> bool:
+        """Whether the machine has a device at ``bdf`` (in :attr:`domain`) to pass through."""
+        return self.stub.exists(self._address(bdf))
+
     def devices_of(self, cell_id: int) -> list[PassedDevice]:
         cell = self._cells.get(cell_id)
         return list(cell.devices.values()) if cell is not None else []
 
     # -- claim and release -------------------------------------------------------------
 
-    def attach(self, cell_id: int, vm: Vm, info: PciDevice, *, split_irqchip: bool = True) -> PassedDevice:
+    def attach(self, cell_id: int, router: MsiRouter, info: PciDevice) -> PassedDevice:
         """Claim ``info`` for the cell: ``vfio-pci``, its group in the cell's container, the
-        device opened, its BARs and interrupt capabilities read.
+        device opened, its BARs and interrupt capabilities read, its INTx signalled.
 
-        :param split_irqchip: the VM has a split irqchip (its GSI table then holds MSI
-            routes only); else KVM's default PIC/IOAPIC routes are kept
-
+        :param router: the GSI routing table of the cell's VM (for its MSIs)
         :raise HvError: a :class:`~.vfio.VfioError` naming the device and the step (the
             claim is undone)
         """
@@ -217,17 +234,14 @@ class Passthrough:
         new_cell = cell is None
         try:
             if cell is None:
-                container = Container()
-                try:
-                    cell = _CellDevices(container, MsiRouter(vm, irqchip_defaults=not split_irqchip))
-                except BaseException:
-                    container.close()
-                    raise
+                cell = _CellDevices(Container(), router)
             device = cell.container.group(claim.group).device(address)
             passed = PassedDevice(info.bdf, address, cell_id, device, claim.group)
             try:
                 self._probe(passed)
+                self._intx_setup(passed)
             except BaseException:
+                self._intx_close(passed)
                 device.close()
                 raise
         except BaseException:
@@ -242,13 +256,14 @@ class Passthrough:
         cell.devices[info.bdf] = passed
         self._devices[info.bdf] = passed
         LOG.info(
-            "%s: passed through to cell %d (group %d, BARs %s, MSI %s, MSI-X %s)",
+            "%s: passed through to cell %d (group %d, BARs %s, MSI %s, MSI-X %s, INTx %s)",
             address.short,
             cell_id,
             claim.group,
             {i: f"{start:#x}+{size:#x}" for i, (start, size) in passed.bars.items()},
             "yes" if passed.msi_cap is not None else "no",
             len(passed.msix_entries) or "no",
+            f"GSI {passed.intx_gsi}" if passed.intx is not None else "no",
         )
         return passed
 
@@ -266,7 +281,6 @@ class Passthrough:
         if cell.devices:
             self._close_group_if_unused(cell, passed.group)
         else:
-            cell.router.close()
             cell.container.close()
             cell.dma.clear()
             del self._cells[passed.cell_id]
@@ -476,6 +490,7 @@ class Passthrough:
         router = self._router(passed)
         if not ctrl & PCI_MSI_CTRL_ENABLE:
             self._msi_off(router, passed)
+            self._intx_set(passed, on=not passed.msix_fds)
             return
         address = int.from_bytes(passed.msi[4:8], "little")
         if passed.msi_64bit:
@@ -487,6 +502,7 @@ class Passthrough:
         count = min(1 << ((ctrl & PCI_MSI_CTRL_MME_MASK) >> PCI_MSI_CTRL_MME_SHIFT), max(available, 1))
         if len(passed.msi_fds) != count:
             self._msi_off(router, passed)
+            self._intx_set(passed, on=False)
             passed.msi_fds = passed.device.irqs.enable_msi(count)
         for vector in range(count):
             # Multiple messages: the low data bits number the vector.
@@ -511,8 +527,10 @@ class Passthrough:
         router = self._router(passed)
         if not passed.msix_ctrl & PCI_MSIX_CTRL_ENABLE or not passed.msix_entries:
             self._msix_off(router, passed)
+            self._intx_set(passed, on=not passed.msi_fds)
             return
         if not passed.msix_fds:
+            self._intx_set(passed, on=False)
             passed.msix_fds = passed.device.irqs.enable_msix(len(passed.msix_entries))
         masked_all = bool(passed.msix_ctrl & PCI_MSIX_CTRL_FMASK)
         indexes = range(len(passed.msix_entries)) if only is None else (only,)
@@ -537,9 +555,59 @@ class Passthrough:
             passed.msix_fds = []
             passed.device.irqs.disable(PciIrq.MSIX)
 
+    # -- INTx -------------------------------------------------------------------------
+
+    def _intx_setup(self, passed: PassedDevice) -> None:
+        """An eventfd for the device's INTx (when it has an interrupt pin VFIO can
+        signal), its GSI, and INTx on."""
+        info = passed.device.irqs.info(PciIrq.INTX)
+        if info.count < 1 or IrqInfoFlags.EVENTFD not in info.flags:
+            return
+        passed.intx_gsi = self.stub.irq_of(passed.address)
+        if passed.intx_gsi is None:
+            LOG.warning("%s: INTx without an IRQ in the root's Linux: not delivered",
+                        passed.address.short)
+            return
+        passed.intx = EventFd()
+        try:
+            self._intx_set(passed, on=True)
+        except VfioError as exc:
+            # e.g. a device without PCI 2.3 INTx masking on a line a root driver holds
+            LOG.warning("%s: INTx not available, not delivered: %s", passed.address.short, exc)
+            passed.intx.close()
+            passed.intx = None
+
+    @staticmethod
+    def _intx_set(passed: PassedDevice, *, on: bool) -> None:
+        """VFIO signals INTx (``on``) or not; a device has INTx or MSI/MSI-X, one at a time."""
+        if passed.intx is None or passed.intx_on == on:
+            return
+        if on:
+            passed.device.irqs.enable_intx(passed.intx)
+        else:
+            passed.device.irqs.disable(PciIrq.INTX)
+        passed.intx_on = on
+
+    @staticmethod
+    def _intx_close(passed: PassedDevice) -> None:
+        if passed.intx is not None:
+            try:
+                Passthrough._intx_set(passed, on=False)
+            finally:
+                passed.intx.close()
+                passed.intx = None
+
+    def intx_unmask(self, passed: PassedDevice) -> None:
+        """Let the device's INTx interrupt again (after the cell's EOI); VFIO signals at
+        once when the device still asserts it. Nothing while INTx is off or the device
+        was detached."""
+        if passed.intx_on and self._devices.get(passed.bdf) is passed:
+            passed.device.irqs.unmask_intx()
+
     def _irqs_off(self, cell: _CellDevices, passed: PassedDevice) -> None:
         try:
             self._msi_off(cell.router, passed)
             self._msix_off(cell.router, passed)
+            self._intx_close(passed)
         except HvError as exc:
             LOG.warning("%s: turning interrupts off: %s", passed.address.short, exc)

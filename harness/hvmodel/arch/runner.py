@@ -56,6 +56,7 @@ from .hostmem import PhysMapping, anonymous_memory
 from .kvm import Cap, IntrExit, IoExit, Kvm, KvmError, MmioExit, Vcpu, Vm, describe_exit, install_kick_handler
 from .portio import DevPort
 from .vcpu import apic_khz, format_state, jailhouse_vcpu_reset, jailhouse_vcpu_setup, measure_tsc_khz
+from .xsave import limit_xsave, usable_xcr0
 
 LOG = logging.getLogger(__name__)
 
@@ -302,6 +303,7 @@ class InmateRunner:
         vm.add_memory(COMM_REGION_BASE, self.comm_page)
         self._setup_ports()
         supported = self.kvm.supported_cpuid()
+        supported = limit_xsave(supported, usable_xcr0(self.kvm, supported))
         for cpu_id in range(cfg.cpus):
             vcpu = vm.create_vcpu(cpu_id)
             jailhouse_vcpu_setup(vcpu, supported)

@@ -4,7 +4,8 @@
 * the CPUID a cell sees (reference §3.1): :func:`jailhouse_cpuid`, set once by
   :func:`jailhouse_vcpu_setup`;
 * the start state of a cell CPU (reference §5.1): real mode at ``cpu_reset_address``, the
-  local APIC reset and in x2APIC mode: :func:`jailhouse_vcpu_reset`;
+  local APIC reset (keeping the root's timer divider) and in x2APIC mode:
+  :func:`jailhouse_vcpu_reset`;
 * the timer frequencies a cell's comm region announces, as KVM presents them to the
   vCPU: :func:`measure_tsc_khz`, :func:`apic_khz`;
 * :func:`format_state`, the register dump after a ``FATAL:`` line.
@@ -45,6 +46,7 @@ from .kvm.structs import (
 
 __all__ = [
     "CELL_APIC_BASE",
+    "ROOT_LINUX_TDCR",
     "Msr",
     "apic_khz",
     "format_state",
@@ -182,12 +184,22 @@ APIC_LVT_ERROR: Final = 0x370
 APIC_TMICT: Final = 0x380
 APIC_TDCR: Final = 0x3E0
 APIC_LVT_MASKED: Final = 1 << 16
-_APIC_KEEP: Final = (0x20, 0x30, APIC_LDR)  # ID, version, LDR (x2APIC: derived from ID)
+#: TDCR value "divide by 16" (SDM 10.5.4, figure 10-10)
+APIC_TDCR_DIV_16: Final = 0x3
+#: The timer divider a CPU's local APIC has when a cell gets the CPU: the root's Linux
+#: programs divide-by-16 for its timer (``__setup_APIC_LVTT``: ``APIC_TDR_DIV_16``) and
+#: Jailhouse never writes TDCR (``apic_clear`` masks the LVTs and clears ISR and TPR
+#: only); Jailhouse's inmate library relies on it (``apic_khz / 16``, no TDCR write).
+ROOT_LINUX_TDCR: Final = APIC_TDCR_DIV_16
+# ID, version, LDR (x2APIC: derived from ID), and the timer divider (apic_clear keeps it)
+_APIC_KEEP: Final = (0x20, 0x30, APIC_LDR, APIC_TDCR)
 
 
 def lapic_reset_page(current: bytes | bytearray) -> bytearray:
-    """The local APIC page after a reset: ID, version and LDR kept, LVTs masked, SVR 0xff,
-    DFR all ones, timer stopped, ISR/TMR/IRR/TPR/ESR/ICR clear (SDM 10.4.7.1)."""
+    """The local APIC page of a cell CPU at (re)start: ID, version, LDR and the timer
+    divider (TDCR) kept, LVTs masked, SVR 0xff, DFR all ones, timer stopped,
+    ISR/TMR/IRR/TPR/ESR/ICR clear (SDM 10.4.7.1, except TDCR: Jailhouse does not reset
+    the APIC, its ``apic_clear`` leaves the divider as the last owner programmed it)."""
     page = bytearray(KVM_APIC_REG_SIZE)
     for offset in _APIC_KEEP:
         page[offset : offset + 4] = current[offset : offset + 4]
@@ -199,13 +211,19 @@ def lapic_reset_page(current: bytes | bytearray) -> bytearray:
 
 
 def jailhouse_vcpu_setup(vcpu: Vcpu, supported: Sequence[CpuidEntry] | None = None) -> None:
-    """One-time setup of a cell vCPU before its first run: Jailhouse's CPUID view.
+    """One-time setup of a cell vCPU before its first run: Jailhouse's CPUID view, and the
+    local APIC timer divider the CPU had in the root cell (:data:`ROOT_LINUX_TDCR`; KVM
+    creates the APIC with TDCR 0, divide by 2). Resets keep it (:func:`lapic_reset_page`).
 
     :param supported: ``KVM_GET_SUPPORTED_CPUID`` (fetched when None)
     """
     if supported is None:
         supported = vcpu.kvm.supported_cpuid()
     vcpu.set_cpuid(jailhouse_cpuid(supported, vcpu.id))
+    if vcpu.has_lapic:
+        page = vcpu.get_lapic()
+        page[APIC_TDCR : APIC_TDCR + 4] = ROOT_LINUX_TDCR.to_bytes(4, "little")
+        vcpu.set_lapic(page)
 
 
 def jailhouse_vcpu_reset(vcpu: Vcpu, reset_address: int = 0) -> None:
@@ -213,9 +231,10 @@ def jailhouse_vcpu_reset(vcpu: Vcpu, reset_address: int = 0) -> None:
 
     Real mode at ``reset_address`` (CS base ``reset_address & ~0xffff``, IP its low 16
     bits), GPRs 0, RFLAGS 2, CR0 NW|CD|ET, EFER 0, DR7 0x400, DEBUGCTL 0, PAT at its reset
-    value, MTRRs disabled, no pending events, runnable. The local APIC is reset and put in
-    x2APIC mode (IA32_APIC_BASE = 0xfee00000 | EN | EXTD), because inmates use x2APIC
-    MSRs unconditionally (Jailhouse emulates them even on xAPIC hardware).
+    value, MTRRs disabled, no pending events, runnable. The local APIC is reset (its timer
+    divider kept, :func:`lapic_reset_page`) and put in x2APIC mode (IA32_APIC_BASE =
+    0xfee00000 | EN | EXTD), because inmates use x2APIC MSRs unconditionally (Jailhouse
+    emulates them even on xAPIC hardware).
 
     The BSP flag stays clear on every cell CPU: cell CPUs are application processors of
     the machine, so they read BSP = 0 under Jailhouse too. It also gives the in-kernel

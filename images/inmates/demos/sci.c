@@ -19,10 +19,6 @@
 
 #define PROBE		"sci"
 #define SCI_VECTOR	0x42
-#define IOAPIC_BASE	0xfec00000UL
-#define IOAPIC_INDEX	0x00
-#define IOAPIC_DATA	0x10
-#define REDIR_LEVEL	(1 << 15)
 #define PM1_TMR		(1 << 0)
 #define PM1_PWRBTN	(1 << 8)
 
@@ -37,12 +33,6 @@ static void sci_irq(unsigned int vector)
 	sci_status |= status;
 	outw(status, pm1_base);		/* write 1 to clear */
 	sci_count++;
-}
-
-static void ioapic_write(unsigned int index, u32 value)
-{
-	mmio_write32((void *)(IOAPIC_BASE + IOAPIC_INDEX), index);
-	mmio_write32((void *)(IOAPIC_BASE + IOAPIC_DATA), value);
 }
 
 static bool wait_for(u16 bit, u64 timeout_ms)
@@ -68,9 +58,8 @@ void inmate_main(void)
 	pm1_base = comm_region->pm_timer_address - 8;
 	irq_init();
 	irq_set_handler(SCI_VECTOR, sci_irq);
-	map_range(IOAPIC_BASE, PAGE_SIZE, MAP_UNCACHED);
-	ioapic_write(0x10 + 2 * gsi + 1, cpu_apic_id() << 24);
-	ioapic_write(0x10 + 2 * gsi, REDIR_LEVEL | SCI_VECTOR);
+	ioapic_init();
+	ioapic_pin_set(gsi, SCI_VECTOR, IOAPIC_LEVEL);
 	outw(inw(pm1_base), pm1_base);	/* clear what is pending */
 
 	printk("%s: GSI %u, PM1 event block 0x%x\n", PROBE, gsi, pm1_base);

@@ -34,7 +34,8 @@
  *
  * Command line: seconds=N (rate window, default 10), shots=N (one-shot
  * timers, default 20), periods=N (periodic ticks, default 20),
- * max-jitter-us=N (default 5000).
+ * max-jitter-us=N (default 5000), ticks (print each tick of the periodic
+ * timer in HLT: "timecheck: tick N jitter J us", for benchmarks).
  */
 #include <inmate.h>
 
@@ -170,7 +171,8 @@ static void oneshots(unsigned int shots)
 	      (pm1 - pm0) / NS_PER_MSEC, dev);
 }
 
-static void periodic(unsigned int periods, long limit_ns, bool busy)
+static void periodic(unsigned int periods, long limit_ns, bool busy,
+		     bool print_ticks)
 {
 	long jitter[MAX_SAMPLES], abs_jitter[MAX_SAMPLES], median;
 	u64 arm_tsc;
@@ -204,6 +206,9 @@ static void periodic(unsigned int periods, long limit_ns, bool busy)
 		jitter[n] = (long)tsc_to_ns(fired_tsc[n] - arm_tsc) -
 			(long)((n + 1) * 100 * NS_PER_MSEC);
 		abs_jitter[n] = labs_(jitter[n]);
+		if (print_ticks && !busy)
+			printk("%s: tick %u jitter %ld us\n", PROBE, n + 1,
+			       jitter[n] / 1000);
 	}
 	sort(jitter, periods);
 	sort(abs_jitter, periods);
@@ -225,6 +230,7 @@ void inmate_main(void)
 	unsigned int shots = cmdline_parse_int("shots", 20);
 	unsigned int periods = cmdline_parse_int("periods", 20);
 	long limit = cmdline_parse_int("max-jitter-us", 5000) * 1000L;
+	bool print_ticks = cmdline_parse_bool("ticks", false);
 	u32 a, b, c, d, tdcr;
 	bool deadline;
 
@@ -251,7 +257,7 @@ void inmate_main(void)
 		      "TDCR 0x%x at start, divide-by-16 expected", tdcr);
 	rates(seconds * NS_PER_SEC);
 	oneshots(shots);
-	periodic(periods, limit, false);
-	periodic(periods, limit, true);
+	periodic(periods, limit, false, print_ticks);
+	periodic(periods, limit, true, print_ticks);
 	check_summary(PROBE);
 }

@@ -17,7 +17,10 @@ module                  holds
                         hypercalls, FATAL wording and register dumps, exit statistics
 :mod:`.cellports`       what the I/O bitmap loop answers for a cell without the model:
                         PCI configuration ports of devices outside it, its UART output
-:mod:`.interrupts`      MSIs into cells, the IOAPIC (physical or detached)
+:mod:`.interrupts`      MSIs into cells, the cells' IOAPIC pins and their lines, the
+                        IOAPIC's registers (physical or detached)
+:mod:`.pins`            one cell's IOAPIC pins: redirection entries as KVM routes, the
+                        lines behind them, EOIs
 :mod:`.memory`          memory regions as KVM slots, comm pages, ``/dev/mem`` access
 :mod:`.devices`         MMIO and PCI config space under the root hardware policy,
                         device owners, passthrough attach
@@ -39,9 +42,10 @@ Where a change goes:
 * what a cell CPU sees at start or in CPUID (XCR0, hypervisor leaves, INIT/SIPI start
   state), the TSC and APIC timer frequencies: :mod:`harness.hvmodel.arch.vcpu`, with new
   vCPU ioctls (XSAVE, XCRs, TSC) in :mod:`harness.hvmodel.arch.kvm.vcpu`;
-* delivering interrupts (MSI, IOAPIC pins, IPIs, the SCI): :mod:`.interrupts`; those of
-  passed-through devices (INTx, MSI-X): :mod:`harness.hvmodel.arch.passthrough` on
-  :mod:`harness.hvmodel.arch.vfio.irq`;
+* delivering interrupts (MSI, IOAPIC pins, IPIs, the SCI): :mod:`.interrupts` and
+  :mod:`.pins`; the root's lines a cell takes: :mod:`harness.hvmodel.arch.gsi` (and the
+  ``jhlab_gsi`` kernel module in ``images/kmod``); those of passed-through devices (INTx,
+  MSI-X): :mod:`harness.hvmodel.arch.passthrough` on :mod:`harness.hvmodel.arch.vfio.irq`;
 * MMIO regions the executor serves (MMCONFIG), the root hardware policy: :mod:`.devices`;
 * how a CPU is parked, reset or held: :mod:`.vcpu_loop`; cell memory: :mod:`.memory`.
 

@@ -80,10 +80,17 @@ def loop_bitmap(pio_open: bytes | bytearray, config: CellConfig) -> bytearray:
     return bitmap
 
 
-def console_tail(ports: CellPorts, limit: int) -> str:
+#: bytes of a cell's UART output the executor status shows
+CONSOLE_TAIL: Final = 2048
+
+
+def console_tail(ports: CellPorts | None, limit: int = CONSOLE_TAIL) -> str:
     """The last ``limit`` bytes the cell wrote to its UARTs, as text (Latin-1; control
     characters but line feeds and tabs dropped: carriage returns, and the divisor bytes
-    a driver writes to the same register while it sets the baud rate)."""
+    a driver writes to the same register while it sets the baud rate); none without
+    ``ports``."""
+    if ports is None:
+        return ""
     data, _head = ports.captured(max(ports.capture_head - limit, 0))
     return data.translate(None, _CONTROL).decode("latin-1")
 

@@ -19,9 +19,11 @@ from ...errors import JhlabError
 
 if TYPE_CHECKING:
     from ...config import CellConfig, MemoryRegion
+    from ..exitstats import VcpuExitTrace
     from ..hostmem import PhysMapping
     from ..kvm import Vcpu, Vm
     from ..portio import CellPorts, IoBitmapLoop
+    from ..vfio import MsiRouter
     from .cellports import CellPortsSync
 
 __all__ = ["CellCpu", "CellSlot", "CellTable", "CellVm", "CpuState", "ExecutorStateError"]
@@ -94,6 +96,11 @@ class CellCpu:
     io_loop: IoBitmapLoop | None = None
     #: keeps the model in step with what the loop answers for the cell (see .cellports)
     ports_sync: CellPortsSync | None = None
+    #: IN/OUT exits the I/O bitmap loops of earlier runs served (part of ``IoExit``)
+    native_io: int = 0
+    #: the exits KVM handles for this CPU, as Jailhouse counts them, and its failing exit
+    #: (None: not traced); set and closed by the CPU's thread
+    trace: VcpuExitTrace | None = None
 
     def exit_counts(self) -> dict[str, int]:
         """:attr:`exits` with what the I/O bitmap loop is serving (``IoExit``)."""
@@ -101,6 +108,11 @@ class CellCpu:
         if self.io_loop is not None:
             counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served + self.io_loop.pci_served
         return counts
+
+    def native_io_count(self) -> int:
+        """IN/OUT exits served in machine code by the I/O bitmap loop, this run's
+        included: the part of ``IoExit`` that never reached Python."""
+        return self.native_io + (self.io_loop.served if self.io_loop is not None else 0)
 
     def held(self) -> bool:
         return self.suspended or self.cell.gate_closed
@@ -116,6 +128,8 @@ class CellVm:
     id: int
     config: CellConfig
     vm: Vm
+    #: the VM's GSI routing table (devices' MSIs, IOAPIC pins); closed before the VM
+    router: MsiRouter
     cpus: dict[int, CellCpu] = dataclasses.field(default_factory=dict)
     #: (virt_start, size) -> slot
     slots: dict[tuple[int, int], CellSlot] = dataclasses.field(default_factory=dict)

@@ -12,11 +12,12 @@ part                      hooks
 :mod:`.vcpu_loop`         ``park_cpu``, ``reset_cpu``, ``suspend_cpu``, ``resume_cpu``;
                           the threads that run the vCPUs
 :mod:`.exits`             what the threads do with each exit (to the model's entry points)
-:mod:`.cellports`         what a cell's I/O bitmap loops answer without the model (PCI
-                          configuration ports of absent devices, UART capture)
+:mod:`.cellports`         PCI configuration ports of absent devices, UART capture
 :mod:`.memory`            ``map_memory_region``, ``unmap_memory_region``, comm pages,
                           ``phys_read``, ``phys_write``
-:mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``
+:mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``, the IOAPIC EOI
+                          register (``mmio_write``); the cells' pins (created with the
+                          VM, connected at ``config_commit``, released at destroy)
 :mod:`.devices`           ``mmio_read``, ``mmio_write``, ``pci_read_config``,
                           ``pci_write_config``, ``pci_add_device``, ``pci_remove_device``
 :mod:`.console`           ``console_write``
@@ -53,13 +54,14 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
-from ...abi import PAGE_SIZE, CellState, CommOffset, Message, Reply, comm_read_u32
+from ...abi import PAGE_SIZE, CellState, CommOffset, CpuStat, Message, Reply, comm_read_u32
 from ...errors import Errno, HvError
 from .. import RootBuffers, xen
 from ..cpuset import RootCpuset
+from ..gsi import GSI_DEVICE
 from ..kvm import (
     Cap,
     CpuidEntry,
@@ -76,12 +78,14 @@ from ..kvm.structs import (
 from ..passthrough import Passthrough
 from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
+from ..vfio import MsiRouter
+from ..xsave import limit_xsave, usable_xcr0
 from .cellports import CellPortsSync, cell_ports, console_tail
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
 from .devices import DeviceAccess
-from .exits import ExitDispatcher, ExitHandler
-from .host import cpu_vendor, describe_host, online_cpus
+from .exits import ExitDispatcher, ExitHandler, KernelExits
+from .host import cpu_vendor, describe_host, online_cpus, x2apic_mode
 from .interrupts import InterruptRouter
 from .memory import CellMemory, MmioWindows
 from .vcpu_loop import VcpuThreads
@@ -100,8 +104,6 @@ TSS_ADDRESS: Final = 0xFFFBD000
 SPLIT_IRQCHIP_ROUTES: Final = 24
 #: seconds a destroy waits for a cell's vCPU threads to stop
 STOP_TIMEOUT: Final = 5.0
-#: bytes of a cell's UART output :meth:`ExecutorArch.status` shows
-CONSOLE_TAIL: Final = 2048
 #: comm page polling: first and longest pause (seconds)
 POLL_MIN: Final = 0.0002
 POLL_MAX: Final = 0.005
@@ -158,6 +160,12 @@ class ExecutorArch:
         :class:`~harness.hvmodel.arch.passthrough.Passthrough`)
     :param rebind_released: give a device a cell released back to its original root
         driver (Jailhouse leaves it unbound; ignored with ``passthrough``)
+    :param exit_trace: count the exits KVM handles in the kernel (CPUID, MSRs, CR
+        writes ...) as Jailhouse counts them, and keep the exit a CPU failed at, through
+        KVM's tracepoints (:mod:`~harness.hvmodel.arch.exitstats`); off: ``cell stats``
+        shows only the exits that reach the model
+    :param gsi_device: the ``jhlab_gsi`` module's device, through which cells take the
+        root's interrupt lines of their IOAPIC pins (:mod:`~harness.hvmodel.arch.gsi`)
     """
 
     def __init__(
@@ -179,6 +187,8 @@ class ExecutorArch:
         native_pio: bool = True,
         passthrough: Passthrough | None = None,
         rebind_released: bool = False,
+        exit_trace: bool = True,
+        gsi_device: str = GSI_DEVICE,
     ) -> None:
         if vendor not in (None, "amd", "intel"):
             raise ValueError(f"vendor {vendor!r}: expected 'amd' or 'intel'")
@@ -205,18 +215,20 @@ class ExecutorArch:
         self._xen_hypercalls = False
         #: why the root's tasks are not kept off the cell CPUs (None: they are)
         self.isolation_problem: str | None = None
+        self._kernel_exits = KernelExits(enabled=exit_trace)
         # The parts (see the module docstring)
         self._table = CellTable()
         self._exits = ExitDispatcher(vendor=self.vendor, ports=lambda: self._ports, native_pio=native_pio)
-        self._threads = VcpuThreads(self._table, self._exits, pin=pin_cpus)
+        self._threads = VcpuThreads(self._table, self._exits, pin=pin_cpus, trace=self._kernel_exits.open)
         self._windows = MmioWindows(mem_device)
         self._memory = CellMemory(self._table, mem_device, self.passthrough)
-        self._interrupts = InterruptRouter(self._table, self._windows)
+        self._interrupts = InterruptRouter(self._table, self._windows, self.passthrough,
+                                           gsi_device=gsi_device)
+        self._exits.on_ioapic_eoi = lambda cpu, vector: self._interrupts.eoi(cpu.cell.id, vector)
         self._devices = DeviceAccess(
             self._table, self._windows, self._memory, self.passthrough,
             pci_sysfs=pci_sysfs,
             pci_domain=lambda: self._system.pci_domain if self._system is not None else 0,
-            split_irqchip=lambda: bool(self._kvm and self._kvm.check_extension(Cap.SPLIT_IRQCHIP)),
         )  # fmt: skip
         self._console = DebugUart(port=console_port, enabled=console, port_mode=port_mode)
         if threading.current_thread() is threading.main_thread():
@@ -275,6 +287,9 @@ class ExecutorArch:
             kvm, _keeper = self._open_kvm()
             kvm.require(Cap.USER_MEMORY, Cap.MP_STATE)
             supported = kvm.supported_cpuid()
+            # CPUID leaves 1, 7 and 0xD as the XCR0 a guest can really keep here
+            xcr0 = usable_xcr0(kvm, supported)
+            supported = limit_xsave(supported, xcr0)
             if self._ports is None:
                 pm_timer = system.x86.pm_timer_address
                 ports = open_ports(range(pm_timer, pm_timer + 4) if pm_timer else (), mode=self.port_mode)
@@ -283,6 +298,9 @@ class ExecutorArch:
             self.isolation_problem = self._prepare_isolation()
             if self.isolation_problem is not None:
                 LOG.warning("cell CPUs stay in the root's scheduling: %s", self.isolation_problem)
+            x2apic_host = x2apic_mode()
+            self._kernel_exits.prepare(self.vendor, x2apic_host=x2apic_host)
+            self._exits.x2apic_emulated = not x2apic_host
             undo.pop_all()
         self._supported_cpuid = supported
         self._system = system
@@ -291,10 +309,14 @@ class ExecutorArch:
         self.passthrough.domain = system.pci_domain
         self._console.pick(system)
         self._state = _State.READY
+        self._update_isolation()  # the root's tasks into their group, every CPU still theirs
         LOG.info(
-            "executor ready: %s ports, vendor %s, hypercalls %s, debug UART %s",
+            "executor ready: %s ports, vendor %s, XCR0 %#x, exits in KVM %s, hypercalls %s, "
+            "debug UART %s",
             self._ports.mode if self._ports else "no",
             self.vendor,
+            xcr0,
+            self._kernel_exits.describe(),
             "via KVM_EXIT_XEN" if self._xen_hypercalls else "answered by KVM (no CONFIG_KVM_XEN)",
             f"{self._console.base:#x}" if self._console.base is not None else "none",
         )
@@ -380,6 +402,8 @@ class ExecutorArch:
         idempotent, never raises."""
         if self._state is _State.SHUT_DOWN:
             return
+        for cell_id in list(self._table.cells):
+            self._interrupts.release(cell_id)
         self.passthrough.shutdown()
         for cell_id in list(self._table.cells):
             try:
@@ -420,9 +444,9 @@ class ExecutorArch:
         assert kvm is not None  # READY
         vm = Vm(kvm)
         ports = cell_ports(config)
-        cell = CellVm(cell_id, config, vm, ports=ports)
         try:
-            self._setup_vm(kvm, vm)
+            split = self._setup_vm(kvm, vm)
+            cell = CellVm(cell_id, config, vm, MsiRouter(vm, irqchip_defaults=not split), ports=ports)
             supported = self._supported_cpuid
             for cpu_id in sorted(config.cpus):
                 vcpu = vm.create_vcpu(cpu_id)
@@ -439,12 +463,16 @@ class ExecutorArch:
         cell.ioapic_pins = frozenset(
             (chip.address, pin) for chip in config.irqchips for pin in chip.pins
         )
+        self._interrupts.cell_created(cell, split_irqchip=split)
         self._threads.add(cell)
         self._update_isolation()
         LOG.info("cell %d (%s): VM with CPUs %s", cell_id, config.name, sorted(cell.cpus))
 
-    def _setup_vm(self, kvm: Kvm, vm: Vm) -> None:
-        if kvm.check_extension(Cap.SPLIT_IRQCHIP):
+    def _setup_vm(self, kvm: Kvm, vm: Vm) -> bool:
+        """Irqchip, TSS, user-space MSRs, hypercall interception; whether the irqchip is
+        split."""
+        split = bool(kvm.check_extension(Cap.SPLIT_IRQCHIP))
+        if split:
             vm.create_split_irqchip(SPLIT_IRQCHIP_ROUTES)
         else:
             vm.create_irqchip()
@@ -456,6 +484,7 @@ class ExecutorArch:
             )
         if self._xen_hypercalls:
             xen.intercept_hypercalls(vm)
+        return split
 
     def cell_destroy(self, cell_id: int) -> None:
         """Stop and join the cell's threads, close its VM and slots, give its CPUs back
@@ -470,9 +499,11 @@ class ExecutorArch:
         if removed is None:
             return
         cell, busy = removed
+        self._interrupts.release(cell_id)  # the root's lines go back before anything else
         for passed in self.passthrough.devices_of(cell_id):  # the model gave them back already
             self.passthrough.detach(passed.bdf)
         self.passthrough.release_detached()
+        cell.router.close()
         busy = self._threads.join(cell, busy, self.stop_timeout)
         if busy:
             LOG.warning(
@@ -499,16 +530,16 @@ class ExecutorArch:
     def _update_isolation(self) -> None:
         """The root's tasks on the CPUs no cell holds (:mod:`~harness.hvmodel.arch.cpuset`).
 
-        The group is made by the first cell and kept until :meth:`shutdown`: with no cell
-        left it simply has every CPU again, so a create/destroy cycle costs one write of
-        ``cpuset.cpus`` (plus moving new processes), not moving every task twice.
+        The group is made at :meth:`init`, with every CPU, and kept until
+        :meth:`shutdown`: moving a task into a cpuset is the expensive part (the kernel
+        waits for an RCU grace period per task), so it is done once at enable, and a
+        create/destroy cycle costs one write of ``cpuset.cpus`` (plus moving new
+        processes).
         """
         cpuset = self.cpuset
         if cpuset is None or self.isolation_problem is not None or self._system is None:
             return
         taken = {cpu for cell in self._table.snapshot() for cpu in cell.cpus}
-        if not taken and not cpuset.active:
-            return
         try:
             cpus = online_cpus() or frozenset(self._system.root_cell.cpus)
             cpuset.apply(cpus - taken)
@@ -541,9 +572,13 @@ class ExecutorArch:
 
     def config_commit(self, cell_id: int | None) -> None:
         """Release the devices cells gave back (the operation is complete: see
-        :mod:`~harness.hvmodel.arch.passthrough`); nothing to flush, KVM keeps guest TLBs
-        and NPT/EPT consistent with the slots."""
+        :mod:`~harness.hvmodel.arch.passthrough`); a cell just created gets the lines of
+        its IOAPIC pins (``ioapic_config_commit``: from now on the root lacks them; see
+        :mod:`.interrupts`). Nothing to flush, KVM keeps guest TLBs and NPT/EPT
+        consistent with the slots."""
         self.passthrough.release_detached()
+        if cell_id is not None:
+            self._interrupts.connect(cell_id)
 
     # ===================================================================================
     # CPUs
@@ -564,6 +599,19 @@ class ExecutorArch:
     def resume_cpu(self, cpu: int) -> None:
         """Let a suspended CPU go on."""
         self._threads.resume(cpu)
+
+    @property
+    def exit_trace_problem(self) -> str | None:
+        """Why the exits KVM handles are not counted (None: they are, after :meth:`init`)."""
+        return self._kernel_exits.problem
+
+    def cpu_exit_counts(self, cpu: int) -> Mapping[CpuStat, int]:
+        """The exits KVM handled in the kernel for a cell CPU, as Jailhouse counts them
+        (:mod:`~harness.hvmodel.arch.exitstats`); none for a root CPU or untraced."""
+        with self._table.cond:
+            data = self._table.cpus.get(cpu)
+            trace = data.trace if data is not None else None
+        return trace.counts() if trace is not None else {}
 
     # ===================================================================================
     # messages
@@ -623,8 +671,11 @@ class ExecutorArch:
         return self._devices.mmio_read(address, size)
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
-        """One uncached write of host-physical MMIO, under the root hardware policy."""
-        self._devices.mmio_write(address, size, value)
+        """One uncached write of host-physical MMIO, under the root hardware policy; the
+        EOI register of an IOAPIC cells have pins of ends their pins' vector
+        (:mod:`.interrupts`)."""
+        if not self._interrupts.ioapic_eoi_write(address, size, value):
+            self._devices.mmio_write(address, size, value)
 
     def pci_read_config(self, bdf: int, reg: int, size: int) -> int:
         """Read the device's config space; all ones for an absent device."""
@@ -643,7 +694,9 @@ class ExecutorArch:
         self._devices.pci_add_device(cell_id, device, root=self._is_root(cell_id))
 
     def pci_remove_device(self, cell_id: int, device: PciDevice) -> None:
-        """Forget the owner (``arch_pci_remove_device``)."""
+        """Forget the owner (``arch_pci_remove_device``); the device's INTx leaves the
+        cell's pin first."""
+        self._interrupts.device_removed(cell_id, device.bdf)
         self._devices.pci_remove_device(cell_id, device, root=self._is_root(cell_id))
 
     def send_msi(self, cell_id: int, address: int, data: int) -> None:
@@ -655,7 +708,8 @@ class ExecutorArch:
         return self._interrupts.ioapic_read(address, index)
 
     def ioapic_write(self, address: int, index: int, value: int) -> None:
-        """Write register ``index``, for redirection entries of pins a non-root cell owns."""
+        """A redirection entry half of a pin a non-root cell owns: its delivery
+        (:mod:`.interrupts`); the physical IOAPIC stays the root's."""
         self._interrupts.ioapic_write(address, index, value)
 
     # ===================================================================================
@@ -715,21 +769,21 @@ class ExecutorArch:
                     "affinity": sorted(cpu.affinity) if cpu.affinity is not None else None,
                     "thread_alive": bool(cpu.thread and cpu.thread.is_alive()),
                     "exits": cpu.exit_counts(),
+                    "native_pio": cpu.native_io_count(),
                     "dropped": cpu.dropped,
                 }
                 for cpu in self._table.cpus.values()
             }
             cells = {
-                cell.id: {
-                    "name": cell.config.name, "cpus": sorted(cell.cpus), "slots": len(cell.slots),
-                    "console": console_tail(cell.ports, CONSOLE_TAIL) if cell.ports is not None else "",
-                }
+                cell.id: {"name": cell.config.name, "cpus": sorted(cell.cpus), "slots": len(cell.slots),
+                          "console": console_tail(cell.ports)}
                 for cell in self._table.cells.values()
             }
         return {
             "state": self._state.value,
             "vendor": self.vendor,
             "ports": self._ports.mode if self._ports is not None else None,
+            "native_pio": self._exits.native_pio,
             "xen_hypercalls": self._xen_hypercalls,
             "isolation": self.isolation_problem or "cpuset",
             "cpuset": repr(self.cpuset) if self.cpuset is not None else None,
@@ -738,7 +792,9 @@ class ExecutorArch:
             "zombies": sum(1 for z in self._zombies if z.is_alive()),
             "passthrough": {
                 d.address.short: {"cell": d.cell_id, "group": d.group, "msi": len(d.msi_routes),
-                                  "msix": len(d.msix_routes)}
+                                  "msix": len(d.msix_routes), "intx_gsi": d.intx_gsi,
+                                  "intx_on": d.intx_on}
                 for cell_id in sorted(self._table.cells) for d in self.passthrough.devices_of(cell_id)
             },
+            "ioapic_pins": self._interrupts.status(),
         }

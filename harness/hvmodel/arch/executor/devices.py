@@ -6,8 +6,9 @@ executor's **root hardware policy**.
 The root cell runs natively (Linux drives its devices and its IOAPIC pins itself), so
 the executor does not let the model's shadow bookkeeping write root-owned hardware: PCI
 config writes reach a device only while a non-root cell owns it (and right after it was
-taken from one), MSI-X table and IOAPIC EOI writes only inside a non-root cell's device or
-IOAPIC, MMIO writes otherwise only inside a non-root cell's sub-page region. Reads always
+taken from one), MSI-X table and MSI-X table writes only inside a non-root cell's device, MMIO
+writes otherwise only inside a non-root cell's sub-page region (a cell's IOAPIC EOI
+register writes are :mod:`.interrupts`' business). Reads always
 go to the hardware (failed reads return all ones).
 
 **PCI passthrough** (:mod:`~harness.hvmodel.arch.passthrough`): a physical endpoint of a
@@ -15,7 +16,8 @@ non-root cell is claimed for ``vfio-pci`` at ``pci_add_device`` and released at
 ``pci_remove_device``; its BARs become KVM slots on VFIO's own mappings, the cell's DMA
 regions its IOMMU domain, its MSI and MSI-X vectors VFIO eventfds routed into the cell's
 VM; config space and MSI-X table accesses the model lets through go to VFIO or to the
-shadows there.
+shadows there. A configured device the machine lacks is not passed through (Jailhouse's
+driver skips it too); its config space reads all ones.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ...abi import IOAPIC_REG_EOI, PCI_TYPE_DEVICE
+from ...abi import PCI_TYPE_DEVICE
 from .cells import CellTable
 from .memory import CellMemory, MmioWindows
 
@@ -48,7 +50,6 @@ class DeviceAccess:
     :param passthrough: the VFIO side of cells' devices
     :param pci_sysfs: where PCI devices' config files are (``/sys/bus/pci/devices``)
     :param pci_domain: gives the PCI domain of the devices (the system config's)
-    :param split_irqchip: gives whether cells' VMs have a split irqchip
     """
 
     def __init__(
@@ -60,7 +61,6 @@ class DeviceAccess:
         *,
         pci_sysfs: str,
         pci_domain: Callable[[], int],
-        split_irqchip: Callable[[], bool],
     ) -> None:
         self.table = table
         self.windows = windows
@@ -68,7 +68,6 @@ class DeviceAccess:
         self.passthrough = passthrough
         self.pci_sysfs = pci_sysfs
         self._pci_domain = pci_domain
-        self._split_irqchip = split_irqchip
         self._pci_fds: dict[int, int] = {}
         #: BDF -> owning non-root cell id; -1: just taken from a cell (writes still allowed)
         self._device_owner: dict[int, int] = {}
@@ -95,8 +94,8 @@ class DeviceAccess:
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
         """One uncached write of host-physical MMIO inside a non-root cell's sub-page
-        region, device MSI-X table or IOAPIC (root hardware policy); else dropped. The
-        MSI-X table of a passed-through device is its shadow."""
+        region or device MSI-X table (root hardware policy); else dropped. The MSI-X table
+        of a passed-through device is its shadow."""
         passed = self.passthrough.msix_device(address, size)
         if passed is not None:
             self.passthrough.msix_write(passed, address, size, value)
@@ -113,9 +112,6 @@ class DeviceAccess:
         for cell in self.table.snapshot():
             if any(start <= address and end <= stop for start, stop in cell.subpage_ranges):
                 return True
-            for base, _pin in cell.ioapic_pins:
-                if base + IOAPIC_REG_EOI <= address and end <= base + IOAPIC_REG_EOI + 4:
-                    return True
         for bdf, (start, length) in self._msix_ranges.items():
             if bdf in self._device_owner and start <= address and end <= start + length:
                 return True
@@ -169,7 +165,9 @@ class DeviceAccess:
 
     def pci_add_device(self, cell_id: int, device: PciDevice, *, root: bool) -> None:
         """Record the owner; a physical endpoint of a non-root cell is passed through
-        (``arch_pci_add_device``: claimed for ``vfio-pci``, in the cell's IOMMU domain).
+        (``arch_pci_add_device``: claimed for ``vfio-pci``, in the cell's IOMMU domain),
+        unless the machine has no such device (then, as with Jailhouse, the cell owns a
+        device whose config space reads all ones).
 
         :param root: ``cell_id`` is the root cell (it gets the device back)
         :raise HvError: the VFIO step that failed, naming the device
@@ -178,8 +176,14 @@ class DeviceAccess:
             self._device_owner.pop(device.bdf, None)
             return
         cell = self.table.cells.get(cell_id)
-        if cell is not None and int(device.type) == PCI_TYPE_DEVICE:
-            self.passthrough.attach(cell_id, cell.vm, device, split_irqchip=self._split_irqchip())
+        physical = cell is not None and int(device.type) == PCI_TYPE_DEVICE
+        if physical and not self.passthrough.present(device.bdf):
+            # A configured device the machine lacks: Jailhouse's hypervisor adds it without
+            # looking (config reads then return all ones) and its driver skips it
+            # (jailhouse_pci_claim_release finds no Linux device): nothing to pass through.
+            LOG.info("PCI %04x: no such device; in cell %d without passthrough", device.bdf, cell_id)
+        elif physical and cell is not None:
+            self.passthrough.attach(cell_id, cell.router, device)
             try:
                 self.memory.dma_map_existing(cell_id, cell)
             except BaseException:

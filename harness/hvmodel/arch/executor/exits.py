@@ -16,25 +16,36 @@ model's exit entry points (:class:`ExitHandler`, the
   outside the cell and keeps what the cell prints on its UARTs (:mod:`.cellports`);
   every other exit comes back.
 * **MMIO** to :meth:`Hypervisor.handle_mmio`.
+* **EOIs** of level-triggered vectors an IOAPIC pin delivered (``KVM_EXIT_IOAPIC_EOI``
+  with the split irqchip) go to :attr:`ExitDispatcher.on_ioapic_eoi` (the executor's
+  :mod:`.interrupts`), not to the model: Jailhouse sees no exit for them either.
 * **Hypercalls**: with ``CONFIG_KVM_XEN`` (``KVM_CAP_XEN_HVM`` with
   ``KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL``) VMCALL/VMMCALL exit as ``KVM_EXIT_XEN`` and go to
   :meth:`Hypervisor.hypercall` (code in EAX, arguments in RDI and RSI, result in RAX,
   -EPERM above CPL 0). **Debian's kernel lacks CONFIG_KVM_XEN**: there KVM answers every
   VMCALL/VMMCALL itself with ``-KVM_ENOSYS`` (-1000) in RAX, and cells' hypercalls (the
   debug console ``con-virtual``, CPU_GET_INFO) are not seen by the model.
+* **x2APIC writes with bits 63:32 set** (other than the ICR), which KVM refuses: with the
+  host's APIC in xAPIC mode Jailhouse emulates x2APIC and takes EAX only, so the executor
+  writes the low half (:meth:`ExitDispatcher._x2apic_write_emulated`); with an x2APIC
+  host they are FATAL as below (the hardware would raise #GP).
 * **Fatal**: triple fault, failed entry, KVM internal errors and MSRs KVM does not know go
   to :meth:`Hypervisor.panic_park` with Jailhouse's FATAL wording for the vendor (SVM:
-  ``Unexpected #VMEXIT, exitcode 7f, ...``; VMX: ``Unhandled VM-Exit, reason 2``) and a
-  register dump (after a triple fault on SVM, KVM has already reset the vCPU: the dump
-  shows the reset state, not the faulting one).
+  ``Unexpected #VMEXIT, exitcode 7f, ...``; VMX: ``Unhandled VM-Exit, reason 2`` and the
+  exit details) and a register dump, from the state at the failing exit
+  (:func:`fatal_report`): the exit code and information come from the CPU's trace of
+  KVM's ``kvm_exit`` records; after a shutdown on SVM KVM has reset the vCPU, so only the
+  traced RIP is shown.
 
 **Statistics**: the model counts the exits it handles (``vmexits_pio``, ``vmexits_mmio``,
 ``vmexits_hypercall`` and ``vmexits_total``); fatal exits are counted in
 ``vmexits_total`` (MSR ones also in ``vmexits_msr_other``) through
-:meth:`Hypervisor.count_exit`. Exits KVM handles in the kernel (CPUID, CR, most MSRs,
-x2APIC, XSETBV, HLT) never reach user space and are not counted; port accesses the model
-passes through are not counted either (Jailhouse's I/O bitmap lets them through without
-an exit).
+:meth:`Hypervisor.count_exit`. Exits KVM handles in the kernel (CPUID, CR, MSRs, x2APIC,
+XSETBV, #DB/#AC) are counted by each CPU's trace (:class:`KernelExits`,
+:mod:`~harness.hvmodel.arch.exitstats`) where Jailhouse would count them, and added by the
+model when it reads the statistics (``Arch.cpu_exit_counts``). Port accesses the I/O
+bitmap lets through are not counted (no exit in Jailhouse), whether the I/O bitmap loop
+or Python performs them.
 
 **Not done here**: string port I/O with a count of 1 (KVM does not tell it from a plain
 IN/OUT), the x86 instruction decoder's FATALs (KVM emulates the MMIO instruction).
@@ -46,22 +57,31 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
-from ...abi import CpuStat
+from ...abi import (
+    MSR_X2APIC_BASE,
+    MSR_X2APIC_END,
+    MSR_X2APIC_ICR,
+    VMX_EXIT_FAILED_VMENTRY,
+    CpuStat,
+    SvmExit,
+    VmxExit,
+)
 from ...errors import Errno, JhlabError
+from ..exitstats import ExitRules, MsrTraps, TraceEvents, VcpuExitTrace
 from ..kvm import (
-    ExitReason,
     FailEntryExit,
+    IoapicEoiExit,
     IoExit,
     KvmError,
     MmioExit,
     MsrExit,
-    OtherExit,
     ShutdownExit,
     UnknownExit,
     VcpuExit,
     XenExit,
     describe_exit,
 )
+from ..perf import PerfError
 from ..portio import IoBitmapLoop, NativePorts, PortIo
 from ..vcpu import format_state
 from .cellports import loop_bitmap
@@ -70,13 +90,12 @@ from .cells import CellCpu, ExecutorStateError
 if TYPE_CHECKING:
     from ...percpu import ExitResult
 
-__all__ = ["ExitDispatcher", "ExitHandler", "fatal_text"]
+__all__ = ["ExitDispatcher", "ExitHandler", "KernelExits", "fatal_report", "fatal_text"]
 
 LOG = logging.getLogger(__name__)
 
-#: SVM exit code of a shutdown (triple fault), VMX exit reason of a triple fault
-SVM_EXIT_SHUTDOWN: Final = 0x7F
-VMX_EXIT_TRIPLE_FAULT: Final = 2
+#: SVM EXITINTINFO / VMX interruption information: the event is valid
+EVENT_VALID: Final = 1 << 31
 
 
 class ExitHandler(Protocol):
@@ -111,8 +130,12 @@ class ExitDispatcher:
     def __init__(self, *, vendor: str, ports: Callable[[], PortIo | None], native_pio: bool) -> None:
         self.vendor = vendor
         self.native_pio = native_pio
+        #: the host's APIC is in xAPIC mode: Jailhouse emulates x2APIC for cells (set at init)
+        self.x2apic_emulated = False
         self._ports = ports
         self.handler: Callable[[], ExitHandler | None] = lambda: None
+        #: where a cell CPU's EOI of a pin's vector goes (CPU, vector)
+        self.on_ioapic_eoi: Callable[[CellCpu, int], None] = lambda cpu, vector: None
 
     def attach(self, target: ExitHandler | Callable[[], ExitHandler | None]) -> None:
         """Tell the dispatcher where exits go.
@@ -148,19 +171,43 @@ class ExitDispatcher:
                 self.handle_mmio(handler, cpu, exit_)
             elif isinstance(exit_, XenExit):
                 self.handle_hypercall(handler, cpu, exit_)
-            elif isinstance(exit_, OtherExit) and exit_.code == ExitReason.IOAPIC_EOI:
-                pass  # split irqchip: EOI of a level-triggered vector; no IOAPIC to tell
+            elif isinstance(exit_, IoapicEoiExit):
+                self.on_ioapic_eoi(cpu, exit_.vector)
+            elif isinstance(exit_, MsrExit) and self._x2apic_write_emulated(cpu, exit_):
+                handler.count_exit(cpu.id, CpuStat.VMEXITS_MSR_OTHER)
             elif isinstance(exit_, MsrExit):
                 handler.count_exit(cpu.id, CpuStat.VMEXITS_MSR_OTHER)
                 handler.panic_park(cpu.id, with_dump(cpu, describe_exit(exit_)))
             else:
                 handler.count_exit(cpu.id, CpuStat.VMEXITS_TOTAL)
-                handler.panic_park(cpu.id, with_dump(cpu, fatal_text(exit_, self.vendor)))
+                handler.panic_park(cpu.id, fatal_report(cpu, exit_, self.vendor))
         except JhlabError as exc:
             # The model refused (e.g. disabled meanwhile): the CPU cannot go on.
             LOG.warning("CPU %d: exit not handled: %s", cpu.id, exc)
             return str(exc)
         return None
+
+    def _x2apic_write_emulated(self, cpu: CellCpu, exit_: MsrExit) -> bool:
+        """A write to an x2APIC register other than the ICR with bits 63:32 set, which KVM
+        refuses: where the host's APIC is in xAPIC mode Jailhouse emulates x2APIC and its
+        ``x2apic_handle_write`` takes EAX only, so the low half is written (through KVM,
+        as the cell's own write would be) and the instruction completes.
+
+        :return: whether the write was performed
+        """
+        if not (self.x2apic_emulated and exit_.is_write and exit_.data >> 32):
+            return False
+        msr = exit_.index
+        if msr == MSR_X2APIC_ICR or not MSR_X2APIC_BASE <= msr <= MSR_X2APIC_END:
+            return False
+        if not MsrTraps.of(self.vendor, x2apic_host=False).exits(msr, True):
+            return False  # a register Jailhouse does not trap: the hardware would refuse it
+        try:
+            cpu.vcpu.set_msrs({msr: exit_.data & 0xFFFFFFFF})
+        except KvmError as exc:
+            LOG.warning("CPU %d: x2APIC write %#x = %#x: %s", cpu.id, msr, exit_.data, exc)
+            return False
+        return True
 
     def report_fatal(self, cpu: CellCpu, text: str) -> None:
         """A failure of the CPU's own KVM calls: FATAL through the model (which parks the
@@ -245,13 +292,60 @@ class ExitDispatcher:
         exit_.set_result(result)
 
 
+class KernelExits:
+    """The exits KVM handles in the kernel, per cell CPU (:mod:`~..exitstats`): KVM's
+    tracepoints and Jailhouse's counting rules, found at :meth:`prepare` (executor init);
+    one :class:`~..exitstats.VcpuExitTrace` per vCPU thread from :meth:`open`.
+
+    :param enabled: trace at all (off: ``cell stats`` shows the model's counts only, and
+        a FATAL dump after an SVM shutdown has no state)
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._rules: ExitRules | None = None
+        self._events: TraceEvents | None = None
+        #: why nothing is traced (None: traced, once prepared)
+        self.problem: str | None = None if enabled else "switched off"
+
+    def prepare(self, vendor: str, *, x2apic_host: bool) -> None:
+        """Find KVM's tracepoints (in a mounted tracefs); on failure cells run untraced
+        (:attr:`problem` says why, logged)."""
+        if not self.enabled:
+            return
+        try:
+            self._events = TraceEvents.load()
+        except PerfError as exc:
+            self.problem = str(exc)
+            LOG.warning("exits KVM handles are not counted, FATAL dumps after an SVM shutdown "
+                        "show no state: %s", exc)
+            return
+        self._rules = ExitRules(vendor, x2apic_host=x2apic_host)
+        self.problem = None
+
+    def describe(self) -> str:
+        return f"not counted ({self.problem})" if self.problem else "counted"
+
+    def open(self) -> VcpuExitTrace | None:
+        """The calling vCPU thread's trace (None when off, or when it cannot be opened:
+        logged)."""
+        rules, events = self._rules, self._events
+        if rules is None or events is None:
+            return None
+        try:
+            return VcpuExitTrace(rules, events)
+        except PerfError as exc:
+            LOG.warning("this cell CPU's exits in KVM are not counted: %s", exc)
+            return None
+
+
 def fatal_text(exit_: VcpuExit, vendor: str) -> str:
     """The text after ``FATAL: `` Jailhouse prints for an exit it cannot handle, on an
     ``amd`` (``svm.c``) or ``intel`` (``vmx.c``) machine."""
     if isinstance(exit_, ShutdownExit):
         if vendor == "amd":
-            return _svm_unexpected(SVM_EXIT_SHUTDOWN)
-        return f"Unhandled VM-Exit, reason {VMX_EXIT_TRIPLE_FAULT}"
+            return _svm_unexpected(SvmExit.SHUTDOWN)
+        return f"Unhandled VM-Exit, reason {VmxExit.TRIPLE_FAULT}"
     if isinstance(exit_, FailEntryExit):
         reason = exit_.hardware_entry_failure_reason
         if vendor == "amd":
@@ -265,6 +359,44 @@ def fatal_text(exit_: VcpuExit, vendor: str) -> str:
     return describe_exit(exit_)
 
 
+def fatal_report(cpu: CellCpu, exit_: VcpuExit, vendor: str) -> str:
+    """What Jailhouse prints after ``FATAL: `` for an exit nobody handles, with the state
+    at that exit: its ``svm.c``/``vmx.c`` line, the exit details (VMX:
+    ``dump_vm_exit_details``) and ``dump_guest_regs``.
+
+    A shutdown or failed entry takes the exit's own record from the CPU's trace (exit
+    code, exit information). After a shutdown on SVM, KVM has reset the vCPU, so the
+    record's RIP (and the event being delivered) is all that is left; the other registers
+    are not printed rather than printed wrong.
+    """
+    traced = None
+    if cpu.trace is not None and isinstance(exit_, (ShutdownExit, FailEntryExit)):
+        traced = cpu.trace.failing_exit()
+    lost = vendor == "amd" and isinstance(exit_, ShutdownExit)
+    if traced is None:
+        text = fatal_text(exit_, vendor)
+        if lost:
+            return f"{text}\n(no register dump: KVM reset the vCPU in its shutdown intercept)"
+        return with_dump(cpu, text)
+    if vendor == "amd":
+        if traced.reason == SvmExit.INVALID:
+            text = fatal_text(exit_, vendor)
+        else:
+            text = _svm_unexpected(traced.reason, traced.info1, traced.info2)
+        if not lost:
+            return with_dump(cpu, text)
+        delivering = ""
+        if traced.intr_info & EVENT_VALID:
+            delivering = f"; it was delivering vector {traced.intr_info & 0xFF}"
+        return (f"{text}\nRIP: 0x{traced.rip:016x} (the other registers are lost: KVM resets an "
+                f"SVM vCPU in its shutdown intercept{delivering})")
+    failed = traced.reason & VMX_EXIT_FAILED_VMENTRY
+    text = (f"{'VM-Entry failure' if failed else 'Unhandled VM-Exit'}, reason {traced.reason & 0xFFFF}\n"
+            f"qualification {traced.info1:x}\n"
+            f"vectoring info: {traced.info2:x} interrupt info: {traced.intr_info:x}")
+    return with_dump(cpu, text)
+
+
 def with_dump(cpu: CellCpu, text: str) -> str:
     """``text`` plus the guest register dump Jailhouse prints after a FATAL line."""
     try:
@@ -273,6 +405,7 @@ def with_dump(cpu: CellCpu, text: str) -> str:
         return f"{text}\n(no register dump: {exc})"
 
 
-def _svm_unexpected(exitcode: int) -> str:
-    """``svm.c``'s default case (exit information 1 and 2 are not reported by KVM)."""
-    return f"Unexpected #VMEXIT, exitcode {exitcode:x}, exitinfo1 0x{0:016x} exitinfo2 0x{0:016x}"
+def _svm_unexpected(exitcode: int, info1: int = 0, info2: int = 0) -> str:
+    """``svm.c``'s default case (KVM's exit gives no exit information: 0 unless traced)."""
+    return (f"Unexpected #VMEXIT, exitcode {exitcode:x}, exitinfo1 0x{info1:016x} "
+            f"exitinfo2 0x{info2:016x}")

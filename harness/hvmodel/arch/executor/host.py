@@ -1,11 +1,12 @@
 """The lab's Linux as the driver needs it (:class:`~harness.hvmodel.driver.HostInfo`):
-online CPUs, the CPU vendor, ``memmap=`` reservations, and the TSC and local-APIC timer
-frequencies as KVM gives them to cells. No Jailhouse counterpart: Jailhouse's driver
-reads these from the kernel it runs in.
+online CPUs, the CPU vendor and APIC mode, ``memmap=`` reservations, PCI devices, and
+the TSC and local-APIC timer frequencies as KVM gives them to cells. No Jailhouse
+counterpart: Jailhouse's driver reads these from the kernel it runs in.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING, Final
 
@@ -16,7 +17,15 @@ from ..vcpu import apic_khz, measure_tsc_khz
 if TYPE_CHECKING:
     from ...driver import HostInfo
 
-__all__ = ["cpu_vendor", "describe_host", "host_info", "online_cpus", "reserved_ranges"]
+__all__ = [
+    "cpu_vendor",
+    "describe_host",
+    "host_info",
+    "online_cpus",
+    "pci_devices",
+    "reserved_ranges",
+    "x2apic_mode",
+]
 
 
 def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -30,6 +39,39 @@ def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
     except OSError:
         pass
     return ""
+
+
+#: IA32_APIC_BASE and its x2APIC-enable bit (EXTD)
+_MSR_APIC_BASE: Final = 0x1B
+_APIC_BASE_EXTD: Final = 1 << 10
+
+
+def x2apic_mode(cpu: int = 0, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the local APICs run in x2APIC mode (Jailhouse's ``using_x2apic``):
+    IA32_APIC_BASE.EXTD through the msr driver (``/dev/cpu/N/msr``), else whether the
+    CPU flags show ``x2apic`` (Linux turns x2APIC on where the CPU and interrupt
+    remapping allow and clears the flag where it keeps xAPIC mode on purpose)."""
+    try:
+        fd = os.open(f"/dev/cpu/{cpu}/msr", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            data = os.pread(fd, 8, _MSR_APIC_BASE)
+        except OSError:
+            data = b""
+        finally:
+            os.close(fd)
+        if len(data) == 8:
+            return bool(int.from_bytes(data, "little") & _APIC_BASE_EXTD)
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return "x2apic" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
 
 
 def online_cpus(path: str = "/sys/devices/system/cpu/online") -> frozenset[int]:
@@ -80,6 +122,24 @@ def host_info(kvm_path: str = "/dev/kvm") -> HostInfo:
     return describe_host(tsc, apic)
 
 
+_PCI_NAME: Final = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
+
+
+def pci_devices(path: str = "/sys/bus/pci/devices") -> frozenset[tuple[int, int]] | None:
+    """The PCI functions Linux has, as (domain, BDF); None when sysfs cannot tell."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    found: set[tuple[int, int]] = set()
+    for name in names:
+        match = _PCI_NAME.match(name)
+        if match:
+            domain, bus, dev, fn = (int(part, 16) for part in match.groups())
+            found.add((domain, bus << 8 | dev << 3 | fn))
+    return frozenset(found)
+
+
 def describe_host(tsc_khz: int, apic_khz: int) -> HostInfo:
     """:class:`~harness.hvmodel.driver.HostInfo` of this machine with the given timer
     frequencies (kHz)."""
@@ -94,4 +154,5 @@ def describe_host(tsc_khz: int, apic_khz: int) -> HostInfo:
         reserved=reserved_ranges() or None,
         tsc_khz=tsc_khz,
         apic_khz=apic_khz,
+        pci_devices=pci_devices(),
     )

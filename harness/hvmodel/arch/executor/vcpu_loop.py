@@ -33,13 +33,17 @@ import logging
 import os
 import threading
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from ..kvm import IntrExit, KvmError
 from ..portio import IoBitmapLoop
 from ..vcpu import jailhouse_vcpu_reset
 from .cells import CellCpu, CellTable, CellVm, CpuState
 from .exits import ExitDispatcher
+
+if TYPE_CHECKING:
+    from ..exitstats import VcpuExitTrace
 
 __all__ = ["VcpuThreads"]
 
@@ -59,12 +63,21 @@ class VcpuThreads:
     :param table: the cells and CPUs; its condition guards the orders
     :param exits: where the threads deliver exits
     :param pin: pin each thread to its CPU
+    :param trace: opens the exit trace of the calling vCPU thread (None: no trace)
     """
 
-    def __init__(self, table: CellTable, exits: ExitDispatcher, *, pin: bool) -> None:
+    def __init__(
+        self,
+        table: CellTable,
+        exits: ExitDispatcher,
+        *,
+        pin: bool,
+        trace: Callable[[], VcpuExitTrace | None] = lambda: None,
+    ) -> None:
         self.table = table
         self.exits = exits
         self.pin = pin
+        self._trace = trace
 
     # --- cells -------------------------------------------------------------------------
 
@@ -216,6 +229,9 @@ class VcpuThreads:
                 cpu.affinity = frozenset(os.sched_getaffinity(0))
             except OSError as exc:
                 LOG.warning("CPU %d: cannot pin the vCPU thread: %s", cpu.id, exc)
+        trace = self._trace()  # this thread's exits in KVM, before its first run
+        with self.table.cond:
+            cpu.trace = trace
         try:
             self._loop(cpu)
         except Exception as exc:  # the thread must not die silently
@@ -225,7 +241,10 @@ class VcpuThreads:
             with self.table.cond:
                 cpu.in_model = False
                 cpu.ended = True
+                cpu.trace = None
                 self.table.cond.notify_all()
+            if trace is not None:
+                trace.close()
 
     def _loop(self, cpu: CellCpu) -> None:
         vcpu = cpu.vcpu
@@ -246,6 +265,7 @@ class VcpuThreads:
                     with cond:
                         if cpu.io_loop is not None:
                             cpu.exits["IoExit"] += cpu.io_loop.served
+                            cpu.native_io += cpu.io_loop.served
                         cpu.io_loop = io_loop
                 exit_ = vcpu.run() if io_loop is None else vcpu.run_native(io_loop)
             except KvmError as exc:

@@ -37,6 +37,7 @@ __all__ = [
     "InternalErrorExit",
     "IntrExit",
     "IoExit",
+    "IoapicEoiExit",
     "MmioExit",
     "MsrExit",
     "OtherExit",
@@ -275,6 +276,19 @@ class XenExit(VcpuExit):
 
 
 @dataclasses.dataclass(slots=True)
+class IoapicEoiExit(VcpuExit):
+    """``KVM_EXIT_IOAPIC_EOI``: with a split irqchip, the guest ended a level-triggered
+    interrupt of ``vector`` (one an IOAPIC pin's GSI route delivered); the IOAPIC, in
+    user space, clears the pin's remote IRR."""
+
+    @property
+    def reason(self) -> int:
+        return ExitReason.IOAPIC_EOI
+
+    vector: int
+
+
+@dataclasses.dataclass(slots=True)
 class OtherExit(VcpuExit):
     """Any exit reason not decoded above (``code`` is the raw ``exit_reason``)."""
 
@@ -330,6 +344,8 @@ def _decode_rare(run_page: mmap.mmap, reason: int) -> VcpuExit:
         return MsrExit(index, reason == ExitReason.X86_WRMSR, data, bits, run_page)
     if reason == ExitReason.UNKNOWN:
         return UnknownExit(int(info.hw.hardware_exit_reason))
+    if reason == ExitReason.IOAPIC_EOI:
+        return IoapicEoiExit(int(info.eoi.vector))
     if reason == ExitReason.XEN:
         kind, longmode, cpl, code, _result, *params = RUN_XEN_HCALL.unpack_from(run_page, RUN_EXIT_INFO)
         return XenExit(kind, bool(longmode), cpl, code, tuple(params), run_page)

@@ -402,6 +402,13 @@ class KvmRunMsr(ctypes.Structure):
     ]
 
 
+class KvmRunEoi(ctypes.Structure):
+    """``kvm_run.eoi`` (KVM_EXIT_IOAPIC_EOI): the vector a level-triggered EOI ended
+    (split irqchip)."""
+
+    _fields_ = [("vector", _u8)]
+
+
 class KvmRunXenHcall(ctypes.Structure):
     """``kvm_run.xen.u.hcall`` (KVM_EXIT_XEN, type KVM_EXIT_XEN_HCALL): a VMCALL/VMMCALL."""
 
@@ -441,6 +448,7 @@ class KvmRunExitInfo(ctypes.Union):
         ("internal", KvmRunInternal),
         ("system_event", KvmRunSystemEvent),
         ("msr", KvmRunMsr),
+        ("eoi", KvmRunEoi),
         ("xen", KvmRunXen),
         ("padding", ctypes.c_char * 256),
     ]

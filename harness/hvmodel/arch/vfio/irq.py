@@ -247,6 +247,12 @@ class DeviceIrqs:
         LOG.debug("%s: %s enabled, eventfds %s", self.who, name, [fd.fileno() for fd in fds])
         return fds
 
+    def enable_intx(self, eventfd: EventFd) -> None:
+        """:meth:`enable` for INTx, signalling the caller's ``eventfd``. VFIO masks INTx
+        after each interrupt (at the device with PCI 2.3 INTx disable, else the line)
+        until :meth:`unmask_intx`; a device has INTx or MSI/MSI-X enabled, never both."""
+        self.enable(PciIrq.INTX, [eventfd])
+
     def enable_msi(self, eventfds: int | Sequence[EventFd | int] = 1) -> list[EventFd]:
         """:meth:`enable` for MSI."""
         return self.enable(PciIrq.MSI, eventfds)
@@ -286,7 +292,8 @@ class DeviceIrqs:
         )
 
     def unmask_intx(self) -> None:
-        """Unmask INTx after an interrupt (INTx is automasked by VFIO)."""
+        """Unmask INTx after an interrupt (INTx is automasked by VFIO); VFIO signals the
+        eventfd again at once when the device still asserts it."""
         self._set_irqs(
             PciIrq.INTX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_UNMASK, 0, 1, b"", "unmask INTx"
         )
@@ -326,16 +333,21 @@ class RoutedVector:
 
 
 class MsiRouter:
-    """The GSI routing table of one KVM VM, for passed-through devices' MSIs.
+    """The GSI routing table of one KVM VM: passed-through devices' MSIs and the cell's
+    IOAPIC pins.
 
     KVM replaces the whole table on every ``KVM_SET_GSI_ROUTING``, and
     :class:`~harness.hvmodel.arch.kvm.Vm` does not remember it; this object keeps it.
-    Each routed vector gets a GSI (from ``first_gsi``; below it the IOAPIC pins of the
-    split irqchip), an MSI route with the cell's address and data, and an irqfd: VFIO
-    signals the eventfd, KVM injects the MSI, no exit to user space.
+    Each routed vector gets a GSI (from ``first_gsi``), an MSI route with the cell's
+    address and data, and an irqfd: VFIO signals the eventfd, KVM injects the MSI, no
+    exit to user space. Below ``first_gsi`` are the IOAPIC pins of the split irqchip:
+    :meth:`set_pin` routes GSI = pin as the MSI of the pin's redirection entry (its
+    irqfds are the caller's); KVM scans exactly those routes for level-triggered vectors
+    whose EOI must exit (``KVM_EXIT_IOAPIC_EOI``).
 
-    Lifecycle: one router per VM; :meth:`route` / :meth:`update` / :meth:`unroute`;
-    :meth:`close` deassigns every irqfd and clears the routes (before the VM closes).
+    Lifecycle: one router per VM; :meth:`route` / :meth:`update` / :meth:`unroute`,
+    :meth:`set_pin` / :meth:`clear_pin`; :meth:`close` deassigns every irqfd it assigned
+    and clears the routes (before the VM closes).
 
     :param vm: the cell's VM
     :param first_gsi: lowest GSI to hand out (24: above the IOAPIC pins)
@@ -351,9 +363,12 @@ class MsiRouter:
         keep = vm.has_irqchip if irqchip_defaults is None else irqchip_defaults
         self._base: list[MsiRoute | IrqchipRoute] = list(default_irqchip_routes()) if keep else []
         self.vectors: dict[int, RoutedVector] = {}
+        #: IOAPIC pin (= GSI) -> (MSI address, data) of its redirection entry
+        self.pins: dict[int, tuple[int, int]] = {}
 
     def _commit(self) -> None:
         routes: list[MsiRoute | IrqchipRoute] = list(self._base)
+        routes += [MsiRoute(pin, address, data) for pin, (address, data) in sorted(self.pins.items())]
         routes += [
             MsiRoute(v.gsi, v.address, v.data) for v in sorted(self.vectors.values(), key=lambda v: v.gsi)
         ]
@@ -393,8 +408,26 @@ class MsiRouter:
         self.vectors.pop(vector.gsi, None)
         self._commit()
 
+    def set_pin(self, pin: int, address: int, data: int) -> None:
+        """Route IOAPIC pin ``pin`` (GSI ``pin``) as the MSI (``address``, ``data``).
+
+        :raise ValueError: for a pin at or above ``first_gsi``
+        """
+        if not 0 <= pin < self.first_gsi:
+            raise ValueError(f"IOAPIC pin {pin}: the router keeps pins below GSI {self.first_gsi}")
+        if self.pins.get(pin) == (address, data):
+            return
+        self.pins[pin] = (address, data)
+        self._commit()
+
+    def clear_pin(self, pin: int) -> None:
+        """Drop the pin's route (its irqfds must be deassigned first)."""
+        if self.pins.pop(pin, None) is not None:
+            self._commit()
+
     def close(self) -> None:
         """Unroute everything (errors logged); the VM must still be open."""
+        self.pins.clear()
         for vector in list(self.vectors.values()):
             try:
                 self.vm.irqfd(vector.eventfd, vector.gsi, deassign=True)

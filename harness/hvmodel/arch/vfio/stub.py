@@ -193,6 +193,7 @@ class PciStub:
         return os.path.join(self.sysfs, "bus", "pci", "drivers", driver)
 
     def exists(self, address: str | PciAddress) -> bool:
+        """Whether the machine has the device (Linux lists it in sysfs)."""
         return os.path.isdir(self._device_dir(PciAddress.parse(address)))
 
     def driver_of(self, address: str | PciAddress) -> str | None:
@@ -212,6 +213,18 @@ class PciStub:
         except FileNotFoundError:
             return None
         return None if value in ("", "(null)") else value
+
+    def irq_of(self, address: str | PciAddress) -> int | None:
+        """The root Linux's IRQ of the device's INTx (sysfs ``irq``; the firmware's
+        routing applies once the device is enabled, e.g. opened through VFIO); None
+        when it has none."""
+        path = os.path.join(self._device_dir(PciAddress.parse(address)), "irq")
+        try:
+            with open(path) as file:
+                irq = int(file.read().strip())
+        except (OSError, ValueError):
+            return None
+        return irq or None
 
     def group_of(self, address: str | PciAddress) -> int:
         """The device's IOMMU group number.
@@ -280,7 +293,7 @@ class PciStub:
             return "?"
 
     def _require_device(self, address: PciAddress) -> None:
-        if not os.path.isdir(self._device_dir(address)):
+        if not self.exists(address):
             raise VfioError(
                 address.short, "no such PCI device in /sys/bus/pci/devices", os_errno=errno.ENODEV
             )

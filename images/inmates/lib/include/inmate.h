@@ -368,6 +368,23 @@ void apic_eoi(void);
  * register dump and stops the CPU. */
 
 /* ------------------------------------------------------------------ */
+/* IOAPIC (reference 4.6): the pins the cell's config gives it          */
+
+#define IOAPIC_BASE		0xfec00000UL
+/* Redirection entry flags (82093AA datasheet 3.2.4). */
+#define IOAPIC_LEVEL		(1U << 15)
+#define IOAPIC_ACTIVE_LOW	(1U << 13)
+#define IOAPIC_MASKED		(1U << 16)
+
+/* Map the IOAPIC page (uncached). */
+void ioapic_init(void);
+/* Route pin to vector on this CPU (physical destination, fixed delivery);
+ * flags: IOAPIC_LEVEL, IOAPIC_ACTIVE_LOW, IOAPIC_MASKED. */
+void ioapic_pin_set(unsigned int pin, unsigned int vector, u32 flags);
+/* Set or clear the pin's mask bit, keeping the rest of its entry. */
+void ioapic_pin_mask(unsigned int pin, bool masked);
+
+/* ------------------------------------------------------------------ */
 /* Timing (reference 5.5)                                              */
 
 #define PM_TIMER_HZ	3579545UL
