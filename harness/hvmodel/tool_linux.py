@@ -393,7 +393,9 @@ class CellLinux:
         cells = (status.get("executor") or {}).get("cells") or {}
         for entry in cells.values():
             if isinstance(entry, dict) and entry.get("name") == name:
-                console = str(entry.get("console", ""))
+                # its first bytes too: the guest line is early, and a burst may have
+                # pushed it out of the tail before this look
+                console = str(entry.get("console_start", "")) + "\n" + str(entry.get("console", ""))
         return self._sysfs_state(name), console
 
     def _sysfs_state(self, name: str) -> str | None:

@@ -214,3 +214,46 @@ def test_captured_bytes_wrap_in_the_ring() -> None:
     assert got == text[-portio.CAPTURE_SIZE:]
     assert cell.captured(len(text) - 10) == (text[-10:], len(text))
     assert cell.captured(len(text)) == (b"", len(text))
+
+
+def capture(cell: portio.CellPorts, text: bytes, at: int) -> int:
+    """Write ``text`` into the ring as the loop does, from position ``at``; the new head."""
+    data = cell._data
+    for index, byte in enumerate(text, at):
+        data.capture[index % portio.CAPTURE_SIZE] = byte
+    data.capture_head = at + len(text)
+    return at + len(text)
+
+
+def test_the_start_of_the_output_is_kept_apart_from_the_ring() -> None:
+    """keep_start copies the first CAPTURE_START bytes as they arrive; what follows, even
+    a burst that wraps the ring, leaves them as they were."""
+    cell = portio.CellPorts()
+    head = capture(cell, b"Hypervisor detected: Jailhouse\n", 0)
+    cell.keep_start()
+    assert bytes(cell.start) == b"Hypervisor detected: Jailhouse\n"
+    head = capture(cell, b"x" * 3000, head)
+    cell.keep_start()
+    assert bytes(cell.start) == b"Hypervisor detected: Jailhouse\n" + b"x" * 3000
+    head = capture(cell, b"y" * 2000, head)
+    cell.keep_start()  # full: up to CAPTURE_START, not beyond
+    assert bytes(cell.start) == (b"Hypervisor detected: Jailhouse\n" + b"x" * 3000
+                                 + b"y" * 2000)[:portio.CAPTURE_START]
+    kept = bytes(cell.start)
+    capture(cell, b"z" * 3 * portio.CAPTURE_SIZE, head)
+    cell.keep_start()  # the burst that wraps the ring leaves it alone
+    assert bytes(cell.start) == kept
+
+
+def test_bytes_lost_before_a_look_end_the_start() -> None:
+    """When the ring wrapped past the part not yet copied, keep_start keeps what it has
+    and stops (no gap is glued over)."""
+    cell = portio.CellPorts()
+    head = capture(cell, b"first\n", 0)
+    cell.keep_start()
+    capture(cell, b"z" * (portio.CAPTURE_SIZE + 100), head)
+    cell.keep_start()
+    assert bytes(cell.start) == b"first\n"
+    capture(cell, b"late", portio.CAPTURE_SIZE * 3)
+    cell.keep_start()
+    assert bytes(cell.start) == b"first\n"

@@ -66,6 +66,7 @@ from .kvm.structs import KVM_RUN
 
 __all__ = [
     "CAPTURE_SIZE",
+    "CAPTURE_START",
     "PORT_CAPTURED",
     "PORT_OPEN",
     "PORT_PCI_CONFIG",
@@ -190,6 +191,9 @@ PORT_CAPTURED: Final = 2
 PORT_PCI_CONFIG: Final = 3
 #: bytes of a cell's capture ring (a power of two: the loop masks the position)
 CAPTURE_SIZE: Final = 0x1000
+#: bytes from the start of a cell's captured output kept apart (:meth:`CellPorts.keep_start`;
+#: at most the ring's size, so that they are still in the ring when first copied)
+CAPTURE_START: Final = CAPTURE_SIZE
 #: BDFs a :class:`CellPorts` tells apart (bus, device, function: 16 bits)
 PCI_BDF_COUNT: Final = 0x10000
 #: attempts of :func:`stable_read` before it gives the last reading
@@ -486,6 +490,10 @@ class CellPorts:
         for bdf in devices:
             self._data.devices[bdf & 0xFFFF] = 1
         self.address = ctypes.addressof(self._data)
+        #: the first :data:`CAPTURE_START` bytes captured (:meth:`keep_start`)
+        self.start = bytearray()
+        self._start_done = False
+        self._start_lock = threading.Lock()
 
     def take_latch(self) -> int | None:
         """The 0xCF8 value a loop latched and the model has not seen, which the model
@@ -496,6 +504,27 @@ class CellPorts:
         value = int(data.latch)
         data.latch_native = 0
         return value
+
+    def keep_start(self) -> None:
+        """Copy the first :data:`CAPTURE_START` captured bytes out of the ring into
+        :attr:`start` as they arrive: a guest's first lines, which the burst that follows
+        (Linux replaying its log when its console starts) pushes out of the ring before
+        anyone reads it. Called before the model gets an exit of the cell; once
+        :attr:`start` is full (or bytes were lost before a call) it only tests a flag."""
+        if self._start_done or not self._start_lock.acquire(blocking=False):
+            return
+        try:
+            have = len(self.start)
+            head = int(self._data.capture_head)
+            if head - CAPTURE_SIZE > have:  # overwritten before this call: keep what we have
+                self._start_done = True
+                return
+            end = min(head, CAPTURE_START)
+            if end > have:
+                self.start += bytes(self._data.capture[have:end])
+            self._start_done = end >= CAPTURE_START
+        finally:
+            self._start_lock.release()
 
     @property
     def capture_head(self) -> int:

@@ -15,8 +15,8 @@ bitmap of the cell, plus
 * the transmit registers of the cell's UARTs (the PC UARTs its whitelist opens and its
   console, when an 8250 on PIO) as
   :data:`~harness.hvmodel.arch.portio.PORT_CAPTURED`: what the cell prints there is kept
-  in a ring (:func:`console_tail`), for the ``jailhouse cell linux`` report and the
-  executor's status.
+  in a ring (:func:`console_tail`), its first bytes apart (:func:`console_view`), for
+  the ``jailhouse cell linux`` watch and report and the executor's status.
 
 Jailhouse counts each configuration-port access as a PIO exit; the loop's answers are
 added to the CPU's ``vmexits_pio`` (and ``vmexits_total``) the next time the CPU's thread
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from ...config import CellConfig
     from ...percpu import ExitResult
 
-__all__ = ["CellPortsSync", "PortModel", "cell_ports", "console_ports", "console_tail", "loop_bitmap"]
+__all__ = ["CellPortsSync", "PortModel", "cell_ports", "console_ports", "console_tail", "console_text",
+           "console_view", "loop_bitmap"]
 
 LOG = logging.getLogger(__name__)
 
@@ -85,14 +86,27 @@ CONSOLE_TAIL: Final = 2048
 
 
 def console_tail(ports: CellPorts | None, limit: int = CONSOLE_TAIL) -> str:
-    """The last ``limit`` bytes the cell wrote to its UARTs, as text (Latin-1; control
-    characters but line feeds and tabs dropped: carriage returns, and the divisor bytes
-    a driver writes to the same register while it sets the baud rate); none without
-    ``ports``."""
+    """The last ``limit`` bytes the cell wrote to its UARTs, as text (:func:`console_text`);
+    none without ``ports``."""
     if ports is None:
         return ""
     data, _head = ports.captured(max(ports.capture_head - limit, 0))
+    return console_text(data)
+
+
+def console_text(data: bytes) -> str:
+    """UART bytes as text (Latin-1; control characters but line feeds and tabs dropped:
+    carriage returns, and the divisor bytes a driver writes to the same register while it
+    sets the baud rate)."""
     return data.translate(None, _CONTROL).decode("latin-1")
+
+
+def console_view(ports: CellPorts | None) -> dict[str, str]:
+    """What the executor status shows of a cell's UART output: its tail (``console``)
+    and its first bytes (``console_start``, :meth:`~harness.hvmodel.arch.portio.CellPorts.keep_start`)."""
+    if ports is None:
+        return {"console": "", "console_start": ""}
+    return {"console": console_tail(ports), "console_start": console_text(bytes(ports.start))}
 
 
 _CONTROL: Final = bytes(byte for byte in range(0x20) if byte not in b"\n\t") + b"\x7f"
@@ -133,6 +147,7 @@ class CellPortsSync:
         :param port_exit: the exit is a port access (the model may look at its address
             port)
         """
+        self.ports.keep_start()
         latch = self.ports.take_latch() if port_exit else None
         if latch is not None:
             # The latched write as the model would have seen it; the loop counted it.

@@ -80,7 +80,7 @@ from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
 from ..vfio import MsiRouter
 from ..xsave import limit_xsave, usable_xcr0
-from .cellports import CellPortsSync, cell_ports, console_tail
+from .cellports import CellPortsSync, cell_ports, console_view
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
 from .devices import DeviceAccess
@@ -776,7 +776,7 @@ class ExecutorArch:
             }
             cells = {
                 cell.id: {"name": cell.config.name, "cpus": sorted(cell.cpus), "slots": len(cell.slots),
-                          "console": console_tail(cell.ports)}
+                          **console_view(cell.ports)}
                 for cell in self._table.cells.values()
             }
         return {
