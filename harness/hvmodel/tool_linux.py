@@ -211,9 +211,9 @@ class CellLinux:
         if initrd is not None:
             images.append(("the initrd", initrd, boot.initrd_address))
         images.append(("the boot parameters", boot.params, boot.params_address))
+        self._check_guest(kernel, args.kernel.name)  # first: nothing else matters then
         self._check_initrd(kernel, boot, args.kernel_decomp_factor)
         self._check_fit(config, images)
-        self._check_guest(kernel, args.kernel.name)
         return self._boot(config.name, config_data, images, args.cmdline or "")
 
     def _resolve_arch(self, arch: str | None) -> None:
