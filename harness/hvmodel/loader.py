@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Final
 
-__all__ = ["PRELOAD", "Loader", "main"]
+__all__ = ["DAEMON_PROCESS_NAME", "PRELOAD", "Loader", "main"]
 
 #: what the loader imports before it serves: everything a daemon imports when it starts
 #: and enables (the config parser for the debug console included)
@@ -74,6 +74,9 @@ PRELOAD: Final = (
     "harness.hvmodel.arch.oracle",
     "harness.hvmodel.config",
 )
+#: the name (``/proc/PID/comm``, what ``ps`` and ``top`` show) of a daemon the loader
+#: forked: its command line stays the loader's
+DAEMON_PROCESS_NAME: Final = "jhlab-daemon"
 #: seconds the loader waits for a connected command to send its request
 REQUEST_TIMEOUT: Final = 10.0
 #: the requests and the file descriptors each carries: a daemon's stdout and stderr
@@ -240,6 +243,7 @@ class Loader:
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             if op == "start":
+                _name_process(DAEMON_PROCESS_NAME)
                 os.setsid()
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
@@ -300,6 +304,12 @@ class Loader:
         self._children.clear()
 
 
+def _name_process(name: str) -> None:
+    """Set this process's name (its main thread's ``comm``, at most 15 bytes); best effort."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
+
+
 def _os_string(value: object) -> str:
     """A string of a request as the interpreter would have made it from the bytes (the
     command line, the environment, a path: file system encoding, surrogateescape); the
@@ -319,6 +329,10 @@ def _run_tool(argv: list[str]) -> int:
     sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
                       closefd=False)
+    # named as the interpreter names them: argparse's '-' and Jailhouse's config check
+    # print sys.stdin's name ('<stdin>', not 0)
+    for stream, name in ((sys.stdin, "<stdin>"), (sys.stdout, "<stdout>"), (sys.stderr, "<stderr>")):
+        stream.buffer.raw.name = name  # type: ignore[attr-defined]
     sys.argv = argv
     return tool.main(argv)
 

@@ -24,6 +24,7 @@ import pytest
 
 from harness.hvmodel.config import load_source
 from harness.hvmodel.ipc import DriverClient, RunDir, decode, encode
+from harness.hvmodel.loader import DAEMON_PROCESS_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 JAILHOUSE = REPO / "images" / "guest" / "libexec" / "jailhouse"
@@ -156,6 +157,7 @@ def test_enable_forks_the_daemon_from_the_loader(loader: Loaded) -> None:
     pid = loader.daemon_pid()
     assert parent_of(pid) == loader.proc.pid
     assert os.getsid(pid) == pid
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == DAEMON_PROCESS_NAME  # for ps
     assert "FAULT INJECTED (test only): destroy-leaks-pages" in loader.run.log.read_text()
     ok(loader.jailhouse("cell", "create", loader.apic))
     listing = loader.jailhouse("cell", "list")
@@ -299,6 +301,19 @@ def test_the_launcher_drives_a_lifecycle(loader: Loaded, tools: Path) -> None:
     assert outcome(launch(loader, tools, "cell", "destroy", "apic-demo")) == ok
     assert outcome(launch(loader, tools, "disable")) == ok
     assert gone(pid)
+
+
+def test_standard_input_keeps_its_name_through_the_loader(loader: Loaded, tools: Path) -> None:
+    """A command the loader runs sees its standard streams named as the interpreter names
+    them: Jailhouse's config check reads a set from ``-`` and prints ``(<stdin>)``."""
+    system = Path(loader.system).read_bytes()
+    args = ("config", "check", "-")
+    results = [subprocess.run(command, input=system, env=loader.env, capture_output=True,
+                              timeout=COMMAND_TIMEOUT, check=False)
+               for command in ([os.fspath(tools / "bin" / "jailhouse"), *args],
+                               [sys.executable, os.fspath(JAILHOUSE), *args])]
+    assert b"Root cell:     QEMU-VM (<stdin>)" in results[0].stdout, results[0]
+    assert outcome(results[0]) == outcome(results[1])
 
 
 def test_without_a_loader_the_launcher_runs_the_script(loader: Loaded, tools: Path) -> None:

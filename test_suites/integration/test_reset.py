@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import SnapshotRefused
+from harness.hvmodel.loader import DAEMON_PROCESS_NAME
 from harness.lab import Lab, LabState
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -83,7 +84,8 @@ def test_a_snapshot_with_a_cell_running_restores_and_the_cell_runs_on(
     lab.cell_console.expect(TIMER_LINE, timeout=120)
     for _ in range(3):
         point = lab.snapshot()
-        assert any("harness.hvmodel.daemon" in user.cmdline for user in point.guest.stopped), \
+        assert any(user.name == DAEMON_PROCESS_NAME or "harness.hvmodel.daemon" in user.cmdline
+                   for user in point.guest.stopped), \
             point.guest.stopped
         lab.run("touch /root/after-the-snapshot", check=True)
         lab.reset()
