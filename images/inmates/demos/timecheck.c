@@ -31,11 +31,16 @@
  *                    on (as Jailhouse's apic-demo does between its ticks): no
  *                    tick more than 1 ms early (figures printed; how late
  *                    a tick comes then depends on the host's scheduler)
+ *   irq-clock        a 5 ms periodic timer whose handler reads the PM timer
+ *                    while the interrupted loop reads it too: every tick
+ *                    arrives (within 10 s) and no reading, in the handler or
+ *                    in the loop, is earlier than the one before it
  *
  * Command line: seconds=N (rate window, default 10), shots=N (one-shot
  * timers, default 20), periods=N (periodic ticks, default 20),
  * max-jitter-us=N (default 5000), ticks (print each tick of the periodic
- * timer in HLT: "timecheck: tick N jitter J us", for benchmarks).
+ * timer in HLT: "timecheck: tick N jitter J us", for benchmarks),
+ * irq-ticks=N (ticks of the irq-clock check, default 20).
  */
 #include <inmate.h>
 
@@ -46,14 +51,30 @@
 #define TDCR_DIV_16	0x3
 #define MAX_SAMPLES	64
 #define PPM_LIMIT	10000	/* 1 % */
+#define IRQ_CLOCK_PERIOD_MS	5
+#define IRQ_CLOCK_WAIT_MS	10000
 
 static volatile u64 fired_tsc[MAX_SAMPLES + 1];
 static volatile unsigned int fired;
+/* irq-clock: the handler reads the PM timer too. The latest reading of the
+ * loop and of the handler, and how often one was earlier than a reading
+ * that came before it (a handler's is later than the loop's last one). */
+static volatile bool clock_in_irq;
+static volatile u64 loop_last, irq_last;
+static volatile unsigned int loop_backwards, irq_backwards;
 
 static void timer_irq(unsigned int vector)
 {
+	u64 now;
+
 	if (fired <= MAX_SAMPLES)
 		fired_tsc[fired] = rdtsc();
+	if (clock_in_irq) {
+		now = pm_timer_read();
+		if (now < irq_last || now < loop_last)
+			irq_backwards++;
+		irq_last = now;
+	}
 	fired++;
 }
 
@@ -224,6 +245,39 @@ static void periodic(unsigned int periods, long limit_ns, bool busy,
 	      median / 1000, jitter[periods - 1] / 1000);
 }
 
+/* The PM timer read in an interrupt handler while the interrupted code
+ * reads it as well: the clock's lock must not be held with interrupts on
+ * (a tick that interrupted the loop inside it would wait for it forever). */
+static void irq_clock(unsigned int ticks)
+{
+	u64 start, now;
+
+	fired = 0;
+	loop_backwards = irq_backwards = 0;
+	loop_last = irq_last = 0;
+	clock_in_irq = true;
+	write_msr(X2APIC_TDCR, TDCR_DIV_16);
+	write_msr(X2APIC_LVTT, LVTT_PERIODIC | TIMER_VECTOR);
+	start = pm_timer_read();
+	write_msr(X2APIC_TMICT, IRQ_CLOCK_PERIOD_MS * comm_region->apic_khz / 16);
+	enable_irqs();
+	do {
+		now = pm_timer_read();
+		if (now < loop_last)
+			loop_backwards++;
+		loop_last = now;
+	} while (fired < ticks && now - start < IRQ_CLOCK_WAIT_MS * NS_PER_MSEC);
+	disable_irqs();
+	write_msr(X2APIC_TMICT, 0);
+	write_msr(X2APIC_LVTT, LVTT_MASKED | TIMER_VECTOR);
+	clock_in_irq = false;
+	check(PROBE, "irq-clock", fired >= ticks && !loop_backwards &&
+	      !irq_backwards, "%u of %u ticks of %u ms read the PM timer in "
+	      "their handler while the loop read it; readings earlier than one "
+	      "before: %u in the loop, %u in the handler", fired, ticks,
+	      IRQ_CLOCK_PERIOD_MS, loop_backwards, irq_backwards);
+}
+
 void inmate_main(void)
 {
 	u64 seconds = cmdline_parse_int("seconds", 10);
@@ -231,6 +285,7 @@ void inmate_main(void)
 	unsigned int periods = cmdline_parse_int("periods", 20);
 	long limit = cmdline_parse_int("max-jitter-us", 5000) * 1000L;
 	bool print_ticks = cmdline_parse_bool("ticks", false);
+	unsigned int irq_ticks = cmdline_parse_int("irq-ticks", 20);
 	u32 a, b, c, d, tdcr;
 	bool deadline;
 
@@ -259,5 +314,6 @@ void inmate_main(void)
 	oneshots(shots);
 	periodic(periods, limit, false, print_ticks);
 	periodic(periods, limit, true, print_ticks);
+	irq_clock(irq_ticks);
 	check_summary(PROBE);
 }

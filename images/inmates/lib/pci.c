@@ -18,31 +18,38 @@
 
 static volatile u32 pci_lock;
 
-static void pci_select(u16 bdf, unsigned int addr)
+/* Takes the lock with interrupts off (an interrupt handler may access
+ * config space too, see irqs_save); returns the flags for pci_unlock(). */
+static unsigned long pci_select(u16 bdf, unsigned int addr)
 {
+	unsigned long flags = irqs_save();
+
 	while (__atomic_exchange_n(&pci_lock, 1, __ATOMIC_ACQUIRE))
 		cpu_relax();
 	outl(PCI_ADDR_ENABLE | ((u32)bdf << 8) | (addr & 0xfc), PCI_ADDR_PORT);
+	return flags;
 }
 
-static void pci_unlock(void)
+static void pci_unlock(unsigned long flags)
 {
 	__atomic_store_n(&pci_lock, 0, __ATOMIC_RELEASE);
+	irqs_restore(flags);
 }
 
 u32 pci_read_config(u16 bdf, unsigned int addr, unsigned int size)
 {
 	u16 port = PCI_DATA_PORT + (addr & 3);
+	unsigned long flags;
 	u32 v;
 
-	pci_select(bdf, addr);
+	flags = pci_select(bdf, addr);
 	if (size == 1)
 		v = inb(port);
 	else if (size == 2)
 		v = inw(port);
 	else
 		v = inl(port);
-	pci_unlock();
+	pci_unlock(flags);
 	return v;
 }
 
@@ -50,15 +57,16 @@ void pci_write_config(u16 bdf, unsigned int addr, u32 value,
 		      unsigned int size)
 {
 	u16 port = PCI_DATA_PORT + (addr & 3);
+	unsigned long flags;
 
-	pci_select(bdf, addr);
+	flags = pci_select(bdf, addr);
 	if (size == 1)
 		outb(value, port);
 	else if (size == 2)
 		outw(value, port);
 	else
 		outl(value, port);
-	pci_unlock();
+	pci_unlock(flags);
 }
 
 int pci_find_device(u16 vendor, u16 device, u16 start_bdf, u8 max_bus)

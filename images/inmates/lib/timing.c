@@ -31,11 +31,15 @@ bool pm_timer_available(void)
 
 u64 pm_timer_read(void)
 {
+	unsigned long flags;
 	u32 now;
 	u64 ticks;
 
 	if (!pm_timer_available())
 		return 0;
+	/* interrupts off: a handler reading the clock must not find the lock
+	 * taken by the code it interrupted (see irqs_save) */
+	flags = irqs_save();
 	while (__atomic_exchange_n(&pm_lock, 1, __ATOMIC_ACQUIRE))
 		cpu_relax();
 	now = inl(comm_region->pm_timer_address) & 0xffffff;
@@ -44,6 +48,7 @@ u64 pm_timer_read(void)
 	pm_last = now;
 	ticks = pm_overflows + now;
 	__atomic_store_n(&pm_lock, 0, __ATOMIC_RELEASE);
+	irqs_restore(flags);
 	return mul_div(ticks, NS_PER_SEC, PM_TIMER_HZ);
 }
 

@@ -277,6 +277,27 @@ static inline void disable_irqs(void)
 	asm volatile("cli" : : : "memory");
 }
 
+/*
+ * Interrupts off, returning RFLAGS as they were for irqs_restore(). A lock
+ * that an interrupt handler may take as well is held with interrupts off:
+ * otherwise an interrupt arriving while its own CPU holds the lock spins
+ * in the handler forever (under KVM a pending interrupt is injected right
+ * after the exit of a port access, i.e. inside such a lock, as a rule).
+ */
+static inline unsigned long irqs_save(void)
+{
+	unsigned long flags;
+
+	asm volatile("pushf; pop %0; cli" : "=rm"(flags) : : "memory");
+	return flags;
+}
+
+/* RFLAGS (the interrupt flag) as irqs_save() found them. */
+static inline void irqs_restore(unsigned long flags)
+{
+	asm volatile("push %0; popf" : : "rm"(flags) : "memory", "cc");
+}
+
 /* Halt until the next interrupt. sti;hlt closes the wake-up race. */
 static inline void wait_for_interrupt(void)
 {
@@ -390,7 +411,8 @@ void ioapic_pin_mask(unsigned int pin, bool masked);
 #define PM_TIMER_HZ	3579545UL
 
 /* Nanoseconds since the first call, from the ACPI PM timer (24 bit,
- * overflows tracked; call at least every 4 s). 0 if there is none. */
+ * overflows tracked; call at least every 4 s). 0 if there is none. Any CPU
+ * of the cell, also in an interrupt handler. */
 u64 pm_timer_read(void);
 bool pm_timer_available(void);
 /* Busy-wait using the PM timer (or the TSC if there is no PM timer). */
@@ -442,6 +464,7 @@ void apic_timer_stop(void);
 #define PCI_FN(bdf)		((bdf) & 7)
 #define PCI_NO_DEVICE		(-1)
 
+/* Config space through 0xcf8/0xcfc: any CPU, also in an interrupt handler. */
 u32 pci_read_config(u16 bdf, unsigned int addr, unsigned int size);
 void pci_write_config(u16 bdf, unsigned int addr, u32 value,
 		      unsigned int size);
