@@ -578,7 +578,8 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
     :func:`guest_programs`), ``libexec/`` (from ``images/guest/libexec``, seen as
     ``/usr/libexec/jailhouse``: Jailhouse's helper scripts and the Python ``jailhouse``
     command the launcher falls back to), the compiled cell configs (``configs/``, seen as
-    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``), jhlab's root-cell kernel
+    ``/etc/jailhouse``), the demo inmates (``libexec/demos/``) and ``jailhouse cell linux``'s
+    loader (``libexec/linux-loader.bin``), jhlab's root-cell kernel
     modules (``modules/``, loaded at boot by ``jhlab-guest-setup``) and the lab's SSH
     public key.
     """
@@ -614,6 +615,10 @@ def build_payload(dest: Path, *, authorized_key: str, inmates: Path | None = Non
             for alias, demo in DEMO_ALIASES.items():
                 if (inmates / f"{demo}.bin").exists():
                     shutil.copy2(inmates / f"{demo}.bin", demos / f"{alias}.bin")
+            # jailhouse cell linux's loader, where Jailhouse installs it
+            # (/usr/libexec/jailhouse/linux-loader.bin)
+            if (inmates / "linux-loader.bin").exists():
+                shutil.copy2(inmates / "linux-loader.bin", root / "libexec" / "linux-loader.bin")
         if modules is not None:
             (root / "modules").mkdir()
             for module in sorted(modules.glob("*.ko")):

@@ -20,6 +20,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -37,6 +38,8 @@ _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _ETH_P_ALL = 0x0003
+_ICMP_ECHO_REPLY = 0
+_ICMP_ECHO_REQUEST = 8
 
 
 class NetworkError(MachineError):
@@ -136,6 +139,39 @@ class PrivateNetwork:
 
         return self.run(make)
 
+    def ping(self, address: str, *, count: int = 3, interval: float = 0.2,
+             timeout: float = 5.0) -> list[float | None]:
+        """ICMP echo requests from the namespace to ``address`` (what ``ping`` does,
+        with a raw socket made inside the namespace).
+
+        :param count: requests, one at a time
+        :param interval: seconds between a reply (or its timeout) and the next request
+        :param timeout: seconds each request waits for its reply
+        :return: per request, the round-trip time in seconds, or None when no reply came
+        """
+        sock = self.run(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+        ident = os.getpid() & 0xFFFF
+        times: list[float | None] = []
+        try:
+            for sequence in range(count):
+                if sequence:
+                    time.sleep(interval)
+                payload = b"jhlab-ping" + bytes(46)
+                header = struct.pack("!BBHHH", _ICMP_ECHO_REQUEST, 0, 0, ident, sequence)
+                packet = struct.pack("!BBHHH", _ICMP_ECHO_REQUEST, 0, _checksum(header + payload),
+                                     ident, sequence) + payload
+                sent = time.monotonic()
+                try:
+                    sock.sendto(packet, (address, 0))
+                except OSError as exc:  # no route, no neighbour: this request is lost
+                    LOG.debug("ping %s: %s", address, exc)
+                    times.append(None)
+                    continue
+                times.append(_await_reply(sock, ident, sequence, sent, timeout))
+        finally:
+            sock.close()
+        return times
+
     def counters(self, ifname: str) -> dict[str, int]:
         """The interface's rx/tx packet and byte counters."""
 
@@ -153,3 +189,31 @@ class PrivateNetwork:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join(timeout=5)
+
+
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071)."""
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def _await_reply(sock: socket.socket, ident: int, sequence: int, sent: float,
+                 timeout: float) -> float | None:
+    """Seconds until the echo reply ``(ident, sequence)`` came, None after ``timeout``."""
+    deadline = sent + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(2048)
+        except TimeoutError:
+            return None
+        arrived = time.monotonic()
+        start = (data[0] & 0x0F) * 4  # after the IP header
+        kind, _code, _sum, got_ident, got_sequence = struct.unpack_from("!BBHHH", data, start)
+        if kind == _ICMP_ECHO_REPLY and (got_ident, got_sequence) == (ident, sequence):
+            return arrived - sent
+    return None

@@ -31,6 +31,10 @@ compiled on the host, configs, inmates and the C tool uploaded.
   (CPU in HLT), each run's median |jitter|, and the cell's TSC rate against the PM timer
   as a ratio to the comm region's ``tsc_khz`` (busy, and across HLT).
 
+* **Linux cells** (``repeats`` boots; the lab's private network needs root, without it
+  these figures are left out): ``jailhouse cell linux`` to the guest's ready line, and
+  ping round trips from the lab's namespace to the cell (:mod:`harness.bench.linuxcell`).
+
 Every wait has a deadline; a failed step ends the benchmark with its output and the
 lab's log folder.
 """
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import shlex
 import statistics
@@ -46,12 +51,13 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from harness.bench import Figure, bench_log_dir, timecheck
+from harness.bench import Figure, bench_log_dir, linuxcell, timecheck
 from harness.bench.marks import LineClock, begin_marker, end_marker, mark, marked
 from harness.errors import JhlabError
 from harness.hvmodel.config import CellConfig, load_source
 from harness.images import ImageBuilder, compiled_configs
 from harness.lab import Lab
+from harness.labfile import load_lab
 from harness.progress import Step, step
 from harness.protocol import CommandResult, LabChannels
 from harness.recipes import build_inmates, find_recipes
@@ -333,6 +339,22 @@ def _lifecycle_figures(runs: list[Cycle]) -> list[Figure]:
     ]
 
 
+def _linux_figures(cells: CellBench, lab: Lab, repeats: int) -> list[Figure]:
+    assert lab.network is not None  # the lab has a tap
+    with step(f"Linux cells, {repeats} boots and pings") as st:
+        cells.run("echo 1 > /proc/sys/kernel/printk")  # the cell owns serial 0
+        # the root's e1000e driver resets the NIC between two cells: QEMU's e1000e model
+        # aborts (e1000e_intrmgr_on_throttling_timer) when a cell's driver turns MSI-X on
+        # while the timer the previous cell armed is pending
+        cells.run(f"JAILHOUSE_DAEMON_ARGS=--rebind-pci jailhouse enable {GUEST_DIR}/qemu-x86.cell")
+        runs = []
+        for index in range(repeats):
+            st.note(f"boot {index + 1}/{repeats}")
+            runs.append(linuxcell.boot_and_ping(cells, lab.network, index))
+        cells.disable()
+    return linuxcell.figures(runs)
+
+
 def bench(repeats: int = 3, cycles: int = 10) -> list[Figure]:
     """Boot the default lab, run both benchmarks, return the figures.
 
@@ -344,7 +366,10 @@ def bench(repeats: int = 3, cycles: int = 10) -> list[Figure]:
         raise JhlabError("the image set has no inmates")
     with tempfile.TemporaryDirectory(prefix="jhlab-bench-") as tmp:
         kvmloop = build_kvmloop(Path(tmp) / "tools-build")
-        lab = Lab("default", log_dir=bench_log_dir("cells"))
+        # the e1000e on a tap in a private namespace, for the Linux cell's pings (root only)
+        spec = load_lab("default")
+        linux = os.geteuid() == 0
+        lab = Lab(linuxcell.with_tap(spec) if linux else spec, log_dir=bench_log_dir("cells"))
         with lab:
             LOG.info("cells benchmark: lab logs in %s", lab.log_dir)
             cells = CellBench(lab)
@@ -366,6 +391,10 @@ def bench(repeats: int = 3, cycles: int = 10) -> list[Figure]:
                         times.append(timecheck.run(cells, TIMECHECK_TIMEOUT))
                     cells.disable()
                     figures += time_figures(times)
+                if linux:
+                    figures += _linux_figures(cells, lab, repeats)
+                else:
+                    LOG.warning("no Linux-cell figures: the lab's private network needs root")
             except JhlabError as exc:
                 raise JhlabError(f"{exc}\n(lab logs kept in {lab.log_dir})") from exc
             finally:

@@ -289,16 +289,18 @@ class Hypervisor(HypervisorCore):
                 self.console.write(f"FATAL: {fatal}\n")
             self._panic_park(cpu_data)
 
-    def count_exit(self, cpu: int, stat: CpuStat) -> None:
-        """Count an exit the executor handled itself (CPUID, MSR, CR, XSETBV ...).
+    def count_exit(self, cpu: int, stat: CpuStat, count: int = 1) -> None:
+        """Count exits the executor handled itself (CPUID, MSR, CR, XSETBV, PCI
+        configuration ports of devices outside the cell ...).
 
-        Increments ``stat`` and ``VMEXITS_TOTAL`` (``stat`` = TOTAL counts once).
+        Increments ``stat`` and ``VMEXITS_TOTAL`` (``stat`` = TOTAL counts once) by
+        ``count``.
         """
         with self._lock:
             cpu_data = self._running_cpu(cpu, "count_exit")
-            cpu_data.count(CpuStat.VMEXITS_TOTAL)
+            cpu_data.count(CpuStat.VMEXITS_TOTAL, count)
             if stat is not CpuStat.VMEXITS_TOTAL:
-                cpu_data.count(stat)
+                cpu_data.count(stat, count)
 
     # ===================================================================================
     # hypercalls

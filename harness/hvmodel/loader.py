@@ -68,6 +68,7 @@ __all__ = ["DAEMON_PROCESS_NAME", "PRELOAD", "Loader", "main"]
 PRELOAD: Final = (
     "harness.hvmodel.tool",
     "harness.hvmodel.tool_extensions",
+    "harness.hvmodel.tool_linux",
     "harness.hvmodel.daemon",
     "harness.hvmodel.arch.executor",
     "harness.hvmodel.arch.oracle",

@@ -52,9 +52,9 @@ class PerCpu:
         #: held in the hypervisor by a management operation
         self.suspended = False
 
-    def count(self, stat: CpuStat) -> None:
-        """Increment one counter (u32 wrap-around, as in Jailhouse)."""
-        self.stats[stat] = (self.stats[stat] + 1) & 0xFFFFFFFF
+    def count(self, stat: CpuStat, count: int = 1) -> None:
+        """Add ``count`` to one counter (u32 wrap-around, as in Jailhouse)."""
+        self.stats[stat] = (self.stats[stat] + count) & 0xFFFFFFFF
 
     def clear_stats(self) -> None:
         """Zero all counters (CPU moved between cells)."""

@@ -33,8 +33,9 @@ jhlab additions: ``cell stats`` has a one-shot text mode (``-n``, and whenever s
 not a terminal); ``config check`` is Jailhouse's ``jailhouse-config-check``
 (:func:`harness.hvmodel.config.cli.jailhouse_config_check`), ``config show`` runs
 :func:`harness.hvmodel.config.cli.main`;
-``hardware check`` checks what the executor needs. Not provided: ``cell linux``, ``config
-create``, ``config collect``. ``console -f`` ends (exit 0) when the daemon ends.
+``hardware check`` checks what the executor needs; ``cell linux`` is Jailhouse's
+``jailhouse-cell-linux`` for x86 cells (:mod:`harness.hvmodel.tool_linux`). Not provided:
+``config create``, ``config collect``. ``console -f`` ends (exit 0) when the daemon ends.
 
 Environment: ``JAILHOUSE_RUN_DIR`` (run directory), ``JAILHOUSE_ARCH`` (``--arch`` of a
 daemon ``enable`` starts), ``JAILHOUSE_DAEMON_ARGS`` (more daemon options, shell words;
@@ -95,6 +96,10 @@ USAGE: Final = (
 #: the extensions jhlab provides: (command, subcommand, synopsis), printed as in
 #: ``help()`` (``"   %s %s %s\n"``)
 EXTENSIONS: Final = (
+    # master's synopsis (its jailhouse-cell-linux's argparse usage, in three lines)
+    ("cell", "linux", '[-h] [-d DTB] [-i INITRD] [-c "CMDLINE"] [-w PARAMS_FILE]\n'
+                      "              [-a ARCH] [-k FACTOR]\n"
+                      "              CELLCONFIG KERNEL"),
     ("cell", "stats", "{ ID | [--name] NAME } [-n | --non-interactive]"),
     ("config", "check", "[-h] SYSCONFIG [CELLCONFIG [CELLCONFIG ...]]"),
     ("config", "show", "[-h] [--json] FILE"),
@@ -629,6 +634,10 @@ class Tool:
         """``call_extension_script()``: run a provided extension, else usage (exit 1)."""
         argv = self.argv
         if len(argv) >= 3 and (command, argv[2]) in EXTENSION_NAMES:
+            if (command, argv[2]) == ("cell", "linux"):
+                from .tool_linux import cell_linux
+
+                return cell_linux(self, argv[2:])
             from . import tool_extensions
 
             handlers: dict[tuple[str, str], Callable[[Tool, list[str]], int]] = {

@@ -325,12 +325,35 @@ def linux_x86_demo() -> bytes:
     )
 
 
+def linux_x86_demo_e1000e() -> bytes:
+    """``linux-x86-demo.cell`` built with ``CONFIG_QEMU_E1000E_ASSIGNMENT``: the C config's
+    ``mem_regions[24]`` end with 00:02.0's window and the e1000e's BARs but the MSI-X
+    page, ``pci_devices[5]`` with the e1000e (caps 0-5, MSI 64-bit, 5 MSI-X vectors at
+    0xfea90000); 4 x 32 + 56 bytes more than without the option."""
+    return cell_file(
+        b"linux-x86-demo", PASSIVE | VCON, 0xC,
+        [*LINUX_REGIONS, same(0xFEA00000, 0x40000, R | W), same(0xFEA40000, 0x20000, R | W),
+         same(0xFEA60000, 0x20000, R | W), same(0xFEA91000, 0x3000, R | W)],
+        caches=[cache(0, 2)], irqchips=[irqchip(0xFEC00000, 0xFF00, 0x18)], pios=DEMO_PIO,
+        devices=[
+            pci(3, 0x0160, bar_mask=MSIX_MASK, msix=2, shmem=(0, 1, 2, 0x8002)),
+            pci(3, 0x0168, bar_mask=MSIX_MASK, msix=3, shmem=(4, 1, 2, 0x8003)),
+            pci(3, 0x0170, bar_mask=MSIX_MASK, msix=16, shmem=(8, 2, 3, 0x0000)),
+            pci(3, 0x0178, bar_mask=MSIX_MASK, msix=2, shmem=(13, 1, 2, 0x0001)),
+            pci(1, 0x0010, bar_mask=(0xFFFE0000, 0xFFFE0000, 0xFFFFFFE0, 0xFFFFC000, 0, 0),
+                caps=(0, 6), msi=1, msi64=True, msix=5, msix_size=0x1000, msix_addr=0xFEA90000),
+        ],
+        caps=E1000E_CAPS, con=console(),
+    )
+
+
 #: name -> (vector builder, size measured by the reference §1.6)
 VECTORS = {
     "qemu-x86": (qemu_x86, 2372),
     "apic-demo": (apic_demo, 228),
     "ivshmem-demo": (ivshmem_demo, 428),
     "linux-x86-demo": (linux_x86_demo, 1108),
+    "linux-x86-demo-e1000e": (linux_x86_demo_e1000e, 1108 + 4 * 32 + 56),
     "pci-demo": (pci_demo, 312),
     "e1000-demo": (e1000_demo, 316),
     "tiny-demo": (tiny_demo, 228),

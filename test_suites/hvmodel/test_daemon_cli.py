@@ -31,6 +31,7 @@ from harness.hvmodel.errors import HvError
 from harness.hvmodel.ipc import DriverClient, RunDir, b64encode
 from harness.hvmodel.sysfs import cell_list, sysfs_tree
 from harness.hvmodel.tool import CellStats
+from test_suites.unit.test_linux_params import kernel_image
 
 REPO = Path(__file__).resolve().parents[2]
 JAILHOUSE = REPO / "images" / "guest" / "libexec" / "jailhouse"
@@ -334,7 +335,7 @@ def test_disable_twice_with_a_refusing_cell(jh: Setup, files: Files) -> None:
     ["cell", "load", "1", "-s", "x", "--address"], ["cell", "start"], ["cell", "start", "--name"],
     ["cell", "start", "1", "2"], ["cell", "shutdown"], ["cell", "shutdown", "1", "img"],
     ["cell", "destroy"], ["cell", "destroy", "--name", "a", "b"], ["console", "-x"], ["config"],
-    ["config", "foo"], ["config", "create", "x"], ["hardware"], ["hardware", "foo"], ["cell", "linux"],
+    ["config", "foo"], ["config", "create", "x"], ["hardware"], ["hardware", "foo"],
     ["--Help"],
 ])
 def test_usage_errors_exit_1(jh: Setup, args: list[str]) -> None:
@@ -653,4 +654,48 @@ def test_repeated_cycles_leak_nothing(jh: Setup, files: Files) -> None:
     while _daemon_resources(pid) != before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _daemon_resources(pid) == before
+    ok(jh.jailhouse("disable"))
+
+
+def test_cell_linux_creates_loads_and_starts_through_the_daemon(jh: Setup, tmp_path: Path) -> None:
+    """``cell linux`` on a running daemon: the cell created from the config, the loader at
+    0, the kernel, the initrd and the parameters (the file ``-w`` writes) loaded at the
+    addresses ``-w`` prints, in that order, then started: every sysfs file, the console
+    and ``cell list`` as the oracle predicts for the same ioctls; a second ``cell linux``
+    after a destroy does it again."""
+    system = tmp_path / "qemu-x86.cell"
+    system.write_bytes(load_source(CONFIGS / "qemu-x86.toml").to_bytes())
+    cell = tmp_path / "linux-x86-demo.cell"
+    cell.write_bytes(load_source(CONFIGS / "linux-x86-demo.toml").to_bytes())
+    kernel, initrd, loader, params = (tmp_path / name for name in
+                                      ("bzImage", "rootfs.cpio", "linux-loader.bin", "params"))
+    kernel.write_bytes(kernel_image())
+    initrd.write_bytes(b"070701" + bytes(5000))
+    loader.write_bytes(b"\xf4" * 256)
+    jh.env["JAILHOUSE_LINUX_LOADER"] = os.fspath(loader)
+    # -k: the synthetic kernel file is tiny beside the init_size its header claims
+    args = (os.fspath(cell), os.fspath(kernel), "-i", os.fspath(initrd), "-c", "quiet", "-k", "1100")
+
+    written = jh.jailhouse("cell", "linux", *args, "-w", os.fspath(params))
+    assert written.returncode == 0, written.stderr
+    load_line = written.stdout.splitlines()[3].split()
+    assert load_line[:4] == ["jailhouse", "cell", "load", "linux-x86-demo"]
+    targets = [int(value, 16) for value in load_line[6::3]]
+    images = [Image(path.read_bytes(), target)
+              for path, target in zip((loader, kernel, initrd, params), targets, strict=True)]
+
+    ok(jh.jailhouse("enable", os.fspath(system)))
+    jh.apply(lambda d: d.enable(system.read_bytes()))
+    for _ in range(2):
+        ok(jh.jailhouse("cell", "linux", *args))
+        jh.apply(lambda d: d.cell_create(cell.read_bytes()))
+        for image in images:
+            jh.apply(lambda d, image=image: d.cell_load("linux-x86-demo", [image]))
+        jh.apply(lambda d: d.cell_start("linux-x86-demo"))
+        listing = cell_list(jh.oracle, jh.refresh())
+        ok(jh.jailhouse("cell", "list"), listing)
+        assert "linux-x86-demo          running           2-3" in listing
+        assert jh.files() == jh.tree
+        ok(jh.jailhouse("cell", "destroy", "linux-x86-demo"))
+        jh.apply(lambda d: d.cell_destroy("linux-x86-demo"))
     ok(jh.jailhouse("disable"))

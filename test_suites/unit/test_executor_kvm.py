@@ -437,7 +437,7 @@ class _Handler:
         self.calls.append((cpu, code, arg1, arg2, rip))
         return -int(Errno.ENOSYS)
 
-    def count_exit(self, cpu: int, stat: CpuStat) -> None:
+    def count_exit(self, cpu: int, stat: CpuStat, count: int = 1) -> None:
         self.calls.append((cpu, stat))
 
 

@@ -21,6 +21,9 @@ module                     Jailhouse source and what it holds
                            region (layout, signature, revision, flags, x86 base address),
                            the CPUID signature leaves
 :mod:`.ioctl`              ``driver/jailhouse.h``: ioctl numbers, cell id conventions
+:mod:`.linux_boot`         Linux's x86 boot protocol as ``jailhouse cell linux`` uses it
+                           (setup header, zero page, E820, ``SETUP_JAILHOUSE`` data) and
+                           where the tool and its loader put things in the cell
 :mod:`.pci`                ``include/jailhouse/pci.h``, ``pci_defs.h``, ``ivshmem.c``: PCI
                            config-space registers, capability IDs, MSI/MSI-X bits, the
                            ivshmem device's IDs and limits
@@ -38,11 +41,12 @@ the driver, the tools and the host-side harness can depend on it.
 
 from __future__ import annotations
 
-from . import cell_config, console, hypercall, ioctl, pci, vmexit, x86
+from . import cell_config, console, hypercall, ioctl, linux_boot, pci, vmexit, x86
 from .cell_config import *  # noqa: F403 - the package re-exports its modules' names
 from .console import *  # noqa: F403
 from .hypercall import *  # noqa: F403
 from .ioctl import *  # noqa: F403
+from .linux_boot import *  # noqa: F403
 from .pci import *  # noqa: F403
 from .vmexit import *  # noqa: F403
 from .x86 import *  # noqa: F403
@@ -52,6 +56,7 @@ __all__ += cell_config.__all__
 __all__ += console.__all__
 __all__ += hypercall.__all__
 __all__ += ioctl.__all__
+__all__ += linux_boot.__all__
 __all__ += pci.__all__
 __all__ += vmexit.__all__
 __all__ += x86.__all__

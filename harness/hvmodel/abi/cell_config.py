@@ -43,6 +43,7 @@ __all__ = [
     "CELL_DESC_FIELDS",
     "CELL_DESC_SIZE",
     "CELL_NAME_MAXLEN",
+    "CELL_OFF_CPU_RESET_ADDRESS",
     "CELL_OFF_CPU_SET_SIZE",
     "CELL_OFF_FLAGS",
     "CELL_OFF_ID",
@@ -346,6 +347,7 @@ CELL_OFF_NAME: Final = 8
 CELL_OFF_ID: Final = 40
 CELL_OFF_FLAGS: Final = 44
 CELL_OFF_CPU_SET_SIZE: Final = 48
+CELL_OFF_CPU_RESET_ADDRESS: Final = 84
 
 # Offsets inside struct jailhouse_system (revision 14).
 SYS_OFF_FLAGS: Final = 8

@@ -29,6 +29,22 @@ exit whose ports are all open in the cell's I/O bitmap (the model's, see
 real port, without Python and without the GIL; every other exit, and an interrupted or
 failed ``KVM_RUN``, returns to the caller. Whitelisted port I/O then costs what it costs
 a C VMM (KVM still exits to user space for every access: it cannot pass ports through).
+
+With a :class:`CellPorts` (one per cell, shared by its CPUs' loops) the loop does two
+more things without the caller:
+
+* **PCI configuration ports** (bitmap bytes :data:`PORT_PCI_CONFIG` on 0xCF8-0xCFF):
+  ``x86_pci_config_handler`` for devices the cell does not have. A 4-byte write of 0xCF8
+  naming such a device is latched in the :class:`CellPorts`; while that latch is the
+  cell's address, 4-byte reads of 0xCF8 return it and reads of 0xCFC-0xCFF (inside the
+  dword) return all ones, as Jailhouse answers for a device outside the cell. Everything
+  else (the cell's own devices, writes of data, other sizes) goes to the caller, which
+  first hands the latch to the model (:meth:`CellPorts.take_latch`). A Jailhouse guest
+  Linux probes every function of all 256 buses through these ports (some 130 000
+  exits), which Python alone would serve at a few hundred per second.
+* **Capture** (bitmap bytes :data:`PORT_CAPTURED`): bytes written to the port are also
+  appended to the cell's ring (:meth:`CellPorts.captured`): what the cell prints on its
+  UARTs, for diagnostics.
 """
 
 from __future__ import annotations
@@ -49,6 +65,13 @@ from .kvm import KvmError
 from .kvm.structs import KVM_RUN
 
 __all__ = [
+    "CAPTURE_SIZE",
+    "CAPTURE_START",
+    "PORT_CAPTURED",
+    "PORT_OPEN",
+    "PORT_PCI_CONFIG",
+    "PORT_TRAPPED",
+    "CellPorts",
     "DevPort",
     "DevPortPorts",
     "IoBitmapLoop",
@@ -84,53 +107,95 @@ _SYS_IOCTL: Final = 16
 #: where :data:`_IO_BITMAP_LOOP` sits in the stub page (after the six access stubs)
 _LOOP_OFFSET: Final = 128
 #: The I/O bitmap loop, ``long loop(int fd, struct kvm_run *run, const u8 *bitmap,
-#: u64 *served)`` (System V AMD64; only caller-saved registers; ``syscall`` keeps r8-r10).
-#: Returns 0 with an exit for the caller in ``run``, or KVM_RUN's negative errno.
-#: struct kvm_run offsets: exit_reason 8; io: direction 32 (OUT = 1), size 33, port 34,
-#: count 36, data_offset 40. Assembled from (GNU as, Intel syntax)::
+#: struct loop_state *state)`` (System V AMD64; only caller-saved registers; ``syscall``
+#: keeps r8-r10). Returns 0 with an exit for the caller in ``run``, or KVM_RUN's negative
+#: errno. ``bitmap`` has one byte per port (:data:`PORT_OPEN` ...); ``state`` is
+#: :class:`_LoopState`, whose ``cell`` points at the cell's :class:`_CellPortsData` (or is
+#: NULL). struct kvm_run offsets: exit_reason 8; io: direction 32 (OUT = 1), size 33,
+#: port 34, count 36, data_offset 40. Assembled from (GNU as, Intel syntax)::
 #:
-#:        mov r8, rsi ; mov r9, rdx ; mov r10, rcx       ; run, bitmap, served
+#:        mov r8, rsi ; mov r9, rdx ; mov r10, rcx       ; run, bitmap, state
 #:  enter: mov eax, 16 ; mov esi, KVM_RUN ; xor edx, edx ; syscall  ; ioctl(fd, KVM_RUN, 0)
 #:        test rax, rax ; jnz done                       ; -errno
 #:        cmp dword [r8+8], 2 ; jne done                 ; not KVM_EXIT_IO: the caller's
 #:        cmp dword [r8+36], 1 ; jne done                ; string I/O: the caller's
 #:        movzx ecx, byte [r8+33] ; movzx edx, word [r8+34]   ; size, port
 #:        lea esi, [rdx+rcx] ; cmp esi, 0x10000 ; ja done
+#:        cmp byte [r9+rdx], 3 ; je pci                  ; a PCI configuration port
 #:        mov r11d, edx
-#:  check: cmp byte [r9+r11], 0 ; je done                ; a closed port: the caller's
+#:  check: movzx eax, byte [r9+r11] ; dec eax ; cmp eax, 1 ; ja pass   ; not open (1, 2)
 #:        inc r11d ; cmp r11d, esi ; jb check
 #:        mov rsi, [r8+40] ; add rsi, r8                 ; the data in the run page
 #:        cmp byte [r8+32], 1 ; je out
 #:        in al|ax|eax, dx ; mov [rsi], al|ax|eax ; jmp served   ; by size 1, 2, 4
-#:  out:  mov al|ax|eax, [rsi] ; out dx, al|ax|eax              ; by size 1, 2, 4
+#:  out:  mov ax|eax, [rsi] ; out dx, ax|eax ; jmp served       ; sizes 2, 4
+#:  out1: mov al, [rsi] ; out dx, al
+#:        cmp byte [r9+rdx], 2 ; jne served              ; captured: append to the ring
+#:        mov r11, [r10+16] ; test r11, r11 ; jz served
+#:        mov rsi, [r11+8] ; mov ecx, esi ; and ecx, CAPTURE_SIZE-1
+#:        mov [r11+rcx+16], al ; inc rsi ; mov [r11+8], rsi
 #: served: inc qword [r10] ; jmp enter
+#:  pci:  mov r11, [r10+16] ; test r11, r11 ; jz pass   ; no cell state: the caller's
+#:        mov rsi, [r8+40] ; add rsi, r8
+#:        cmp edx, 0xcf8 ; jne pci_data
+#:        cmp ecx, 4 ; jne pass                          ; CF8 takes 4-byte accesses only
+#:        cmp byte [r8+32], 1 ; je pci_address
+#:        cmp dword [r11+4], 0 ; je pass                 ; the model holds the address
+#:        mov ecx, [r11] ; mov [rsi], ecx ; jmp pci_served      ; read back the latch
+#:  pci_address: mov ecx, [rsi] ; mov edx, ecx ; shr edx, 8 ; and edx, 0xffff   ; BDF
+#:        cmp byte [r11+rdx+4112], 0 ; jne pass          ; a device of the cell: the model's
+#:        mov [r11], ecx ; mov dword [r11+4], 1 ; jmp pci_served   ; latch it here
+#:  pci_data: cmp edx, 0xcfc ; jb pass ; add edx, ecx ; cmp edx, 0xd00 ; ja pass
+#:        cmp dword [r11+4], 0 ; je pass                 ; not latched here
+#:        cmp byte [r8+32], 1 ; je pass                  ; writes: the model's (FATAL)
+#:        mov dword [rsi], 0xffffffff                    ; no such device: all ones
+#: pci_served: inc qword [r10+8] ; jmp enter
+#:  pass: xor eax, eax
 #:  done: ret
 _IO_BITMAP_LOOP: Final = b"".join((
     bytes.fromhex("4989f0 4989d1 4989ca"),
     b"\xb8", _SYS_IOCTL.to_bytes(4, "little"),  # mov eax, SYS_ioctl
     b"\xbe", KVM_RUN.to_bytes(4, "little"),  # mov esi, KVM_RUN
     bytes.fromhex(
-        "31d2 0f05"
-        " 4885c0 757f"
-        " 4183780802 7578"
-        " 4183782401 7571"
-        " 410fb64821 410fb75022"
-        " 8d340a 81fe00000100 775c"
+        "31d2 0f05 4885c0 0f854f010000 4183780802 0f8544010000 4183782401 0f8539010000"
+        " 410fb64821 410fb75022 8d340a 81fe00000100 0f8720010000 41803c1103 0f848d000000"
         " 4189d3"
-        " 43803c1900 7452"  # check:
-        " 41ffc3 4139f3 72f1"
-        " 498b7028 4c01c6"
-        " 4180782001 741b"
-        " 83f901 740a 83f902 740a ed 8906 eb25"  # in4
-        " ec 8806 eb20"  # in1
-        " 66ed 668906 eb19"  # in2
-        " 83f901 740a 83f902 740a 8b06 ef eb0a"  # out: out4
-        " 8a06 ee eb05"  # out1
-        " 668b06 66ef"  # out2
-        " 49ff02 e96effffff"  # served:
+        " 430fb60419 ffc8 83f801 0f8700010000 41ffc3 4139f3 72e8"  # check:
+        " 498b7028 4c01c6 4180782001 741b 83f901 740a 83f902 740a ed 8906 eb4d"  # in4
+        " ec 8806 eb48"  # in1
+        " 66ed 668906 eb41"  # in2
+        " 83f901 7411 83f902 7405 8b06 ef eb32"  # out: out4
+        " 668b06 66ef eb2b"  # out2
+        " 8a06 ee 41803c1102 7521 4d8b5a10 4d85db 7418 498b7308 89f1 81e1ff0f0000"  # out1
+        " 4188440b10 48ffc6 49897308"
+        " 49ff02 e922ffffff"  # served:
+        " 4d8b5a10 4d85db 747d 498b7028 4c01c6 81faf80c0000 753f 83f904 7569"  # pci:
+        " 4180782001 740e 41837b0400 745b 418b0b 890e eb4b"
+        " 8b0e 89ca c1ea08 81e2ffff0000 4180bc131010000000 753c 41890b"  # pci_address:
+        " 41c7430401000000 eb26"
+        " 81fafc0c0000 7227 01ca 81fa000d0000 771d 41837b0400 7416 4180782001 740f"  # pci_data:
+        " c706ffffffff"
+        " 49ff4208 e99cfeffff"  # pci_served:
+        " 31c0"  # pass:
         " c3"  # done:
     ),
 ))  # fmt: skip
+#: the loop's bitmap bytes: the caller (Python, the model) handles an access to the port
+PORT_TRAPPED: Final = 0
+#: the loop performs the access on the real port (the cell's I/O bitmap lets it through)
+PORT_OPEN: Final = 1
+#: open, and the loop copies each byte written into the cell's capture ring (a console
+#: UART's transmit register)
+PORT_CAPTURED: Final = 2
+#: 0xCF8-0xCFF: the loop answers what needs no model (:class:`CellPorts`), else the caller
+PORT_PCI_CONFIG: Final = 3
+#: bytes of a cell's capture ring (a power of two: the loop masks the position)
+CAPTURE_SIZE: Final = 0x1000
+#: bytes from the start of a cell's captured output kept apart (:meth:`CellPorts.keep_start`;
+#: at most the ring's size, so that they are still in the ring when first copied)
+CAPTURE_START: Final = CAPTURE_SIZE
+#: BDFs a :class:`CellPorts` tells apart (bus, device, function: 16 bits)
+PCI_BDF_COUNT: Final = 0x10000
 #: attempts of :func:`stable_read` before it gives the last reading
 STABLE_READ_ATTEMPTS: Final = 16
 
@@ -338,7 +403,8 @@ class NativePorts:
         self.grant(port, size)
         self._out[size](port, value & ((1 << (8 * size)) - 1))
 
-    def io_bitmap_loop(self, vcpu_fd: int, run_page: mmap.mmap, bitmap: bytes | bytearray) -> IoBitmapLoop:
+    def io_bitmap_loop(self, vcpu_fd: int, run_page: mmap.mmap, bitmap: bytes | bytearray,
+                       cell: CellPorts | None = None) -> IoBitmapLoop:
         """The I/O bitmap loop (module docstring) for the calling thread's vCPU.
 
         Grants the calling thread every port ``bitmap`` opens (the loop executes IN/OUT on
@@ -347,9 +413,12 @@ class NativePorts:
         :param vcpu_fd: the vCPU (``KVM_RUN`` target)
         :param run_page: its ``kvm_run`` mapping; it must stay mapped while the loop runs
             (the vCPU's thread is the only user, and the VM closes after it ended)
-        :param bitmap: 0x10000 bytes, non-zero for a port that passes through; copied, so
+        :param bitmap: 0x10000 bytes, one per port: :data:`PORT_TRAPPED`,
+            :data:`PORT_OPEN`, :data:`PORT_CAPTURED` or :data:`PORT_PCI_CONFIG`; copied, so
             later changes do not reach the loop (a non-root cell's bitmap is fixed from
             ``cell_init`` to ``cell_exit``)
+        :param cell: the cell's shared port state (without it: no configuration-port
+            answers, no capture)
         :raise OSError: when a port cannot be granted (see :meth:`grant`)
         :raise ValueError: when ``bitmap`` is not 0x10000 bytes, or after :meth:`close`
         """
@@ -360,7 +429,7 @@ class NativePorts:
             raise ValueError("NativePorts closed")
         for port, length in open_ranges(bitmap):
             self.grant(port, length)
-        return IoBitmapLoop(owner, loop, vcpu_fd, run_page, bitmap)
+        return IoBitmapLoop(owner, loop, vcpu_fd, run_page, bitmap, cell)
 
     def close(self) -> None:
         page, self._page = self._page, None
@@ -382,6 +451,103 @@ class _StubPage:
         self.unmap = weakref.finalize(self, libc.munmap, address, HOST_PAGE_SIZE)
 
 
+class _CellPortsData(ctypes.Structure):
+    """What the loops of one cell share (offsets fixed by :data:`_IO_BITMAP_LOOP`)."""
+
+    _fields_ = [
+        ("latch", ctypes.c_uint32),  # 0: the 0xCF8 value latched by a loop
+        ("latch_native", ctypes.c_uint32),  # 4: 1 while the model has not seen it
+        ("capture_head", ctypes.c_uint64),  # 8: bytes captured so far
+        ("capture", ctypes.c_ubyte * CAPTURE_SIZE),  # 16: the ring
+        ("devices", ctypes.c_ubyte * PCI_BDF_COUNT),  # 4112: 1 = a BDF the model serves
+    ]
+
+
+class _LoopState(ctypes.Structure):
+    """One loop's counters and its cell's shared state (``struct loop_state``)."""
+
+    _fields_ = [
+        ("served", ctypes.c_uint64),  # 0: accesses performed on real ports
+        ("pci_served", ctypes.c_uint64),  # 8: configuration-port accesses answered
+        ("cell", ctypes.c_void_p),  # 16: the _CellPortsData, or NULL
+    ]
+
+
+class CellPorts:
+    """The port state the I/O bitmap loops of one cell share: the PCI address latch, the
+    cell's devices, the capture ring (module docstring).
+
+    Lifecycle: made with the cell, given to each of its CPUs' loops, dropped with the
+    cell. The loops write it without locks; :meth:`take_latch` runs in the thread of the
+    CPU whose exit needs the model, while the guest's own lock (Linux's
+    ``pci_config_lock``) keeps the other CPUs off the configuration ports.
+
+    :param devices: BDFs of the cell's PCI devices (their accesses go to the model)
+    """
+
+    def __init__(self, devices: Iterable[int] = ()) -> None:
+        self._data = _CellPortsData()
+        for bdf in devices:
+            self._data.devices[bdf & 0xFFFF] = 1
+        self.address = ctypes.addressof(self._data)
+        #: the first :data:`CAPTURE_START` bytes captured (:meth:`keep_start`)
+        self.start = bytearray()
+        self._start_done = False
+        self._start_lock = threading.Lock()
+
+    def take_latch(self) -> int | None:
+        """The 0xCF8 value a loop latched and the model has not seen, which the model
+        must get before it handles a port access of the cell; None when there is none."""
+        data = self._data
+        if not data.latch_native:
+            return None
+        value = int(data.latch)
+        data.latch_native = 0
+        return value
+
+    def keep_start(self) -> None:
+        """Copy the first :data:`CAPTURE_START` captured bytes out of the ring into
+        :attr:`start` as they arrive: a guest's first lines, which the burst that follows
+        (Linux replaying its log when its console starts) pushes out of the ring before
+        anyone reads it. Called before the model gets an exit of the cell; once
+        :attr:`start` is full (or bytes were lost before a call) it only tests a flag."""
+        if self._start_done or not self._start_lock.acquire(blocking=False):
+            return
+        try:
+            have = len(self.start)
+            head = int(self._data.capture_head)
+            if head - CAPTURE_SIZE > have:  # overwritten before this call: keep what we have
+                self._start_done = True
+                return
+            end = min(head, CAPTURE_START)
+            if end > have:
+                self.start += bytes(self._data.capture[have:end])
+            self._start_done = end >= CAPTURE_START
+        finally:
+            self._start_lock.release()
+
+    @property
+    def capture_head(self) -> int:
+        """Bytes captured since the cell was made."""
+        return int(self._data.capture_head)
+
+    def captured(self, since: int = 0) -> tuple[bytes, int]:
+        """Bytes captured after position ``since`` (at most the ring's size: older ones
+        are gone) and the position to ask from next time."""
+        data = self._data
+        head = int(data.capture_head)
+        start = max(since, head - CAPTURE_SIZE, 0)
+        ring = bytes(data.capture)
+        out = bytearray()
+        position = start
+        while position < head:
+            offset = position % CAPTURE_SIZE
+            chunk = ring[offset : offset + min(head - position, CAPTURE_SIZE - offset)]
+            out += chunk
+            position += len(chunk)
+        return bytes(out), head
+
+
 class IoBitmapLoop:
     """One vCPU's I/O bitmap loop (:meth:`NativePorts.io_bitmap_loop`); a call enters the
     guest and returns 0 with an exit for the caller in the run page, or KVM_RUN's
@@ -394,7 +560,7 @@ class IoBitmapLoop:
     """
 
     def __init__(self, page: _StubPage, loop: _LoopFn, vcpu_fd: int, run_page: mmap.mmap,
-                 bitmap: bytes | bytearray) -> None:
+                 bitmap: bytes | bytearray, cell: CellPorts | None = None) -> None:
         self._page = page  # the machine code stays mapped while this object exists
         self._loop = loop
         self._fd = vcpu_fd
@@ -402,20 +568,28 @@ class IoBitmapLoop:
         self._run = ctypes.addressof(ctypes.c_char.from_buffer(run_page))
         self._bitmap = (ctypes.c_ubyte * 0x10000).from_buffer_copy(bitmap)
         self._bitmap_address = ctypes.addressof(self._bitmap)
-        self._served = ctypes.c_uint64(0)
-        self._served_address = ctypes.addressof(self._served)
+        self.cell = cell  # kept alive while the loop may write it
+        self._state = _LoopState(0, 0, cell.address if cell is not None else None)
+        self._state_address = ctypes.addressof(self._state)
 
     @property
     def served(self) -> int:
         """Port accesses the loop has performed so far."""
-        return self._served.value
+        return int(self._state.served)
+
+    @property
+    def pci_served(self) -> int:
+        """Configuration-port accesses the loop has answered so far (exits Jailhouse
+        handles and counts as ``vmexits_pio``)."""
+        return int(self._state.pci_served)
 
     def __call__(self) -> int:
-        return self._loop(self._fd, self._run, self._bitmap_address, self._served_address)
+        return self._loop(self._fd, self._run, self._bitmap_address, self._state_address)
 
 
 def open_ranges(bitmap: bytes | bytearray) -> list[tuple[int, int]]:
-    """The runs of non-zero bytes of an I/O bitmap as ``(first port, length)``."""
+    """The runs of open ports (:data:`PORT_OPEN`, :data:`PORT_CAPTURED`) of a loop's
+    bitmap as ``(first port, length)``."""
     ranges: list[tuple[int, int]] = []
     data = bytes(bitmap).translate(_ZERO_OR_ONE)
     start = data.find(1)
@@ -427,7 +601,7 @@ def open_ranges(bitmap: bytes | bytearray) -> list[tuple[int, int]]:
     return ranges
 
 
-_ZERO_OR_ONE: Final = bytes([0] + [1] * 255)
+_ZERO_OR_ONE: Final = bytes([1 if value in (PORT_OPEN, PORT_CAPTURED) else 0 for value in range(256)])
 
 
 def open_ports(

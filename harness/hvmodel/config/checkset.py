@@ -12,7 +12,8 @@ exactly what Jailhouse's tool accepts, rejects and names (anchored revision: mas
   AMD, 28 for the TI PVU); another type than 0..5 stops the reading;
 * a cell (and the root cell, without the signature and revision test) needs its 132-byte
   descriptor and then only the arrays the checker uses, in file order: memory regions
-  after the CPU set, the cache regions skipped without being read, irqchips, PIO regions.
+  after the CPU set, the cache regions skipped without being read, irqchips, PIO regions
+  (``jailhouse cell linux`` reads the same, and the descriptor's ``cpu_reset_address``).
   PCI devices, capabilities, stream IDs and any bytes after them are not looked at, so a
   file cut short there, or longer than its counts say, is accepted;
 * the name is the whole 32-byte field decoded as UTF-8 with NULs stripped at both ends
@@ -43,6 +44,8 @@ from .system import SystemConfig
 _CELL_HEAD: Final = struct.Struct("<5sBH32s")
 #: The counts the checker uses: cpu_set_size, memory regions, cache regions, irqchips, PIO.
 _CELL_COUNTS: Final = struct.Struct("<5I")
+#: The descriptor's ``cpu_reset_address``.
+_CPU_RESET_ADDRESS: Final = struct.Struct("<Q")
 #: Start of a system config as the checker unpacks it: signature, architecture, revision
 #: (and the four flag bytes it skips).
 _SYSTEM_HEAD: Final = struct.Struct("<5sBH4x")
@@ -91,6 +94,8 @@ class SetCell:
     :param memory_regions: the memory regions, in file order
     :param irqchip_addresses: the irqchips' MMIO bases, in file order
     :param cpu_set: the CPU bitmap (read only when asked for: Jailhouse's next branch)
+    :param pio_regions: (base, length) of each PIO region, in file order
+    :param cpu_reset_address: where the cell's CPUs start
     """
 
     name: str
@@ -98,6 +103,8 @@ class SetCell:
     memory_regions: tuple[MemoryRegion, ...]
     irqchip_addresses: tuple[int, ...]
     cpu_set: bytes = b""
+    pio_regions: tuple[tuple[int, int], ...] = ()
+    cpu_reset_address: int = 0
 
     @property
     def cpus(self) -> set[int]:
@@ -184,6 +191,7 @@ def read_cell(data: bytes, *, root: bool = False, cpu_set: bool = False,
         label = arch_label(arch_byte)
         set_size, num_memory, num_caches, num_irqchips, num_pio = _CELL_COUNTS.unpack_from(
             data, abi.CELL_OFF_CPU_SET_SIZE)
+        (reset_address,) = _CPU_RESET_ADDRESS.unpack_from(data, abi.CELL_OFF_CPU_RESET_ADDRESS)
         offset = abi.CELL_DESC_SIZE
         cpus = b""
         if cpu_set:
@@ -201,8 +209,9 @@ def read_cell(data: bytes, *, root: bool = False, cpu_set: bool = False,
         for _ in range(num_irqchips):
             addresses.append(_unpack(abi.IRQCHIP, data, offset, missing)[0])
             offset += abi.IRQCHIP.size
+        pios = []
         for _ in range(num_pio):
-            _unpack(abi.PIO, data, offset, missing)
+            pios.append(_unpack(abi.PIO, data, offset, missing))
             offset += abi.PIO.size
         if arch is not None and label != arch:
             raise SetReadError(f"Cell architecture mismatch: {label}")
@@ -210,7 +219,9 @@ def read_cell(data: bytes, *, root: bool = False, cpu_set: bool = False,
         exc.source = source
         raise
     return SetCell(name=name, arch=label, memory_regions=tuple(regions),
-                   irqchip_addresses=tuple(addresses), cpu_set=cpus)
+                   irqchip_addresses=tuple(addresses), cpu_set=cpus,
+                   pio_regions=tuple((base, length) for base, length in pios),
+                   cpu_reset_address=reset_address)
 
 
 def read_system(data: bytes, *, cpu_set: bool = False, source: str = "<config>") -> SetSystem:

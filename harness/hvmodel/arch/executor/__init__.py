@@ -15,6 +15,8 @@ module                  holds
 :mod:`.vcpu_loop`       the vCPU threads: run, park, reset, suspend, resume, quiesce
 :mod:`.exits`           the exit handlers: PIO (and the I/O bitmap loop), MMIO,
                         hypercalls, FATAL wording and register dumps, exit statistics
+:mod:`.cellports`       what the I/O bitmap loop answers for a cell without the model:
+                        PCI configuration ports of devices outside it, its UART output
 :mod:`.interrupts`      MSIs into cells, the cells' IOAPIC pins and their lines, the
                         IOAPIC's registers (physical or detached)
 :mod:`.pins`            one cell's IOAPIC pins: redirection entries as KVM routes, the

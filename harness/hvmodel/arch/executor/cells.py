@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from ..exitstats import VcpuExitTrace
     from ..hostmem import PhysMapping
     from ..kvm import Vcpu, Vm
-    from ..portio import IoBitmapLoop
+    from ..portio import CellPorts, IoBitmapLoop
     from ..vfio import MsiRouter
+    from .cellports import CellPortsSync
 
 __all__ = ["CellCpu", "CellSlot", "CellTable", "CellVm", "CpuState", "ExecutorStateError"]
 
@@ -93,6 +94,8 @@ class CellCpu:
     dropped: int = 0
     #: the current run's I/O bitmap loop (its IN/OUT exits are not in :attr:`exits` yet)
     io_loop: IoBitmapLoop | None = None
+    #: keeps the model in step with what the loop answers for the cell (see .cellports)
+    ports_sync: CellPortsSync | None = None
     #: IN/OUT exits the I/O bitmap loops of earlier runs served (part of ``IoExit``)
     native_io: int = 0
     #: the exits KVM handles for this CPU, as Jailhouse counts them, and its failing exit
@@ -103,7 +106,7 @@ class CellCpu:
         """:attr:`exits` with what the I/O bitmap loop is serving (``IoExit``)."""
         counts = dict(self.exits)
         if self.io_loop is not None:
-            counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served
+            counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served + self.io_loop.pci_served
         return counts
 
     def native_io_count(self) -> int:
@@ -136,6 +139,8 @@ class CellVm:
     subpage_ranges: tuple[tuple[int, int], ...] = ()
     #: (IOAPIC address, pin) pairs it owns
     ioapic_pins: frozenset[tuple[int, int]] = frozenset()
+    #: what its CPUs' I/O bitmap loops share (PCI address latch, UART capture)
+    ports: CellPorts | None = None
 
 
 class CellTable:

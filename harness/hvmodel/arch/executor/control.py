@@ -12,6 +12,7 @@ part                      hooks
 :mod:`.vcpu_loop`         ``park_cpu``, ``reset_cpu``, ``suspend_cpu``, ``resume_cpu``;
                           the threads that run the vCPUs
 :mod:`.exits`             what the threads do with each exit (to the model's entry points)
+:mod:`.cellports`         PCI configuration ports of absent devices, UART capture
 :mod:`.memory`            ``map_memory_region``, ``unmap_memory_region``, comm pages,
                           ``phys_read``, ``phys_write``
 :mod:`.interrupts`        ``send_msi``, ``ioapic_read``, ``ioapic_write``, the IOAPIC EOI
@@ -79,6 +80,7 @@ from ..portio import PortIo, open_ports
 from ..vcpu import apic_khz, jailhouse_vcpu_setup, measure_tsc_khz
 from ..vfio import MsiRouter
 from ..xsave import limit_xsave, usable_xcr0
+from .cellports import CellPortsSync, cell_ports, console_view
 from .cells import CellCpu, CellTable, CellVm, ExecutorStateError
 from .console import DebugUart
 from .devices import DeviceAccess
@@ -441,14 +443,15 @@ class ExecutorArch:
         kvm = self._kvm
         assert kvm is not None  # READY
         vm = Vm(kvm)
+        ports = cell_ports(config)
         try:
             split = self._setup_vm(kvm, vm)
-            cell = CellVm(cell_id, config, vm, MsiRouter(vm, irqchip_defaults=not split))
+            cell = CellVm(cell_id, config, vm, MsiRouter(vm, irqchip_defaults=not split), ports=ports)
             supported = self._supported_cpuid
             for cpu_id in sorted(config.cpus):
                 vcpu = vm.create_vcpu(cpu_id)
                 jailhouse_vcpu_setup(vcpu, supported)
-                cell.cpus[cpu_id] = CellCpu(cpu_id, cell, vcpu)
+                cell.cpus[cpu_id] = CellCpu(cpu_id, cell, vcpu, ports_sync=CellPortsSync(cpu_id, ports))
         except BaseException:
             vm.close()
             raise
@@ -772,7 +775,8 @@ class ExecutorArch:
                 for cpu in self._table.cpus.values()
             }
             cells = {
-                cell.id: {"name": cell.config.name, "cpus": sorted(cell.cpus), "slots": len(cell.slots)}
+                cell.id: {"name": cell.config.name, "cpus": sorted(cell.cpus), "slots": len(cell.slots),
+                          **console_view(cell.ports)}
                 for cell in self._table.cells.values()
             }
         return {

@@ -12,7 +12,9 @@ model's exit entry points (:class:`ExitHandler`, the
   never come here: :meth:`ExitDispatcher.io_bitmap_loop` gives the vCPU thread a
   machine-code KVM_RUN loop (:class:`~harness.hvmodel.arch.portio.IoBitmapLoop`) that
   performs them itself (KVM still exits to user space for each), as the CPU's I/O bitmap
-  lets them through in Jailhouse; every other exit comes back.
+  lets them through in Jailhouse; it also answers the PCI configuration ports for devices
+  outside the cell and keeps what the cell prints on its UARTs (:mod:`.cellports`);
+  every other exit comes back.
 * **MMIO** to :meth:`Hypervisor.handle_mmio`.
 * **EOIs** of level-triggered vectors an IOAPIC pin delivered (``KVM_EXIT_IOAPIC_EOI``
   with the split irqchip) go to :attr:`ExitDispatcher.on_ioapic_eoi` (the executor's
@@ -82,6 +84,7 @@ from ..kvm import (
 from ..perf import PerfError
 from ..portio import IoBitmapLoop, NativePorts, PortIo
 from ..vcpu import format_state
+from .cellports import loop_bitmap
 from .cells import CellCpu, ExecutorStateError
 
 if TYPE_CHECKING:
@@ -109,7 +112,7 @@ class ExitHandler(Protocol):
 
     def panic_park(self, cpu: int, fatal: str | None = None) -> None: ...
 
-    def count_exit(self, cpu: int, stat: CpuStat) -> None: ...
+    def count_exit(self, cpu: int, stat: CpuStat, count: int = 1) -> None: ...
 
     def hypercall(self, cpu: int, code: int, arg1: int = 0, arg2: int = 0, *, rip: int = 0) -> int: ...
 
@@ -159,6 +162,9 @@ class ExitDispatcher:
         if handler is None:
             return f"no hypervisor attached for {describe_exit(exit_)}"
         try:
+            if cpu.ports_sync is not None and cpu.io_loop is not None:
+                cpu.ports_sync.before_exit(handler, cpu.io_loop.pci_served,
+                                           port_exit=isinstance(exit_, IoExit))
             if isinstance(exit_, IoExit):
                 self.handle_io(handler, cpu, exit_)
             elif isinstance(exit_, MmioExit):
@@ -246,7 +252,12 @@ class ExitDispatcher:
             bitmap = handler.pio_bitmap(cpu.id)  # does not wait for the model's lock
             if bitmap is None:
                 return None
-            return ports.io_bitmap_loop(cpu.vcpu.fd, cpu.vcpu.run_page, bitmap)
+            shared = cpu.cell.ports
+            if shared is not None:
+                bitmap = loop_bitmap(bitmap, cpu.cell.config)
+            if cpu.ports_sync is not None:
+                cpu.ports_sync.new_loop()
+            return ports.io_bitmap_loop(cpu.vcpu.fd, cpu.vcpu.run_page, bitmap, shared)
         except (JhlabError, OSError, ValueError) as exc:
             LOG.warning("CPU %d: whitelisted port I/O goes through Python: %s", cpu.id, exc)
             return None
