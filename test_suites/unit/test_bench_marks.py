@@ -13,6 +13,7 @@ from typing import cast
 import pytest
 
 from harness.bench.marks import MARK_DEVICE, LineClock, begin_marker, end_marker, mark, marked
+from harness.bench.timecheck import TIMECHECK_DONE, parse_timecheck
 from harness.errors import ConsoleError, ConsoleTimeout
 from harness.protocol import Console
 
@@ -119,3 +120,28 @@ def test_a_failed_console_fails_the_waits(clocked: tuple[FakeConsole, LineClock]
     console.feed("")
     with pytest.raises(ConsoleError, match="FATAL"):
         clock.wait("never", 5)
+
+
+#: what timecheck prints in a benchmark run (shortened to what the parser needs)
+TIMECHECK_LINES = (
+    "timecheck: tsc-rate: PASS (2599617 kHz over 5000 ms of PM timer, comm region 2600002 kHz, -148 ppm)",
+    "timecheck: tsc-rate-idle: PASS (TSC vs PM timer across 592 ms mostly in HLT: -19 ppm)",
+    "timecheck: tick 1 jitter 480 us",
+    "timecheck: tick 2 jitter -12 us",
+    "timecheck: 3 checks, 0 failed: PASSED",
+)
+
+
+def test_a_cell_run_is_waited_for_and_read_back(clocked: tuple[FakeConsole, LineClock]) -> None:
+    """The cells benchmark waits on the clock for timecheck's verdict line (line ends are
+    stripped by then) and parses the lines from where the cell started to that one."""
+    console, clock = clocked
+    console.feed("an earlier cell's line\r\n")
+    clock.wait("earlier", 5)
+    since = clock.position
+    console.feed("".join(f"{line}\r\n" for line in TIMECHECK_LINES) + "a later line\r\n")
+    _, _, after = clock.wait(TIMECHECK_DONE, 5, since=since)
+    text = clock.text(since, after)
+    assert text.splitlines() == list(TIMECHECK_LINES)
+    run = parse_timecheck(text)
+    assert run.passed and run.jitter_us == (480, -12)
