@@ -178,6 +178,12 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
+    except OSError as exc:
+        # The number names a thread, not a process, now: ours was reaped (Linux 6.1 says
+        # EINVAL, later kernels ENOENT).
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
+            return True
+        raise
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)

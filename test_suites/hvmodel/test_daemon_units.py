@@ -343,3 +343,30 @@ def test_the_command_imports_only_the_wire_protocol(tmp_path: Path, argv: list[s
     result = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.stderr.splitlines()[-1] == "[]", result.stderr
+
+
+def test_a_daemon_pid_taken_by_another_process_thread_counts_as_gone() -> None:
+    """``disable`` waits for the daemon's pid to end; once the loader reaped it, the number
+    may name a thread (pidfd_open: EINVAL, ENOENT on later kernels), which means it is gone."""
+    import threading
+
+    from harness.hvmodel.tool import _wait_gone
+
+    started, release = threading.Event(), threading.Event()
+    ids: list[int] = []
+
+    def body() -> None:
+        ids.append(threading.get_native_id())
+        started.set()
+        release.wait(10)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    try:
+        assert started.wait(10)
+        assert ids[0] != os.getpid()
+        assert _wait_gone(ids[0], timeout=0.1) is True
+        assert _wait_gone(os.getpid(), timeout=0.1) is False  # a live process is waited for
+    finally:
+        release.set()
+        thread.join(10)

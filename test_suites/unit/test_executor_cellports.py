@@ -6,6 +6,7 @@ loop's answers counted as PIO exits)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 from harness.hvmodel.abi import CpuStat
 from harness.hvmodel.arch import portio
@@ -16,6 +17,7 @@ from harness.hvmodel.arch.executor.cellports import (
     console_tail,
     loop_bitmap,
 )
+from harness.hvmodel.arch.executor.cells import CellCpu
 from harness.hvmodel.config import CellConfig, Console, PciDevice, PioRegion
 from harness.hvmodel.percpu import EXIT_DONE, ExitResult
 
@@ -98,3 +100,18 @@ def test_console_tail_is_text_without_control_characters() -> None:
     ports._data.capture_head = len(text)
     assert console_tail(ports, 1000) == "line one\nline\ttwo\n"
     assert console_tail(ports, 10) == "line\ttwo\n"
+
+
+def test_answers_not_yet_counted_show_in_the_cpus_statistics() -> None:
+    """A cell that reads configuration ports and then only halts makes no exit that would
+    hand the loop's answers to the model: ``cell stats`` still counts them (as PIO exits
+    and in the total), once, and no more after the model counted them at an exit."""
+    ports = portio.CellPorts()
+    sync = CellPortsSync(2, ports)
+    loop = types.SimpleNamespace(pci_served=2000, served=0)
+    cpu = CellCpu(id=2, cell=None, vcpu=None, ports_sync=sync, io_loop=loop)  # type: ignore[arg-type]
+    assert cpu.uncounted_exits() == {CpuStat.VMEXITS_PIO: 2000, CpuStat.VMEXITS_TOTAL: 2000}
+    sync.before_exit(_Model(), loop.pci_served, port_exit=False)
+    assert cpu.uncounted_exits() == {}
+    loop.pci_served = 2010
+    assert cpu.uncounted_exits() == {CpuStat.VMEXITS_PIO: 10, CpuStat.VMEXITS_TOTAL: 10}

@@ -139,6 +139,11 @@ class CellPortsSync:
         """A new loop starts counting from 0 (after a reset)."""
         self._counted = 0
 
+    def uncounted(self, pci_served: int) -> int:
+        """The loop's configuration-port answers the model has not counted yet (it counts
+        them at this CPU's next exit; a cell that only halts makes none)."""
+        return max(0, pci_served - self._counted)
+
     def before_exit(self, handler: PortModel, pci_served: int, *, port_exit: bool) -> None:
         """Before the model gets an exit of this CPU: count the loop's answers as PIO
         exits and, for a port access, hand it the address the loop latched.

@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from ...abi import CpuStat
 from ...errors import JhlabError
 
 if TYPE_CHECKING:
@@ -107,6 +108,18 @@ class CellCpu:
         counts = dict(self.exits)
         if self.io_loop is not None:
             counts["IoExit"] = counts.get("IoExit", 0) + self.io_loop.served + self.io_loop.pci_served
+        return counts
+
+    def uncounted_exits(self) -> dict[CpuStat, int]:
+        """The exits the model has not counted: those KVM handled in the kernel, as
+        Jailhouse counts them (:mod:`~harness.hvmodel.arch.exitstats`), and the
+        configuration-port answers of the I/O bitmap loop since this CPU's last exit."""
+        counts = self.trace.counts() if self.trace is not None else {}
+        sync, loop = self.ports_sync, self.io_loop
+        pending = sync.uncounted(loop.pci_served) if sync is not None and loop is not None else 0
+        if pending:
+            for stat in (CpuStat.VMEXITS_PIO, CpuStat.VMEXITS_TOTAL):
+                counts[stat] = counts.get(stat, 0) + pending
         return counts
 
     def native_io_count(self) -> int:

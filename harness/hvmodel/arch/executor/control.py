@@ -606,12 +606,11 @@ class ExecutorArch:
         return self._kernel_exits.problem
 
     def cpu_exit_counts(self, cpu: int) -> Mapping[CpuStat, int]:
-        """The exits KVM handled in the kernel for a cell CPU, as Jailhouse counts them
-        (:mod:`~harness.hvmodel.arch.exitstats`); none for a root CPU or untraced."""
+        """The exits of a cell CPU the model has not counted (:meth:`CellCpu.uncounted_exits`);
+        none for a root CPU."""
         with self._table.cond:
             data = self._table.cpus.get(cpu)
-            trace = data.trace if data is not None else None
-        return trace.counts() if trace is not None else {}
+        return data.uncounted_exits() if data is not None else {}
 
     # ===================================================================================
     # messages
