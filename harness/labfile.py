@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from harness.errors import LabFileError
 
@@ -273,6 +273,20 @@ def builtin_labs() -> list[str]:
     folder = resources.files("harness") / "labs"
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir()
                   if p.name.endswith(".toml"))
+
+
+#: a lab's ``lan`` on a tap (tests, benchmarks): the address of the host end, in the lab's
+#: private network namespace, and the one the machine's side takes
+TAP_HOST_END: Final = "192.168.77.1"
+TAP_GUEST_END: Final = "192.168.77.2"
+
+
+def with_lan_on_tap(spec: LabSpec, *, name: str | None = None) -> LabSpec:
+    """``spec`` (named ``name``, if given) with its ``lan`` netdev a tap whose host end is
+    :data:`TAP_HOST_END`."""
+    netdevs = tuple(NetdevSpec(id=n.id, type="tap", address=f"{TAP_HOST_END}/24") if n.id == "lan" else n
+                    for n in spec.netdevs)
+    return replace(spec, name=name or spec.name, netdevs=netdevs)
 
 
 def load_lab(name_or_path: str | Path) -> LabSpec:

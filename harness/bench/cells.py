@@ -57,7 +57,7 @@ from harness.errors import JhlabError
 from harness.hvmodel.config import CellConfig, load_source
 from harness.images import ImageBuilder, compiled_configs
 from harness.lab import Lab
-from harness.labfile import load_lab
+from harness.labfile import load_lab, with_lan_on_tap
 from harness.progress import Step, step
 from harness.protocol import CommandResult, LabChannels
 from harness.recipes import build_inmates, find_recipes
@@ -369,7 +369,7 @@ def bench(repeats: int = 3, cycles: int = 10) -> list[Figure]:
         # the e1000e on a tap in a private namespace, for the Linux cell's pings (root only)
         spec = load_lab("default")
         linux = os.geteuid() == 0
-        lab = Lab(linuxcell.with_tap(spec) if linux else spec, log_dir=bench_log_dir("cells"))
+        lab = Lab(with_lan_on_tap(spec) if linux else spec, log_dir=bench_log_dir("cells"))
         with lab:
             LOG.info("cells benchmark: lab logs in %s", lab.log_dir)
             cells = CellBench(lab)

@@ -3,7 +3,7 @@ ready line, and the round-trip time of pings from the lab's private network name
 the Linux cell through the e1000e the cell was given.
 
 Method. The cells benchmark's lab has its e1000e on a tap whose host end lives in the
-lab's private namespace (:func:`with_tap`; network namespaces need root). With the
+lab's private namespace (:func:`harness.labfile.with_lan_on_tap`; network namespaces need root). With the
 hypervisor enabled and the root kernel's console messages off serial 0 (the Linux cell
 owns 0x3f8), each repeat writes a marker on serial 0, then runs ``jailhouse cell linux``
 with Jailhouse's linux-x86-demo built with the e1000e, the guest kernel and initramfs the
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 from harness.bench import Figure
 from harness.bench.marks import begin_marker, mark
 from harness.errors import JhlabError
-from harness.labfile import LabSpec, NetdevSpec
+from harness.labfile import TAP_GUEST_END
 
 if TYPE_CHECKING:
     from harness.bench.cells import CellBench
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-HOST_END: Final = "192.168.77.1"
-CELL_END: Final = "192.168.77.2"
 READY_LINE: Final = r"jhlab-linux-cell ready"
 LINK_UP: Final = r"eth0: NIC Link is Up"
 #: echo requests per boot
@@ -47,15 +45,8 @@ DECOMP_FACTOR: Final = 10
 COMMAND: Final = (
     "jailhouse cell linux /etc/jailhouse/linux-x86-demo-e1000e.cell "
     "/usr/share/jailhouse/linux/bzImage -i /usr/share/jailhouse/linux/rootfs.cpio "
-    f"-k {DECOMP_FACTOR} -c {shlex.quote(f'console=ttyS0 jhlab.ip={CELL_END}/24')}"
+    f"-k {DECOMP_FACTOR} -c {shlex.quote(f'console=ttyS0 jhlab.ip={TAP_GUEST_END}/24')}"
 )
-
-
-def with_tap(spec: LabSpec) -> LabSpec:
-    """``spec`` with its ``lan`` netdev a tap whose host end is :data:`HOST_END`."""
-    netdevs = tuple(NetdevSpec(id=n.id, type="tap", address=f"{HOST_END}/24") if n.id == "lan" else n
-                    for n in spec.netdevs)
-    return dataclasses.replace(spec, netdevs=netdevs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +66,7 @@ def boot_and_ping(cells: CellBench, network: PrivateNetwork, index: int) -> Linu
     began, after = cells.root.wait_line(begin_marker(name), MARK_TIMEOUT, since=since)
     ready, _, after = cells.root.wait(READY_LINE, READY_TIMEOUT, since=after)
     cells.root.wait(LINK_UP, LINK_TIMEOUT, since=after)
-    round_trips = network.ping(CELL_END, count=PINGS, timeout=10.0)
+    round_trips = network.ping(TAP_GUEST_END, count=PINGS, timeout=10.0)
     cells.run("jailhouse cell shutdown linux-x86-demo && jailhouse cell destroy linux-x86-demo")
     run = LinuxRun(ready - began, round_trips)
     LOG.info("Linux cell %d: ready after %.1f s, pings %s", index, run.ready, run.round_trips)
@@ -87,7 +78,7 @@ def figures(runs: list[LinuxRun]) -> list[Figure]:
     replies = [1000 * t for run in runs for t in run.round_trips if t is not None]
     sent = sum(len(run.round_trips) for run in runs)
     if not replies:
-        raise JhlabError(f"none of {sent} pings reached the Linux cell at {CELL_END}")
+        raise JhlabError(f"none of {sent} pings reached the Linux cell at {TAP_GUEST_END}")
     return [
         Figure.of("jailhouse cell linux -> jhlab-linux-cell ready (serial 0)", "s",
                   [run.ready for run in runs]),

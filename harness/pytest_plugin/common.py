@@ -4,9 +4,11 @@ name of its own), and whether a test failed so far."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 from harness import runtime
 from harness.activity import ActivityClaim
 from harness.lab import Lab, state_dir
-from harness.labfile import LabSpec, load_lab
+from harness.labfile import LabSpec, load_lab, with_lan_on_tap
 
 #: the labs a test used (their artefacts go into its failure report)
 LAB_KEY = pytest.StashKey[list[Lab]]()
@@ -113,6 +115,27 @@ def lab_down(config: pytest.Config, lab: Lab) -> None:
         claim = config.stash.get(CLAIMS_KEY, {}).pop(lab.spec.name, None)
         if claim is not None:
             claim.release()
+
+
+@contextlib.contextmanager
+def tap_lab(config: pytest.Config, name: str) -> Iterator[Lab]:
+    """The default lab as ``name`` with its ``lan`` on a tap whose host end lives in the
+    lab's private network namespace (:func:`harness.labfile.with_lan_on_tap`), up with KVM
+    inside, under a name of its own (:func:`new_lab`); down at the end. Skips without
+    root (network namespaces) or without KVM in the lab."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    lab = new_lab(config, with_lan_on_tap(load_lab("default"), name=name))
+    try:
+        lab_doing(config, lab, "booting")
+        summary = lab.up()
+        register_lab(lab)
+        if not summary.kvm_in_guest:
+            pytest.skip(f"lab {lab.spec.name} shows no KVM inside")
+        lab_doing(config, lab, "running tests")
+        yield lab
+    finally:
+        lab_down(config, lab)
 
 
 def failed(node: pytest.Item) -> bool:

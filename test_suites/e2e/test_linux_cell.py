@@ -12,8 +12,6 @@ NIC back (the daemon runs with ``--rebind-pci``) and keeps running.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 import shlex
 import time
@@ -22,16 +20,15 @@ from collections.abc import Iterator
 import pytest
 
 from harness.lab import Lab
-from harness.labfile import NetdevSpec, load_lab
+from harness.labfile import TAP_GUEST_END
 from harness.protocol import CommandResult
+from harness.pytest_plugin.common import tap_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
 KERNEL = "/usr/share/jailhouse/linux/bzImage"
 INITRD = "/usr/share/jailhouse/linux/rootfs.cpio"
 NIC = "0000:00:02.0"
-HOST_END = "192.168.77.1"
-CELL_END = "192.168.77.2"
 #: the guest kernel's gzip payload unpacks beyond Jailhouse's factor 7 (its init_size):
 #: the initrd must lie further out, or the command refuses it
 FACTOR = 10
@@ -43,24 +40,11 @@ ENV = "JAILHOUSE_ARCH=executor JAILHOUSE_DAEMON_ARGS=--rebind-pci"
 
 @pytest.fixture(scope="module")
 def linux_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    """The default lab with its e1000e on a tap whose host end (HOST_END) lives in the
+    """The default lab with its e1000e on a tap whose host end (TAP_HOST_END) lives in the
     lab's private network namespace; the root kernel's console messages off serial 0."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    from harness.pytest_plugin.common import log_root
-
-    spec = dataclasses.replace(load_lab("default"), name="linuxcell", netdevs=(
-        NetdevSpec(id="lan", type="tap", address=f"{HOST_END}/24"),))
-    lab = Lab(spec, accel=request.config.getoption("--accel"),
-              log_dir=log_root(request.config) / "lab-linuxcell", quiet=True)
-    try:
-        summary = lab.up()
-        if not summary.kvm_in_guest:
-            pytest.skip(f"lab {spec.name} shows no KVM inside")
+    with tap_lab(request.config, "linuxcell") as lab:
         lab.run("echo 1 > /proc/sys/kernel/printk", check=True)
         yield lab
-    finally:
-        lab.down()
 
 
 def jailhouse(lab: Lab, args: str, timeout: float = 180.0) -> CommandResult:
@@ -124,7 +108,7 @@ def test_linux_cells_boot_answer_pings_and_give_everything_back(linux_lab: Lab) 
 
     console.discard()
     started = time.monotonic()
-    cell_linux(lab, "linux-x86-demo-e1000e.cell", f"console=ttyS0 jhlab.ip={CELL_END}/24")
+    cell_linux(lab, "linux-x86-demo-e1000e.cell", f"console=ttyS0 jhlab.ip={TAP_GUEST_END}/24")
     assert driver_of(lab, NIC) == "vfio-pci"
     console.expect(r"smp: Brought up 1 node, 2 CPUs", timeout=READY_TIMEOUT)
     console.expect(re.escape(f"e1000e {NIC} eth0: Intel(R) PRO/1000 Network Connection"),
@@ -132,7 +116,7 @@ def test_linux_cells_boot_answer_pings_and_give_everything_back(linux_lab: Lab) 
     console.expect(r"jhlab-linux-cell ready", timeout=READY_TIMEOUT)
     second_ready = time.monotonic() - started
     console.expect(r"eth0: NIC Link is Up", timeout=60)
-    times = network.ping(CELL_END, count=PINGS, timeout=10.0)
+    times = network.ping(TAP_GUEST_END, count=PINGS, timeout=10.0)
     assert None not in times, f"requests without a reply: {times}"
     rtts = sorted(1000 * t for t in times if t is not None)
     print(f"cell linux -> ready: {first_ready:.1f} s, {second_ready:.1f} s; ping ms "

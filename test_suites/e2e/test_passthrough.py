@@ -16,7 +16,6 @@ compares the bindings after every step).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,8 @@ import pytest
 from harness.checked import CheckedJailhouse, Violation
 from harness.hvmodel.config import CellConfig, load_source
 from harness.lab import Lab
-from harness.labfile import NetdevSpec, load_lab
+from harness.labfile import TAP_HOST_END
+from harness.pytest_plugin.common import tap_lab
 from harness.recipes import CONFIGS, find_recipes
 
 pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
@@ -36,7 +36,6 @@ CELLS = find_recipes().cells
 CELL_RAM = 0x3EE00000
 EDU = "0000:01:01.0"
 NIC = "0000:00:02.0"
-HOST_END = "192.168.77.1"
 CELL_END = "192.168.77.2"
 ROOT_END = "192.168.77.3"
 ARP_ROUNDS = 3
@@ -72,23 +71,10 @@ def test_edu_computes_interrupts_and_moves_data(jailhouse: CheckedJailhouse, inm
 
 @pytest.fixture(scope="module")
 def nic_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    """The default lab with its e1000e on a tap whose host end (HOST_END) lives in the
+    """The default lab with its e1000e on a tap whose host end (TAP_HOST_END) lives in the
     lab's private network namespace."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    from harness.pytest_plugin.common import log_root
-
-    spec = dataclasses.replace(load_lab("default"), name="nic", netdevs=(
-        NetdevSpec(id="lan", type="tap", address=f"{HOST_END}/24"),))
-    lab = Lab(spec, accel=request.config.getoption("--accel"),
-              log_dir=log_root(request.config) / "lab-nic", quiet=True)
-    try:
-        summary = lab.up()
-        if not summary.kvm_in_guest:
-            pytest.skip(f"lab {spec.name} shows no KVM inside")
+    with tap_lab(request.config, "nic") as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture
@@ -119,7 +105,7 @@ def test_e1000e_exchanges_frames_with_the_namespace(nic_jailhouse: CheckedJailho
     created = jh.cell_create(CELLS / "e1000e.toml")
     assert created.view.pci[NIC] == "vfio-pci"
     jh.cell_load("e1000e", inmates / "e1000e.bin",
-                 strings=[(f"mode=arp ip={CELL_END} gw={HOST_END} count={ARP_ROUNDS}", 0x1000)])
+                 strings=[(f"mode=arp ip={CELL_END} gw={TAP_HOST_END} count={ARP_ROUNDS}", 0x1000)])
     nic_lab.cell_console.discard()
     before = network.counters("lan0")
     jh.cell_start("e1000e")
@@ -171,5 +157,5 @@ def test_denied_config_write_parks_and_the_root_gets_the_nic_back(
     nic_lab.run(f"ip addr add {ROOT_END}/24 dev {iface} && ip link set {iface} up", check=True)
     nic_lab.run(f"for i in $(seq 150); do [ $(cat /sys/class/net/{iface}/carrier) = 1 ] && exit 0; "
                 "sleep 0.2; done; exit 1", check=True, timeout=60)
-    out = nic_lab.run(f"busybox ping -c 2 -W 5 {HOST_END}", timeout=60)
+    out = nic_lab.run(f"busybox ping -c 2 -W 5 {TAP_HOST_END}", timeout=60)
     assert out.status == 0, out.output

@@ -7,16 +7,17 @@ import dataclasses
 
 import pytest
 
-from harness.bench.linuxcell import HOST_END, LinuxRun, figures, with_tap
+from harness.bench.linuxcell import LinuxRun, figures
 from harness.errors import JhlabError
-from harness.labfile import NetdevSpec, load_lab
+from harness.labfile import TAP_HOST_END, NetdevSpec, load_lab, with_lan_on_tap
 
 
 def test_the_lab_gets_its_lan_on_a_tap_and_nothing_else_changes() -> None:
     spec = load_lab("default")
-    tapped = with_tap(spec)
-    assert tapped.netdevs == (NetdevSpec(id="lan", type="tap", address=f"{HOST_END}/24"),)
+    tapped = with_lan_on_tap(spec)
+    assert tapped.netdevs == (NetdevSpec(id="lan", type="tap", address=f"{TAP_HOST_END}/24"),)
     assert tapped == dataclasses.replace(spec, netdevs=tapped.netdevs)
+    assert with_lan_on_tap(spec, name="nic") == dataclasses.replace(tapped, name="nic")
 
 
 def test_ready_times_per_boot_and_round_trips_per_reply() -> None:
