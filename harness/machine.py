@@ -211,6 +211,14 @@ class Machine:
             # ("timer doesn't work through Interrupt-remapped IO-APIC") instead of
             # falling back; the timer works, it is only late.
             args += ["intel_iommu=on", "iommu=pt", "no_timer_check"]
+        if self.accel.accel == "tcg":
+            # TCG's vCPUs all read one host-derived, lock-protected counter, so their
+            # TSCs are synchronized; Linux only guesses otherwise (an AMD CPU without
+            # invariant TSC, which TCG cannot offer, and more than one CPU). Marked
+            # unstable, the TSC makes KVM freeze a cell's TSC at every vCPU load and
+            # catch it up only forward: tens of thousands of offset rewrites in one
+            # timecheck run, and a TSC that can lose time against the cell's APIC timer.
+            args.append("tsc=reliable")
         if spec.cmdline:
             args.append(spec.cmdline)
         return " ".join(args)

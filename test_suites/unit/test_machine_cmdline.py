@@ -33,6 +33,7 @@ def test_default_command_line(tmp_path: Path) -> None:
     append = cmd[cmd.index("-append") + 1]
     assert "memmap=82M$0x3a000000" in append and "intel_iommu=on" in append
     assert "no_timer_check" in append.split()
+    assert "tsc=reliable" in append.split()  # TCG's TSCs are synchronized (machine.py)
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in joined
     assert f"logfile={tmp_path / 'serial0.log'}" in joined
     assert f"logfile={tmp_path / 'serial1.log'}" in joined
@@ -48,6 +49,8 @@ def test_no_iommu_lab(tmp_path: Path) -> None:
     assert cmd[cmd.index("-machine") + 1] == "q35"
     assert not any("intel-iommu" in a for a in cmd)
     assert "memmap" not in cmd[cmd.index("-append") + 1]
+    # on KVM the host's CPU flags tell the guest's Linux about its TSC
+    assert "tsc=reliable" not in cmd[cmd.index("-append") + 1].split()
 
 
 def test_missing_qemu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
