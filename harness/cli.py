@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from harness import runtime
-from harness.errors import JhlabError
+from harness.errors import JhlabError, LabFileError
 from harness.progress import console
 from harness.runtime import RunningLab
 
@@ -45,9 +45,18 @@ READY_MARK = "JHLAB-SUPERVISOR-READY"
 
 
 def _lab_name(lab: str) -> str:
+    """The name of lab ``lab``: a running lab's own name (also of one brought up from a
+    lab file elsewhere), else the name in the built-in lab or lab file ``lab``."""
     from harness.labfile import load_lab
 
-    return load_lab(lab).name
+    if "/" not in lab and not lab.endswith(".toml") and runtime.read(lab) is not None:
+        return lab
+    try:
+        return load_lab(lab).name
+    except LabFileError as exc:
+        up = ", ".join(runtime.running()) or "none"
+        raise LabFileError(exc.path, f"{exc.message}; and no lab of that name is up "
+                           f"(labs up: {up})") from exc
 
 
 def _print_summary(summary: Mapping[str, Any]) -> None:

@@ -118,6 +118,22 @@ def test_events_command_prints_marks_and_json(tmp_path: Path, capsys: pytest.Cap
     assert "an event index" in said(capsys)
 
 
+def test_a_lab_from_a_file_is_reached_by_its_name(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A lab brought up from a lab file elsewhere is reached by the name ``jhlab status``
+    shows; a name that is neither up nor a lab says which labs are up."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    runtime.register(RunningLab(name="tscrel", supervisor=os.getpid(), qemu=1,
+                                summary={"name": "tscrel", "ssh_port": 1, "log_dir": str(logs)},
+                                key=tmp_path / "key", lab=str(tmp_path / "gone.toml")))
+    logged(logs / "qmp-events.jsonl", "STOP")
+    assert main(["events", "tscrel", "--mark"]) == 0
+    assert capsys.readouterr().out == "1\n"
+    assert main(["events", "nosuch", "--mark"]) == 1
+    assert "not a built-in lab" in (text := said(capsys)) and "labs up: tscrel" in text
+
+
 def test_events_follow_ends_when_the_owner_dies(tmp_path: Path) -> None:
     """jhlab events -f (a real process) prints a new event, and returns once the lab's
     owner is gone."""

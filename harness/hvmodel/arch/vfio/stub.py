@@ -442,32 +442,38 @@ class PciStub:
         self.claims[address] = claim
         return claim
 
-    def _undo_claim(self, claim: Claim) -> None:
+    def _give_back(self, claim: Claim, *, rebind: bool) -> None:
+        """Undo what :meth:`claim` changed: ``vfio-pci`` unbound (unless it was the
+        device's driver before), ``driver_override`` restored and, with ``rebind``, the
+        original driver bound again.
+
+        :raise VfioError: the failed sysfs step
+        """
         address = claim.address
-        device_dir = self._device_dir(address)
-        try:
-            if self.driver_of(address) == self.driver:
-                self._write(
-                    address,
-                    os.path.join(self._driver_dir(self.driver), "unbind"),
-                    str(address),
-                    f"unbind {self.driver}",
-                )
+        original = claim.original_driver
+        if self.driver_of(address) == self.driver and original != self.driver:
             self._write(
                 address,
-                os.path.join(device_dir, "driver_override"),
-                (claim.original_override or "") + "\n",
-                "restore driver_override",
+                os.path.join(self._driver_dir(self.driver), "unbind"),
+                str(address),
+                f"unbind {self.driver}",
             )
-            if claim.original_driver and self.driver_of(address) is None:
-                self._write(
-                    address,
-                    os.path.join(self._driver_dir(claim.original_driver), "bind"),
-                    str(address),
-                    f"rebind {claim.original_driver}",
-                )
+        self._write(
+            address,
+            os.path.join(self._device_dir(address), "driver_override"),
+            (claim.original_override or "") + "\n",
+            "restore driver_override",
+        )
+        if rebind and original and original != self.driver and self.driver_of(address) is None:
+            self._write(
+                address, os.path.join(self._driver_dir(original), "bind"), str(address), f"rebind {original}"
+            )
+
+    def _undo_claim(self, claim: Claim) -> None:
+        try:
+            self._give_back(claim, rebind=True)
         except VfioError:
-            LOG.exception("%s: undoing a failed claim", address.short)
+            LOG.exception("%s: undoing a failed claim", claim.address.short)
 
     def release(self, address: str | PciAddress, *, rebind: bool = False) -> None:
         """Give a claimed device back to the root.
@@ -491,26 +497,10 @@ class PciStub:
                 f"release: {claim.group_path} is still open by {who}: close the VFIO device and group first",
                 code=Errno.EBUSY,
             )
-        device_dir = self._device_dir(address)
-        if self.driver_of(address) == self.driver and claim.original_driver != self.driver:
-            self._write(
-                address,
-                os.path.join(self._driver_dir(self.driver), "unbind"),
-                str(address),
-                f"unbind {self.driver}",
-            )
-        self._write(
-            address,
-            os.path.join(device_dir, "driver_override"),
-            (claim.original_override or "") + "\n",
-            "restore driver_override",
-        )
+        self._give_back(claim, rebind=rebind)
         del self.claims[address]
         original = claim.original_driver
-        if rebind and original and original != self.driver and self.driver_of(address) is None:
-            self._write(
-                address, os.path.join(self._driver_dir(original), "bind"), str(address), f"rebind {original}"
-            )
+        if rebind and original and original != self.driver:
             bound = self.driver_of(address)
             if bound != original:
                 raise VfioError(
