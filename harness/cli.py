@@ -542,7 +542,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         if values["--bench"]:
             pytest_args.append(f"--lab-report-bench={values['--bench']}")
     if values["-n"] is not None:
-        pytest_args += ["-n", str(values["-n"])]
+        # a module that boots a lab of its own is one xdist group: its lab boots once
+        pytest_args += ["-n", str(values["-n"]), "--dist", "loadgroup"]
     if values["--shard"]:
         index, count = _shard(str(values["--shard"]))
         pytest_args += [f"--splits={count}", f"--group={index}", "--splitting-algorithm=least_duration",

@@ -24,7 +24,9 @@ from harness.labfile import TAP_GUEST_END
 from harness.protocol import CommandResult
 from harness.pytest_plugin.common import tap_lab
 
-pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
+# its module-scoped lab boots once: one xdist worker runs the module (scripts/test)
+pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow,
+              pytest.mark.xdist_group("test_linux_cell")]
 
 KERNEL = "/usr/share/jailhouse/linux/bzImage"
 INITRD = "/usr/share/jailhouse/linux/rootfs.cpio"

@@ -27,7 +27,9 @@ from harness.errors import MachineError
 from harness.lab import Lab
 from harness.runtime import RunningLab
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+# its module-scoped lab boots once: one xdist worker runs the module (scripts/test)
+pytestmark = [pytest.mark.lab, pytest.mark.slow,
+              pytest.mark.xdist_group("test_reach")]
 
 WINDOW = 0x3A000000  # the default lab's reserved window
 UP_TIMEOUT = 900.0  # a boot on a loaded machine, images already built
