@@ -542,8 +542,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         if values["--bench"]:
             pytest_args.append(f"--lab-report-bench={values['--bench']}")
     if values["-n"] is not None:
-        # a module that boots a lab of its own is one xdist group: its lab boots once
-        pytest_args += ["-n", str(values["-n"]), "--dist", "loadgroup"]
+        # a worker runs whole modules: a module-scoped lab (or other setup) is made once
+        pytest_args += ["-n", str(values["-n"]), "--dist", "loadscope"]
     if values["--shard"]:
         index, count = _shard(str(values["--shard"]))
         pytest_args += [f"--splits={count}", f"--group={index}", "--splitting-algorithm=least_duration",

@@ -31,9 +31,7 @@ from config_check_cases import (  # type: ignore[import-not-found]
 
 from harness.lab import Lab
 
-# its module-scoped lab boots once: one xdist worker runs the module (scripts/test)
-pytestmark = [pytest.mark.lab, pytest.mark.slow,
-              pytest.mark.xdist_group("test_config_check_in_lab")]
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 GUEST_DIR = "/tmp/jhlab-config-check"
 PROGRAMS = {

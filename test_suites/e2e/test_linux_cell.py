@@ -24,9 +24,7 @@ from harness.labfile import TAP_GUEST_END
 from harness.protocol import CommandResult
 from harness.pytest_plugin.common import tap_lab
 
-# its module-scoped lab boots once: one xdist worker runs the module (scripts/test)
-pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow,
-              pytest.mark.xdist_group("test_linux_cell")]
+pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
 KERNEL = "/usr/share/jailhouse/linux/bzImage"
 INITRD = "/usr/share/jailhouse/linux/rootfs.cpio"

@@ -29,9 +29,7 @@ from harness.labfile import TAP_HOST_END
 from harness.pytest_plugin.common import tap_lab
 from harness.recipes import CONFIGS, find_recipes
 
-# its module-scoped lab boots once: one xdist worker runs the module (scripts/test)
-pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow,
-              pytest.mark.xdist_group("test_passthrough")]
+pytestmark = [pytest.mark.lab, pytest.mark.kvm, pytest.mark.slow]
 
 CELLS = find_recipes().cells
 #: the edu and e1000e cells' RAM (their cell configs' phys_start of virt 0)

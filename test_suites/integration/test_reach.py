@@ -27,9 +27,7 @@ from harness.errors import MachineError
 from harness.lab import Lab
 from harness.runtime import RunningLab
 
-# its module-scoped lab boots once: one xdist worker runs the module (scripts/test)
-pytestmark = [pytest.mark.lab, pytest.mark.slow,
-              pytest.mark.xdist_group("test_reach")]
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 WINDOW = 0x3A000000  # the default lab's reserved window
 UP_TIMEOUT = 900.0  # a boot on a loaded machine, images already built
