@@ -543,7 +543,8 @@ def cmd_test(args: argparse.Namespace) -> int:
             pytest_args.append(f"--lab-report-bench={values['--bench']}")
     if values["-n"] is not None:
         # a worker runs whole modules: a module-scoped lab (or other setup) is made once
-        pytest_args += ["-n", str(values["-n"]), "--dist", "loadscope"]
+        # (in collection order: long lab modules first, short unit modules even out the end)
+        pytest_args += ["-n", str(values["-n"]), "--dist", "loadscope", "--no-loadscope-reorder"]
     if values["--shard"]:
         index, count = _shard(str(values["--shard"]))
         pytest_args += [f"--splits={count}", f"--group={index}", "--splitting-algorithm=least_duration",
