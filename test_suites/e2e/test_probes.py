@@ -41,6 +41,9 @@ PROBE_FAILURES = (r"EXCEPTION on CPU[^\r\n]*",)
 #: names a folder with Jailhouse's x86 demo inmates built from Jailhouse's sources
 #: (``ioapic-demo.bin``); without it, the test of Jailhouse's own ioapic-demo is skipped
 JAILHOUSE_DEMOS = "JHLAB_JAILHOUSE_DEMOS"
+#: host load per CPU up to which the periodic timer's median jitter is held to its bound:
+#: what the suite's two xdist workers' labs make by themselves, with room to spare
+OWN_LOAD_PER_CPU = 3.0
 #: seconds the root's Linux may take to count a power-button press it handles
 ROOT_SCI_TIMEOUT = 60.0
 
@@ -116,11 +119,12 @@ def test_timecheck(jailhouse: CheckedJailhouse, inmates: Path, lab: Lab,
     jh.disable()
     expected = ["apic-divider", "tsc-rate", "apic-rate", "apic-vs-tsc", "oneshot-early",
                 "tsc-rate-idle", "periodic-early-busy", "irq-clock"]
-    # How late a tick comes is the host scheduler's business: with more runnable threads
-    # than CPUs, the lab's vCPU threads wait for the host for tens of milliseconds and
-    # KVM coalesces periodic ticks. The 5 ms bound holds a host that is not overloaded to
-    # it; the consistency checks above hold at any load.
-    if load <= (os.cpu_count() or 1):
+    # How late a tick comes is the host scheduler's business: on a host with several
+    # times more runnable threads than CPUs, the lab's vCPU threads wait for the host for
+    # tens of milliseconds and KVM coalesces periodic ticks. The 5 ms bound holds a host
+    # running this suite's own two labs (load about 2 per CPU: medians of 1.0 and 1.1 ms
+    # measured) and no more; the consistency checks above hold at any load.
+    if load <= OWN_LOAD_PER_CPU * (os.cpu_count() or 1):
         expected.append("periodic-jitter")
     else:
         line = run.checks.get("periodic-jitter")
