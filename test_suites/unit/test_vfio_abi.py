@@ -15,13 +15,12 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
-import shutil
 import struct
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cheaders import header_values
 
 from harness.hvmodel.arch import vfio
 from harness.hvmodel.arch.kvm import IrqchipRoute
@@ -172,28 +171,8 @@ def _c_program(layout: dict[str, int], constants: dict[str, int]) -> str:
 @pytest.fixture(scope="module")
 def kernel_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     """What the kernel headers say, from a C program compiled now."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler to read <linux/vfio.h>")
-    probe = subprocess.run(
-        [gcc, "-E", "-x", "c", "-"],
-        input="#include <linux/vfio.h>\n",
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"<linux/vfio.h> not available (linux-libc-dev): {probe.stderr.strip()}")
-    workdir: Path = tmp_path_factory.mktemp("vfio_abi")
-    source = workdir / "abi.c"
-    binary = workdir / "abi"
-    source.write_text(_c_program(_expected_layout(), _expected_constants()))
-    build = subprocess.run(
-        [gcc, "-O0", "-o", str(binary), str(source)], capture_output=True, text=True, check=False
-    )
-    assert build.returncode == 0, f"the header lacks something the binding names:\n{build.stderr[-3000:]}"
-    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
-    return {key: int(value) for key, value in (line.split("=", 1) for line in output.splitlines())}
+    return header_values("linux/vfio.h", _c_program(_expected_layout(), _expected_constants()),
+                         tmp_path_factory.mktemp("vfio_abi"))
 
 
 def test_struct_layouts_match_kernel_headers(kernel_values: dict[str, int]) -> None:
