@@ -23,7 +23,7 @@ from harness.pytest_plugin.common import session_id
 
 def test_both_labs_up(lab, request):
     session = session_id(request.config)
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 240
     while True:
         status = json.loads(subprocess.run(
             [sys.executable, "-m", "harness.cli", "status", "--json"],
@@ -45,6 +45,15 @@ def test_both_labs_up(lab, request):
 '''
 
 
+#: seconds for the whole two-worker run: within the suite's per-test timeout (600 s), so a
+#: stuck run fails with its output; each worker waits at most 240 s for the other's lab
+RUN_TIMEOUT = 480.0
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def test_two_workers_boot_two_labs_that_do_not_clash(tmp_path: Path) -> None:
     """Two workers, two labs: distinct names (default-gw0, default-gw1), run directories,
     ssh ports, QEMU processes and log folders (under one session folder); jhlab status
@@ -54,10 +63,14 @@ def test_two_workers_boot_two_labs_that_do_not_clash(tmp_path: Path) -> None:
     seen_dir.mkdir()
     logs = tmp_path / "logs"
     env = os.environ | {"SEEN_DIR": str(seen_dir)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(tmp_path / "test_both.py"), "-n", "2", "--dist", "each",
-         "-p", "no:cacheprovider", f"--lab-log-dir={logs}", f"--rootdir={tmp_path}", "-q"],
-        capture_output=True, text=True, env=env, timeout=1800, check=False)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", str(tmp_path / "test_both.py"), "-n", "2", "--dist",
+             "each", "-p", "no:cacheprovider", f"--lab-log-dir={logs}", f"--rootdir={tmp_path}", "-q"],
+            capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:  # say what the run printed, before pytest-timeout
+        pytest.fail(f"the two-worker run did not end in {RUN_TIMEOUT:.0f} s; logs in {logs}:\n"
+                    f"{_text(exc.stdout)[-4000:]}{_text(exc.stderr)[-2000:]}")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     seen = [json.loads(path.read_text()) for path in seen_dir.glob("*.json")]
     by_lab = {entry["name"]: entry for entry in seen}
