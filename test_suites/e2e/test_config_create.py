@@ -9,6 +9,7 @@ describes the lab that boots today.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,29 @@ def portable(result: CreateResult) -> dict[str, Any]:
             "devices": devices, "pio": pio, "vectors": result.vectors}
 
 
+def _region(entry: tuple[Any, int, int]) -> str:
+    where, size, flags = entry
+    start = f"{where:#x}" if isinstance(where, int) else repr(where)
+    return f"{start} size {size:#x} flags {flags:#x}"
+
+
+def differences(live: CreateResult, stored: CreateResult) -> list[str]:
+    """What differs between two portable configs, each memory region with its note (the
+    /proc/iomem line it came from), so a lab that booted differently says where."""
+    ours, theirs = portable(live), portable(stored)
+    lines = [f"{key}: live {ours[key]!r} != stored {theirs[key]!r}"
+             for key in ours if key != "memory" and ours[key] != theirs[key]]
+    matcher = difflib.SequenceMatcher(a=ours["memory"], b=theirs["memory"], autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        for side, result, memory, indices in (("live", live, ours["memory"], range(i1, i2)),
+                                              ("stored", stored, theirs["memory"], range(j1, j2))):
+            lines += [f"memory #{index} {side}: {_region(memory[index])} {result.regions[index].text}"
+                      for index in indices]
+    return lines
+
+
 def test_collector_runs_clean_in_the_root_cell(live_doc: dict[str, Any]) -> None:
     """As root the collector reads everything, the ACPI tables' addresses included."""
     assert live_doc["warnings"] == []
@@ -94,7 +118,8 @@ def test_live_config_matches_the_stored_facts(live_doc: dict[str, Any]) -> None:
     assert live.warnings == ()
     report = check(live.config, next_checks=True, extra=True)
     assert report.ok, [f.details for f in report.findings]
-    assert portable(live) == portable(stored)
+    differ = differences(live, stored)
+    assert not differ, "\n".join([*differ, "live /proc/iomem:", live_doc["iomem"]])
 
 
 def test_collector_source_sent_over_stdin(lab: Lab, live_doc: dict[str, Any]) -> None:

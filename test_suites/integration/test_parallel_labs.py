@@ -54,6 +54,14 @@ def _text(output: str | bytes | None) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
+def _keep(logs: Path, stdout: str, stderr: str) -> Path:
+    """Keep the whole output of the two-worker run beside its labs' logs."""
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / "two-worker-run.txt"
+    path.write_text(f"{stdout}\n--- stderr ---\n{stderr}")
+    return path
+
+
 def test_two_workers_boot_two_labs_that_do_not_clash(tmp_path: Path) -> None:
     """Two workers, two labs: distinct names (default-gw0, default-gw1), run directories,
     ssh ports, QEMU processes and log folders (under one session folder); jhlab status
@@ -69,9 +77,13 @@ def test_two_workers_boot_two_labs_that_do_not_clash(tmp_path: Path) -> None:
              "each", "-p", "no:cacheprovider", f"--lab-log-dir={logs}", f"--rootdir={tmp_path}", "-q"],
             capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT, check=False)
     except subprocess.TimeoutExpired as exc:  # say what the run printed, before pytest-timeout
-        pytest.fail(f"the two-worker run did not end in {RUN_TIMEOUT:.0f} s; logs in {logs}:\n"
-                    f"{_text(exc.stdout)[-4000:]}{_text(exc.stderr)[-2000:]}")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        output = _keep(logs, _text(exc.stdout), _text(exc.stderr))
+        pytest.fail(f"the two-worker run did not end in {RUN_TIMEOUT:.0f} s; all it printed is "
+                    f"in {output}:\n{_text(exc.stdout)[-4000:]}{_text(exc.stderr)[-2000:]}")
+    if done.returncode != 0:
+        output = _keep(logs, done.stdout, done.stderr)
+        pytest.fail(f"the two-worker run failed; all it printed is in {output}:\n"
+                    f"{done.stdout[-4000:]}{done.stderr[-2000:]}")
     seen = [json.loads(path.read_text()) for path in seen_dir.glob("*.json")]
     by_lab = {entry["name"]: entry for entry in seen}
     # default-gw0 and default-gw1, suffixed (-2) if another session holds those names
