@@ -28,6 +28,7 @@ import pexpect
 from pexpect.spawnbase import SpawnBase
 
 from harness.errors import ConsoleError, ConsoleTimeout
+from harness.runtime import connect_unix
 
 LOG = logging.getLogger(__name__)
 
@@ -138,18 +139,11 @@ class SerialConsole:
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect to QEMU's socket and start draining it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(self.socket_path))
-                break
-            except OSError as exc:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise ConsoleError(f"{self.name}: cannot connect to {self.socket_path}: "
-                                       f"{exc.strerror}") from exc
-                time.sleep(0.05)
+        try:
+            sock = connect_unix(self.socket_path, timeout)
+        except OSError as exc:
+            raise ConsoleError(f"{self.name}: cannot connect to {self.socket_path}: "
+                               f"{exc.strerror or exc}") from exc
         self._sock = sock
         self._reader = threading.Thread(target=self._drain, name=f"{self.name}-reader",
                                         daemon=True)

@@ -486,6 +486,15 @@ class Machine:
         if done[0] != "completed":
             raise MachineError(f"lab {self.spec.name}: snapshot {what} {done[0]}: "
                                f"{self._migration_error(what)}; logs in {self.log_dir}")
+        # QEMU sends "completed" a moment before its migration thread leaves the run state
+        # finish-migrate, and until then it refuses `cont` ("Migration is not finalized
+        # yet"): under load that moment is long enough to be hit
+        while self.qmp.status() == "finish-migrate":
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise MachineError(f"lab {self.spec.name}: QEMU did not finish the snapshot "
+                                   f"{what} in {timeout:.0f} s (run state finish-migrate)")
+            time.sleep(0.02)
 
     def _migration_error(self, what: str) -> str:
         """Why a migration failed: QEMU's own account (an incoming QEMU exits at once and

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from harness.lab import Lab
 
-__all__ = ["OWNER_FILE", "RUN_DIR_PREFIX", "RunningLab", "new_run_dir", "pid_alive", "read",
+__all__ = ["OWNER_FILE", "RUN_DIR_PREFIX", "RunningLab", "connect_unix", "new_run_dir", "pid_alive", "read",
            "reap_run_dirs", "record_of", "register", "run_dir_owner_alive", "running", "runtime_dir",
            "state_file", "stop", "unregister"]
 
@@ -224,6 +225,33 @@ def process_start(pid: int) -> int | None:
         return None
     # the command name (field 2) may contain spaces and parentheses: split after its end
     return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def connect_unix(path: Path, timeout: float) -> socket.socket:
+    """A blocking stream socket connected to the server at ``path`` (QEMU's QMP, serial and
+    qtest sockets in a run directory), waiting up to ``timeout`` seconds while nobody
+    accepts there yet.
+
+    QEMU creates a socket's file (bind) a moment before it listens on it, and serves one
+    client at a time: until it listens a connect is refused, and under load that moment
+    is long enough to be hit, so the existence of the file does not mean ready.
+
+    :raise OSError: the last connect error, when the deadline has passed
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(deadline - time.monotonic(), 0.1))
+        try:
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+            continue
+        sock.settimeout(None)
+        return sock
 
 
 def new_run_dir(label: str, base: Path | None = None) -> Path:

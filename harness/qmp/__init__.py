@@ -39,6 +39,7 @@ from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from harness.errors import QmpError
+from harness.runtime import connect_unix
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -228,13 +229,18 @@ class QmpSession:
         listener = EventListener()
         client.register_listener(listener)
 
-        async def start() -> None:
-            await client.connect(str(self.socket_path))
+        async def start(sock: socket.socket) -> None:
+            await client.connect(sock)
             self._pump = asyncio.ensure_future(self._pump_events(listener))
 
+        deadline = time.monotonic() + timeout
+        sock: socket.socket | None = None
         try:
-            self._run(start(), timeout, "connect")
+            sock = connect_unix(self.socket_path, timeout)
+            self._run(start(sock), max(deadline - time.monotonic(), 0.1), "connect")
         except (QMPError, OSError, QmpError) as exc:
+            if sock is not None:
+                sock.close()
             self._stop_loop()
             raise QmpError(f"{self.name}: cannot connect to {self.socket_path}: {exc}") from exc
         self._client = client
@@ -439,17 +445,11 @@ class _QtestLine:
 def _qtest_connection(path: Path, timeout: float) -> Iterator[_QtestLine]:
     """A qtest connection (QEMU serves one at a time: a busy socket is waited for)."""
     deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(max(deadline - time.monotonic(), 0.1))
-        try:
-            sock.connect(str(path))
-            break
-        except OSError as exc:
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise QmpError(f"cannot connect to QEMU's qtest socket {path}: {exc}") from exc
-            time.sleep(0.05)
+    try:
+        sock = connect_unix(path, timeout)
+    except OSError as exc:
+        raise QmpError(f"cannot connect to QEMU's qtest socket {path}: {exc}") from exc
+    sock.settimeout(max(deadline - time.monotonic(), 0.1))
     try:
         yield _QtestLine(sock)
     except TimeoutError as exc:

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from harness.errors import MachineError
+from harness.errors import MachineError, QmpError
 from harness.images import ImageSet, Kernel
 from harness.labfile import load_lab, parse_lab
-from harness.machine import AccelChoice, Machine, Snapshot
-from harness.qmp import config_address
+from harness.machine import AccelChoice, Machine, MachineState, Snapshot
+from harness.qmp import EventRecorder, config_address
 from harness.resetpoint import (
     GuestView,
     ResetPoint,
@@ -124,6 +124,59 @@ def test_a_refused_restore_says_a_vcpu_was_inside_a_nested_guest(tmp_path: Path)
     assert text.startswith("vCPU set in guest-mode inconsistent")
     assert "instance 0x3 of device 'cpu'" in text and "terminating" not in text
     assert "inside a nested guest" in text and "Lab.snapshot" in text
+
+
+class _FinishingSave:
+    """QMP as QEMU 7.2 answers a save to a file: the MIGRATION ``completed`` event comes
+    while the run state is still ``finish-migrate`` (for ``finishing`` more queries), and
+    until it leaves that state ``cont`` is refused.  Stands in for the moment that is
+    only hit under load."""
+
+    def __init__(self, finishing: int) -> None:
+        self.finishing = finishing
+        self.saved = False
+        self.events = EventRecorder()
+        self.commands: list[str] = []
+
+    def status(self) -> str:
+        if not self.saved:
+            return "running"
+        if self.finishing:
+            self.finishing -= 1
+            return "finish-migrate"
+        return "postmigrate"
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> None:
+        self.commands.append(command)
+        if command == "migrate":
+            Path(str((arguments or {})["uri"]).split("> ", 1)[1]).write_bytes(b"state")
+            self.saved = True
+            self.events.record("MIGRATION", {"status": "completed"}, 0.0)
+        elif command == "cont" and self.saved and self.finishing:
+            raise QmpError("cont failed: GenericError: Migration is not finalized yet")
+
+
+def test_a_save_continues_the_guest_once_qemu_has_finished_it(tmp_path: Path) -> None:
+    """After "completed", the guest is continued only when QEMU has left finish-migrate
+    (a `cont` right after the event failed a session's reset point under load)."""
+    kernel = Kernel("linux-image-6.1.0-99-amd64", "6.1.1-1", tmp_path / "kernel")
+    images = ImageSet(kernel=kernel, initramfs=tmp_path / "initrd", rootfs=tmp_path / "root.img")
+    machine = Machine(load_lab("default"), images, AccelChoice("tcg", "max", "t"), log_dir=tmp_path)
+    qmp = _FinishingSave(finishing=3)
+    machine.qmp = qmp  # type: ignore[assignment]
+    machine.run_dir = tmp_path / "run"
+    machine.run_dir.mkdir()
+    (machine.run_dir / "initrd.img").write_bytes(b"initrd")
+    machine.state = MachineState.RUNNING
+    machine.process = subprocess.Popen(["sleep", "60"])
+    try:
+        snapshot = machine.save_snapshot(tmp_path / "snap")
+    finally:
+        machine.process.kill()
+        machine.process.wait()
+    assert snapshot.size == len(b"state")
+    assert qmp.finishing == 0 and qmp.commands[-1] == "cont"
+    assert qmp.commands.count("cont") == 1
 
 
 def _guest_tool() -> ModuleType:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -216,3 +217,50 @@ def test_a_zombie_owner_is_dead() -> None:
         assert runtime.read("default") is None
     finally:
         child.wait()
+
+
+def _bound_then_listening(path: Path, delay: float) -> tuple[threading.Thread, list[bytes]]:
+    """A server that does what QEMU does with its sockets: bind (the file appears), then
+    only ``delay`` seconds later listen; it accepts one client and keeps what it sends."""
+    received: list[bytes] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+
+    def serve() -> None:
+        time.sleep(delay)
+        server.listen(1)
+        conn, _ = server.accept()
+        with conn, server:
+            received.append(conn.recv(16))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, received
+
+
+def test_connect_unix_waits_until_the_server_listens(tmp_path: Path) -> None:
+    """Between QEMU's bind and listen a connect is refused (the race that failed a lab's
+    launch under load); connect_unix waits for the listen, within its deadline."""
+    path = tmp_path / "qmp.sock"
+    thread, received = _bound_then_listening(path, 0.5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as early, \
+            pytest.raises(ConnectionRefusedError):
+        early.connect(str(path))
+    with runtime.connect_unix(path, timeout=10) as sock:
+        assert sock.gettimeout() is None
+        sock.sendall(b"hello")
+        thread.join(10)
+    assert received == [b"hello"]
+
+
+def test_connect_unix_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    """Nobody ever listens: the last error, after the deadline and not much later."""
+    path = tmp_path / "qmp.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+        bound.bind(str(path))
+        start = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            runtime.connect_unix(path, timeout=0.3)
+        assert 0.3 <= time.monotonic() - start < 2.0
+    with pytest.raises(FileNotFoundError):
+        runtime.connect_unix(tmp_path / "missing.sock", timeout=0.1)
