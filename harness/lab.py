@@ -570,6 +570,10 @@ class Lab:
                                    f"failed, the lab is down: {exc}\nlogs in {self.log_dir}") from exc
             raise
         self.reset_point = point
+        listed = runtime.read(self.spec.name)
+        if listed is not None and listed.supervisor == os.getpid():
+            # QEMU's pid and ssh port changed: what `jhlab status` and attachments read
+            runtime.register(runtime.record_of(self))
         return time.monotonic() - started
 
     def down(self, *, stop_owner: bool = False) -> None:

@@ -99,8 +99,8 @@ def lab_doing(config: pytest.Config, lab: Lab, doing: str) -> None:
 
 def register_lab(lab: Lab) -> None:
     """List ``lab`` (up, owned by this process) with the labs that are up, so ``jhlab
-    status``, ``shell``, ``qmp`` and :meth:`Lab.attach` reach it; again after a reset
-    (QEMU's pid and ssh port changed).  A name someone else registered stays theirs."""
+    status``, ``shell``, ``qmp`` and :meth:`Lab.attach` reach it (:meth:`Lab.reset` keeps
+    the listing current).  A name someone else registered stays theirs."""
     current = runtime.read(lab.spec.name)
     if current is None or current.supervisor == os.getpid():
         runtime.register(runtime.record_of(lab))

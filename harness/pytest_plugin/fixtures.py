@@ -110,8 +110,7 @@ def _track_lab_use(request: pytest.FixtureRequest) -> Iterator[None]:
                     "restart it)", node.nodeid, shared.spec.name)
     elif (broke or dirty) and shared.state is LabState.READY:
         lab_doing(request.config, shared, f"resetting after {node.nodeid}")
-        seconds = shared.reset()
-        register_lab(shared)
+        seconds = shared.reset()  # which lists the lab's new QEMU and ssh port
         LOG.info("lab %s reset after %s (%.1f s)", shared.spec.name,
                  "a failure" if broke else "a dirty test", seconds)
     lab_doing(request.config, shared, "idle")

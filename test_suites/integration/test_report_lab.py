@@ -4,7 +4,6 @@ and headless Chromium shows both on the page."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.lab import Lab
 from harness.report import RunRecord
 from harness.report.browser import HeadlessChromium
 
@@ -33,21 +33,23 @@ def test_prints_and_passes(lab):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (./scripts/setup)")
-def test_a_failed_lab_test_shows_its_serial_lines_and_events(tmp_path: Path) -> None:
-    """Run two tests on one lab; the failure's excerpt and timeline come from the lab."""
+def test_a_failed_lab_test_shows_its_serial_lines_and_events(lab: Lab, tmp_path: Path) -> None:
+    """Run two tests on one lab (this session's, attached: the report of a run is the same
+    whichever process owns the lab); the failure's excerpt and timeline come from it."""
     (tmp_path / "test_on_lab.py").write_text(RUN)
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(tmp_path / "test_on_lab.py"), "-p", "no:cacheprovider",
-         f"--rootdir={tmp_path}", f"--lab-log-dir={out / 'lab-logs'}", f"--junitxml={out / 'junit.xml'}",
+         f"--rootdir={tmp_path}", f"--lab-attach={lab.spec.name}", f"--lab-log-dir={out / 'lab-logs'}",
+         f"--junitxml={out / 'junit.xml'}",
          f"--lab-report={out / 'report.html'}", "-q"],
-        capture_output=True, text=True, timeout=1800, check=False)
+        capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
     tests = {t.nodeid.split("::")[1]: t for t in RunRecord.read(out / "report.json").tests}
     failed, passed = tests["test_prints_then_fails"], tests["test_prints_and_passes"]
     assert (failed.outcome, passed.outcome) == ("failed", "passed")
     (share,) = failed.labs
-    assert re.fullmatch(r"default-pytest(-\d+)?", share.name), share.name
+    assert share.name == lab.spec.name
     root = share.excerpts[0]
     assert "REPORT-MARKER-42" in root.lines and "PASSING-MARKER-42" not in "\n".join(root.lines)
     assert share.timeline is not None
