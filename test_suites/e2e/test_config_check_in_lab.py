@@ -60,15 +60,22 @@ def _archive(cases: list[Case], folder: Path) -> bytes:
     return buffer.getvalue()
 
 
+#: runs at a time in the root cell (its CPUs; each run is a Python process of its own)
+PARALLEL_RUNS = 4
+
+
 def _script() -> str:
-    """Every run; keep stdout, stderr and status of each."""
+    """Every run, PARALLEL_RUNS at a time (each in its case's folder, with files of its
+    own); keep stdout, stderr and status of each."""
     lines = ["set -u", f"cd {GUEST_DIR}"]
-    for case, key in RUNS:
+    for index, (case, key) in enumerate(RUNS, 1):
         args = " ".join(shlex.quote(arg) for arg in case.args)
         out = f"{GUEST_DIR}/results/{case.id}.{key}"
         lines.append(f"(cd {shlex.quote(case.id)} && COLUMNS=80 {PROGRAMS[key]} {args} "
-                     f"<.stdin >{out}.out 2>{out}.err; echo $? >{out}.rc)")
-    return "\n".join(lines) + "\n"
+                     f"<.stdin >{out}.out 2>{out}.err; echo $? >{out}.rc) &")
+        if index % PARALLEL_RUNS == 0:
+            lines.append("wait")
+    return "\n".join([*lines, "wait"]) + "\n"
 
 
 @pytest.fixture(scope="module")
