@@ -218,7 +218,11 @@ class Machine:
             # unstable, the TSC makes KVM freeze a cell's TSC at every vCPU load and
             # catch it up only forward: tens of thousands of offset rewrites in one
             # timecheck run, and a TSC that can lose time against the cell's APIC timer.
-            args.append("tsc=reliable")
+            # The kernel's own clock stays the HPET, as it was while the TSC was marked
+            # unstable: its switch to the TSC clocksource (stop_machine, a second into
+            # boot) deadlocked a TCG guest on a loaded host (soft lockups in
+            # multi_cpu_stop and smp_call_function_many_cond, never ready).
+            args += ["tsc=reliable", "clocksource=hpet"]
         if spec.cmdline:
             args.append(spec.cmdline)
         return " ".join(args)

@@ -34,6 +34,7 @@ def test_default_command_line(tmp_path: Path) -> None:
     assert "memmap=82M$0x3a000000" in append and "intel_iommu=on" in append
     assert "no_timer_check" in append.split()
     assert "tsc=reliable" in append.split()  # TCG's TSCs are synchronized (machine.py)
+    assert "clocksource=hpet" in append.split()  # but the kernel's clock is not the TSC
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in joined
     assert f"logfile={tmp_path / 'serial0.log'}" in joined
     assert f"logfile={tmp_path / 'serial1.log'}" in joined
