@@ -8,6 +8,8 @@ None of them pretends a result: each does the real thing on this host instead of
   :attr:`~LocalRootCell.qmp` refuses with :class:`~harness.errors.QmpError`). With
   :meth:`~LocalRootCell.checked_options` the checked driver runs the real ``jailhouse``
   command and driver daemon (oracle Arch) here, in a private run directory.
+* :class:`LocalProgram`: a :class:`~harness.protocol.LineProgram` that is a process on
+  this host (what :meth:`LocalRootCell.start` returns).
 * :class:`FileConsole`: a :class:`~harness.protocol.Console` that waits for text another
   process writes to a file.
 * :class:`FakeChardev`: QEMU's side of a serial chardev socket, to drive a real
@@ -18,11 +20,15 @@ None of them pretends a result: each does the real thing on this host instead of
 
 from __future__ import annotations
 
+import logging
 import os
+import selectors
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -32,7 +38,9 @@ from harness.errors import ConsoleError, QmpError
 from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console, QmpChannel
 from harness.recipes import PACKAGE_DIR, find_recipes
 
-__all__ = ["FakeChardev", "FileConsole", "LabLogs", "LocalRootCell"]
+LOG = logging.getLogger(__name__)
+
+__all__ = ["FakeChardev", "FileConsole", "LabLogs", "LocalProgram", "LocalRootCell"]
 
 
 class FileConsole(TranscriptConsole):
@@ -105,6 +113,9 @@ class LocalRootCell:
         result = CommandResult(command, done.returncode, done.stdout, done.stderr)
         return result.check() if check else result
 
+    def start(self, command: str) -> LocalProgram:
+        return LocalProgram(command)
+
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
         Path(path).write_bytes(data)
         os.chmod(path, mode)
@@ -123,6 +134,80 @@ class LocalRootCell:
     @property
     def qmp(self) -> QmpChannel:
         raise QmpError("the local root cell has no QEMU behind it: QMP is not available")
+
+
+class LocalProgram:
+    """A process on this host, ``sh -c COMMAND``, that answers lines with lines
+    (:class:`~harness.protocol.LineProgram`); its standard error goes to a temporary file
+    (read for error messages, so it can never block the process).
+
+    Lifecycle: start (construct) → :meth:`send`/:meth:`receive` → :meth:`close` (closes
+    its input, waits a moment for it to end, else kills it).
+    """
+
+    #: seconds it may take to end after its input closed
+    CLOSE_TIMEOUT: Final = 2.0
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
+        self._process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._stderr)
+        self._buffer = b""
+
+    def __repr__(self) -> str:
+        return f"LocalProgram({self.command!r}, {'alive' if self.alive else 'ended'})"
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def send(self, line: str) -> None:
+        assert self._process.stdin is not None  # a pipe (Popen above)
+        try:
+            self._process.stdin.write((line + "\n").encode())
+            self._process.stdin.flush()
+        except (OSError, ValueError) as exc:
+            raise ConsoleError(f"{self.command!r} does not take input: {exc}{self._errors()}") from exc
+
+    def receive(self, timeout: float) -> str:
+        assert self._process.stdout is not None  # a pipe (Popen above)
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._process.stdout, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise ConsoleError(f"{self.command!r} answered nothing within "
+                                       f"{timeout:.0f} s{self._errors()}")
+                chunk = os.read(self._process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise ConsoleError(f"{self.command!r} ended (status {self._process.wait()}) "
+                                       f"without an answer{self._errors()}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode("utf-8", "replace")
+
+    def _errors(self) -> str:
+        self._stderr.seek(0)
+        text = self._stderr.read().decode("utf-8", "replace").strip()
+        return f":\n{text}" if text else ""
+
+    def close(self) -> None:
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            try:
+                self._process.stdin.close()
+            except OSError as exc:
+                LOG.debug("%r: closing its input: %s", self, exc)
+        try:
+            self._process.wait(timeout=self.CLOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            LOG.warning("%r did not end when its input closed; killing it", self)
+            self._process.kill()
+            self._process.wait()
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+        self._stderr.close()
 
 
 class FakeChardev:

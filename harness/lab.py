@@ -47,7 +47,7 @@ from harness.qmp import QmpSession
 from harness.qmp.relay import CONSOLE_SEND_COMMAND, QmpRelay
 from harness.resetpoint import PREPARE, GuestView, ResetPoint, refusal, stateless_pci_devices
 from harness.runtime import RunningLab
-from harness.ssh import SerialShell, SshShell, generate_key
+from harness.ssh import SerialShell, SshProgram, SshShell, generate_key
 
 LOG = logging.getLogger(__name__)
 
@@ -314,6 +314,15 @@ class Lab:
         if self._serial is None:
             self._serial = SerialShell(self.console)
         return self._serial.run(command, timeout=timeout, check=check, stdin=stdin)
+
+    def start(self, command: str) -> SshProgram:
+        """Start ``command`` in the root cell on an SSH channel of its own
+        (:class:`~harness.protocol.ProgramRunner`).
+
+        :raise ConsoleError: when ssh is not connected
+        """
+        self._check_running()
+        return self.ssh.start(command)
 
     def _check_running(self) -> None:
         """:raise MachineError: when the lab is not up, gone, or its guest panicked."""

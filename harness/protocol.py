@@ -12,6 +12,9 @@ protocol               implemented by
                        :class:`~harness.lab.Lab`, :class:`~harness.fake.LocalRootCell`
 :class:`FileTransfer`  :class:`~harness.ssh.SshShell`, :class:`~harness.lab.Lab`,
                        :class:`~harness.fake.LocalRootCell`
+:class:`ProgramRunner` :class:`~harness.ssh.SshShell`, :class:`~harness.lab.Lab`,
+                       :class:`~harness.fake.LocalRootCell` (each program a
+                       :class:`LineProgram`)
 :class:`Console`       :class:`~harness.console.SerialConsole`,
                        :class:`~harness.fake.FileConsole`
 :class:`QmpChannel`    :class:`~harness.qmp.QmpSession`
@@ -27,7 +30,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from harness.errors import CommandError
 
@@ -41,6 +44,8 @@ __all__ = [
     "Console",
     "FileTransfer",
     "LabChannels",
+    "LineProgram",
+    "ProgramRunner",
     "QmpChannel",
 ]
 
@@ -79,6 +84,50 @@ class CommandRunner(Protocol):
         :param check: raise :class:`~harness.errors.CommandError` on a non-zero status
         :param stdin: text fed to the command's standard input
         :raise ConsoleError: when the channel to the root cell broke
+        """
+        ...
+
+
+class LineProgram(Protocol):
+    """A program running in the root cell that answers lines on its standard input
+    with lines on its standard output (a request/reply loop); its standard error is kept
+    for the error message when it ends."""
+
+    @property
+    def alive(self) -> bool:
+        """The program still runs and its channel is open."""
+        ...
+
+    def send(self, line: str) -> None:
+        """Write ``line`` and a newline to the program's standard input.
+
+        :raise ConsoleError: when the program or its channel is gone
+        """
+        ...
+
+    def receive(self, timeout: float) -> str:
+        """The program's next output line (without the newline).
+
+        :raise ConsoleError: when the program ends, its channel breaks, or no whole line
+            arrives within ``timeout`` seconds (the message has its standard error)
+        """
+        ...
+
+    def close(self) -> None:
+        """Close its standard input (it should end) and the channel; idempotent."""
+        ...
+
+
+@runtime_checkable
+class ProgramRunner(Protocol):
+    """Starts long-running programs in the root cell (one channel each), for drivers that
+    would otherwise start a new process for every request."""
+
+    def start(self, command: str) -> LineProgram:
+        """Start ``command`` with ``sh -c`` semantics, its standard input and output
+        connected to the caller.
+
+        :raise ConsoleError: when no channel to the root cell can carry it
         """
         ...
 

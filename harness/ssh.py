@@ -20,6 +20,11 @@ import paramiko
 from harness.errors import CommandError, ConsoleError
 from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console
 
+#: the most of a program's standard error kept for its error message (bytes)
+STDERR_KEPT = 65536
+#: seconds to wait for a program's exit status once its output ended
+EXIT_STATUS_WAIT = 2.0
+
 LOG = logging.getLogger(__name__)
 COMMANDS_LOG = logging.getLogger("jhlab.commands")
 
@@ -114,6 +119,28 @@ class SshShell:
         _log_result("ssh", result)
         return result.check() if check else result
 
+    def start(self, command: str, timeout: float = 30.0) -> SshProgram:
+        """Start ``command`` (``sh -c`` semantics) on a channel of its own
+        (:class:`~harness.protocol.ProgramRunner`).
+
+        :param timeout: seconds to wait for the channel to open
+        :raise ConsoleError: when the connection cannot carry a new channel
+        """
+        if self._client is None:
+            self.connect()
+        assert self._client is not None  # connect() sets it or raises
+        transport = self._client.get_transport()
+        try:
+            if transport is None or not transport.is_active():
+                raise paramiko.SSHException("the connection is closed")
+            channel = transport.open_session(timeout=timeout)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise ConsoleError(f"ssh: cannot start {command!r}: {exc}") from exc
+        COMMANDS_LOG.info("[ssh] $ %s &", command)
+        return SshProgram(channel, command)
+
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` in the root cell."""
         if self._client is None:
@@ -147,6 +174,81 @@ class SshShell:
         client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+class SshProgram:
+    """A program on an SSH channel of its own: lines to its standard input, lines back
+    from its standard output (:class:`~harness.protocol.LineProgram`).
+
+    Lifecycle: :meth:`SshShell.start` → :meth:`send`/:meth:`receive` → :meth:`close`
+    (also when the lab's connection went away: it is then already dead).
+    """
+
+    def __init__(self, channel: paramiko.Channel, command: str) -> None:
+        self.command = command
+        self._channel = channel
+        self._buffer = b""
+        self._stderr = b""
+
+    def __repr__(self) -> str:
+        return f"SshProgram({self.command!r}, {'alive' if self.alive else 'ended'})"
+
+    @property
+    def alive(self) -> bool:
+        transport = self._channel.get_transport()
+        return (not self._channel.closed and not self._channel.exit_status_ready()
+                and transport is not None and transport.is_active())
+
+    def send(self, line: str) -> None:
+        try:
+            self._channel.sendall((line + "\n").encode())
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConsoleError(f"ssh: {self.command!r} does not take input: {exc}"
+                               f"{self._errors()}") from exc
+
+    def receive(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConsoleError(f"ssh: {self.command!r} answered nothing within "
+                                   f"{timeout:.0f} s{self._errors()}")
+            self._channel.settimeout(min(remaining, 1.0))
+            try:
+                chunk = self._channel.recv(65536)
+            except TimeoutError:
+                self._errors()  # keep its standard error flowing
+                continue
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise ConsoleError(f"ssh: connection lost while {self.command!r} ran: "
+                                   f"{exc}") from exc
+            if not chunk:
+                # OpenSSH sends the exit status right after the end of output
+                ended = self._channel.status_event.wait(EXIT_STATUS_WAIT)
+                status = self._channel.exit_status if ended else "unknown"
+                raise ConsoleError(f"ssh: {self.command!r} ended (status {status}) without an "
+                                   f"answer{self._errors()}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode("utf-8", "replace")
+
+    def _errors(self) -> str:
+        """Read what its standard error has; return all of it kept as a message tail."""
+        try:
+            while self._channel.recv_stderr_ready():
+                self._stderr = (self._stderr + self._channel.recv_stderr(65536))[-STDERR_KEPT:]
+        except (paramiko.SSHException, OSError, EOFError):
+            pass  # the channel is gone; what was read stays
+        text = self._stderr.decode("utf-8", "replace").strip()
+        return f":\n{text}" if text else ""
+
+    def close(self) -> None:
+        try:
+            if not self._channel.closed:
+                self._channel.shutdown_write()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            LOG.debug("%r: closing its input: %s", self, exc)
+        self._channel.close()
 
 
 class SerialShell:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -15,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from harness.checked.channel import GuestChannel
 from harness.checked.compare import (
     EXECUTOR_EXCLUSIONS,
     KERNEL_LINE,
@@ -57,6 +57,8 @@ STEP_TIMEOUT: Final = 300.0
 CONSOLE_TIMEOUT: Final = 60.0
 #: seconds the guest may take to show an inmate's declared effects
 SETTLE_TIMEOUT: Final = 120.0
+#: seconds between looks while the guest settles (a look costs ~0.1 s of a running guest program)
+SETTLE_POLL: Final = 0.25
 #: inmate output that ends :meth:`CheckedJailhouse.expect_inmate` as a failure
 INMATE_FAILURES: Final = (r"FATAL:[^\r\n]*", r"\bFAILED\b[^\r\n]*", r"EXCEPTION on CPU[^\r\n]*")
 #: the guest half (:mod:`harness.guest.checked`), run as ``python3 -m``
@@ -224,6 +226,8 @@ class CheckedJailhouse:
         self._uploaded: dict[str, str] = {}
         #: serial 0 transcript size when the last step began
         self._last_mark = 0
+        #: the guest program, kept running between steps
+        self.channel = GuestChannel(lab, f"{self._prefix()} python3 -m {GUEST_PROGRAM}")
         level = None if kernel_console_level is None else str(kernel_console_level)
         data = self._run_guest([], printk=level)
         #: the kernel console level before (restored at cleanup)
@@ -263,16 +267,7 @@ class CheckedJailhouse:
             "looks": final_look or any(flags), "final_look": final_look, "resources": resources,
             "cpuset": self.cpuset_path, "pci": self.pci_root, "printk": printk,
         }
-        result = self.lab.run(f"{self._prefix()} python3 -m {GUEST_PROGRAM}", stdin=json.dumps(request),
-                              timeout=timeout * max(1, len(commands)) + 60)
-        if result.status != 0:
-            raise JhlabError(f"the checked driver's guest program failed (status {result.status}):\n"
-                             f"{result.stderr or result.stdout}")
-        try:
-            data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError) as exc:
-            raise JhlabError(f"the guest program printed no result:\n{result.output}") from exc
-        return data
+        return self.channel.request(request, timeout * max(1, len(commands)) + 60)
 
     def _guest(self, commands: Sequence[Sequence[str]], *, observe: bool = True,
                resources: bool = False, timeout: float = STEP_TIMEOUT
@@ -436,7 +431,7 @@ class CheckedJailhouse:
             diffs = self.comparer.compare(view, self.oracle)
             if not diffs or time.monotonic() > deadline:
                 return view, diffs
-            time.sleep(1.0)
+            time.sleep(SETTLE_POLL)
 
     def _run_batch(self, plans: Sequence[Plan], looks: Sequence[bool]) -> list[StepResult]:
         """Run ``plans`` in one guest program (the tool in-process, see :class:`Batch`),
@@ -695,17 +690,25 @@ class CheckedJailhouse:
                 problems.append(f"the daemon (pid {pid}) did not disable and had to be killed")
             if view.cpuset is not None and view.cpuset != self.baseline.cpus_allowed:
                 problems.append(f"the root cpuset is {view.cpuset}, not {self.baseline.cpus_allowed}")
+            restore = []  # one command: each costs a round trip
             if self._uploaded:
-                self.lab.run(f"rm -rf {shlex.quote(self.files)}", timeout=60)
-                self._uploaded.clear()
+                restore.append(f"rm -rf {shlex.quote(self.files)}")
             if self.saved_console_level is not None:
-                self.lab.run(f"echo {shlex.quote(self.saved_console_level)} > /proc/sys/kernel/printk",
-                             timeout=60, check=True)
+                restore.append(f"echo {shlex.quote(self.saved_console_level)} > /proc/sys/kernel/printk")
+            if restore:
+                self.lab.run("; ".join(restore), timeout=60, check=True)
+                self._uploaded.clear()
         except (JhlabError, ValueError, KeyError) as exc:
             problems.append(f"cleanup failed: {exc}")
+        self.close()
         self.oracle._end()
         self.dirty = bool(problems)
         return problems
+
+    def close(self) -> None:
+        """End the guest program (:meth:`cleanup` does; after a failure, call this
+        instead when the lab is not reset)."""
+        self.channel.close()
 
 
 def _cell_args(cell: CellRef) -> list[str]:

@@ -2,11 +2,13 @@
 in the root cell and looks at it, after each command or once at the end.
 
 Run as ``python3 -m harness.guest.checked`` with the guest tools on ``PATH`` and
-``PYTHONPATH``; reads one JSON object (:class:`Request`) on stdin and prints one JSON
-line (:class:`Reply`). A command runs as its own process (the real ``jailhouse`` on
-``PATH``); while it starts, this program imports the tool for ``cell list``. With
-``in_process`` (batches) every command calls the same :func:`harness.hvmodel.tool.main`
-here instead (one interpreter for all).
+``PYTHONPATH``; answers each JSON line on stdin (a :class:`Request`) with one JSON line
+(:class:`Reply`) until stdin ends. The host keeps one such program per checked driver, so
+its start-up and imports are paid once, not per step (a one-shot run is one line then
+the end of input). A command runs as its own process (the real ``jailhouse`` on
+``PATH``); while the first one starts, this program imports the tool for ``cell list``.
+With ``in_process`` (batches) every command calls the same
+:func:`harness.hvmodel.tool.main` here instead (one interpreter for all).
 
 Standard library and the guest's :mod:`harness.hvmodel` only.
 """
@@ -85,16 +87,23 @@ class Reply(TypedDict):
 
 
 class Guest:
-    """One request's work in the root cell.
+    """The requests' work in the root cell: :meth:`serve` one request after the other
+    (the tool, once imported, stays)."""
 
-    :param request: what to do
-    """
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.run_dir = request["run_dir"]
-        os.environ["JAILHOUSE_RUN_DIR"] = self.run_dir
+    def __init__(self) -> None:
+        self._request: Request | None = None
         self._tool: ModuleType | None = None
+
+    @property
+    def request(self) -> Request:
+        """The request being served."""
+        if self._request is None:
+            raise RuntimeError("no request is being served")
+        return self._request
+
+    @property
+    def run_dir(self) -> str:
+        return self.request["run_dir"]
 
     def tool(self) -> ModuleType:
         """The ``jailhouse`` tool's module (imported on first use: it takes a while)."""
@@ -168,9 +177,10 @@ class Guest:
                 "cpus_allowed": cpus_allowed(), "cpuset": read_cpuset(self.request["cpuset"]),
                 "pci": pci_drivers(self.request["pci"]), "daemon": daemon, "resources": resources}
 
-    def serve(self) -> Reply:
+    def serve(self, request: Request) -> Reply:
         """Set the console level if asked, run the commands, look where asked."""
-        request = self.request
+        self._request = request
+        os.environ["JAILHOUSE_RUN_DIR"] = request["run_dir"]
         reply: Reply = {"commands": [], "view": None, "printk": None}
         if request["printk"] is not None:
             reply["printk"] = set_console_level(request["printk"])
@@ -207,9 +217,11 @@ def sysfs_tree(run_dir: str) -> dict[str, str]:
 
 
 def cpus_allowed() -> str:
-    """``Cpus_allowed_list`` of this (fresh root) process."""
-    with open("/proc/self/status") as handle:
-        return handle.read().split("Cpus_allowed_list:")[1].split()[0]
+    """``Cpus_allowed_list`` of a process started now in the root cell (this program was
+    started earlier: what a new process gets is what counts)."""
+    status = subprocess.run(["cat", "/proc/self/status"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, check=True).stdout
+    return status.split("Cpus_allowed_list:")[1].split()[0]
 
 
 def read_cpuset(folder: str) -> str | None:
@@ -271,13 +283,17 @@ def parse_request(text: str) -> Request:
 
 
 def main() -> int:
-    """Serve the request on stdin; print the reply as one JSON line."""
-    try:
-        request = parse_request(sys.stdin.read())
-    except ValueError as exc:
-        print(f"harness.guest.checked: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(Guest(request).serve()))
+    """Serve each request line on stdin with one reply line, until stdin ends."""
+    guest = Guest()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = parse_request(line)
+        except ValueError as exc:
+            print(f"harness.guest.checked: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(guest.serve(request)), flush=True)
     return 0
 
 

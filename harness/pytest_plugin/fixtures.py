@@ -219,6 +219,7 @@ def jailhouse(lab: Lab, jailhouse_arch: str, jailhouse_test_device: bool,
     node = request.node
     if failed(node):
         node.stash[DIRTY_KEY] = True  # the reset puts everything back
+        checked.close()
         return
     problems = checked.cleanup()
     if problems:

@@ -160,6 +160,30 @@ def test_serial_fallback_runs_commands(lab: Lab) -> None:
     assert result.stdout.splitlines() == ["hello", "oops"]
 
 
+def test_programs_answer_lines_over_their_own_ssh_channel(lab: Lab) -> None:
+    """A program started in the root cell answers line by line while other commands run
+    beside it; one that ends says its status and standard error; close ends it."""
+    from harness.errors import ConsoleError
+
+    echo = lab.start("while read -r line; do echo \"got $line in $$\"; done")
+    echo.send("one")
+    first = echo.receive(timeout=30)
+    assert first.startswith("got one in ")
+    assert lab.run("echo beside", check=True).stdout == "beside\n"
+    echo.send("two")
+    assert echo.receive(timeout=30) == first.replace("one", "two")  # the same process
+    pid = first.rsplit(" ", 1)[1]
+    echo.close()
+    assert not echo.alive
+    lab.run(f"for i in $(seq 50); do [ -d /proc/{pid} ] || exit 0; sleep 0.1; done; exit 1", check=True)
+
+    broken = lab.start("read -r line; echo \"no $line here\" >&2; exit 3")
+    broken.send("answer")
+    with pytest.raises(ConsoleError, match=r"ended \(status 3\) without an answer:\nno answer here"):
+        broken.receive(timeout=30)
+    broken.close()
+
+
 @pytest.mark.dirty
 def test_guest_panic_is_reported_at_once(lab: Lab) -> None:
     """A panicking guest ends a console wait immediately with the panic's tail, and a

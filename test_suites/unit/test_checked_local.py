@@ -21,6 +21,7 @@ from harness.checked import (
 )
 from harness.errors import JhlabError
 from harness.fake import LocalRootCell
+from harness.protocol import QmpChannel
 from harness.recipes import CONFIGS, find_recipes
 
 IMAGE = bytes(range(256)) * 16
@@ -62,6 +63,50 @@ def test_demo_sequence_validates(local: tuple[LocalRootCell, list[CheckedJailhou
     done = jh.disable()
     assert done.view.daemon is None and done.view.cell_list == ""
     assert "Shutting down hypervisor" in local[0].console.since(0)
+
+
+def test_one_guest_program_serves_every_step(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
+    """The guest program is started once and answers every step; one that ended between
+    steps (a lab reset takes its connection) is started again; cleanup ends it."""
+    jh = checked(local)
+    jh.enable(CONFIGS / "qemu-x86.toml")
+    jh.cell_create(CONFIGS / "apic-demo.toml")
+    program = jh.channel.program
+    assert jh.channel.starts == 1 and program is not None and program.alive
+    program.close()
+    jh.cell_destroy("apic-demo")
+    assert jh.channel.starts == 2
+    assert not jh.cleanup()
+    assert jh.channel.program is None and not program.alive
+
+
+class _RunsCommandsOnly:
+    """A root cell that can run commands but not start programs (SSH down, the root
+    console as fallback)."""
+
+    def __init__(self, root: LocalRootCell) -> None:
+        self.root = root
+        self.console, self.cell_console = root.console, root.cell_console
+        self.run, self.put, self.get = root.run, root.put, root.get
+
+    @property
+    def qmp(self) -> QmpChannel:
+        return self.root.qmp
+
+
+def test_without_programs_every_step_is_a_run(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
+    """Where no program can be started, each request is a run of the guest program of
+    its own, and everything is compared all the same (the injected fault is caught)."""
+    root, made = local
+    jh = CheckedJailhouse(_RunsCommandsOnly(root), "oracle",
+                          **(root.checked_options() | {"env": {"JHLAB_FAULT": "destroy-leaks-pages"}}))
+    made.append(jh)
+    assert jh.channel.one_shot
+    jh.enable(CONFIGS / "qemu-x86.toml")
+    jh.cell_create(CONFIGS / "apic-demo.toml")
+    with pytest.raises(ValidationError, match="files differing: mem_pool_used"):
+        jh.cell_destroy("apic-demo")
+    assert jh.channel.starts == 0 and jh.channel.program is None
 
 
 def test_before_enable_the_device_is_missing(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from harness.console import ConsoleFailure
-from harness.errors import CommandError, ConsoleTimeout, QmpError
+from harness.errors import CommandError, ConsoleError, ConsoleTimeout, QmpError
 from harness.fake import FileConsole, LocalRootCell
-from harness.protocol import Console, LabChannels
+from harness.protocol import Console, LabChannels, ProgramRunner
 
 
 def test_file_console_waits_for_text_written_later(tmp_path: Path) -> None:
@@ -52,3 +52,28 @@ def test_local_root_cell_runs_commands_and_moves_files(tmp_path: Path) -> None:
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o600
     with pytest.raises(QmpError, match="no QEMU"):
         root.qmp.execute("query-status")
+
+
+def test_local_programs_answer_lines_and_say_why_they_stopped(tmp_path: Path) -> None:
+    """A started program answers line by line while it runs; one that ends or stays
+    silent fails the wait with its status and standard error; close ends it."""
+    root: ProgramRunner = LocalRootCell(tmp_path / "root")
+    echo = root.start("while read -r line; do echo \"got $line\"; done")
+    for word in ("one", "two"):
+        echo.send(word)
+        assert echo.receive(timeout=5) == f"got {word}"
+    echo.close()
+    assert not echo.alive
+    echo.close()  # idempotent
+
+    broken = root.start("read -r line; echo \"no $line here\" >&2; exit 3")
+    broken.send("answer")
+    with pytest.raises(ConsoleError, match=r"ended \(status 3\) without an answer:\nno answer here"):
+        broken.receive(timeout=5)
+    broken.close()
+
+    silent = root.start("sleep 30")
+    with pytest.raises(ConsoleError, match="answered nothing within 0 s"):
+        silent.receive(timeout=0.3)
+    silent.close()  # its input closes, sleep does not care: killed
+    assert not silent.alive
