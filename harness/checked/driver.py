@@ -234,6 +234,7 @@ class CheckedJailhouse:
         self.saved_console_level: str | None = data["printk"]
         baseline = GuestView.from_wire(data["view"])
         if baseline.daemon is not None:
+            self.channel.close()
             raise JhlabError(f"a jailhouse daemon (pid {baseline.daemon.get('pid')}) already runs "
                              f"in the lab; the checked driver needs a disabled hypervisor")
         self.baseline = baseline

@@ -8,6 +8,7 @@ root CPUs, PCI bindings (a fake device folder), console lines; and an injected f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,12 +188,29 @@ def test_effects_need_the_guest_to_agree(local: tuple[LocalRootCell, list[Checke
     assert "-cells/1/state: running/locked" in str(caught.value)
 
 
+def _guest_programs() -> int:
+    """Guest programs running below this process (``sh -c`` of the command, and its
+    ``python3 -m harness.guest.checked``)."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        count += parent == os.getpid() and b"harness.guest.checked" in b" ".join(cmdline)
+    return count
+
+
 def test_a_running_daemon_is_refused(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
-    """The checked driver needs a disabled hypervisor to start from."""
+    """The checked driver needs a disabled hypervisor to start from; the refused one
+    leaves no guest program behind."""
     jh = checked(local)
     jh.enable(CONFIGS / "qemu-x86.toml")
+    assert _guest_programs() == 1
     with pytest.raises(JhlabError, match="already runs"):
         checked(local)
+    assert _guest_programs() == 1
 
 
 def test_batch_checks_every_step(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
