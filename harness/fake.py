@@ -10,6 +10,8 @@ None of them pretends a result: each does the real thing on this host instead of
   command and driver daemon (oracle Arch) here, in a private run directory.
 * :class:`LocalProgram`: a :class:`~harness.protocol.LineProgram` that is a process on
   this host (what :meth:`LocalRootCell.start` returns).
+* :class:`WithoutPrograms`: a lab's channels minus starting programs
+  (:class:`~harness.protocol.ProgramRunner`), as a lab with SSH down offers them.
 * :class:`FileConsole`: a :class:`~harness.protocol.Console` that waits for text another
   process writes to a file.
 * :class:`FakeChardev`: QEMU's side of a serial chardev socket, to drive a real
@@ -35,12 +37,12 @@ from typing import Any, Final
 
 from harness.console import TranscriptConsole
 from harness.errors import ConsoleError, QmpError
-from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console, QmpChannel
+from harness.protocol import COMMAND_TIMEOUT, CommandResult, Console, LabChannels, QmpChannel
 from harness.recipes import PACKAGE_DIR, find_recipes
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["FakeChardev", "FileConsole", "LabLogs", "LocalProgram", "LocalRootCell"]
+__all__ = ["FakeChardev", "FileConsole", "LabLogs", "LocalProgram", "LocalRootCell", "WithoutPrograms"]
 
 
 class FileConsole(TranscriptConsole):
@@ -208,6 +210,44 @@ class LocalProgram:
         if self._process.stdout is not None:
             self._process.stdout.close()
         self._stderr.close()
+
+
+class WithoutPrograms:
+    """``channels`` (a :class:`~harness.protocol.LabChannels`) that can run commands,
+    move files and reach the consoles and QMP, but not start programs: what a lab whose
+    SSH is down offers (commands go over the root console then). For the checked
+    driver's fallback, in tests and side by side in ``jhlab bench checked``.
+
+    :param channels: the lab (or stand-in) behind it
+    """
+
+    def __init__(self, channels: LabChannels) -> None:
+        self.channels = channels
+
+    def __repr__(self) -> str:
+        return f"WithoutPrograms({self.channels!r})"
+
+    def run(self, command: str, *, timeout: float = COMMAND_TIMEOUT, check: bool = False,
+            stdin: str | None = None) -> CommandResult:
+        return self.channels.run(command, timeout=timeout, check=check, stdin=stdin)
+
+    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        self.channels.put(data, path, mode)
+
+    def get(self, path: str) -> bytes:
+        return self.channels.get(path)
+
+    @property
+    def console(self) -> Console:
+        return self.channels.console
+
+    @property
+    def cell_console(self) -> Console:
+        return self.channels.cell_console
+
+    @property
+    def qmp(self) -> QmpChannel:
+        return self.channels.qmp
 
 
 class FakeChardev:

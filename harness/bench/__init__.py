@@ -11,8 +11,9 @@ through jhlab vs a bare QEMU boot of the same kernel and initramfs to the same m
 ``reset`` (restoring a lab's snapshot vs a cold boot of the same lab), ``cells`` (cell
 create+load+start to the inmate's first line, the executor's PIO exits per second
 against a minimal C KVM loop in the same lab VM, a cell's timer jitter and TSC/PM-timer
-rate ratio), ``kbuild`` (the image set when all is cached, and the recorded phases of the
-kernel builds' cold runs), ``phases`` (where a cold boot's time goes, from the root
+rate ratio), ``checked`` (a checked step's cost with the guest program kept and with
+one started per step, side by side), ``kbuild`` (the image set when all is cached, and
+the recorded phases of the kernel builds' cold runs), ``phases`` (where a cold boot's time goes, from the root
 console's markers), ``jitter`` (the timer jitter of jhlab's apic-timer cell),
 ``parallel`` (a selection of lab tests by pytest serially and with a lab per xdist
 worker).
@@ -120,6 +121,12 @@ def _bench_cells(repeats: int) -> list[Figure]:
     return cells.bench(repeats=max(repeats, 3))
 
 
+def _bench_checked(repeats: int) -> list[Figure]:
+    from harness.bench import checked
+
+    return checked.bench(repeats=max(repeats, 3))
+
+
 def _bench_kbuild(repeats: int) -> list[Figure]:
     from harness.bench import kbuild
 
@@ -150,6 +157,7 @@ BENCHES: dict[str, Callable[[int], list[Figure]]] = {
     "boot": _bench_boot,
     "reset": _bench_reset,
     "cells": _bench_cells,
+    "checked": _bench_checked,
     "kbuild": _bench_kbuild,
     "phases": _bench_phases,
     "jitter": _bench_jitter,

@@ -21,8 +21,7 @@ from harness.checked import (
     ValidationError,
 )
 from harness.errors import JhlabError
-from harness.fake import LocalRootCell
-from harness.protocol import QmpChannel
+from harness.fake import LocalRootCell, WithoutPrograms
 from harness.recipes import CONFIGS, find_recipes
 
 IMAGE = bytes(range(256)) * 16
@@ -81,25 +80,11 @@ def test_one_guest_program_serves_every_step(local: tuple[LocalRootCell, list[Ch
     assert jh.channel.program is None and not program.alive
 
 
-class _RunsCommandsOnly:
-    """A root cell that can run commands but not start programs (SSH down, the root
-    console as fallback)."""
-
-    def __init__(self, root: LocalRootCell) -> None:
-        self.root = root
-        self.console, self.cell_console = root.console, root.cell_console
-        self.run, self.put, self.get = root.run, root.put, root.get
-
-    @property
-    def qmp(self) -> QmpChannel:
-        return self.root.qmp
-
-
 def test_without_programs_every_step_is_a_run(local: tuple[LocalRootCell, list[CheckedJailhouse]]) -> None:
     """Where no program can be started, each request is a run of the guest program of
     its own, and everything is compared all the same (the injected fault is caught)."""
     root, made = local
-    jh = CheckedJailhouse(_RunsCommandsOnly(root), "oracle",
+    jh = CheckedJailhouse(WithoutPrograms(root), "oracle",
                           **(root.checked_options() | {"env": {"JHLAB_FAULT": "destroy-leaks-pages"}}))
     made.append(jh)
     assert jh.channel.one_shot
