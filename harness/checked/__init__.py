@@ -52,9 +52,9 @@ steps.
 
 A step costs one round trip to the guest: a request line to the guest program, which
 the driver keeps running between steps (:mod:`~harness.checked.channel`; ~0.3 s a step
-under nested TCG, against ~1.0 s when every step started a Python: ``jhlab bench checked``). Loops of many
-steps go into a :class:`Batch`: one round trip, the
-tool run in-process in the guest program, every result still compared.
+under nested TCG, against ~1.0 s when every step started a Python: ``jhlab bench
+checked``). Loops of many steps go into a :class:`Batch`: one round trip, the tool run
+in-process in the guest program, every result still compared.
 
 Lifecycle: construct (one look at the guest: no daemon may run; the PCI bindings and CPUs
 seen now are the baseline) → steps → :meth:`CheckedJailhouse.cleanup` (destroy what is
