@@ -9,6 +9,7 @@ run directory) and pins the root file system's host key recorded at image build 
 
 from __future__ import annotations
 
+import io
 import logging
 import secrets
 import shlex
@@ -147,8 +148,9 @@ class SshShell:
             self.connect()
         assert self._client is not None  # connect() sets it or raises
         with self._client.open_sftp() as sftp:
-            with sftp.open(path, "wb") as remote:
-                remote.write(data)
+            # putfo pipelines the writes (no wait for each 32 KiB's acknowledgement): under
+            # TCG that is several times faster than writing the file block by block
+            sftp.putfo(io.BytesIO(data), path)
             sftp.chmod(path, mode)
 
     def get(self, path: str) -> bytes:
@@ -156,8 +158,10 @@ class SshShell:
         if self._client is None:
             self.connect()
         assert self._client is not None  # connect() sets it or raises
-        with self._client.open_sftp() as sftp, sftp.open(path, "rb") as remote:
-            return bytes(remote.read())
+        buffer = io.BytesIO()
+        with self._client.open_sftp() as sftp:
+            sftp.getfo(path, buffer)  # prefetches (reads ahead), as putfo pipelines
+        return buffer.getvalue()
 
     def sftp(self) -> paramiko.SFTPClient:
         """An SFTP session on this connection (the caller closes it)."""
